@@ -1,0 +1,112 @@
+"""Cluster membership: a grow-only member set spread by push gossip.
+
+This is the simple, consistent membership the first node binary needs: a node
+joins through any seed address, learns the whole member list, and every node
+converges on the same set (the union of all views), so every node's hash ring
+holds the same members and an agent has one owner whichever node a client
+enters by.
+
+Merge rule: members are keyed by node id; for the same id the higher
+``generation`` wins (a restarted node comes back with a higher one).  Union
+with that rule is commutative, associative and idempotent, so views converge
+whatever the order or duplication of gossip.
+
+Not here yet: failure detection, leave and removal.  A SWIM machine with the
+same ``receive``/``tick`` verbs will replace this one; until then a dead node
+stays a member and requests it owns answer ``unavailable`` or time out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from .effects import MembersChanged, Send, SetTimer
+
+MEMBERS_MAX = 1024  # a bound on what one gossip message may make us hold
+
+
+class MembershipError(Exception):
+    """A gossip message from a peer that breaks the protocol (remote error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    node_id: str
+    address: str       # the node's ROUTER endpoint, e.g. "tcp://127.0.0.1:7400"
+    pub_address: str   # the node's PUB endpoint for multicast
+    generation: int    # larger after a restart with the same id
+
+    def to_wire(self) -> list:
+        return [self.node_id, self.address, self.pub_address, self.generation]
+
+    @classmethod
+    def from_wire(cls, item: object) -> "Member":
+        if (not isinstance(item, (list, tuple)) or len(item) != 4
+                or not all(isinstance(x, str) and x for x in item[:3])
+                or type(item[3]) is not int):
+            raise MembershipError(f"malformed member entry {item!r:.80}")
+        return cls(item[0], item[1], item[2], item[3])
+
+
+class Membership:
+    """Push-gossip member set.  ``receive`` and ``tick`` return effects."""
+
+    def __init__(self, me: Member, seeds: Iterable[str], gossip_interval_s: float):
+        self.me = me
+        self._members: dict[str, Member] = {me.node_id: me}
+        self._seeds = tuple(s for s in seeds if s != me.address)
+        self._interval_s = gossip_interval_s
+        self._next_tick = 0.0
+
+    @property
+    def members(self) -> dict[str, Member]:
+        return dict(self._members)
+
+    def start(self, now: float) -> list:
+        """First effects: announce ourselves to seeds and schedule the next round."""
+        self._next_tick = now + self._interval_s
+        return [MembersChanged(self.members), *self._push(), SetTimer(self._next_tick)]
+
+    def tick(self, now: float) -> list:
+        if now < self._next_tick:
+            return [SetTimer(self._next_tick)]
+        self._next_tick = now + self._interval_s
+        return [*self._push(), SetTimer(self._next_tick)]
+
+    def receive(self, message: object, now: float) -> list:
+        """Merge a peer's gossip; on change, tell the node and push the news on."""
+        entries = self._parse(message)
+        changed = False
+        for member in entries:
+            if member.node_id == self.me.node_id:
+                continue  # nobody knows us better than we do
+            known = self._members.get(member.node_id)
+            if known is None and len(self._members) >= MEMBERS_MAX:
+                raise MembershipError(f"member limit {MEMBERS_MAX} reached")
+            if known is None or member.generation > known.generation:
+                self._members[member.node_id] = member
+                changed = True
+        if not changed:
+            return []
+        return [MembersChanged(self.members), *self._push()]
+
+    def gossip_message(self) -> dict:
+        return {"kind": "members", "from": self.me.node_id,
+                "members": [m.to_wire() for m in self._members.values()]}
+
+    def _push(self) -> list:
+        """Our full view to every other member, and to seeds no member answers for."""
+        message = self.gossip_message()
+        targets = {m.address for m in self._members.values() if m.node_id != self.me.node_id}
+        targets.update(s for s in self._seeds if s not in targets)
+        return [Send(address, message) for address in sorted(targets)]
+
+    @staticmethod
+    def _parse(message: object) -> list[Member]:
+        if not isinstance(message, dict) or message.get("kind") != "members":
+            raise MembershipError("gossip must be a map with kind='members'")
+        entries = message.get("members")
+        if not isinstance(entries, list) or len(entries) > MEMBERS_MAX:
+            raise MembershipError("gossip 'members' must be a list within the member limit")
+        return [Member.from_wire(item) for item in entries]
