@@ -1,0 +1,480 @@
+"""Node configuration: TOML file + ``SYNTHESIS_*`` environment + command-line flags.
+
+Precedence is flags > environment > file > defaults, and a node runs with no file at
+all.  Every value is validated once, at start, so a typo fails loudly with the key and
+where the value came from instead of surfacing later as a half-working node::
+
+    mailbox_len_max: must be an integer >= 1, got 'abc' (from SYNTHESIS_MAILBOX_LEN_MAX)
+
+The fields of :class:`NodeConfig` are the single source of truth: flags, environment
+variable names, validation rules and ``docs/CONFIG.md`` (``python -m node.config``) are
+all generated from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "SYNTHESIS_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+CONFIG_FILE_BYTES_MAX = 1 << 20  # a node config is a few hundred bytes; refuse surprises
+SEEDS_MAX = 256
+BEHAVIORS_MAX = 256
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "*", "::", "[::]"})
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_PORT_MAX = 65535
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; ``key`` names the offending setting."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.problem = message
+
+
+# --- field declarations -----------------------------------------------------------------
+
+def _opt(default: Any, help: str, *, kind: str = "", lo: float | None = None,
+         hi: float | None = None, lo_open: bool = False,
+         choices: tuple[str, ...] = ()) -> Any:
+    """Declare a config field; the metadata drives flags, validation and docs.
+
+    ``kind`` overrides the check derived from the annotation (addresses, module names);
+    ``lo``/``hi`` bound numbers (``lo_open`` makes the lower bound exclusive).
+    """
+    meta = {"help": help, "kind": kind, "lo": lo, "hi": hi, "lo_open": lo_open,
+            "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Validated, immutable settings of one node.
+
+    Address fields hold normalised ``HOST:PORT`` strings (``seeds`` hold
+    ``tcp://HOST:PORT``); empty strings mean "derive from listen", see the properties.
+    """
+
+    node_id: str = _opt("", "Node identity; empty derives HOST:PORT of advertise.", kind="node_id")
+    listen: str = _opt("127.0.0.1:7400", "ROUTER bind address HOST:PORT.", kind="address")
+    advertise: str = _opt("", "Address peers and clients dial; empty uses listen.",
+                          kind="address?")
+    pub: str = _opt("", "PUB bind address; empty uses listen host, listen port + 1.",
+                    kind="address?")
+    metrics: str = _opt("", "HTTP /metrics and /health address; empty uses listen host, "
+                        "listen port + 2000; 'off' disables.", kind="metrics")
+    seeds: tuple[str, ...] = _opt((), "Addresses of nodes to join through (comma-separated "
+                                  "in env).", kind="addresses")
+    behaviors: tuple[str, ...] = _opt((), "Python modules to import for agent behaviors.",
+                                      kind="modules")
+    max_message_bytes: int = _opt(1048576, "Largest accepted envelope, bytes.", lo=64,
+                                  hi=1 << 30)
+    mailbox_len_max: int = _opt(1024, "Messages queued per agent before 'overloaded'.", lo=1)
+    agents_max: int = _opt(1000000, "Agents this node may hold active.", lo=1)
+    max_hops: int = _opt(2, "Forwarding hops before a message is refused.", lo=1, hi=16)
+    handler_timeout_s: float = _opt(30.0, "Time a handler may run before it is cancelled.",
+                                    lo=0, lo_open=True)
+    supervision: str = _opt("restart", "What a failed agent does.",
+                            choices=("restart", "stop", "escalate"))
+    restart_limit: int = _opt(3, "Restarts allowed within restart_window_s.", lo=0, hi=1000)
+    restart_window_s: float = _opt(60.0, "Window over which restarts are counted.",
+                                   lo=0, lo_open=True)
+    restart_backoff_s: float = _opt(0.05, "First restart delay; doubles per restart.", lo=0)
+    restart_backoff_max_s: float = _opt(5.0, "Upper bound of the restart delay.", lo=0)
+    gossip_interval_s: float = _opt(1.0, "Period of membership gossip.", lo=0, lo_open=True)
+    status_timeout_s: float = _opt(1.0, "Wait for peers' answers to a status query.",
+                                   lo=0, lo_open=True)
+    pub_hwm: int = _opt(100000, "PUB socket high-water mark, messages.", lo=1)
+    peer_hwm: int = _opt(100000, "Per-peer send high-water mark, messages.", lo=1)
+    shutdown_timeout_s: float = _opt(5.0, "Drain time on SIGTERM before closing.",
+                                     lo=0, lo_open=True)
+    executor_workers: int = _opt(4, "Threads of the bounded executor for blocking work.",
+                                 lo=1, hi=256)
+    log_level: str = _opt("info", "Lowest level logged.",
+                          choices=("debug", "info", "warning", "error"))
+    log_format: str = _opt("json", "json: one object per line; console: human readable.",
+                           choices=("json", "console"))
+
+    def __post_init__(self) -> None:
+        """Validate and normalise every field, so a NodeConfig built in code is as safe
+        as one from :func:`load`."""
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _check(f, getattr(self, f.name)))
+        _check_cross_fields(self)
+
+    # --- derived addresses --------------------------------------------------------------
+
+    @property
+    def router_bind(self) -> str:
+        """ZeroMQ endpoint the ROUTER socket binds."""
+        return "tcp://" + self.listen
+
+    @property
+    def router_endpoint(self) -> str:
+        """ZeroMQ endpoint others dial to reach the ROUTER socket."""
+        return "tcp://" + (self.advertise or self.listen)
+
+    @property
+    def pub_bind(self) -> str:
+        """ZeroMQ endpoint the PUB socket binds."""
+        host, port = self._pub_host_port()
+        return f"tcp://{host}:{port}"
+
+    @property
+    def pub_endpoint(self) -> str:
+        """ZeroMQ endpoint subscribers dial: advertised host, PUB port."""
+        host, _ = split_address(self.advertise or self.listen)
+        return f"tcp://{host}:{self._pub_host_port()[1]}"
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) of the HTTP metrics server, or None when metrics are off."""
+        if self.metrics == "off":
+            return None
+        if self.metrics:
+            return split_address(self.metrics)
+        host, port = split_address(self.listen)
+        return host, port + 2000
+
+    @property
+    def resolved_node_id(self) -> str:
+        """The node id in use: node_id, else the advertised HOST:PORT."""
+        return self.node_id or (self.advertise or self.listen)
+
+    def _pub_host_port(self) -> tuple[str, int]:
+        if self.pub:
+            return split_address(self.pub)
+        host, port = split_address(self.listen)
+        return host, port + 1
+
+
+# --- validation ---------------------------------------------------------------------------
+
+def split_address(text: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` or ``tcp://HOST:PORT`` into (host, port); ValueError if bad.
+
+    IPv6 hosts keep their brackets (``[::1]:7400``) so they can be put back into a
+    ZeroMQ endpoint unchanged.
+    """
+    rest = text.strip()
+    if rest.startswith("tcp://"):
+        rest = rest[len("tcp://"):]
+    host, sep, port_text = rest.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(text)
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(text)
+    port = int(port_text)
+    if not 1 <= port <= _PORT_MAX:
+        raise ValueError(text)
+    return host, port
+
+
+def _normal_address(value: Any) -> str:
+    host, port = split_address(value)
+    return f"{host}:{port}"
+
+
+def _bad(name: str, requirement: str, value: Any) -> ConfigError:
+    return ConfigError(name, f"must be {requirement}, got {value!r}")
+
+
+def _requirement(f: dataclasses.Field) -> str:
+    """Human wording of what a field accepts, reused in errors and docs."""
+    m = f.metadata
+    kind = m["kind"]
+    if kind == "address":
+        return "HOST:PORT with port 1..65535"
+    if kind == "address?":
+        return "empty or HOST:PORT with port 1..65535"
+    if kind == "metrics":
+        return "empty, 'off' or HOST:PORT with port 1..65535"
+    if kind == "addresses":
+        return f"a list of at most {SEEDS_MAX} HOST:PORT addresses"
+    if kind == "modules":
+        return f"a list of at most {BEHAVIORS_MAX} dotted Python module names"
+    if kind == "node_id":
+        return "a string without whitespace, at most 256 characters"
+    if m["choices"]:
+        return "one of " + "|".join(m["choices"])
+    noun = "an integer" if f.type in (int, "int") else "a number"
+    lo, hi = m["lo"], m["hi"]
+    if lo is not None and hi is not None:
+        return f"{noun} in {_num(lo)}..{_num(hi)}"
+    if lo is not None:
+        return f"{noun} {'>' if m['lo_open'] else '>='} {_num(lo)}"
+    return noun
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _check(f: dataclasses.Field, value: Any) -> Any:
+    """Return ``value`` coerced and normalised for field ``f``, or raise ConfigError."""
+    kind = f.metadata["kind"]
+    if kind in ("addresses", "modules"):
+        return _check_list(f, value)
+    if f.type in (int, "int"):
+        return _check_int(f, value)
+    if f.type in (float, "float"):
+        return _check_float(f, value)
+    return _check_str(f, value)
+
+
+def _check_int(f: dataclasses.Field, value: Any) -> int:
+    number: Any = value
+    if isinstance(value, str):
+        try:
+            number = int(value.strip(), 10)
+        except ValueError:
+            raise _bad(f.name, _requirement(f), value) from None
+    if isinstance(number, bool) or not isinstance(number, int) or not _in_range(f, number):
+        raise _bad(f.name, _requirement(f), value)
+    return number
+
+
+def _check_float(f: dataclasses.Field, value: Any) -> float:
+    number: Any = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise _bad(f.name, _requirement(f), value) from None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise _bad(f.name, _requirement(f), value)
+    if not math.isfinite(number) or not _in_range(f, number):
+        raise _bad(f.name, _requirement(f), value)
+    return float(number)
+
+
+def _in_range(f: dataclasses.Field, number: float) -> bool:
+    lo, hi, lo_open = f.metadata["lo"], f.metadata["hi"], f.metadata["lo_open"]
+    if lo is not None and (number <= lo if lo_open else number < lo):
+        return False
+    return hi is None or number <= hi
+
+
+def _check_str(f: dataclasses.Field, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _bad(f.name, _requirement(f), value)
+    text = value.strip()
+    kind, choices = f.metadata["kind"], f.metadata["choices"]
+    try:
+        if kind == "address" or (kind == "address?" and text):
+            return _normal_address(text)
+        if kind == "metrics" and text and text != "off":
+            return _normal_address(text)
+    except ValueError:
+        raise _bad(f.name, _requirement(f), value) from None
+    if choices and text.lower() not in choices:
+        raise _bad(f.name, _requirement(f), value)
+    if kind == "node_id" and (len(text) > 256 or any(c.isspace() for c in text)):
+        raise _bad(f.name, _requirement(f), value)
+    return text.lower() if choices else text
+
+
+def _check_list(f: dataclasses.Field, value: Any) -> tuple[str, ...]:
+    """Accept a list/tuple of strings or one comma-separated string."""
+    if isinstance(value, str):
+        items = [part.strip() for part in value.split(",")]
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = [part.strip() for v in value for part in v.split(",")]
+    else:
+        raise _bad(f.name, _requirement(f), value)
+    items = [item for item in items if item]
+    limit = SEEDS_MAX if f.metadata["kind"] == "addresses" else BEHAVIORS_MAX
+    if len(items) > limit:
+        raise _bad(f.name, _requirement(f), value)
+    if f.metadata["kind"] == "modules":
+        bad = [item for item in items if not _MODULE_RE.match(item)]
+        if bad:
+            raise _bad(f.name, _requirement(f), bad[0])
+        return tuple(dict.fromkeys(items))
+    try:
+        return tuple(dict.fromkeys("tcp://" + _normal_address(item) for item in items))
+    except ValueError:
+        raise _bad(f.name, _requirement(f), value) from None
+
+
+def _check_cross_fields(cfg: NodeConfig) -> None:
+    """Rules that involve more than one field: derived ports exist, sockets don't
+    collide, a wildcard listen has a dialable advertise address."""
+    host, port = split_address(cfg.listen)
+    if not cfg.pub and port + 1 > _PORT_MAX:
+        raise ConfigError("pub", f"listen port {port} leaves no room for the derived "
+                          "PUB port (listen port + 1); set pub explicitly")
+    if not cfg.metrics and port + 2000 > _PORT_MAX:
+        raise ConfigError("metrics", f"listen port {port} leaves no room for the derived "
+                          "metrics port (listen port + 2000); set metrics or 'off'")
+    pub_port = cfg._pub_host_port()[1]
+    if pub_port == port:
+        raise ConfigError("pub", f"PUB port {pub_port} is the listen port")
+    metrics = cfg.metrics_address
+    if metrics and metrics[1] in (port, pub_port):
+        raise ConfigError("metrics", f"metrics port {metrics[1]} collides with the "
+                          "listen or PUB port")
+    if not cfg.advertise and host in _WILDCARD_HOSTS:
+        raise ConfigError("advertise", f"must be set when listen binds the wildcard "
+                          f"host {host!r}: peers cannot dial it")
+    if cfg.restart_backoff_max_s < cfg.restart_backoff_s:
+        raise ConfigError("restart_backoff_max_s", "must be >= restart_backoff_s "
+                          f"({cfg.restart_backoff_s}), got {cfg.restart_backoff_max_s!r}")
+
+
+# --- sources ------------------------------------------------------------------------------
+
+_FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+_LIST_FLAGS = {"seeds": ("--seed", "--seeds"), "behaviors": ("--behavior", "--behaviors")}
+
+
+def flag_name(key: str) -> str:
+    """Command-line flag of a config key: ``mailbox_len_max`` -> ``--mailbox-len-max``."""
+    return _LIST_FLAGS[key][0] if key in _LIST_FLAGS else "--" + key.replace("_", "-")
+
+
+def env_name(key: str) -> str:
+    """Environment variable of a config key: ``mailbox_len_max`` -> ``SYNTHESIS_MAILBOX_LEN_MAX``."""
+    return ENV_PREFIX + key.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per config field; every default is None so that
+    :func:`load` can tell "not given" from "given the default"."""
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help=f"TOML config file (also ${CONFIG_ENV}).")
+    for name, f in _FIELDS.items():
+        help_text = f"{f.metadata['help']} [{env_name(name)}]"
+        if name in _LIST_FLAGS:
+            one, many = _LIST_FLAGS[name]
+            parser.add_argument(one, dest=name, action="append", default=None,
+                                metavar="VALUE", help=help_text + " Repeatable.")
+            parser.add_argument(many, dest=name, action="append", default=None,
+                                metavar="A,B", help=f"Comma-separated form of {one}.")
+        else:
+            parser.add_argument(flag_name(name), dest=name, default=None,
+                                metavar=name.upper(), help=help_text)
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    """Load a TOML file; unknown keys are errors so a typo cannot silently do nothing."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(CONFIG_FILE_BYTES_MAX + 1)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path!r}: {exc.strerror}") from None
+    if len(raw) > CONFIG_FILE_BYTES_MAX:
+        raise ConfigError("config", f"{path!r} is larger than {CONFIG_FILE_BYTES_MAX} bytes")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"{path!r} is not valid TOML: {exc}") from None
+    for key in data:
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, _FIELDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(key, f"unknown key in {path!r}{hint}")
+    return data
+
+
+def _collect(args: argparse.Namespace | None, environ: Mapping[str, str]
+             ) -> dict[str, tuple[Any, str]]:
+    """Merge sources into {key: (raw value, where it came from)}, highest precedence last."""
+    chosen: dict[str, tuple[Any, str]] = {}
+    path = getattr(args, "config", None) or environ.get(CONFIG_ENV) or None
+    if path:
+        for key, value in _read_file(path).items():
+            chosen[key] = (value, path)
+    for key in _FIELDS:
+        value = environ.get(env_name(key))
+        if value:  # an empty variable counts as unset (common in EnvironmentFile=)
+            chosen[key] = (value, env_name(key))
+    for key in _FIELDS:
+        value = getattr(args, key, None) if args is not None else None
+        if value is not None:
+            chosen[key] = (value, flag_name(key))
+    return chosen
+
+
+def load(args: argparse.Namespace | None = None,
+         environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Build the node's config from flags > environment > file > defaults.
+
+    Raises ConfigError naming the key and the source of the bad value.
+    """
+    environ = os.environ if environ is None else environ
+    chosen = _collect(args, environ)
+    values = {}
+    for key, (raw, source) in chosen.items():
+        try:
+            values[key] = _check(_FIELDS[key], raw)
+        except ConfigError as exc:
+            raise ConfigError(key, f"{exc.problem} (from {source})") from None
+    try:
+        return NodeConfig(**values)
+    except ConfigError as exc:
+        if exc.key not in chosen:
+            raise
+        raise ConfigError(exc.key, f"{exc.problem} (from {chosen[exc.key][1]})") from None
+
+
+# --- documentation ------------------------------------------------------------------------
+
+def _type_name(f: dataclasses.Field) -> str:
+    kind = f.metadata["kind"]
+    if kind in ("addresses", "modules"):
+        return "list[str]"
+    return {int: "int", float: "float", str: "str"}.get(f.type, str(f.type))
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every setting, in declaration order."""
+    return [(f.name, _type_name(f), f.default, f"{f.metadata['help']} Must be "
+             f"{_requirement(f)}.") for f in _FIELDS.values()]
+
+
+def _md_cell(text: str) -> str:
+    """Escape pipes, which would otherwise split a markdown table cell."""
+    return text.replace("|", "\\|")
+
+
+def render_markdown() -> str:
+    """docs/CONFIG.md: the config reference table, generated from the dataclass."""
+    lines = [
+        "# Node configuration",
+        "",
+        "Generated by `python -m node.config > docs/CONFIG.md`; edit `node/config.py`, "
+        "not this file.",
+        "",
+        "Sources, highest precedence first: command-line flag, environment variable, "
+        f"TOML file (`--config PATH` or `${CONFIG_ENV}`), default. A node runs with no "
+        "file. Unknown keys in the file and invalid values stop the node at start with "
+        "an error naming the key. List values are comma-separated in the environment, "
+        "repeatable or comma-separated as flags. An empty environment variable counts "
+        "as unset.",
+        "",
+        "| key | type | default | flag | environment | description |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, type_name, default, help_text in describe():
+        shown = list(default) if isinstance(default, tuple) else default
+        lines.append(f"| `{key}` | {type_name} | `{shown!r}` | `{flag_name(key)}` | "
+                     f"`{env_name(key)}` | {_md_cell(help_text)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_markdown())
