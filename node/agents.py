@@ -1,0 +1,559 @@
+"""Agents: the base class, behaviors, handlers, lifecycle, mailboxes, supervision.
+
+An *agent* is an addressable entity (``BEHAVIOR/NAME``) whose class is a
+*behavior*.  The node holds one ``Activation`` per live agent: the agent object
+(user state) plus the bookkeeping the node needs (lifecycle, mailbox,
+restarts).  Idle activations are small: no task, no queue and no dict of their
+own; a mailbox exists only while messages wait (see DESIGN.md, "an idle agent
+costs at most about 1 KB").
+
+Turn-based: an agent handles one message at a time.  A plain ``def`` handler
+runs inline when the agent is idle (no task, no queue); an ``async def``
+handler, or any message that arrives while the agent is busy, goes through the
+bounded mailbox drained by one task per busy agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import importlib
+import inspect
+import time
+from collections import deque
+from typing import Any, Callable
+
+from protocols.wire import ErrorCode
+
+__all__ = [
+    "Agent", "AgentError", "Lifecycle", "behavior", "handler", "behaviors",
+    "load_behavior_modules", "BehaviorError",
+]
+
+
+class AgentError(Exception):
+    """Raised by a handler to answer with a chosen error code.
+
+    An AgentError is an answer, not a crash: the agent is not restarted.
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class BehaviorError(Exception):
+    """A behavior definition or registration that cannot work."""
+
+
+class Lifecycle(str, enum.Enum):
+    INITIALIZING = "initializing"
+    ACTIVE = "active"
+    MIGRATING = "migrating"    # reserved: agent migration arrives with rebalancing
+    DEGRADED = "degraded"      # crashed, waiting out its restart backoff
+    PAUSED = "paused"          # reserved: admin pause arrives with the operations issue
+    TERMINATING = "terminating"
+    FAILED = "failed"          # restart limit reached; answers 'unavailable' until respawned
+
+
+_HANDLER_ATTR = "_synthesis_handles"
+_ANY = "*"
+
+
+def handler(*types: str) -> Callable:
+    """Mark a method as the handler for message ``types``.
+
+    The method is ``def name(self, data)`` or ``def name(self, data, message)``
+    (``message`` is the validated ``protocols.wire.Request``), plain or async.
+    ``@handler("*")`` handles every type without a handler of its own.
+    """
+    if not types or not all(isinstance(t, str) and t for t in types):
+        raise BehaviorError("@handler needs one or more message type names")
+    if any(t.startswith("syn.") for t in types):
+        raise BehaviorError("message types starting with 'syn.' are reserved")
+
+    def mark(fn: Callable) -> Callable:
+        setattr(fn, _HANDLER_ATTR, types)
+        return fn
+    return mark
+
+
+class _Handler:
+    """One handler, with what the hot path needs to call it decided up front."""
+
+    __slots__ = ("fn", "is_async", "wants_message")
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.is_async = inspect.iscoroutinefunction(fn)
+        params = list(inspect.signature(fn).parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(positional) not in (2, 3):
+            raise BehaviorError(f"handler {fn.__qualname__} must take (self, data) "
+                                f"or (self, data, message)")
+        self.wants_message = len(positional) == 3
+
+
+class Agent:
+    """Base class for behaviors.
+
+    Subclass it, decorate methods with ``@handler``, register with
+    ``@behavior("name")``.  Optional hooks: ``on_start(init)`` runs at activation
+    (and again after a supervised restart) with the spawn ``init`` data or None;
+    ``on_stop()`` runs when the agent is stopped.  Declare ``__slots__`` to keep
+    idle agents small.
+    """
+
+    __slots__ = ("id", "_host")
+
+    # Per-behavior overrides of the node's supervision config (None = node default).
+    supervision: str | None = None       # "restart" | "stop" | "escalate"
+    restart_limit: int | None = None
+
+    _handlers: dict[str, _Handler] = {}
+    behavior_name: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        table: dict[str, _Handler] = {}
+        for klass in reversed(cls.__mro__):
+            for value in vars(klass).values():
+                for mtype in getattr(value, _HANDLER_ATTR, ()):
+                    table[mtype] = _Handler(value)
+        cls._handlers = table
+
+    def on_start(self, init: Any) -> None:
+        """Called when the agent activates or restarts."""
+
+    def on_stop(self) -> None:
+        """Called when the agent is stopped."""
+
+    # Services for handlers -------------------------------------------------
+
+    def join(self, group: str) -> None:
+        """Receive messages published to ``group`` (on any node)."""
+        self._host.join(self.id, group)
+
+    def leave(self, group: str) -> None:
+        self._host.leave(self.id, group)
+
+    async def run_blocking(self, fn: Callable, *args: Any) -> Any:
+        """Run blocking work in the node's bounded executor (the bulkhead)."""
+        return await self._host.run_blocking(fn, *args)
+
+
+_BEHAVIORS: dict[str, type[Agent]] = {}
+
+
+def behavior(name: str) -> Callable[[type[Agent]], type[Agent]]:
+    """Class decorator: register an Agent subclass as behavior ``name``."""
+    if not isinstance(name, str) or not name or "/" in name:
+        raise BehaviorError(f"behavior name must be a non-empty string without '/': {name!r}")
+
+    def register(cls: type[Agent]) -> type[Agent]:
+        if not (isinstance(cls, type) and issubclass(cls, Agent)):
+            raise BehaviorError(f"@behavior({name!r}) must decorate an Agent subclass")
+        existing = _BEHAVIORS.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise BehaviorError(f"behavior {name!r} is already registered by {existing!r}")
+        cls.behavior_name = name
+        _BEHAVIORS[name] = cls
+        return cls
+    return register
+
+
+def behaviors() -> dict[str, type[Agent]]:
+    """The registered behaviors by name (a copy)."""
+    return dict(_BEHAVIORS)
+
+
+def load_behavior_modules(modules: tuple[str, ...] | list[str]) -> None:
+    """Import the configured behavior modules (their @behavior decorators register)."""
+    importlib.import_module("node.behaviors")  # built-ins: echo, counter, kv
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise BehaviorError(f"cannot import behavior module {name!r}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------
+# The node-side host of activations.
+
+
+class Activation:
+    """The node's record of one live agent; kept small (slots, lazy mailbox)."""
+
+    __slots__ = ("agent", "cls", "lifecycle", "mailbox", "busy", "init", "restarts", "groups")
+
+    def __init__(self, cls: type[Agent], init: Any):
+        self.cls = cls
+        self.agent: Agent | None = None
+        self.lifecycle = Lifecycle.INITIALIZING
+        self.mailbox: deque | None = None
+        self.busy = False
+        self.init = init
+        self.restarts: list[float] | None = None   # recent crash times, bounded
+        self.groups: set[str] | None = None
+
+
+class Supervision:
+    """Restart policy numbers, from config with per-behavior overrides."""
+
+    __slots__ = ("policy", "limit", "window_s", "backoff_s", "backoff_max_s")
+
+    def __init__(self, policy: str, limit: int, window_s: float, backoff_s: float,
+                 backoff_max_s: float):
+        self.policy = policy
+        self.limit = limit
+        self.window_s = window_s
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+
+
+# reply(reply_to, request_id, data) and fail(reply_to, request_id, code, message, mtype)
+ReplyFn = Callable[[Any, str, Any], None]
+FailFn = Callable[[Any, str, str, str, str], None]
+
+
+class AgentHost:
+    """The agents that live on this node: activation, turns, supervision."""
+
+    def __init__(self, *, mailbox_len_max: int, agents_max: int, handler_timeout_s: float,
+                 supervision: Supervision, executor_workers: int, metrics: Any, log: Any,
+                 reply: ReplyFn, fail: FailFn):
+        self.directory: dict[str, Activation] = {}
+        self.groups: dict[str, set[str]] = {}
+        self._mailbox_len_max = mailbox_len_max
+        self._agents_max = agents_max
+        self._handler_timeout_s = handler_timeout_s
+        self._supervision = supervision
+        self._metrics = metrics
+        self._log = log
+        self._reply = reply
+        self._fail = fail
+        self._executor_workers = executor_workers
+        self._executor = None
+        self._blocking_waiting = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._queued: set[Activation] = set()  # activations whose mailbox exists
+        self.accepting = True
+
+    # Activation ------------------------------------------------------------
+
+    def resolve(self, agent_id: str) -> Activation | None:
+        """The activation for ``agent_id``, activating ``BEHAVIOR/NAME`` virtually.
+
+        Returns None when the id names no running agent and no known behavior.
+        """
+        act = self.directory.get(agent_id)
+        if act is not None:
+            return act
+        name, sep, _ = agent_id.partition("/")
+        cls = _BEHAVIORS.get(name) if sep else None
+        if cls is None:
+            return None
+        return self.activate(agent_id, cls, None)
+
+    def activate(self, agent_id: str, cls: type[Agent], init: Any) -> Activation:
+        if len(self.directory) >= self._agents_max:
+            raise AgentError(ErrorCode.OVERLOADED,
+                             f"node holds its limit of {self._agents_max} agents")
+        act = Activation(cls, init)
+        self.directory[agent_id] = act
+        self._start_instance(agent_id, act)
+        self._metrics.agent_activated()
+        return act
+
+    def _start_instance(self, agent_id: str, act: Activation) -> None:
+        agent = act.cls()
+        agent.id = agent_id
+        agent._host = self
+        act.agent = agent
+        agent.on_start(act.init)
+        act.lifecycle = Lifecycle.ACTIVE
+
+    def spawn(self, agent_id: str, behavior_name: str, init: Any) -> Activation:
+        cls = _BEHAVIORS.get(behavior_name)
+        if cls is None:
+            raise AgentError(ErrorCode.UNKNOWN_AGENT, f"no behavior named {behavior_name!r}")
+        act = self.directory.get(agent_id)
+        if act is not None and act.lifecycle is not Lifecycle.FAILED:
+            if act.cls is cls:
+                return act  # spawning a running agent is idempotent
+            raise AgentError(ErrorCode.BAD_REQUEST,
+                             f"agent {agent_id!r} already runs behavior {act.cls.behavior_name!r}")
+        if act is not None:
+            self._remove(agent_id, act)
+        try:
+            return self.activate(agent_id, cls, init)
+        except AgentError:
+            raise
+        except Exception as exc:
+            self.directory.pop(agent_id, None)
+            raise AgentError(ErrorCode.INTERNAL, f"on_start failed: {exc!r}") from exc
+
+    def stop(self, agent_id: str) -> bool:
+        act = self.directory.get(agent_id)
+        if act is None:
+            return False
+        act.lifecycle = Lifecycle.TERMINATING
+        if act.mailbox:
+            self._refuse_all(act, ErrorCode.UNAVAILABLE, "agent stopped")
+        try:
+            if act.agent is not None:
+                act.agent.on_stop()
+        except Exception as exc:
+            self._log.warning("on_stop_failed", agent_id=agent_id, error=repr(exc))
+        self._remove(agent_id, act)
+        return True
+
+    def _remove(self, agent_id: str, act: Activation) -> None:
+        for group in act.groups or ():
+            members = self.groups.get(group)
+            if members is not None:
+                members.discard(agent_id)
+                if not members:
+                    del self.groups[group]
+        self.directory.pop(agent_id, None)
+        self._queued.discard(act)
+
+    # Groups ------------------------------------------------------------------
+
+    def join(self, agent_id: str, group: str) -> bool:
+        act = self.directory.get(agent_id)
+        if act is None:
+            return False
+        if act.groups is None:
+            act.groups = set()
+        act.groups.add(group)
+        self.groups.setdefault(group, set()).add(agent_id)
+        return True
+
+    def leave(self, agent_id: str, group: str) -> bool:
+        act = self.directory.get(agent_id)
+        if act is None or not act.groups or group not in act.groups:
+            return False
+        act.groups.discard(group)
+        members = self.groups.get(group)
+        if members is not None:
+            members.discard(agent_id)
+            if not members:
+                del self.groups[group]
+        return True
+
+    # Delivery ----------------------------------------------------------------
+
+    def deliver(self, agent_id: str, act: Activation, req: Any, reply_to: Any) -> None:
+        """Hand one request to an agent: inline if idle and sync, else via its mailbox."""
+        if act.lifecycle is Lifecycle.FAILED:
+            self._fail(reply_to, req.id, ErrorCode.UNAVAILABLE,
+                       f"agent {agent_id!r} has failed (restart limit reached)", req.type)
+            return
+        h = act.cls._handlers.get(req.type) or act.cls._handlers.get(_ANY)
+        if h is None:
+            self._fail(reply_to, req.id, ErrorCode.UNKNOWN_TYPE,
+                       f"behavior {act.cls.behavior_name!r} has no handler for {req.type!r}",
+                       req.type)
+            return
+        if not act.busy and act.lifecycle is Lifecycle.ACTIVE and not h.is_async:
+            self._run_sync(agent_id, act, h, req, reply_to)
+            return
+        if not self.accepting:
+            self._fail(reply_to, req.id, ErrorCode.UNAVAILABLE, "node is shutting down", req.type)
+            return
+        if act.mailbox is None:
+            act.mailbox = deque()
+            self._queued.add(act)
+        elif len(act.mailbox) >= self._mailbox_len_max:
+            self._fail(reply_to, req.id, ErrorCode.OVERLOADED,
+                       f"mailbox of {agent_id!r} is full ({self._mailbox_len_max})", req.type)
+            return
+        act.mailbox.append((req, reply_to))
+        if not act.busy and act.lifecycle is Lifecycle.ACTIVE:
+            self._start_turns(agent_id, act)
+
+    def _run_sync(self, agent_id: str, act: Activation, h: _Handler, req: Any,
+                  reply_to: Any) -> None:
+        started = time.perf_counter()
+        try:
+            result = h.fn(act.agent, req.data, req) if h.wants_message else h.fn(act.agent, req.data)
+        except AgentError as exc:
+            self._fail(reply_to, req.id, exc.code, exc.message, req.type)
+        except Exception as exc:
+            self._crashed(agent_id, act, req, reply_to, exc)
+        else:
+            self._reply(reply_to, req.id, result)
+            self._metrics.handled(req.type)
+        self._metrics.observe_handler(req.type, time.perf_counter() - started)
+
+    def _start_turns(self, agent_id: str, act: Activation) -> None:
+        """Start the agent's turn task with the first waiting message.
+
+        The message is taken out of the mailbox now, so the mailbox bound counts
+        only messages that wait, not the one being handled.
+        """
+        act.busy = True
+        first = act.mailbox.popleft()
+        task = asyncio.get_running_loop().create_task(self._turns(agent_id, act, first))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _turns(self, agent_id: str, act: Activation, current: tuple) -> None:
+        """Handle messages one at a time until the mailbox is empty."""
+        try:
+            while True:
+                req, reply_to = current
+                h = act.cls._handlers.get(req.type) or act.cls._handlers.get(_ANY)
+                if h.is_async:
+                    await self._run_async(agent_id, act, h, req, reply_to)
+                else:
+                    self._run_sync(agent_id, act, h, req, reply_to)
+                if not act.mailbox or act.lifecycle is not Lifecycle.ACTIVE:
+                    break
+                current = act.mailbox.popleft()
+        except asyncio.CancelledError:  # shutdown ran out of time: answer, don't drop
+            req, reply_to = current
+            self._fail(reply_to, req.id, ErrorCode.UNAVAILABLE,
+                       "node shut down before the handler finished", req.type)
+            raise
+        finally:
+            act.busy = False
+            if not act.mailbox:
+                act.mailbox = None
+                self._queued.discard(act)
+
+    async def _run_async(self, agent_id: str, act: Activation, h: _Handler, req: Any,
+                         reply_to: Any) -> None:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._handler_timeout_s):
+                coro = h.fn(act.agent, req.data, req) if h.wants_message else h.fn(act.agent, req.data)
+                result = await coro
+        except AgentError as exc:
+            self._fail(reply_to, req.id, exc.code, exc.message, req.type)
+        except TimeoutError:
+            self._fail(reply_to, req.id, ErrorCode.TIMEOUT,
+                       f"handler for {req.type!r} exceeded {self._handler_timeout_s}s", req.type)
+        except Exception as exc:
+            self._crashed(agent_id, act, req, reply_to, exc)
+        else:
+            self._reply(reply_to, req.id, result)
+            self._metrics.handled(req.type)
+        self._metrics.observe_handler(req.type, time.perf_counter() - started)
+
+    # Supervision -------------------------------------------------------------
+
+    def _supervision_for(self, act: Activation) -> Supervision:
+        base = self._supervision
+        policy = act.cls.supervision or base.policy
+        limit = act.cls.restart_limit if act.cls.restart_limit is not None else base.limit
+        if policy == base.policy and limit == base.limit:
+            return base
+        return Supervision(policy, limit, base.window_s, base.backoff_s, base.backoff_max_s)
+
+    def _crashed(self, agent_id: str, act: Activation, req: Any, reply_to: Any,
+                 exc: Exception) -> None:
+        self._fail(reply_to, req.id, ErrorCode.INTERNAL,
+                   f"handler for {req.type!r} raised {type(exc).__name__}: {exc}", req.type)
+        self._log.error("handler_crashed", agent_id=agent_id, type=req.type, error=repr(exc))
+        sup = self._supervision_for(act)
+        if sup.policy == "stop":
+            self.stop(agent_id)
+            return
+        if sup.policy == "escalate":
+            # No supervisor tree above an agent yet: escalation fails the agent
+            # and logs at error level for the operator.
+            self._log.error("agent_escalated", agent_id=agent_id)
+            self._mark_failed(agent_id, act)
+            return
+        now = time.monotonic()
+        recent = [t for t in (act.restarts or ()) if now - t < sup.window_s]
+        recent.append(now)
+        act.restarts = recent[-(sup.limit + 1):]
+        if len(recent) > sup.limit:
+            self._mark_failed(agent_id, act)
+            return
+        act.lifecycle = Lifecycle.DEGRADED
+        backoff_s = min(sup.backoff_s * (2 ** (len(recent) - 1)), sup.backoff_max_s)
+        asyncio.get_running_loop().call_later(backoff_s, self._restart, agent_id, act)
+
+    def _mark_failed(self, agent_id: str, act: Activation) -> None:
+        act.lifecycle = Lifecycle.FAILED
+        self._metrics.agent_failed()
+        self._log.error("agent_failed", agent_id=agent_id)
+        if act.mailbox:
+            self._refuse_all(act, ErrorCode.UNAVAILABLE, f"agent {agent_id!r} has failed")
+
+    def _restart(self, agent_id: str, act: Activation) -> None:
+        if self.directory.get(agent_id) is not act or act.lifecycle is not Lifecycle.DEGRADED:
+            return  # stopped or respawned meanwhile
+        try:
+            self._start_instance(agent_id, act)
+        except Exception as exc:
+            self._log.error("restart_failed", agent_id=agent_id, error=repr(exc))
+            self._mark_failed(agent_id, act)
+            return
+        self._metrics.agent_restarted()
+        self._log.info("agent_restarted", agent_id=agent_id)
+        if act.mailbox and not act.busy:
+            self._start_turns(agent_id, act)
+
+    def _refuse_all(self, act: Activation, code: str, message: str) -> None:
+        while act.mailbox:
+            req, reply_to = act.mailbox.popleft()
+            self._fail(reply_to, req.id, code, message, req.type)
+        act.mailbox = None
+        self._queued.discard(act)
+
+    # Executor (bulkhead) ------------------------------------------------------
+
+    async def run_blocking(self, fn: Callable, *args: Any) -> Any:
+        if self._blocking_waiting >= self._executor_workers * 16:
+            raise AgentError(ErrorCode.OVERLOADED, "blocking executor queue is full")
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._executor = ThreadPoolExecutor(self._executor_workers,
+                                                thread_name_prefix="synthesis-blocking")
+        self._blocking_waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._blocking_waiting -= 1
+
+    # Shutdown and status -----------------------------------------------------
+
+    def pending(self) -> int:
+        """Messages waiting in mailboxes or being handled by a task."""
+        return self.mailbox_depth() + len(self._tasks)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop taking queued work, let mailboxes finish, refuse what is left.
+
+        Returns how many queued messages were refused.
+        """
+        self.accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._tasks and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        refused = 0
+        for act in list(self._queued):
+            refused += len(act.mailbox or ())
+            self._refuse_all(act, ErrorCode.UNAVAILABLE, "node is shutting down")
+        for task in list(self._tasks):
+            task.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        return refused
+
+    def counts_by_state(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for act in self.directory.values():
+            counts[act.lifecycle.value] = counts.get(act.lifecycle.value, 0) + 1
+        return counts
+
+    def mailbox_depth(self) -> int:
+        # list() copies in one step: the metrics thread calls this too.
+        return sum(len(a.mailbox or ()) for a in list(self._queued))

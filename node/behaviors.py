@@ -1,0 +1,108 @@
+"""Built-in behaviors that make a fresh node useful: echo, counter, kv.
+
+They double as examples of writing a behavior: a class, ``@behavior`` to
+register it, ``@handler`` per message type, ``__slots__`` to stay small.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocols.wire import ErrorCode
+
+from .agents import Agent, AgentError, behavior, handler
+
+KV_KEYS_MAX = 10_000  # a kv agent is a small map, not a database
+
+
+def _int_arg(data: Any, key: str, default: int) -> int:
+    if data is None:
+        return default
+    if not isinstance(data, dict):
+        raise AgentError(ErrorCode.BAD_REQUEST, f"data must be a map, got {type(data).__name__}")
+    value = data.get(key, default)
+    if type(value) is not int:
+        raise AgentError(ErrorCode.BAD_REQUEST, f"{key!r} must be an integer")
+    return value
+
+
+def _str_arg(data: Any, key: str) -> str:
+    if not isinstance(data, dict) or type(data.get(key)) is not str:
+        raise AgentError(ErrorCode.BAD_REQUEST, f"data must be a map with a string {key!r}")
+    return data[key]
+
+
+@behavior("echo")
+class Echo(Agent):
+    """Replies with the data it got, whatever the message type."""
+
+    __slots__ = ()
+
+    @handler("*")
+    def echo(self, data: Any) -> Any:
+        return data
+
+
+@behavior("counter")
+class Counter(Agent):
+    """An integer: ``incr``/``decr`` by ``n`` (default 1), ``get``; each replies ``{"value": N}``."""
+
+    __slots__ = ("value",)
+
+    def on_start(self, init: Any) -> None:
+        self.value = _int_arg(init, "value", 0)
+
+    @handler("incr")
+    def incr(self, data: Any) -> dict:
+        self.value += _int_arg(data, "n", 1)
+        return {"value": self.value}
+
+    @handler("decr")
+    def decr(self, data: Any) -> dict:
+        self.value -= _int_arg(data, "n", 1)
+        return {"value": self.value}
+
+    @handler("get")
+    def get(self, data: Any) -> dict:
+        return {"value": self.value}
+
+
+@behavior("kv")
+class KeyValue(Agent):
+    """A small string-keyed map: ``put``, ``get``, ``delete``, ``keys``."""
+
+    __slots__ = ("items",)
+
+    def on_start(self, init: Any) -> None:
+        self.items = None  # allocated on first write: idle kv agents stay small
+        if isinstance(init, dict) and init:
+            self.items = dict(init)
+
+    @handler("put")
+    def put(self, data: Any) -> dict:
+        key = _str_arg(data, "key")
+        if self.items is None:
+            self.items = {}
+        if key not in self.items and len(self.items) >= KV_KEYS_MAX:
+            raise AgentError(ErrorCode.OVERLOADED, f"kv agent holds its limit of {KV_KEYS_MAX} keys")
+        self.items[key] = data.get("value")
+        return {"ok": True}
+
+    @handler("get")
+    def get(self, data: Any) -> dict:
+        key = _str_arg(data, "key")
+        if self.items is None or key not in self.items:
+            return {"found": False, "value": None}
+        return {"found": True, "value": self.items[key]}
+
+    @handler("delete")
+    def delete(self, data: Any) -> dict:
+        key = _str_arg(data, "key")
+        if self.items is None or key not in self.items:
+            return {"deleted": False}
+        del self.items[key]
+        return {"deleted": True}
+
+    @handler("keys")
+    def keys(self, data: Any) -> dict:
+        return {"keys": sorted(self.items or ())}

@@ -1,0 +1,586 @@
+"""The node's event loop: sockets, timers, protocol machines and their effects.
+
+One ROUTER socket takes requests from clients and peer traffic from other
+nodes.  The loop wakes when the socket's FD is readable and drains it in
+batches with NOBLOCK until ``zmq.Again`` (the FD is edge-triggered: a partial
+read would leave messages sitting unread), then re-checks ``zmq.EVENTS``.
+Requests are decoded once; forwarding passes the original bytes on.
+
+Routing: ``registry.owner(subject)`` names the owning node.  A local owner hands
+the request to the agent host; a remote one gets it one hop away over the
+peer transport, and its reply comes back the same way to the client's route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import time
+from typing import Any
+
+import msgpack
+import zmq
+
+from protocols import wire
+from protocols.effects import MembersChanged, Send, SetTimer
+from protocols.membership import Member, Membership, MembershipError
+from protocols.wire import ErrorCode, Request, WireError
+
+from . import logs, systemd
+from .agents import AgentError, AgentHost, Supervision, load_behavior_modules
+from .config import NodeConfig
+from .metrics import MetricsServer, NodeMetrics
+from .registry import Registry
+from .transports.zeromq import (OP_FWD, OP_GOSSIP, OP_RPL, OP_STATQ, OP_STATR, PEER_MAGIC,
+                                ZmqTransport)
+
+BATCH_MAX = 512            # messages read per socket per wake-up, for fairness
+RETRY_INTERVAL_S = 0.02    # how often queued peer sends are retried
+STATUS_WAITS_MAX = 256     # concurrent cluster-status collections
+SHUTDOWN_LINGER_MS = 500   # time given to last replies on close
+
+_NO_REPLY = None
+# Plain ints: pyzmq's flag enums cost an enum construction per '|' on the hot path.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+
+
+class Node:
+    """A synthesis node.  ``await Node(config).serve()`` runs it until stopped."""
+
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.node_id = config.resolved_node_id
+        self.log = logs.get_logger()
+        self.metrics = NodeMetrics(self.node_id)
+        self.registry = Registry(self.node_id)
+        self.members: dict[str, Member] = {}
+        self.host = AgentHost(
+            mailbox_len_max=config.mailbox_len_max,
+            agents_max=config.agents_max,
+            handler_timeout_s=config.handler_timeout_s,
+            supervision=Supervision(config.supervision, config.restart_limit,
+                                    config.restart_window_s, config.restart_backoff_s,
+                                    config.restart_backoff_max_s),
+            executor_workers=config.executor_workers,
+            metrics=self.metrics, log=self.log,
+            reply=self._reply_data, fail=self._reply_error,
+        )
+        self._ctx = zmq.Context()
+        self._router: zmq.Socket | None = None
+        self._transport: ZmqTransport | None = None
+        self._membership: Membership | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._stopping = False
+        self._pump_scheduled = False
+        self._in_pump = False
+        self._gossip_timer: asyncio.TimerHandle | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._status_waits: dict[bytes, dict] = {}
+        self._tokens = itertools.count(1)
+        self._started_at = time.monotonic()
+        self._max_bytes = config.max_message_bytes
+        self._max_hops = config.max_hops
+
+    # ------------------------------------------------------------------ start/stop
+
+    async def serve(self) -> None:
+        """Run until ``request_stop`` (or SIGTERM/SIGINT), then shut down gracefully."""
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        load_behavior_modules(self.config.behaviors)
+        self._open_sockets()
+        self._start_metrics()
+        self._install_signal_handlers()
+        self._start_membership()
+        systemd.ready()
+        self._start_watchdog()
+        self.log.info("node_serving", address=self.config.router_endpoint,
+                      pub=self.config.pub_endpoint, seeds=list(self.config.seeds))
+        try:
+            await self._stop_event.wait()
+        finally:
+            await self._shutdown()
+
+    def request_stop(self) -> None:
+        if self._stop_event is not None and not self._stopping:
+            self._stopping = True
+            self._stop_event.set()
+
+    def _open_sockets(self) -> None:
+        cfg = self.config
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises, not a silent drop
+        router.setsockopt(zmq.SNDHWM, cfg.peer_hwm)
+        router.setsockopt(zmq.RCVHWM, cfg.peer_hwm)
+        # A hard guard far above the protocol limit: larger frames cost the
+        # sender its connection instead of our memory.  Between the two limits
+        # the sender gets a too_large reply.
+        router.setsockopt(zmq.MAXMSGSIZE, 4 * cfg.max_message_bytes + 65536)
+        router.setsockopt(zmq.LINGER, SHUTDOWN_LINGER_MS)
+        router.bind(cfg.router_bind)
+        self._router = router
+        self._transport = ZmqTransport(context=self._ctx, node_id=self.node_id,
+                                       pub_bind=cfg.pub_bind, peer_hwm=cfg.peer_hwm,
+                                       pub_hwm=cfg.pub_hwm, metrics=self.metrics)
+        self._transport.start()
+        self._loop.add_reader(router.FD, self._pump)
+        self._loop.add_reader(self._transport.sub.FD, self._pump)
+        self._schedule_pump()  # the FDs are edge-triggered: look once after registering
+
+    def _start_metrics(self) -> None:
+        self.metrics.set_gauges(self._gauges)
+        address = self.config.metrics_address
+        if address is None:
+            return
+        self._metrics_server = MetricsServer(address[0], address[1], self.metrics, self._health)
+        self._metrics_server.start()
+
+    def _install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._loop.add_signal_handler(sig, self.request_stop)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+
+    def _start_watchdog(self) -> None:
+        period_s = systemd.watchdog_interval_s()
+        if period_s is None:
+            return
+
+        def ping() -> None:
+            if not self._stopping:
+                systemd.watchdog()
+                self._loop.call_later(period_s, ping)
+        ping()
+
+    async def _shutdown(self) -> None:
+        self.log.info("node_stopping", pending=self.host.pending())
+        systemd.stopping()
+        refused = await self.host.drain(self.config.shutdown_timeout_s)
+        self._pump()  # answer what arrived meanwhile, flush replies
+        for timer in (self._gossip_timer, self._retry_timer):
+            if timer is not None:
+                timer.cancel()
+        for wait in list(self._status_waits.values()):
+            self._finish_status(wait)
+        self._loop.remove_reader(self._router.FD)
+        self._loop.remove_reader(self._transport.sub.FD)
+        self._transport.stop(linger_ms=SHUTDOWN_LINGER_MS)
+        self._router.close(linger=SHUTDOWN_LINGER_MS)
+        self._ctx.term()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+        self.log.info("node_stopped", refused=refused)
+
+    # ------------------------------------------------------------------ membership
+
+    def _start_membership(self) -> None:
+        cfg = self.config
+        me = Member(self.node_id, cfg.router_endpoint, cfg.pub_endpoint, time.time_ns())
+        self._membership = Membership(me, cfg.seeds, cfg.gossip_interval_s)
+        self._run_effects(self._membership.start(self._loop.time()))
+
+    def _run_effects(self, effects: list) -> None:
+        for effect in effects:
+            if isinstance(effect, Send):
+                body = msgpack.packb(effect.message, use_bin_type=True)
+                if self._transport.send(effect.address, [PEER_MAGIC, OP_GOSSIP, body]):
+                    self.metrics.sent("gossip")
+            elif isinstance(effect, SetTimer):
+                if self._gossip_timer is not None:
+                    self._gossip_timer.cancel()
+                self._gossip_timer = self._loop.call_at(effect.at, self._membership_tick)
+            elif isinstance(effect, MembersChanged):
+                self._on_members(effect.members)
+
+    def _membership_tick(self) -> None:
+        self._gossip_timer = None
+        if not self._stopping:
+            self._run_effects(self._membership.tick(self._loop.time()))
+
+    def _on_members(self, members: dict[str, Member]) -> None:
+        self.members = members
+        self.registry.set_members(members)
+        for member in members.values():
+            if member.node_id != self.node_id:
+                self._transport.connect(member.address)
+                self._transport.subscribe(member.pub_address)
+        self.log.info("members_changed", members=sorted(members))
+
+    def _on_gossip(self, body: bytes) -> None:
+        try:
+            message = msgpack.unpackb(body, raw=False)
+            effects = self._membership.receive(message, self._loop.time())
+        except (MembershipError, ValueError, msgpack.UnpackException) as exc:
+            self.metrics.errored(ErrorCode.BAD_REQUEST, "syn.gossip")
+            self.log.warning("bad_gossip", error=str(exc))
+            return
+        self._run_effects(effects)
+
+    # ------------------------------------------------------------------ the pump
+
+    def _schedule_pump(self) -> None:
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Drain the ROUTER and SUB sockets in batches; reschedule if more waits."""
+        self._pump_scheduled = False
+        self._in_pump = True
+        try:
+            self._drain(self._router, self._on_router)
+            self._drain(self._transport.sub, self._on_multicast)
+        finally:
+            self._in_pump = False
+        if (self._router.getsockopt(_EVENTS) & _POLLIN
+                or self._transport.sub.getsockopt(_EVENTS) & _POLLIN):
+            self._schedule_pump()
+
+    def _drain(self, sock: zmq.Socket, handle) -> None:
+        recv = sock.recv_multipart
+        for _ in range(BATCH_MAX):
+            try:
+                frames = recv(_NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                handle(frames)
+            except Exception as exc:  # a bug must not take the node down
+                self.metrics.errored(ErrorCode.INTERNAL)
+                self.log.exception("dispatch_failed", error=repr(exc))
+
+    # ------------------------------------------------------------------ inbound
+
+    def _on_router(self, frames: list[bytes]) -> None:
+        n = len(frames)
+        if n == 2:
+            self._on_client(frames[1], (frames[0],))
+        elif n >= 3 and frames[1] == PEER_MAGIC:
+            self._on_peer(frames)
+        elif n == 3 and frames[1] == b"":
+            self._on_client(frames[2], (frames[0], b""))  # REQ framing
+        else:
+            self._send_route((frames[0],), wire.error(
+                None, ErrorCode.BAD_REQUEST,
+                f"expected one envelope frame, got {n - 1} frames", self.node_id))
+            self.metrics.errored(ErrorCode.BAD_REQUEST)
+
+    def _on_client(self, payload: bytes, route: tuple) -> None:
+        try:
+            req = wire.parse_request(payload, self._max_bytes)
+        except WireError as exc:
+            self.metrics.errored(exc.code)
+            self._send_route(route, wire.error(exc.request_id, exc.code, exc.message, self.node_id))
+            return
+        self.metrics.received(req.type)
+        reply_to = _NO_REPLY if req.mode != wire.MODE_CALL else (None, route)
+        if self._stopping:
+            self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE, "node is shutting down",
+                              req.type)
+            return
+        self._dispatch(req, payload, reply_to, 0)
+
+    def _on_peer(self, frames: list[bytes]) -> None:
+        op = frames[2]
+        if op == OP_FWD and len(frames) >= 7:
+            self._on_forwarded(frames)
+        elif op == OP_RPL and len(frames) >= 5:
+            self._send_route(tuple(frames[4:]), frames[3])
+            self.metrics.sent("reply")
+        elif op == OP_GOSSIP and len(frames) == 4:
+            self._on_gossip(frames[3])
+        elif op == OP_STATQ and len(frames) == 5:
+            self._answer_status_query(frames[3].decode(errors="replace"), frames[4])
+        elif op == OP_STATR and len(frames) == 5:
+            self._collect_status(frames[3], frames[4])
+        else:
+            self.metrics.errored(ErrorCode.BAD_REQUEST, "syn.peer")
+            self.log.warning("bad_peer_frame", op=op[:16].decode(errors="replace"), frames=len(frames))
+
+    def _on_forwarded(self, frames: list[bytes]) -> None:
+        origin = frames[3].decode(errors="replace")
+        hops = frames[4][0] if frames[4] else 0
+        payload = frames[5]
+        route = tuple(frames[6:])
+        try:
+            req = wire.parse_request(payload, self._max_bytes)
+        except WireError as exc:
+            self.metrics.errored(exc.code)
+            self._send_reply((origin, route), wire.error(exc.request_id, exc.code, exc.message,
+                                                          self.node_id))
+            return
+        self.metrics.received(req.type)
+        reply_to = _NO_REPLY if req.mode != wire.MODE_CALL else (origin, route)
+        if self._stopping:
+            self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE, "node is shutting down",
+                              req.type)
+            return
+        self._dispatch(req, payload, reply_to, hops)
+
+    def _on_multicast(self, frames: list[bytes]) -> None:
+        accepted = self._transport.accept_multicast(frames)
+        if accepted is None:
+            self.metrics.errored(ErrorCode.BAD_REQUEST, "syn.multicast")
+            return
+        group, payload = accepted
+        try:
+            req = wire.parse_request(payload, self._max_bytes)
+        except WireError as exc:
+            self.metrics.errored(exc.code, "syn.multicast")
+            return
+        self.metrics.received(req.type)
+        self._deliver_to_group(group, req)
+
+    # ------------------------------------------------------------------ routing
+
+    def _dispatch(self, req: Request, payload: bytes, reply_to: Any, hops: int) -> None:
+        mtype = req.type
+        if mtype in wire.NODE_TYPES:
+            self._node_request(req, reply_to)
+        elif req.mode == wire.MODE_PUBLISH:
+            self._publish(req, payload)
+        else:
+            owner = self.registry.owner(req.subject)
+            if owner == self.node_id:
+                self._handle_local(req, reply_to)
+            else:
+                self._forward(owner, req, payload, reply_to, hops)
+
+    def _forward(self, owner: str, req: Request, payload: bytes, reply_to: Any, hops: int) -> None:
+        ttl = self._max_hops if req.ttl is None else req.ttl
+        if hops >= ttl:
+            self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE,
+                              f"owner {owner!r} is beyond the hop limit ({ttl})", req.type)
+            return
+        member = self.members.get(owner)
+        origin, route = reply_to if reply_to is not None else (None, ())
+        if origin is None:
+            origin = self.node_id
+        frames = [PEER_MAGIC, OP_FWD, origin.encode(), bytes((hops + 1,)), payload, *route]
+
+        def give_up(reason: str) -> None:
+            self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE, reason, req.type)
+
+        if self._transport.send(member.address, frames, give_up, self._loop.time()):
+            self.metrics.forwarded(req.type)
+            self.metrics.sent("forward")
+            self._ensure_retry()
+
+    def _handle_local(self, req: Request, reply_to: Any) -> None:
+        agent_id = req.subject
+        try:
+            if wire.is_system_type(req.type):
+                self._system_request(req, reply_to)
+                return
+            act = self.host.resolve(agent_id)
+        except AgentError as exc:
+            self._reply_error(reply_to, req.id, exc.code, exc.message, req.type)
+            return
+        except Exception as exc:
+            self.log.error("activation_failed", agent_id=agent_id, error=repr(exc))
+            self._reply_error(reply_to, req.id, ErrorCode.INTERNAL,
+                              f"activating {agent_id!r} failed: {exc!r}", req.type)
+            return
+        if act is None:
+            self._reply_error(reply_to, req.id, ErrorCode.UNKNOWN_AGENT,
+                              f"no agent {agent_id!r} and no behavior named "
+                              f"{agent_id.partition('/')[0]!r}", req.type)
+            return
+        self.host.deliver(agent_id, act, req, reply_to)
+
+    def _system_request(self, req: Request, reply_to: Any) -> None:
+        agent_id, mtype, data = req.subject, req.type, req.data
+        if mtype == wire.TYPE_SPAWN:
+            self.host.spawn(agent_id, data["behavior"], data.get("init"))
+            result = {"agent": agent_id, "node": self.node_id}
+        elif mtype == wire.TYPE_STOP:
+            if not self.host.stop(agent_id):
+                raise AgentError(ErrorCode.UNKNOWN_AGENT, f"no agent {agent_id!r} on this node")
+            result = {"agent": agent_id, "stopped": True}
+        elif mtype == wire.TYPE_JOIN:
+            if self.host.resolve(agent_id) is None:
+                raise AgentError(ErrorCode.UNKNOWN_AGENT, f"no agent {agent_id!r}")
+            self.host.join(agent_id, data["group"])
+            result = {"agent": agent_id, "group": data["group"], "joined": True}
+        else:  # TYPE_LEAVE
+            left = self.host.leave(agent_id, data["group"])
+            result = {"agent": agent_id, "group": data["group"], "joined": False, "left": left}
+        self.metrics.handled(mtype)
+        self._reply_data(reply_to, req.id, result)
+
+    # ------------------------------------------------------------------ multicast
+
+    def _publish(self, req: Request, payload: bytes) -> None:
+        group = req.subject
+        self._transport.broadcast(group.encode(), [payload])
+        self.metrics.sent("publish")
+        self._deliver_to_group(group, req)
+
+    def _deliver_to_group(self, group: str, req: Request) -> None:
+        members = self.host.groups.get(group)
+        if not members:
+            return
+        for agent_id in list(members):
+            act = self.host.directory.get(agent_id)
+            if act is not None:
+                self.host.deliver(agent_id, act, req, _NO_REPLY)
+
+    # ------------------------------------------------------------------ node requests
+
+    def _node_request(self, req: Request, reply_to: Any) -> None:
+        if req.type == wire.TYPE_PING:
+            self._reply_data(reply_to, req.id, {"node": self.node_id})
+            return
+        self._start_status(req, reply_to)
+
+    def local_status(self) -> dict:
+        snap = self.metrics.snapshot()
+        return {
+            "node": self.node_id,
+            "address": self.config.router_endpoint,
+            "agents": len(self.host.directory),
+            "agents_by_state": self.host.counts_by_state(),
+            "received": snap.get("received", 0),
+            "handled": snap.get("handled", 0),
+            "errors": snap.get("errors", 0),
+            "forwarded": snap.get("forwarded", 0),
+            "members": len(self.members),
+            "uptime_s": round(time.monotonic() - self._started_at, 3),
+            "reachable": True,
+        }
+
+    def _start_status(self, req: Request, reply_to: Any) -> None:
+        if reply_to is None:
+            return
+        if len(self._status_waits) >= STATUS_WAITS_MAX:
+            self._reply_error(reply_to, req.id, ErrorCode.OVERLOADED,
+                              "too many status requests in flight", req.type)
+            return
+        token = str(next(self._tokens)).encode()
+        others = {m.node_id: m for m in self.members.values() if m.node_id != self.node_id}
+        wait = {"token": token, "reply_to": reply_to, "id": req.id,
+                "results": {self.node_id: self.local_status()}, "expected": set(others)}
+        self._status_waits[token] = wait
+        for member in others.values():
+            self._transport.send(member.address,
+                                 [PEER_MAGIC, OP_STATQ, self.node_id.encode(), token])
+        if not others:
+            self._finish_status(wait)
+            return
+        wait["timer"] = self._loop.call_later(self.config.status_timeout_s,
+                                              self._finish_status, wait)
+
+    def _answer_status_query(self, origin: str, token: bytes) -> None:
+        member = self.members.get(origin)
+        if member is None:
+            return
+        body = msgpack.packb(self.local_status(), use_bin_type=True)
+        self._transport.send(member.address, [PEER_MAGIC, OP_STATR, token, body])
+
+    def _collect_status(self, token: bytes, body: bytes) -> None:
+        wait = self._status_waits.get(token)
+        if wait is None:
+            return  # answered after the deadline
+        try:
+            status = msgpack.unpackb(body, raw=False)
+            node = status["node"]
+        except Exception:
+            self.metrics.errored(ErrorCode.BAD_REQUEST, "syn.status")
+            return
+        wait["results"][node] = status
+        wait["expected"].discard(node)
+        if not wait["expected"]:
+            self._finish_status(wait)
+
+    def _finish_status(self, wait: dict) -> None:
+        if self._status_waits.pop(wait["token"], None) is None:
+            return
+        timer = wait.get("timer")
+        if timer is not None:
+            timer.cancel()
+        rows = []
+        for node_id in sorted(self.members):
+            row = wait["results"].get(node_id)
+            if row is None:
+                member = self.members[node_id]
+                row = {"node": node_id, "address": member.address, "reachable": False}
+            rows.append(row)
+        self._reply_data(wait["reply_to"], wait["id"], {"node": self.node_id, "members": rows})
+
+    # ------------------------------------------------------------------ replies
+
+    def _reply_data(self, reply_to: Any, request_id: str, data: Any) -> None:
+        if reply_to is None:
+            return
+        try:
+            payload = wire.reply(request_id, data, self.node_id)
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._reply_error(reply_to, request_id, ErrorCode.INTERNAL,
+                              f"reply is not msgpack-serialisable: {exc}", "")
+            return
+        self._send_reply(reply_to, payload)
+        self.metrics.sent("reply")
+
+    def _reply_error(self, reply_to: Any, request_id: str | None, code: str, message: str,
+                     mtype: str) -> None:
+        self.metrics.errored(code, mtype)
+        if reply_to is None:
+            return
+        self._send_reply(reply_to, wire.error(request_id, code, message, self.node_id))
+        self.metrics.sent("error")
+
+    def _send_reply(self, reply_to: tuple, payload: bytes) -> None:
+        origin, route = reply_to
+        if origin is None or origin == self.node_id:
+            self._send_route(route, payload)
+            return
+        member = self.members.get(origin)
+        if member is None:
+            self.metrics.peer_send_failed()
+            return
+        self._transport.send(member.address, [PEER_MAGIC, OP_RPL, payload, *route])
+
+    def _send_route(self, route: tuple, payload: bytes) -> None:
+        send = self._router.send
+        try:
+            for frame in route:
+                send(frame, _SNDMORE_NOBLOCK)
+            send(payload, _NOBLOCK)
+        except zmq.ZMQError:  # client gone (EHOSTUNREACH) or its queue is full
+            self.metrics.peer_send_failed()
+        if not self._in_pump:
+            # A send outside the pump can consume the FD's edge: look again.
+            self._schedule_pump()
+
+    # ------------------------------------------------------------------ timers, gauges
+
+    def _ensure_retry(self) -> None:
+        if self._retry_timer is None and self._transport.has_queued:
+            self._retry_timer = self._loop.call_later(RETRY_INTERVAL_S, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        self._transport.retry(self._loop.time())
+        self._ensure_retry()
+
+    def _gauges(self) -> dict[str, float]:
+        transport = self._transport.health() if self._transport else {}
+        return {
+            "agents_active": len(self.host.directory),
+            "mailbox_depth": self.host.mailbox_depth(),
+            "peers_connected": transport.get("peers", 0),
+            "peer_queue_depth": transport.get("queued", 0),
+            "members": len(self.members),
+        }
+
+    def _health(self) -> tuple[bool, dict]:
+        ok = not self._stopping and self._router is not None
+        return ok, {"status": "serving" if ok else "stopping", "node": self.node_id,
+                    "members": len(self.members), "agents": len(self.host.directory)}

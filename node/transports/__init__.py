@@ -1,0 +1,41 @@
+"""Transport registry: transports by name.
+
+``register(name, factory)`` adds one; ``create(name, **kwargs)`` builds it.
+ZeroMQ ("zmq") is native and the default.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import Transport
+
+_REGISTRY: dict[str, Callable[..., Transport]] = {}
+
+
+def register(name: str, factory: Callable[..., Transport]) -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"transport {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def create(name: str, **kwargs) -> Transport:
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown transport {name!r}; known: {sorted(_REGISTRY)}") from None
+    return factory(**kwargs)
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _register_builtin() -> None:
+    from .zeromq import ZmqTransport
+    register("zmq", ZmqTransport)
+
+
+_register_builtin()
+
+__all__ = ["Transport", "register", "create", "available"]

@@ -1,0 +1,195 @@
+"""The native ZeroMQ transport: one DEALER per peer (outbound), PUB/SUB multicast.
+
+Inbound peer traffic arrives on the node's ROUTER, which also serves clients;
+the runtime owns that socket.  This module owns the outbound side:
+
+- a DEALER per peer with ``IMMEDIATE`` set, so a send to a peer that is not
+  connected fails at once instead of queueing inside libzmq without a bound we
+  can see; such sends wait in our own bounded queue until the link is up or
+  their deadline passes, and then the caller is told (``on_give_up``) so it can
+  answer ``unavailable`` rather than let a client time out;
+- a PUB socket for multicast, with its high-water mark set on purpose, and a
+  SUB connected to every peer's PUB.  PUB drops silently at the mark, so every
+  multicast frame carries a per-origin sequence number and subscribers count
+  the gaps (``synthesis_multicast_dropped_total``).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from typing import Sequence
+
+import zmq
+
+from .base import OnGiveUp, Transport
+
+PEER_MAGIC = b"SYNP1"
+OP_FWD = b"FWD"        # [MAGIC, FWD, origin_id, hops(1 byte), envelope, *route]
+OP_RPL = b"RPL"        # [MAGIC, RPL, reply_envelope, *route]
+OP_GOSSIP = b"GOSSIP"  # [MAGIC, GOSSIP, msgpack(membership message)]
+OP_STATQ = b"STATQ"    # [MAGIC, STATQ, origin_id, token]
+OP_STATR = b"STATR"    # [MAGIC, STATR, token, msgpack(status)]
+
+GROUP_PREFIX = b"G"
+_SEQ = struct.Struct(">Q")
+
+PEER_QUEUE_MAX = 10_000         # queued sends per peer while its link is down
+PEER_QUEUE_DEADLINE_S = 1.0     # how long a queued send may wait for the link
+
+
+class _PeerLink:
+    __slots__ = ("address", "socket", "queue", "sent", "failed")
+
+    def __init__(self, address: str, socket: zmq.Socket):
+        self.address = address
+        self.socket = socket
+        self.queue: deque = deque()
+        self.sent = 0
+        self.failed = 0
+
+
+class ZmqTransport(Transport):
+    name = "zmq"
+
+    def __init__(self, *, context: zmq.Context, node_id: str, pub_bind: str,
+                 peer_hwm: int, pub_hwm: int, metrics, queue_deadline_s: float = PEER_QUEUE_DEADLINE_S):
+        self._ctx = context
+        self._node_id = node_id.encode()
+        self._pub_bind = pub_bind
+        self._peer_hwm = peer_hwm
+        self._pub_hwm = pub_hwm
+        self._metrics = metrics
+        self._deadline_s = queue_deadline_s
+        self._links: dict[str, _PeerLink] = {}
+        self._subscribed: set[str] = set()
+        self._pub_seq = 0
+        self._last_seq: dict[bytes, int] = {}
+        self.pub: zmq.Socket | None = None
+        self.sub: zmq.Socket | None = None
+
+    # Lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self.pub = self._ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, self._pub_hwm)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(self._pub_bind)
+        self.sub = self._ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.RCVHWM, self._pub_hwm)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.SUBSCRIBE, GROUP_PREFIX)
+
+    def stop(self, linger_ms: int = 0) -> None:
+        for link in self._links.values():
+            self._give_up_all(link, "node is shutting down")
+            link.socket.close(linger=linger_ms)
+        self._links.clear()
+        for sock in (self.pub, self.sub):
+            if sock is not None:
+                sock.close(linger=0)
+
+    # Peer links ------------------------------------------------------------
+
+    def connect(self, address: str) -> None:
+        if address in self._links:
+            return
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.SNDHWM, self._peer_hwm)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(address)
+        self._links[address] = _PeerLink(address, sock)
+
+    def subscribe(self, pub_address: str) -> None:
+        if pub_address not in self._subscribed:
+            self.sub.connect(pub_address)
+            self._subscribed.add(pub_address)
+
+    def send(self, address: str, frames: Sequence[bytes], on_give_up: OnGiveUp | None = None,
+             now: float = 0.0) -> bool:
+        link = self._links.get(address)
+        if link is None:
+            self.connect(address)
+            link = self._links[address]
+        if not link.queue and self._try_send(link, frames):
+            return True
+        if on_give_up is None:
+            self._metrics.peer_send_failed()
+            return False
+        if len(link.queue) >= PEER_QUEUE_MAX:
+            self._metrics.peer_send_failed()
+            on_give_up(f"queue to {address} is full")
+            return False
+        link.queue.append((now + self._deadline_s, frames, on_give_up))
+        return True
+
+    def _try_send(self, link: _PeerLink, frames: Sequence[bytes]) -> bool:
+        try:
+            link.socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        link.sent += 1
+        return True
+
+    @property
+    def has_queued(self) -> bool:
+        return any(link.queue for link in self._links.values())
+
+    def retry(self, now: float) -> None:
+        """Send what waited for a link; give up on what waited past its deadline."""
+        for link in self._links.values():
+            queue = link.queue
+            while queue:
+                deadline, frames, on_give_up = queue[0]
+                if self._try_send(link, frames):
+                    queue.popleft()
+                elif deadline <= now:
+                    queue.popleft()
+                    link.failed += 1
+                    self._metrics.peer_send_failed()
+                    on_give_up(f"peer {link.address} unreachable")
+                else:
+                    break
+
+    def _give_up_all(self, link: _PeerLink, reason: str) -> None:
+        while link.queue:
+            _, _, on_give_up = link.queue.popleft()
+            on_give_up(reason)
+
+    # Multicast -------------------------------------------------------------
+
+    def broadcast(self, topic: bytes, frames: Sequence[bytes]) -> None:
+        self._pub_seq += 1
+        self.pub.send_multipart([GROUP_PREFIX + topic, self._node_id,
+                                 _SEQ.pack(self._pub_seq), *frames], zmq.NOBLOCK)
+
+    def accept_multicast(self, frames: list[bytes]) -> tuple[str, bytes] | None:
+        """Check a SUB message; returns (group, envelope) or None if malformed.
+
+        Counts sequence gaps as dropped multicasts.
+        """
+        if len(frames) != 4 or len(frames[2]) != 8:
+            return None
+        topic, origin, seq_bytes, envelope = frames
+        (seq,) = _SEQ.unpack(seq_bytes)
+        last = self._last_seq.get(origin)
+        if last is not None and seq > last + 1:
+            self._metrics.multicast_dropped(seq - last - 1)
+        self._last_seq[origin] = seq  # a restarted origin starts again from 1
+        try:
+            group = topic[len(GROUP_PREFIX):].decode()
+        except UnicodeDecodeError:
+            return None
+        return group, envelope
+
+    # Health ----------------------------------------------------------------
+
+    def health(self) -> dict:
+        return {
+            "peers": len(self._links),
+            "queued": sum(len(link.queue) for link in self._links.values()),
+            "send_failures": sum(link.failed for link in self._links.values()),
+        }
