@@ -1,0 +1,143 @@
+"""Supervision, bounded mailboxes, handler timeouts, graceful shutdown, config errors."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from node.client import AsyncClient, RemoteError
+from support import REPO, child_env
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _code(fn, *args, **kwargs) -> str:
+    with pytest.raises(RemoteError) as err:
+        fn(*args, **kwargs)
+    return err.value.code
+
+
+def _state_counts(client) -> dict:
+    return client.status()["members"][0]["agents_by_state"]
+
+
+def test_crash_restarts_then_fails_at_the_limit(node_factory):
+    node = node_factory("--restart-limit", "2", "--restart-backoff-s", "0.05")
+    with node.client() as c:
+        assert c.call("flaky/a", "calls") == {"calls": 1, "init": None}
+        assert _code(c.call, "flaky/a", "boom") == "internal"
+        # Restarted after its backoff: fresh state, serving again.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert c.call("flaky/a", "calls") == {"calls": 1, "init": None}
+                break
+            except RemoteError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert _code(c.call, "flaky/a", "boom") == "internal"
+        time.sleep(0.3)
+        assert _code(c.call, "flaky/a", "boom") == "internal"  # third crash > limit 2
+        time.sleep(0.3)
+        assert _code(c.call, "flaky/a", "calls") == "unavailable"
+        assert _state_counts(c).get("failed") == 1
+        # A respawn brings a failed agent back.
+        c.spawn("flaky", "flaky/a", init={"again": True})
+        assert c.call("flaky/a", "calls") == {"calls": 1, "init": {"again": True}}
+
+
+def test_handler_chosen_error_code_does_not_restart(node_factory):
+    node = node_factory()
+    with node.client() as c:
+        c.call("flaky/b", "calls")
+        assert _code(c.call, "flaky/b", "refuse") == "bad_request"
+        assert c.call("flaky/b", "calls") == {"calls": 2, "init": None}  # same instance
+
+
+def test_stop_policy_removes_the_agent(node_factory):
+    node = node_factory("--supervision", "stop")
+    with node.client() as c:
+        c.call("flaky/c", "calls")
+        assert _code(c.call, "flaky/c", "boom") == "internal"
+        # Gone: the next message activates a fresh one virtually.
+        assert c.call("flaky/c", "calls") == {"calls": 1, "init": None}
+
+
+def test_full_mailbox_answers_overloaded(node_factory):
+    node = node_factory("--mailbox-len-max", "3")
+
+    async def main():
+        async with AsyncClient(node.address, timeout_s=10) as c:
+            calls = [c.call("slow/one", "sleep", {"s": 0.3}) for _ in range(10)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(main())
+    overloaded = [r for r in results if isinstance(r, RemoteError) and r.code == "overloaded"]
+    done = [r for r in results if isinstance(r, dict)]
+    # One running + three queued are served, the rest refused.
+    assert len(done) == 4 and len(overloaded) == 6, results
+    assert sorted(r["done"] for r in done) == [1, 2, 3, 4]  # one at a time, in turn
+
+
+def test_slow_async_handler_times_out(node_factory):
+    node = node_factory("--handler-timeout-s", "0.2")
+    with node.client() as c:
+        assert _code(c.call, "slow/t", "sleep", {"s": 2}) == "timeout"
+        assert c.call("slow/t", "sleep", {"s": 0.01})["done"] == 1
+        assert c.call("slow/t", "blocking") == {"ok": True}
+
+
+def test_sigterm_answers_in_flight_and_exits_zero(node_factory):
+    node = node_factory("--shutdown-timeout-s", "2")
+
+    async def main():
+        async with AsyncClient(node.address, timeout_s=10) as c:
+            calls = [asyncio.ensure_future(c.call(f"slow/s{i % 3}", "sleep", {"s": 0.3}))
+                     for i in range(12)]
+            await asyncio.sleep(0.2)
+            node.signal(signal.SIGTERM)
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    started = time.monotonic()
+    results = asyncio.run(main())
+    code = node.proc.wait(10)
+    assert code == 0, node.log()
+    assert time.monotonic() - started < 10
+    for r in results:  # every call answered: a result, or refused as unavailable
+        assert isinstance(r, dict) or (isinstance(r, RemoteError) and r.code == "unavailable"), r
+    assert any(isinstance(r, dict) for r in results)
+    assert '"node_stopped"' in node.log()
+
+
+def test_sigint_also_stops_gracefully(node_factory):
+    node = node_factory()
+    node.signal(signal.SIGINT)
+    assert node.proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--mailbox-len-max", "abc"], "mailbox_len_max"),
+    (["--listen", "127.0.0.1:99999"], "listen"),
+    (["--supervision", "sometimes"], "supervision"),
+])
+def test_bad_config_exits_nonzero_naming_the_key(args, key):
+    proc = subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True,
+                          text=True, timeout=30, env=child_env(), cwd=str(REPO))
+    assert proc.returncode != 0
+    assert key in proc.stderr
+
+
+def test_missing_behavior_module_exits_nonzero(tmp_path):
+    from support import free_port
+    proc = subprocess.run([sys.executable, "-m", "node.cli", "--listen",
+                           f"127.0.0.1:{free_port()}", "--metrics", "off",
+                           "--behavior", "no_such_module_here"],
+                          capture_output=True, text=True, timeout=30, env=child_env(),
+                          cwd=str(REPO))
+    assert proc.returncode == 2
+    assert "no_such_module_here" in proc.stderr
