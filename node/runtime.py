@@ -46,6 +46,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _POLLIN = int(zmq.POLLIN)
 _EVENTS = int(zmq.EVENTS)
+_RCVMORE = int(zmq.RCVMORE)
 
 
 class Node:
@@ -244,12 +245,14 @@ class Node:
             self._schedule_pump()
 
     def _drain(self, sock: zmq.Socket, handle) -> None:
-        recv = sock.recv_multipart
+        recv, more = sock.recv, sock.getsockopt
         for _ in range(BATCH_MAX):
             try:
-                frames = recv(_NOBLOCK)
+                frames = [recv(_NOBLOCK)]
             except zmq.Again:
                 return
+            while more(_RCVMORE):  # the rest of a multipart message is already here
+                frames.append(recv(_NOBLOCK))
             try:
                 handle(frames)
             except Exception as exc:  # a bug must not take the node down

@@ -7,7 +7,8 @@ holds the same members and an agent has one owner whichever node a client
 enters by.
 
 Merge rule: members are keyed by node id; for the same id the higher
-``generation`` wins (a restarted node comes back with a higher one).  Union
+``generation`` wins (a restarted node comes back with a higher one), ties broken
+by address so that every node keeps the same entry.  Union
 with that rule is commutative, associative and idempotent, so views converge
 whatever the order or duplication of gossip.
 
@@ -18,12 +19,15 @@ stays a member and requests it owns answer ``unavailable`` or time out.
 
 from __future__ import annotations
 
+import random
+import zlib
 from dataclasses import dataclass
 from typing import Iterable
 
 from .effects import MembersChanged, Send, SetTimer
 
 MEMBERS_MAX = 1024  # a bound on what one gossip message may make us hold
+FANOUT = 3          # peers each gossip round (and each change) is pushed to
 
 
 class MembershipError(Exception):
@@ -36,6 +40,11 @@ class Member:
     address: str       # the node's ROUTER endpoint, e.g. "tcp://127.0.0.1:7400"
     pub_address: str   # the node's PUB endpoint for multicast
     generation: int    # larger after a restart with the same id
+
+    def rank(self) -> tuple:
+        """Merge order for entries with the same id: generation first, then a
+        deterministic tie-break so every node keeps the same entry."""
+        return (self.generation, self.address, self.pub_address)
 
     def to_wire(self) -> list:
         return [self.node_id, self.address, self.pub_address, self.generation]
@@ -52,12 +61,16 @@ class Member:
 class Membership:
     """Push-gossip member set.  ``receive`` and ``tick`` return effects."""
 
-    def __init__(self, me: Member, seeds: Iterable[str], gossip_interval_s: float):
+    def __init__(self, me: Member, seeds: Iterable[str], gossip_interval_s: float,
+                 rng: random.Random | None = None, fanout: int = FANOUT):
         self.me = me
         self._members: dict[str, Member] = {me.node_id: me}
         self._seeds = tuple(s for s in seeds if s != me.address)
         self._interval_s = gossip_interval_s
         self._next_tick = 0.0
+        self._fanout = fanout
+        # Seeded, never the module-level random: a run replays from its seed.
+        self._rng = rng or random.Random(zlib.crc32(me.node_id.encode()))
 
     @property
     def members(self) -> dict[str, Member]:
@@ -77,14 +90,16 @@ class Membership:
     def receive(self, message: object, now: float) -> list:
         """Merge a peer's gossip; on change, tell the node and push the news on."""
         entries = self._parse(message)
+        new_ids = {m.node_id for m in entries} - self._members.keys()
+        if len(self._members) + len(new_ids) > MEMBERS_MAX:
+            # Checked before any change, so a refused message changes nothing.
+            raise MembershipError(f"member limit {MEMBERS_MAX} reached")
         changed = False
         for member in entries:
             if member.node_id == self.me.node_id:
                 continue  # nobody knows us better than we do
             known = self._members.get(member.node_id)
-            if known is None and len(self._members) >= MEMBERS_MAX:
-                raise MembershipError(f"member limit {MEMBERS_MAX} reached")
-            if known is None or member.generation > known.generation:
+            if known is None or member.rank() > known.rank():
                 self._members[member.node_id] = member
                 changed = True
         if not changed:
@@ -96,11 +111,18 @@ class Membership:
                 "members": [m.to_wire() for m in self._members.values()]}
 
     def _push(self) -> list:
-        """Our full view to every other member, and to seeds no member answers for."""
+        """Our full view to ``fanout`` random members, and to seeds no member answers for.
+
+        A bounded fanout keeps a round O(fanout) messages, so the cluster spreads
+        news in O(log n) rounds instead of O(n^2) messages per change.
+        """
         message = self.gossip_message()
-        targets = {m.address for m in self._members.values() if m.node_id != self.me.node_id}
-        targets.update(s for s in self._seeds if s not in targets)
-        return [Send(address, message) for address in sorted(targets)]
+        others = sorted(m.address for m in self._members.values()
+                        if m.node_id != self.me.node_id)
+        targets = others if len(others) <= self._fanout else self._rng.sample(others, self._fanout)
+        known = set(others)
+        targets += [s for s in self._seeds if s not in known]
+        return [Send(address, message) for address in targets]
 
     @staticmethod
     def _parse(message: object) -> list[Member]:

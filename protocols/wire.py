@@ -13,7 +13,6 @@ forwarding hops allowed).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -76,18 +75,28 @@ class WireError(Exception):
         self.request_id = request_id
 
 
-@dataclass(frozen=True, slots=True)
 class Request:
     """A validated request envelope.  ``raw`` is the map as decoded, kept so a
-    node can forward the original bytes and a handler can read extensions."""
+    node can forward the original bytes and a handler can read extensions.
 
-    id: str
-    type: str
-    subject: str | None
-    mode: str
-    data: Any
-    ttl: int | None
-    raw: dict
+    Treat it as read-only.  A plain slotted class rather than a frozen
+    dataclass: one is built per message, and frozen ``__init__`` is ~3x slower.
+    """
+
+    __slots__ = ("id", "type", "subject", "mode", "data", "ttl", "raw")
+
+    def __init__(self, id: str, type: str, subject: str | None, mode: str, data: Any,
+                 ttl: int | None, raw: dict):
+        self.id = id
+        self.type = type
+        self.subject = subject
+        self.mode = mode
+        self.data = data
+        self.ttl = ttl
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return f"Request(id={self.id!r}, type={self.type!r}, subject={self.subject!r}, mode={self.mode!r})"
 
 
 _packer = msgpack.Packer(use_bin_type=True)
@@ -142,14 +151,14 @@ def validate_request(env: dict) -> Request:
     rid = env.get("id")
     if type(rid) is not str or not 0 < len(rid) <= ID_LEN_MAX:
         raise _bad(f"'id' must be a string of 1..{ID_LEN_MAX} characters", None)
-    if env.get("v") != VERSION:
-        raise _bad(f"unsupported protocol version {env.get('v')!r}; this node speaks {VERSION}",
-                   rid)
+    version = env.get("v")
+    if type(version) is not int or version != VERSION:  # True == 1 and 1.0 == 1 in Python
+        raise _bad(f"unsupported protocol version {version!r}; this node speaks {VERSION}", rid)
     mtype = env.get("type")
     if type(mtype) is not str or not 0 < len(mtype) <= TYPE_LEN_MAX:
         raise _bad(f"'type' must be a string of 1..{TYPE_LEN_MAX} characters", rid)
     mode = env.get("mode", MODE_CALL)
-    if mode not in MODES:
+    if type(mode) is not str or mode not in MODES:
         raise _bad(f"'mode' must be one of {sorted(MODES)}", rid)
     subject = env.get("subject")
     if subject is None:

@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: Synthesis against raw pyzmq, measured in one run.
+
+Rows (each with its ratio to the raw pyzmq baseline of the same run):
+
+  one-way msgs/s      raw: DEALER -> ROUTER, receiver decodes msgpack
+                      synthesis: Client.send -> node -> counter agent handler,
+                      every message counted as handled by the node
+  call round trip     raw: DEALER <-> ROUTER echo (decode + encode), p50/p99
+                      synthesis: Client.call to an echo agent on the entry node
+                      synthesis: the same, forwarded one hop to the owner node
+  calls/s in flight   AsyncClient with 1000 calls outstanding (vs raw pyzmq with
+                      1000 requests outstanding against a trivial echo server)
+  memory / idle agent RSS growth of a node after activating N agents, / N
+
+Usage: scripts/bench.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import psutil
+import zmq
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from node.client import AsyncClient, Client  # noqa: E402
+
+ENVELOPE = {"v": 1, "id": "1", "type": "incr", "subject": "counter/bench", "mode": "send",
+            "data": {"n": 1}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- raw pyzmq
+
+
+def _raw_sink(port: int, n: int, ready, out) -> None:
+    sock = zmq.Context().socket(zmq.ROUTER)
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    ready.set()
+    poller_first = sock.recv_multipart()
+    started = time.perf_counter()
+    msgpack.unpackb(poller_first[1])
+    for _ in range(n - 1):
+        msgpack.unpackb(sock.recv_multipart()[1])
+    out.put(time.perf_counter() - started)
+
+
+def _raw_echo(port: int, ready, stop) -> None:
+    sock = zmq.Context().socket(zmq.ROUTER)
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    ready.set()
+    while not stop.is_set():
+        if sock.poll(100):
+            ident, payload = sock.recv_multipart()
+            env = msgpack.unpackb(payload)
+            sock.send_multipart([ident, msgpack.packb({"v": 1, "re": env["id"], "data": env.get("data")})])
+
+
+def raw_one_way(n: int) -> float:
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    ready, out = ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_raw_sink, args=(port, n, ready, out))
+    proc.start()
+    ready.wait(10)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    time.sleep(0.2)
+    started = time.perf_counter()
+    for i in range(n):
+        env = dict(ENVELOPE, id=str(i))
+        sock.send(msgpack.packb(env))
+    elapsed = out.get(timeout=120)
+    total = time.perf_counter() - started
+    proc.join(10)
+    sock.close(linger=0)
+    return n / max(elapsed, total)
+
+
+def raw_pipelined(n: int, window: int) -> float:
+    """Raw round trips/s with ``window`` requests outstanding (the in-flight baseline)."""
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_raw_echo, args=(port, ready, stop))
+    proc.start()
+    ready.wait(10)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    sent = got = 0
+    started = time.perf_counter()
+    while got < n:
+        while sent < n and sent - got < window:
+            sock.send(msgpack.packb({"v": 1, "id": str(sent), "type": "ping",
+                                     "subject": "echo/x", "data": sent}))
+            sent += 1
+        sock.poll(1000)
+        while True:
+            try:
+                msgpack.unpackb(sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            got += 1
+    rate = n / (time.perf_counter() - started)
+    stop.set()
+    proc.join(10)
+    sock.close(linger=0)
+    return rate
+
+
+def raw_round_trip(n: int) -> tuple[list[float], float]:
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_raw_echo, args=(port, ready, stop))
+    proc.start()
+    ready.wait(10)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    samples = []
+    for i in range(n + 200):
+        t0 = time.perf_counter()
+        sock.send(msgpack.packb({"v": 1, "id": str(i), "type": "ping", "subject": "echo/x",
+                                 "data": i}))
+        msgpack.unpackb(sock.recv())
+        if i >= 200:  # warm-up
+            samples.append(time.perf_counter() - t0)
+    stop.set()
+    proc.join(10)
+    sock.close(linger=0)
+    return samples, n / sum(samples)
+
+
+# ---------------------------------------------------------------------------- synthesis
+
+
+class Nodes:
+    """Real synthesis-node processes for the run."""
+
+    def __init__(self, count: int):
+        self.procs: list[subprocess.Popen] = []
+        self.addresses: list[str] = []
+        seed: list[str] = []
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        for i in range(count):
+            address = f"127.0.0.1:{free_port()}"
+            cmd = [sys.executable, "-m", "node.cli", "--node-id", f"b{i}", "--listen", address,
+                   "--pub", f"127.0.0.1:{free_port()}", "--metrics", "off",
+                   "--log-level", "warning", "--gossip-interval-s", "0.2", *seed]
+            self.procs.append(subprocess.Popen(cmd, env=env))
+            self.addresses.append(address)
+            seed = ["--seed", self.addresses[0]]
+        self._wait_converged(count)
+
+    def _wait_converged(self, count: int) -> None:
+        deadline = time.monotonic() + 20
+        for address in self.addresses:
+            with Client(address, timeout_s=0.5) as c:
+                while True:
+                    try:
+                        rows = c.status()["members"]
+                        if sum(1 for r in rows if r.get("reachable")) == count:
+                            break
+                    except Exception:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("nodes did not converge")
+                    time.sleep(0.1)
+
+    def handled(self, index: int = 0) -> int:
+        with Client(self.addresses[index]) as c:
+            return c.status()["members"][0]["handled"] if len(self.procs) == 1 else sum(
+                r.get("handled", 0) for r in c.status()["members"])
+
+    def rss(self, index: int = 0) -> int:
+        return psutil.Process(self.procs[index].pid).memory_info().rss
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def synthesis_one_way(nodes: Nodes, n: int) -> float:
+    before = nodes.handled()
+    with Client(nodes.addresses[0], timeout_s=30) as c:
+        started = time.perf_counter()
+        for i in range(n):
+            c.send(f"counter/ow-{i % 1000}", "incr", {"n": 1})
+        deadline = time.monotonic() + 120
+        while nodes.handled() < before + n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("one-way messages were not all handled")
+            time.sleep(0.002)
+        elapsed = time.perf_counter() - started
+    return n / elapsed
+
+
+def synthesis_round_trip(address: str, agent: str, n: int) -> tuple[list[float], float]:
+    samples = []
+    with Client(address) as c:
+        for i in range(n + 200):
+            t0 = time.perf_counter()
+            c.call(agent, "ping", i)
+            if i >= 200:
+                samples.append(time.perf_counter() - t0)
+    return samples, n / sum(samples)
+
+
+def owned_by(nodes: Nodes, owner_index: int, prefix: str) -> str:
+    """An echo agent id whose owner is node ``owner_index``."""
+    with Client(nodes.addresses[0]) as c:
+        for i in range(1000):
+            agent = f"echo/{prefix}-{i}"
+            if c.spawn("echo", agent)["node"] == f"b{owner_index}":
+                return agent
+    raise RuntimeError("no agent id found for that owner")
+
+
+def synthesis_in_flight(address: str, n: int, concurrency: int) -> float:
+    async def main() -> float:
+        async with AsyncClient(address, timeout_s=60) as c:
+            sem = asyncio.Semaphore(concurrency)
+
+            async def one(i: int) -> None:
+                async with sem:
+                    await c.call(f"echo/if-{i % 1000}", "ping", i)
+
+            await asyncio.gather(*(c.call(f"echo/if-{i}", "ping") for i in range(1000)))
+            started = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(n)))
+            return n / (time.perf_counter() - started)
+    return asyncio.run(main())
+
+
+def idle_agent_bytes(nodes: Nodes, count: int) -> float:
+    async def activate() -> None:
+        async with AsyncClient(nodes.addresses[0], timeout_s=60) as c:
+            for start in range(0, count, 5000):
+                await asyncio.gather(*(c.call(f"counter/idle-{i}", "get")
+                                       for i in range(start, min(count, start + 5000))))
+    asyncio.run(activate())  # warm up allocator pools with a first batch
+    before = nodes.rss()
+    async def more() -> None:
+        async with AsyncClient(nodes.addresses[0], timeout_s=60) as c:
+            for start in range(count, 2 * count, 5000):
+                await asyncio.gather(*(c.call(f"counter/idle-{i}", "get")
+                                       for i in range(start, min(2 * count, start + 5000))))
+    asyncio.run(more())
+    return (nodes.rss() - before) / count
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.0f} us"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
+    args = parser.parse_args()
+    n_oneway = 20_000 if args.quick else 200_000
+    n_rtt = 2_000 if args.quick else 10_000
+    n_flight = 20_000 if args.quick else 100_000
+    n_idle = 20_000 if args.quick else 100_000
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}")
+    raw_ow = raw_one_way(n_oneway)
+    raw_rtt, _ = raw_round_trip(n_rtt)
+    raw_pipe = raw_pipelined(n_flight, 1000)
+
+    rows = [("raw pyzmq one-way (msgpack decode)", f"{raw_ow:,.0f} msg/s", "1.00", "baseline")]
+    one = Nodes(1)
+    try:
+        ow = synthesis_one_way(one, n_oneway)
+        rows.append(("synthesis one-way to agents, 1 node", f"{ow:,.0f} msg/s", f"{ow / raw_ow:.2f}",
+                     ">= 0.40"))
+        rtt, _ = synthesis_round_trip(one.addresses[0], "echo/rtt", n_rtt)
+        flight = synthesis_in_flight(one.addresses[0], n_flight, 1000)
+        idle = idle_agent_bytes(one, n_idle)
+    finally:
+        one.close()
+    two = Nodes(2)
+    try:
+        remote = owned_by(two, 1, "fwd")
+        fwd, _ = synthesis_round_trip(two.addresses[0], remote, n_rtt)
+    finally:
+        two.close()
+
+    raw50, raw99 = pct(raw_rtt, 0.5), pct(raw_rtt, 0.99)
+    rows += [
+        ("raw pyzmq round trip p50 / p99", f"{us(raw50)} / {us(raw99)}", "1.00", "baseline"),
+        ("synthesis call p50 / p99, 1 node", f"{us(pct(rtt, .5))} / {us(pct(rtt, .99))}",
+         f"{pct(rtt, .5) / raw50:.2f} / {pct(rtt, .99) / raw99:.2f}", "p50 <= 2.0x, p99 < 1 ms"),
+        ("synthesis call p50 / p99, 1 hop", f"{us(pct(fwd, .5))} / {us(pct(fwd, .99))}",
+         f"{pct(fwd, .5) / raw50:.2f} / {pct(fwd, .99) / raw99:.2f}", "p99 < 2 ms"),
+        ("raw pyzmq round trips/s, 1000 in flight", f"{raw_pipe:,.0f} calls/s", "1.00", "baseline"),
+        ("synthesis AsyncClient, 1000 in flight", f"{flight:,.0f} calls/s",
+         f"{flight / raw_pipe:.2f}", ">= 60,000/s"),
+        (f"memory per idle agent ({n_idle:,} agents)", f"{idle:,.0f} bytes", "-", "<= 1,024 B"),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    header = ("measure", "result", "vs raw", "target")
+    widths = [max(w, len(h)) for w, h in zip(widths, header)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""Wire protocol v1: codec round trips, validation and error codes (protocols/wire.py)."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+
+from protocols import wire
+from protocols.wire import ErrorCode, WireError
+
+BIG = 1 << 20
+FAST = settings(max_examples=100, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+# ------------------------------------------------------------------ strategies
+
+keys = st.text(max_size=12)
+scalars = (st.none() | st.booleans()
+           | st.integers(min_value=-(2 ** 63), max_value=2 ** 64 - 1)
+           | st.floats(allow_nan=False) | st.text(max_size=40) | st.binary(max_size=40))
+msgpack_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(keys, inner, max_size=5),
+    max_leaves=25)
+
+ids = st.text(min_size=1, max_size=wire.ID_LEN_MAX)
+agent_types = st.text(min_size=1, max_size=wire.TYPE_LEN_MAX).filter(
+    lambda t: not t.startswith(wire.SYSTEM_PREFIX))
+subjects = st.text(min_size=1, max_size=wire.SUBJECT_LEN_MAX)
+modes = st.sampled_from(sorted(wire.MODES))
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+optional_fields = st.fixed_dictionaries({}, optional={
+    "ttl": st.integers(0, wire.TTL_MAX),
+    "source": st.text(max_size=30),
+    "time": st.text(max_size=30),
+    "datacontenttype": st.just("application/msgpack"),
+    "traceparent": st.just(TRACEPARENT),
+    "vclock": st.dictionaries(st.text(min_size=1, max_size=10),
+                              st.integers(0, 2 ** 63 - 1), max_size=4),
+    "seq": st.integers(0, 2 ** 63 - 1),
+    "ack": st.integers(0, 2 ** 63 - 1),
+    "x-unknown-extension": msgpack_values,  # unknown fields are ignored, and kept
+})
+
+
+@st.composite
+def agent_requests(draw):
+    env = {"v": 1, "id": draw(ids), "type": draw(agent_types), "subject": draw(subjects)}
+    mode = draw(st.none() | modes)
+    if mode is not None:
+        env["mode"] = mode
+    data = draw(st.none() | msgpack_values)
+    if data is not None:
+        env["data"] = data
+    env.update(draw(optional_fields))
+    return env
+
+
+@st.composite
+def system_requests(draw):
+    mtype = draw(st.sampled_from(sorted(wire.SYSTEM_TYPES)))
+    env = {"v": 1, "id": draw(ids), "type": mtype,
+           "mode": draw(st.sampled_from([wire.MODE_CALL, wire.MODE_SEND]))}
+    if mtype not in wire.NODE_TYPES:
+        env["subject"] = draw(subjects)
+    if mtype == wire.TYPE_SPAWN:
+        env["data"] = {"behavior": draw(st.text(max_size=20)), "init": draw(msgpack_values)}
+    elif mtype in (wire.TYPE_JOIN, wire.TYPE_LEAVE):
+        env["data"] = {"group": draw(st.text(min_size=1, max_size=40))}
+    return env
+
+
+valid_requests = agent_requests() | system_requests()
+
+
+def base(**overrides) -> dict:
+    env = {"v": 1, "id": "req-1", "type": "get", "subject": "counter/alice", "mode": "call"}
+    env.update(overrides)
+    return env
+
+
+def parse(env: dict, max_bytes: int = BIG) -> wire.Request:
+    return wire.parse_request(wire.encode(env), max_bytes)
+
+
+def wire_error(env_or_frame, max_bytes: int = BIG) -> WireError:
+    frame = env_or_frame if isinstance(env_or_frame, bytes) else wire.encode(env_or_frame)
+    with pytest.raises(WireError) as info:
+        wire.parse_request(frame, max_bytes)
+    assert info.value.code in ErrorCode.ALL
+    assert isinstance(info.value.message, str) and info.value.message
+    return info.value
+
+
+# ------------------------------------------------------------------ round trips
+
+@FAST
+@given(valid_requests)
+def test_valid_requests_round_trip(env):
+    frame = wire.encode(env)
+    assert msgpack.unpackb(frame, raw=False) == env
+    req = wire.parse_request(frame, BIG)
+    assert req.raw == env
+    assert (req.id, req.type, req.subject) == (env["id"], env["type"], env.get("subject"))
+    assert req.mode == env.get("mode", wire.MODE_CALL)
+    assert req.data == env.get("data")
+    assert req.ttl == env.get("ttl")
+
+
+@FAST
+@given(ids, agent_types, subjects, msgpack_values, modes, optional_fields)
+def test_request_builder_round_trips(rid, mtype, subject, data, mode, extensions):
+    env = wire.request(rid, mtype, subject, data, mode, **extensions)
+    assert env["v"] == wire.VERSION
+    req = parse(env)
+    assert (req.id, req.type, req.subject, req.mode) == (rid, mtype, subject, mode)
+    assert req.data == data
+    for key, value in extensions.items():  # None means "leave the field out"
+        assert env[key] == value if value is not None else key not in env
+
+
+def test_request_builder_drops_none_extensions():
+    env = wire.request("1", "get", "counter/a", traceparent=None, ttl=3)
+    assert "traceparent" not in env and env["ttl"] == 3
+    assert "subject" not in wire.request("1", wire.TYPE_PING)
+    assert "data" not in wire.request("1", "get", "counter/a")
+
+
+@FAST
+@given(st.text(min_size=1, max_size=wire.ID_LEN_MAX), msgpack_values, st.text(max_size=30),
+       st.none() | st.just(TRACEPARENT))
+def test_reply_is_a_decodable_envelope(rid, data, source, traceparent):
+    env = msgpack.unpackb(wire.reply(rid, data, source, traceparent), raw=False)
+    expected = {"v": 1, "id": rid, "re": rid, "type": wire.TYPE_REPLY, "source": source,
+                "data": data}
+    if traceparent is not None:
+        expected["traceparent"] = traceparent
+    assert env == expected
+
+
+@FAST
+@given(st.none() | st.text(min_size=1, max_size=wire.ID_LEN_MAX),
+       st.sampled_from(sorted(ErrorCode.ALL)), st.text(max_size=80), st.text(max_size=30))
+def test_error_is_a_decodable_envelope(rid, code, message, source):
+    env = msgpack.unpackb(wire.error(rid, code, message, source), raw=False)
+    assert env == {"v": 1, "id": rid if rid is not None else "", "re": rid,
+                   "type": wire.TYPE_ERROR, "source": source,
+                   "data": {"code": code, "message": message}}
+
+
+def test_error_codes_are_stable():
+    assert ErrorCode.ALL == {"bad_request", "too_large", "unknown_agent", "unknown_type",
+                             "overloaded", "timeout", "unavailable", "internal"}
+
+
+def test_worked_example_bytes_match_protocol_doc():
+    """The hex in docs/PROTOCOL.md's worked example."""
+    request = {"v": 1, "id": "1", "type": "get", "subject": "counter/alice", "mode": "call"}
+    assert wire.encode(request).hex() == (
+        "85a17601a26964a131a474797065a3676574a77375626a656374ad636f756e7465722f616c696365"
+        "a46d6f6465a463616c6c")
+    assert wire.reply("1", {"value": 0}, "node-a").hex() == (
+        "86a17601a26964a131a27265a131a474797065a973796e2e7265706c79a6736f75726365a66e6f64"
+        "652d61a46461746181a576616c756500")
+
+
+# ------------------------------------------------------------------ validation
+
+REQUIRED = ["v", "id", "type", "subject"]
+
+
+@pytest.mark.parametrize("field", REQUIRED)
+def test_missing_required_field_is_bad_request(field):
+    env = base()
+    del env[field]
+    err = wire_error(env)
+    assert err.code == ErrorCode.BAD_REQUEST
+    assert err.request_id == (None if field == "id" else "req-1")
+
+
+WRONG = {
+    "id": ["", "x" * (wire.ID_LEN_MAX + 1), 1, None, b"req-1", ["a"], {"a": 1}, 1.5, True],
+    "v": [0, 2, "1", None, 1.5, b"\x01", [1], {"v": 1}],
+    "type": ["", "t" * (wire.TYPE_LEN_MAX + 1), 1, None, b"get", ["get"], {}, False],
+    "subject": ["", "s" * (wire.SUBJECT_LEN_MAX + 1), 1, b"counter/a", ["a"], {}, 0.0],
+    "mode": ["", "CALL", "reply", 1, None, b"call", 2.5, True],
+    "ttl": [-1, wire.TTL_MAX + 1, "1", 1.5, True, [1], {}, b"\x01"],
+}
+WRONG_CASES = [(f, v) for f, vs in WRONG.items() for v in vs]
+
+
+@pytest.mark.parametrize("field,value", WRONG_CASES, ids=[f"{f}-{i}" for i, (f, _) in
+                                                          enumerate(WRONG_CASES)])
+def test_wrong_typed_field_is_bad_request(field, value):
+    err = wire_error(base(**{field: value}))
+    assert err.code == ErrorCode.BAD_REQUEST
+    assert err.request_id == (None if field == "id" else "req-1")
+
+
+@FAST
+@given(st.sampled_from(["v", "type", "subject", "ttl"]), msgpack_values, ids)
+def test_any_wrong_value_is_bad_request_with_the_id(field, value, rid):
+    env = base(id=rid, **{field: value})
+    try:
+        req = parse(env)
+    except WireError as err:
+        assert err.code == ErrorCode.BAD_REQUEST, err
+        assert err.request_id == rid
+    else:  # the value happened to be valid
+        assert req.raw[field] == value
+
+
+@pytest.mark.parametrize("mode", [["call"], {"call": 1}])
+def test_unhashable_mode_is_bad_request(mode):
+    assert wire_error(base(mode=mode)).code == ErrorCode.BAD_REQUEST
+
+
+@pytest.mark.parametrize("version", [True, 1.0])
+def test_version_must_be_the_integer_1(version):
+    assert wire_error(base(v=version)).code == ErrorCode.BAD_REQUEST
+
+
+def test_subject_optional_only_for_node_types():
+    for mtype in sorted(wire.NODE_TYPES):
+        env = base(type=mtype)
+        del env["subject"]
+        assert parse(env).subject is None
+    env = base(type=wire.TYPE_STOP)
+    del env["subject"]
+    assert wire_error(env).code == ErrorCode.BAD_REQUEST
+
+
+@FAST
+@given(st.text(max_size=30).map(lambda s: wire.SYSTEM_PREFIX + s).filter(
+    lambda t: t not in wire.SYSTEM_TYPES and len(t) <= wire.TYPE_LEN_MAX))
+def test_unknown_system_type_is_unknown_type(mtype):
+    err = wire_error(base(type=mtype))
+    assert err.code == ErrorCode.UNKNOWN_TYPE
+    assert err.request_id == "req-1"
+
+
+@pytest.mark.parametrize("mtype,data", [
+    (wire.TYPE_SPAWN, None),
+    (wire.TYPE_SPAWN, "echo"),
+    (wire.TYPE_SPAWN, {}),
+    (wire.TYPE_SPAWN, {"behavior": 1}),
+    (wire.TYPE_SPAWN, {"behavior": None, "init": {}}),
+    (wire.TYPE_JOIN, None),
+    (wire.TYPE_JOIN, {}),
+    (wire.TYPE_JOIN, {"group": ""}),
+    (wire.TYPE_JOIN, {"group": 7}),
+    (wire.TYPE_JOIN, {"group": "g" * (wire.SUBJECT_LEN_MAX + 1)}),
+    (wire.TYPE_LEAVE, ["group"]),
+    (wire.TYPE_LEAVE, {"group": b"g"}),
+])
+def test_bad_system_request_data(mtype, data):
+    err = wire_error(base(type=mtype, data=data))
+    assert (err.code, err.request_id) == (ErrorCode.BAD_REQUEST, "req-1")
+
+
+@pytest.mark.parametrize("mtype", sorted(wire.SYSTEM_TYPES))
+def test_system_types_cannot_be_published(mtype):
+    data = {"behavior": "echo", "group": "g"}
+    err = wire_error(base(type=mtype, mode=wire.MODE_PUBLISH, data=data))
+    assert err.code == ErrorCode.BAD_REQUEST
+
+
+def test_agent_types_can_be_published():
+    assert parse(base(type="news", subject="group-1", mode="publish")).mode == "publish"
+
+
+def test_unknown_fields_are_ignored():
+    req = parse(base(future_field={"x": [1, 2]}, re="old"))
+    assert req.raw["future_field"] == {"x": [1, 2]}
+
+
+# ------------------------------------------------------------------ size limits
+
+def test_frame_at_the_limit_is_accepted_one_more_byte_is_too_large():
+    frame = wire.encode(base(data="x" * 100))
+    assert wire.parse_request(frame, len(frame)).id == "req-1"
+    with pytest.raises(WireError) as info:
+        wire.parse_request(frame, len(frame) - 1)
+    assert (info.value.code, info.value.request_id) == (ErrorCode.TOO_LARGE, "req-1")
+
+
+@FAST
+@given(ids, st.integers(1, 4096))
+def test_oversize_is_too_large_with_the_request_id(rid, extra):
+    frame = wire.encode(base(id=rid, data=b"\0" * extra))
+    err = wire_error(frame, max_bytes=len(frame) - extra)
+    assert (err.code, err.request_id) == (ErrorCode.TOO_LARGE, rid)
+
+
+def test_oversize_garbage_is_too_large_without_id():
+    err = wire_error(b"\xc1" * 5000, max_bytes=1000)
+    assert (err.code, err.request_id) == (ErrorCode.TOO_LARGE, None)
+
+
+# ------------------------------------------------------------------ garbage in
+
+def _only_wire_errors(frame: bytes, max_bytes: int = BIG) -> None:
+    try:
+        req = wire.parse_request(frame, max_bytes)
+    except WireError as err:
+        assert err.code in ErrorCode.ALL
+        assert err.request_id is None or isinstance(err.request_id, str)
+    else:
+        assert isinstance(req, wire.Request)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+@example(b"")
+@example(b"\xc1")                      # never-used msgpack byte
+@example(b"\x81\x01\x02")              # map with an int key
+@example(b"\xdf\xff\xff\xff\xff")      # map header promising 4G entries
+@example(b"\x91" * 100_000 + b"\x80")  # deeply nested arrays
+def test_garbage_bytes_never_raise_anything_but_wire_error(frame):
+    _only_wire_errors(frame)
+
+
+@FAST
+@given(valid_requests, st.data())
+def test_truncated_msgpack_is_bad_request(env, data):
+    frame = wire.encode(env)
+    cut = data.draw(st.integers(0, len(frame) - 1))
+    err = wire_error(frame[:cut])
+    assert (err.code, err.request_id) == (ErrorCode.BAD_REQUEST, None)
+
+
+@FAST
+@given(valid_requests, st.binary(min_size=1, max_size=20))
+def test_trailing_bytes_are_bad_request(env, junk):
+    assert wire_error(wire.encode(env) + junk).code == ErrorCode.BAD_REQUEST
+
+
+@FAST
+@given(msgpack_values.filter(lambda v: not isinstance(v, dict)))
+def test_non_map_envelope_is_bad_request(value):
+    err = wire_error(msgpack.packb(value, use_bin_type=True))
+    assert (err.code, err.request_id) == (ErrorCode.BAD_REQUEST, None)
+
+
+@pytest.mark.parametrize("frame", [
+    msgpack.packb({1: "x", "id": "a"}),
+    msgpack.packb({"id": "a", "data": {1: 2}}),
+    msgpack.packb({"id": "a", "data": {(1, 2): 2}}),
+    msgpack.packb({None: 1}),
+])
+def test_non_string_map_keys_are_bad_request(frame):
+    assert wire_error(frame).code == ErrorCode.BAD_REQUEST
+
+
+FIELDS = ["v", "id", "type", "subject", "mode", "data", "ttl", "source", "re", "vclock"]
+hashable_values = st.recursive(
+    scalars, lambda inner: st.dictionaries(keys, inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS) | keys,
+                       st.sampled_from([1, "call", "send", "publish", "x", "syn.spawn",
+                                        "syn.ping", "syn.join"]) | msgpack_values,
+                       max_size=8))
+def test_random_maps_never_raise_anything_but_wire_error(env):
+    # Known bug (see test_unhashable_mode_is_bad_request): a list/map mode raises TypeError.
+    assume(not isinstance(env.get("mode"), (list, dict)))
+    _only_wire_errors(msgpack.packb(env, use_bin_type=True))
+
+
+def test_protocol_doc_examples_are_exact():
+    """docs/PROTOCOL.md: the worked-example hex is what wire.py produces, and the
+    example client is valid Python."""
+    import ast
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md"
+    text = doc.read_text(encoding="utf-8")
+    blocks = [b.replace(" ", "").replace("\n", "")
+              for b in re.findall(r"```\n([0-9a-f][0-9a-f \n]+)```", text)]
+    assert blocks == [
+        wire.encode({"v": 1, "id": "1", "type": "get", "subject": "counter/alice",
+                     "mode": "call"}).hex(),
+        wire.reply("1", {"value": 0}, "node-a").hex(),
+        wire.error("1", ErrorCode.UNKNOWN_AGENT, "no agent x", "node-a").hex(),
+    ]
+    [client] = re.findall(r"```python\n(.*?)```", text, re.S)
+    ast.parse(client)
+    assert "import synthesis" not in client and "from node" not in client
+    assert "Agent placement hash" in text
