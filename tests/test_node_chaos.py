@@ -1,0 +1,85 @@
+"""A node dies or freezes: the rest keep serving, callers get answers, not hangs."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from node.client import CallTimeout, RemoteError
+from support import Cluster
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _agent_owned_by(client, owner: str, prefix: str) -> str:
+    for i in range(500):
+        agent = f"counter/{prefix}-{i}"
+        if client.spawn("counter", agent)["node"] == owner:
+            return agent
+    raise AssertionError(f"no agent id owned by {owner}")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(3, tmp_path)
+    yield c
+    c.close()
+
+
+def test_killed_owner_answers_unavailable_and_others_keep_serving(cluster):
+    n0, n1, n2 = cluster.nodes
+    with n0.client(timeout_s=10) as c:
+        on_n1 = _agent_owned_by(c, "n1", "live")
+        on_n2 = _agent_owned_by(c, "n2", "dead")
+        assert c.call(on_n2, "incr") == {"value": 1}
+        n2.kill()  # SIGKILL: no goodbye
+        started = time.monotonic()
+        with pytest.raises(RemoteError) as err:
+            c.call(on_n2, "incr")
+        assert err.value.code == "unavailable"
+        assert time.monotonic() - started < 8  # a bounded wait, not the client timeout
+        for _ in range(20):
+            c.call(on_n1, "incr")
+        assert c.call(on_n1, "get") == {"value": 20}
+        rows = {m["node"]: m for m in c.status()["members"]}
+        assert rows["n2"]["reachable"] is False and rows["n1"]["reachable"] is True
+
+
+def test_frozen_owner_times_out_without_blocking_other_agents(cluster):
+    n0, n1, n2 = cluster.nodes
+    with n0.client(timeout_s=10) as c:
+        on_n1 = _agent_owned_by(c, "n1", "busy")
+        on_n2 = _agent_owned_by(c, "n2", "frozen")
+        n2.signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(CallTimeout):
+                c.call(on_n2, "incr", timeout_s=1.0)
+            assert c.call(on_n1, "incr") == {"value": 1}  # unaffected
+        finally:
+            n2.signal(signal.SIGCONT)
+        # Thawed, it answers again; the request sent while frozen was handled too.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                value = c.call(on_n2, "get", timeout_s=1.0)["value"]
+                break
+            except CallTimeout:
+                assert time.monotonic() < deadline
+        assert value == 1
+
+
+def test_restarted_node_rejoins_at_a_new_address(cluster, tmp_path):
+    """Same node id, new process and port: its higher generation wins everywhere."""
+    from support import NodeProcess
+    n0, n1, n2 = cluster.nodes
+    n2.kill()
+    (tmp_path / "reborn").mkdir()
+    reborn = NodeProcess("n2", tmp_path / "reborn", seeds=(n0.address,))
+    cluster.nodes[2] = reborn
+    reborn.wait_serving()
+    cluster.wait_converged()
+    with n1.client() as c:
+        agent = _agent_owned_by(c, "n2", "reborn")
+        assert c.call(agent, "incr") == {"value": 1}
