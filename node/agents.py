@@ -23,7 +23,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from protocols.wire import ErrorCode
+from protocols.wire import ErrorCode, trace_id
 
 __all__ = [
     "Agent", "AgentError", "Lifecycle", "behavior", "handler", "behaviors",
@@ -457,7 +457,8 @@ class AgentHost:
                  exc: Exception) -> None:
         self._fail(reply_to, req.id, ErrorCode.INTERNAL,
                    f"handler for {req.type!r} raised {type(exc).__name__}: {exc}", req.type)
-        self._log.error("handler_crashed", agent_id=agent_id, type=req.type, error=repr(exc))
+        self._log.error("handler_crashed", agent_id=agent_id, type=req.type, error=repr(exc),
+                        trace_id=trace_id(req.raw.get("traceparent")))
         sup = self._supervision_for(act)
         if sup.policy == "stop":
             self.stop(agent_id)

@@ -283,7 +283,8 @@ class Node:
             self._send_route(route, wire.error(exc.request_id, exc.code, exc.message, self.node_id))
             return
         self.metrics.received(req.type)
-        reply_to = _NO_REPLY if req.mode != wire.MODE_CALL else (None, route)
+        reply_to = (_NO_REPLY if req.mode != wire.MODE_CALL
+                    else (None, route, req.raw.get("traceparent")))
         if self._stopping:
             self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE, "node is shutting down",
                               req.type)
@@ -316,11 +317,12 @@ class Node:
             req = wire.parse_request(payload, self._max_bytes)
         except WireError as exc:
             self.metrics.errored(exc.code)
-            self._send_reply((origin, route), wire.error(exc.request_id, exc.code, exc.message,
-                                                          self.node_id))
+            self._send_reply((origin, route, None), wire.error(exc.request_id, exc.code,
+                                                                exc.message, self.node_id))
             return
         self.metrics.received(req.type)
-        reply_to = _NO_REPLY if req.mode != wire.MODE_CALL else (origin, route)
+        reply_to = (_NO_REPLY if req.mode != wire.MODE_CALL
+                    else (origin, route, req.raw.get("traceparent")))
         if self._stopping:
             self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE, "node is shutting down",
                               req.type)
@@ -363,7 +365,7 @@ class Node:
                               f"owner {owner!r} is beyond the hop limit ({ttl})", req.type)
             return
         member = self.members.get(owner)
-        origin, route = reply_to if reply_to is not None else (None, ())
+        origin, route, _ = reply_to if reply_to is not None else (None, (), None)
         if origin is None:
             origin = self.node_id
         frames = [PEER_MAGIC, OP_FWD, origin.encode(), bytes((hops + 1,)), payload, *route]
@@ -523,7 +525,7 @@ class Node:
         if reply_to is None:
             return
         try:
-            payload = wire.reply(request_id, data, self.node_id)
+            payload = wire.reply(request_id, data, self.node_id, reply_to[2])
         except (TypeError, ValueError, OverflowError) as exc:
             self._reply_error(reply_to, request_id, ErrorCode.INTERNAL,
                               f"reply is not msgpack-serialisable: {exc}", "")
@@ -536,11 +538,13 @@ class Node:
         self.metrics.errored(code, mtype)
         if reply_to is None:
             return
-        self._send_reply(reply_to, wire.error(request_id, code, message, self.node_id))
+        self._send_reply(reply_to, wire.error(request_id, code, message, self.node_id,
+                                              reply_to[2]))
         self.metrics.sent("error")
 
     def _send_reply(self, reply_to: tuple, payload: bytes) -> None:
-        origin, route = reply_to
+        """reply_to is (origin node id or None for a local client, route frames, traceparent)."""
+        origin, route, _ = reply_to
         if origin is None or origin == self.node_id:
             self._send_route(route, payload)
             return

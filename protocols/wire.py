@@ -212,11 +212,21 @@ def reply(request_id: str, data: Any, source: str, traceparent: str | None = Non
     return _packer.pack(env)
 
 
-def error(request_id: str | None, code: str, message: str, source: str) -> bytes:
+def error(request_id: str | None, code: str, message: str, source: str,
+          traceparent: str | None = None) -> bytes:
     """Encode an error reply.  ``request_id`` is None when the request was unreadable."""
-    return _packer.pack({"v": VERSION, "id": request_id or "", "re": request_id,
-                         "type": TYPE_ERROR, "source": source,
-                         "data": {"code": code, "message": message}})
+    env = {"v": VERSION, "id": request_id or "", "re": request_id, "type": TYPE_ERROR,
+           "source": source, "data": {"code": code, "message": message}}
+    if traceparent is not None:
+        env["traceparent"] = traceparent
+    return _packer.pack(env)
+
+
+def trace_id(traceparent: Any) -> str | None:
+    """The trace id of a W3C ``traceparent`` value (for logs), or None."""
+    if type(traceparent) is str and len(traceparent) >= 35 and traceparent[2] == "-":
+        return traceparent[3:35]
+    return None
 
 
 def is_system_type(mtype: str) -> bool:

@@ -130,3 +130,24 @@ def test_sync_client_is_reusable_across_nodes(cluster3):
         for i in range(20):
             (a if i % 2 else b).call("counter/alternate", "incr")
         assert a.call("counter/alternate", "get") == {"value": 20}
+
+
+def test_traceparent_is_copied_into_replies_and_errors_across_a_hop(cluster3):
+    import msgpack
+    import zmq
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{cluster3.nodes[0].address}")
+    try:
+        for i in range(12):  # some of these agents live on other nodes
+            for mtype, want in (("get", "syn.reply"), ("fly", "syn.error")):
+                env = {"v": 1, "id": f"{mtype}{i}", "type": mtype, "subject": f"counter/tp{i}",
+                       "traceparent": tp}
+                sock.send(msgpack.packb(env))
+                assert sock.poll(5000)
+                reply = msgpack.unpackb(sock.recv(), raw=False)
+                assert reply["type"] == want and reply["re"] == env["id"]
+                assert reply["traceparent"] == tp
+    finally:
+        sock.close()
