@@ -58,6 +58,9 @@ class Lifecycle(str, enum.Enum):
 
 
 _HANDLER_ATTR = "_synthesis_handles"
+GROUPS_PER_AGENT_MAX = 64
+GROUPS_MAX = 100_000       # distinct groups with members on one node
+BLOCKING_QUEUE_PER_WORKER = 16
 _ANY = "*"
 
 
@@ -185,14 +188,14 @@ def load_behavior_modules(modules: tuple[str, ...] | list[str]) -> None:
 class Activation:
     """The node's record of one live agent; kept small (slots, lazy mailbox)."""
 
-    __slots__ = ("agent", "cls", "lifecycle", "mailbox", "busy", "init", "restarts", "groups")
+    __slots__ = ("agent", "cls", "lifecycle", "mailbox", "task", "init", "restarts", "groups")
 
     def __init__(self, cls: type[Agent], init: Any):
         self.cls = cls
         self.agent: Agent | None = None
         self.lifecycle = Lifecycle.INITIALIZING
         self.mailbox: deque | None = None
-        self.busy = False
+        self.task: asyncio.Task | None = None  # the turn task while the agent is busy
         self.init = init
         self.restarts: list[float] | None = None   # recent crash times, bounded
         self.groups: set[str] | None = None
@@ -262,7 +265,11 @@ class AgentHost:
                              f"node holds its limit of {self._agents_max} agents")
         act = Activation(cls, init)
         self.directory[agent_id] = act
-        self._start_instance(agent_id, act)
+        try:
+            self._start_instance(agent_id, act)
+        except BaseException:
+            del self.directory[agent_id]  # no half-started agent left behind
+            raise
         self._metrics.agent_activated()
         return act
 
@@ -291,7 +298,6 @@ class AgentHost:
         except AgentError:
             raise
         except Exception as exc:
-            self.directory.pop(agent_id, None)
             raise AgentError(ErrorCode.INTERNAL, f"on_start failed: {exc!r}") from exc
 
     def stop(self, agent_id: str) -> bool:
@@ -301,6 +307,8 @@ class AgentHost:
         act.lifecycle = Lifecycle.TERMINATING
         if act.mailbox:
             self._refuse_all(act, ErrorCode.UNAVAILABLE, "agent stopped")
+        if act.task is not None:
+            act.task.cancel()  # its caller is answered 'unavailable' by the task
         try:
             if act.agent is not None:
                 act.agent.on_stop()
@@ -327,6 +335,12 @@ class AgentHost:
             return False
         if act.groups is None:
             act.groups = set()
+        if group not in act.groups:
+            if len(act.groups) >= GROUPS_PER_AGENT_MAX:
+                raise AgentError(ErrorCode.OVERLOADED,
+                                 f"{agent_id!r} is in its limit of {GROUPS_PER_AGENT_MAX} groups")
+            if group not in self.groups and len(self.groups) >= GROUPS_MAX:
+                raise AgentError(ErrorCode.OVERLOADED, f"node holds its limit of {GROUPS_MAX} groups")
         act.groups.add(group)
         self.groups.setdefault(group, set()).add(agent_id)
         return True
@@ -357,7 +371,7 @@ class AgentHost:
                        f"behavior {act.cls.behavior_name!r} has no handler for {req.type!r}",
                        req.type)
             return
-        if not act.busy and act.lifecycle is Lifecycle.ACTIVE and not h.is_async:
+        if act.task is None and act.lifecycle is Lifecycle.ACTIVE and not h.is_async:
             self._run_sync(agent_id, act, h, req, reply_to)
             return
         if not self.accepting:
@@ -371,7 +385,7 @@ class AgentHost:
                        f"mailbox of {agent_id!r} is full ({self._mailbox_len_max})", req.type)
             return
         act.mailbox.append((req, reply_to))
-        if not act.busy and act.lifecycle is Lifecycle.ACTIVE:
+        if act.task is None and act.lifecycle is Lifecycle.ACTIVE:
             self._start_turns(agent_id, act)
 
     def _run_sync(self, agent_id: str, act: Activation, h: _Handler, req: Any,
@@ -394,9 +408,9 @@ class AgentHost:
         The message is taken out of the mailbox now, so the mailbox bound counts
         only messages that wait, not the one being handled.
         """
-        act.busy = True
         first = act.mailbox.popleft()
         task = asyncio.get_running_loop().create_task(self._turns(agent_id, act, first))
+        act.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -413,13 +427,13 @@ class AgentHost:
                 if not act.mailbox or act.lifecycle is not Lifecycle.ACTIVE:
                     break
                 current = act.mailbox.popleft()
-        except asyncio.CancelledError:  # shutdown ran out of time: answer, don't drop
+        except asyncio.CancelledError:  # agent stopped, or shutdown ran out of time
             req, reply_to = current
             self._fail(reply_to, req.id, ErrorCode.UNAVAILABLE,
-                       "node shut down before the handler finished", req.type)
+                       "agent stopped or node shut down before the handler finished", req.type)
             raise
         finally:
-            act.busy = False
+            act.task = None
             if not act.mailbox:
                 act.mailbox = None
                 self._queued.discard(act)
@@ -427,15 +441,20 @@ class AgentHost:
     async def _run_async(self, agent_id: str, act: Activation, h: _Handler, req: Any,
                          reply_to: Any) -> None:
         started = time.perf_counter()
+        deadline = asyncio.timeout(self._handler_timeout_s)
         try:
-            async with asyncio.timeout(self._handler_timeout_s):
+            async with deadline:
                 coro = h.fn(act.agent, req.data, req) if h.wants_message else h.fn(act.agent, req.data)
                 result = await coro
         except AgentError as exc:
             self._fail(reply_to, req.id, exc.code, exc.message, req.type)
-        except TimeoutError:
-            self._fail(reply_to, req.id, ErrorCode.TIMEOUT,
-                       f"handler for {req.type!r} exceeded {self._handler_timeout_s}s", req.type)
+        except TimeoutError as exc:
+            if not deadline.expired():  # the handler's own TimeoutError is a crash
+                self._crashed(agent_id, act, req, reply_to, exc)
+            else:
+                self._fail(reply_to, req.id, ErrorCode.TIMEOUT,
+                           f"handler for {req.type!r} exceeded {self._handler_timeout_s}s",
+                           req.type)
         except Exception as exc:
             self._crashed(agent_id, act, req, reply_to, exc)
         else:
@@ -461,7 +480,8 @@ class AgentHost:
                         trace_id=trace_id(req.raw.get("traceparent")))
         sup = self._supervision_for(act)
         if sup.policy == "stop":
-            self.stop(agent_id)
+            if self.directory.get(agent_id) is act:  # not a newer activation of the id
+                self.stop(agent_id)
             return
         if sup.policy == "escalate":
             # No supervisor tree above an agent yet: escalation fails the agent
@@ -498,7 +518,7 @@ class AgentHost:
             return
         self._metrics.agent_restarted()
         self._log.info("agent_restarted", agent_id=agent_id)
-        if act.mailbox and not act.busy:
+        if act.mailbox and act.task is None:
             self._start_turns(agent_id, act)
 
     def _refuse_all(self, act: Activation, code: str, message: str) -> None:
@@ -511,17 +531,34 @@ class AgentHost:
     # Executor (bulkhead) ------------------------------------------------------
 
     async def run_blocking(self, fn: Callable, *args: Any) -> Any:
-        if self._blocking_waiting >= self._executor_workers * 16:
+        """Run ``fn`` on the bounded executor.
+
+        The bound counts work until its thread finishes, not until the awaiting
+        handler gives up (a timed-out handler leaves its thread running).
+        """
+        if self._blocking_waiting >= self._executor_workers * BLOCKING_QUEUE_PER_WORKER:
             raise AgentError(ErrorCode.OVERLOADED, "blocking executor queue is full")
         if self._executor is None:
             from concurrent.futures import ThreadPoolExecutor
             self._executor = ThreadPoolExecutor(self._executor_workers,
                                                 thread_name_prefix="synthesis-blocking")
         self._blocking_waiting += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        finally:
-            self._blocking_waiting -= 1
+        work = self._executor.submit(fn, *args)
+        loop = asyncio.get_running_loop()
+
+        def finished(_: Any) -> None:  # runs on the worker thread
+            try:
+                loop.call_soon_threadsafe(self._blocking_done)
+            except RuntimeError:  # the loop closed while the thread ran
+                pass
+        work.add_done_callback(finished)
+        return await asyncio.wrap_future(work)
+
+    def _blocking_done(self) -> None:
+        self._blocking_waiting -= 1
+
+    def blocking_running(self) -> int:
+        return self._blocking_waiting
 
     # Shutdown and status -----------------------------------------------------
 
@@ -543,8 +580,12 @@ class AgentHost:
         for act in list(self._queued):
             refused += len(act.mailbox or ())
             self._refuse_all(act, ErrorCode.UNAVAILABLE, "node is shutting down")
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        # Let the cancelled turns answer their callers before the sockets close.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        refused += len(tasks)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         return refused

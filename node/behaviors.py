@@ -13,6 +13,7 @@ from protocols.wire import ErrorCode
 from .agents import Agent, AgentError, behavior, handler
 
 KV_KEYS_MAX = 10_000  # a kv agent is a small map, not a database
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # what every msgpack client can decode
 
 
 def _int_arg(data: Any, key: str, default: int) -> int:
@@ -21,9 +22,17 @@ def _int_arg(data: Any, key: str, default: int) -> int:
     if not isinstance(data, dict):
         raise AgentError(ErrorCode.BAD_REQUEST, f"data must be a map, got {type(data).__name__}")
     value = data.get(key, default)
-    if type(value) is not int:
-        raise AgentError(ErrorCode.BAD_REQUEST, f"{key!r} must be an integer")
+    if type(value) is not int or not INT64_MIN <= value <= INT64_MAX:
+        raise AgentError(ErrorCode.BAD_REQUEST, f"{key!r} must be a 64-bit signed integer")
     return value
+
+
+def _checked_sum(value: int, delta: int) -> int:
+    """value + delta, refused (state unchanged) if it leaves the int64 range."""
+    total = value + delta
+    if not INT64_MIN <= total <= INT64_MAX:
+        raise AgentError(ErrorCode.BAD_REQUEST, "counter would leave the 64-bit signed range")
+    return total
 
 
 def _str_arg(data: Any, key: str) -> str:
@@ -54,12 +63,12 @@ class Counter(Agent):
 
     @handler("incr")
     def incr(self, data: Any) -> dict:
-        self.value += _int_arg(data, "n", 1)
+        self.value = _checked_sum(self.value, _int_arg(data, "n", 1))
         return {"value": self.value}
 
     @handler("decr")
     def decr(self, data: Any) -> dict:
-        self.value -= _int_arg(data, "n", 1)
+        self.value = _checked_sum(self.value, -_int_arg(data, "n", 1))
         return {"value": self.value}
 
     @handler("get")

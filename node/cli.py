@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
+import os
 import sys
+import threading
 from typing import Any
+
+import zmq
 
 from . import config as config_mod
 from . import logs
@@ -40,12 +45,23 @@ def node_main(argv: list[str] | None = None) -> int:
     except BehaviorError as exc:
         print(f"synthesis-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as exc:  # address in use, metrics port taken, ...
+    except (OSError, zmq.ZMQError) as exc:  # address in use, metrics port taken, ...
         print(f"synthesis-node: cannot start: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
+    _exit_past_blocked_threads()
     return 0
+
+
+def _exit_past_blocked_threads() -> None:
+    """Blocking work still running in executor threads would hold the interpreter's
+    exit (their pool joins them at exit); the node has shut down, so leave now."""
+    if any(t.name.startswith("synthesis-blocking") and t.is_alive()
+           for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 # ---------------------------------------------------------------------------- ctl
@@ -60,14 +76,32 @@ def _json_arg(text: str | None) -> Any:
         raise SystemExit(f"synthesis-ctl: data is not JSON: {exc}") from None
 
 
-def _ctl_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="synthesis-ctl",
-                                     description="Talk to a Synthesis cluster through any node.")
-    parser.add_argument("--node", default="127.0.0.1:7400",
+def _common_options(defaults: bool) -> argparse.ArgumentParser:
+    """--node/--timeout/--json, accepted before or after the command.
+
+    After the command they default to SUPPRESS so they never overwrite a value
+    given before it.  (A fresh parser each time: parents share action objects.)
+    """
+    common = argparse.ArgumentParser(add_help=False)
+    unset = argparse.SUPPRESS
+    common.add_argument("--node", default="127.0.0.1:7400" if defaults else unset,
                         help="address of any node, HOST:PORT (default 127.0.0.1:7400)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--timeout", type=float, default=5.0 if defaults else unset,
+                        help="seconds to wait for a reply (default 5)")
+    common.add_argument("--json", action="store_true", default=False if defaults else unset,
+                        help="machine-readable output")
+    return common
+
+
+def _ctl_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synthesis-ctl", parents=[_common_options(True)],
+                                     description="Talk to a Synthesis cluster through any node.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub_add = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub_add(name, parents=[_common_options(False)], **kwargs)
+    sub.add_parser = add_parser
 
     p = sub.add_parser("call", help="call an agent and print its reply as JSON")
     p.add_argument("agent")
@@ -104,6 +138,7 @@ def _run_command(client: Client, args: argparse.Namespace) -> Any:
         return client.call(args.agent, args.type, _json_arg(args.data))
     if cmd == "send":
         client.send(args.agent, args.type, _json_arg(args.data))
+        client.ping()  # same connection, in order: the node has the message when this returns
         return None
     if cmd == "spawn":
         return client.spawn(args.behavior, args.agent, _json_arg(args.init))
@@ -111,6 +146,7 @@ def _run_command(client: Client, args: argparse.Namespace) -> Any:
         return client.stop(args.agent)
     if cmd == "publish":
         client.publish(args.group, args.type, _json_arg(args.data))
+        client.ping()
         return None
     if cmd == "join":
         return client.join(args.agent, args.group)
@@ -152,8 +188,15 @@ def ctl_main(argv: list[str] | None = None) -> int:
     if args.command == "status" and not args.json:
         print(format_status(result))
     elif result is not None or args.command in ("call",):
-        print(json.dumps(result, sort_keys=True))
+        print(json.dumps(result, sort_keys=True, default=_json_default))
     return 0
+
+
+def _json_default(value: Any) -> Any:
+    """msgpack bin has no JSON form: print it as {"$base64": "..."}."""
+    if isinstance(value, (bytes, bytearray)):
+        return {"$base64": base64.b64encode(value).decode()}
+    return repr(value)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,6 +26,8 @@ from protocols import wire
 __all__ = ["Client", "AsyncClient", "RemoteError", "CallTimeout", "endpoint"]
 
 IN_FLIGHT_MAX = 10_000    # calls one AsyncClient keeps outstanding before call() waits
+OUTBOX_MAX = 100_000      # encoded requests waiting for the socket before send() waits
+CLOSE_LINGER_MS = 1000    # time unsent messages get to leave after close()
 READ_BATCH_MAX = 1024     # replies read per wake-up before yielding to the loop
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost on the hot path
 
@@ -56,6 +58,18 @@ def _new_socket(context: zmq.Context, address: str) -> zmq.Socket:
     sock.setsockopt(zmq.RCVHWM, 100_000)
     sock.connect(endpoint(address))
     return sock
+
+
+def _decode(raw: bytes) -> dict | None:
+    """A reply frame -> its envelope map, or None when it is not one.
+
+    Keys inside ``data`` may be any msgpack type a handler returned.
+    """
+    try:
+        envelope = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception:  # msgpack raises several unrelated types
+        return None
+    return envelope if isinstance(envelope, dict) else None
 
 
 def _result(envelope: Any) -> Any:
@@ -110,7 +124,9 @@ class Client:
             remaining = deadline.remaining_ms()
             if remaining <= 0 or not self._sock.poll(remaining, zmq.POLLIN):
                 raise CallTimeout(f"no reply to {mtype} for {subject!r} within {timeout_ms} ms")
-            envelope = msgpack.unpackb(self._sock.recv(), raw=False)
+            envelope = _decode(self._sock.recv())
+            if envelope is None:
+                continue
             re = envelope.get("re")
             if re == rid or (re is None and envelope.get("type") == wire.TYPE_ERROR):
                 return _result(envelope)
@@ -145,7 +161,8 @@ class Client:
         return self._call(wire.TYPE_PING, None, None, timeout_s, {})
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        """Close the socket; unsent one-way messages get CLOSE_LINGER_MS to leave."""
+        self._sock.close(linger=CLOSE_LINGER_MS)
 
     def __enter__(self) -> "Client":
         return self
@@ -197,10 +214,14 @@ class AsyncClient:
         return await self._call(type, agent, data, timeout_s, options)
 
     async def send(self, agent: str, type: str, data: Any = None, **options: Any) -> None:
+        """One-way message: no reply; errors are counted at the node."""
+        await self._outbox_room()
         self._enqueue(self._req.encode(self._req.next_id(), type, agent, data,
                                        wire.MODE_SEND, options))
 
     async def publish(self, group: str, type: str, data: Any = None, **options: Any) -> None:
+        """One-way message to every agent that joined ``group``, on every node."""
+        await self._outbox_room()
         self._enqueue(self._req.encode(self._req.next_id(), type, group, data,
                                        wire.MODE_PUBLISH, options))
 
@@ -241,13 +262,15 @@ class AsyncClient:
         if len(self._pending) >= self._in_flight_max:
             await self._wait_for_slot()
         rid = self._req.next_id()
+        payload = self._req.encode(rid, mtype, subject, data, wire.MODE_CALL, options)
         future = self._loop.create_future()
         self._pending[rid] = future
         self._track_deadline(rid, mtype, subject, timeout_s)
-        self._enqueue(self._req.encode(rid, mtype, subject, data, wire.MODE_CALL, options))
+        self._enqueue(payload)
         try:
             envelope = await future
         finally:
+            self._pending.pop(rid, None)  # cancelled callers free their slot too
             if self._slot_waiters:
                 self._release_slot()
         return _result(envelope)
@@ -256,7 +279,11 @@ class AsyncClient:
         while len(self._pending) >= self._in_flight_max:
             waiter = self._loop.create_future()
             self._slot_waiters.append(waiter)
-            await waiter
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                self._release_slot()  # pass the wake-up on rather than lose it
+                raise
 
     def _release_slot(self) -> None:
         while self._slot_waiters:
@@ -264,6 +291,12 @@ class AsyncClient:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+    async def _outbox_room(self) -> None:
+        if self._closed:
+            raise RuntimeError("client is closed")
+        while len(self._outbox) >= OUTBOX_MAX:
+            await asyncio.sleep(0.001)  # the socket is at its high-water mark
 
     # Timeouts ----------------------------------------------------------------
 
@@ -326,14 +359,17 @@ class AsyncClient:
             return
         recv = self._sock.recv
         pending = self._pending
-        unpack = msgpack.unpackb
+        decode = _decode
         for _ in range(READ_BATCH_MAX):
             try:
                 raw = recv(_NOBLOCK)
             except zmq.Again:
                 return
-            envelope = unpack(raw, raw=False)
-            future = pending.pop(envelope.get("re"), None)
+            envelope = decode(raw)
+            if envelope is None:
+                continue  # not a reply envelope: nothing to match it to
+            re = envelope.get("re")
+            future = pending.pop(re, None) if type(re) is str else None
             if future is not None and not future.done():
                 future.set_result(envelope)
         self._loop.call_soon(self._on_readable)  # more may wait; let others run first
@@ -341,6 +377,7 @@ class AsyncClient:
     def _shutdown(self) -> None:
         if self._closed:
             return
+        self._flush()  # one-way messages queued in this loop turn still go out
         self._closed = True
         self._loop.remove_reader(self._sock.FD)
         if self._sweep_timer is not None:
@@ -352,7 +389,7 @@ class AsyncClient:
         for waiter in self._slot_waiters:
             if not waiter.done():
                 waiter.set_exception(RuntimeError("client closed"))
-        self._sock.close(linger=0)
+        self._sock.close(linger=CLOSE_LINGER_MS)
 
 
 def _sweep_period_s(timeout_s: float) -> float:

@@ -87,6 +87,8 @@ class Node:
         self._started_at = time.monotonic()
         self._max_bytes = config.max_message_bytes
         self._max_hops = config.max_hops
+        self._endpoint = config.router_endpoint
+        self._forwards_waiting = 0  # calls forwarded to owners whose reply has not come back
 
     # ------------------------------------------------------------------ start/stop
 
@@ -163,7 +165,10 @@ class Node:
     async def _shutdown(self) -> None:
         self.log.info("node_stopping", pending=self.host.pending())
         systemd.stopping()
+        deadline = self._loop.time() + self.config.shutdown_timeout_s
         refused = await self.host.drain(self.config.shutdown_timeout_s)
+        while self._forwards_waiting and self._loop.time() < deadline:
+            await asyncio.sleep(0.01)  # replies to calls we forwarded are still routed
         self._pump()  # answer what arrived meanwhile, flush replies
         for timer in (self._gossip_timer, self._retry_timer):
             if timer is not None:
@@ -208,10 +213,13 @@ class Node:
     def _on_members(self, members: dict[str, Member]) -> None:
         self.members = members
         self.registry.set_members(members)
-        for member in members.values():
-            if member.node_id != self.node_id:
-                self._transport.connect(member.address)
-                self._transport.subscribe(member.pub_address)
+        others = [m for m in members.values() if m.node_id != self.node_id]
+        # Close links to addresses no member uses any more (a restarted node's old one).
+        self._transport.retain({m.address for m in others} | set(self.config.seeds),
+                               {m.pub_address for m in others})
+        for member in others:
+            self._transport.connect(member.address)
+            self._transport.subscribe(member.pub_address)
         self.log.info("members_changed", members=sorted(members))
 
     def _on_gossip(self, body: bytes) -> None:
@@ -293,9 +301,10 @@ class Node:
 
     def _on_peer(self, frames: list[bytes]) -> None:
         op = frames[2]
-        if op == OP_FWD and len(frames) >= 7:
+        if op == OP_FWD and len(frames) >= 6:  # route frames are absent for one-way sends
             self._on_forwarded(frames)
         elif op == OP_RPL and len(frames) >= 5:
+            self._forwards_waiting = max(0, self._forwards_waiting - 1)
             self._send_route(tuple(frames[4:]), frames[3])
             self.metrics.sent("reply")
         elif op == OP_GOSSIP and len(frames) == 4:
@@ -309,7 +318,7 @@ class Node:
             self.log.warning("bad_peer_frame", op=op[:16].decode(errors="replace"), frames=len(frames))
 
     def _on_forwarded(self, frames: list[bytes]) -> None:
-        origin = frames[3].decode(errors="replace")
+        origin = frames[3].decode(errors="replace")  # the entry node's ROUTER endpoint
         hops = frames[4][0] if frames[4] else 0
         payload = frames[5]
         route = tuple(frames[6:])
@@ -365,17 +374,25 @@ class Node:
                               f"owner {owner!r} is beyond the hop limit ({ttl})", req.type)
             return
         member = self.members.get(owner)
+        if member is None:  # the ring and the member table are updated together
+            self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE,
+                              f"owner {owner!r} is not a known member", req.type)
+            return
         origin, route, _ = reply_to if reply_to is not None else (None, (), None)
         if origin is None:
-            origin = self.node_id
+            origin = self._endpoint
         frames = [PEER_MAGIC, OP_FWD, origin.encode(), bytes((hops + 1,)), payload, *route]
 
         def give_up(reason: str) -> None:
+            if reply_to is not None:
+                self._forwards_waiting = max(0, self._forwards_waiting - 1)
             self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE, reason, req.type)
 
         if self._transport.send(member.address, frames, give_up, self._loop.time()):
             self.metrics.forwarded(req.type)
             self.metrics.sent("forward")
+            if reply_to is not None:
+                self._forwards_waiting += 1
             self._ensure_retry()
 
     def _handle_local(self, req: Request, reply_to: Any) -> None:
@@ -484,7 +501,8 @@ class Node:
 
     def _answer_status_query(self, origin: str, token: bytes) -> None:
         member = self.members.get(origin)
-        if member is None:
+        if member is None or len(token) > 32:
+            self.metrics.errored(ErrorCode.BAD_REQUEST, "syn.status")
             return
         body = msgpack.packb(self.local_status(), use_bin_type=True)
         self._transport.send(member.address, [PEER_MAGIC, OP_STATR, token, body])
@@ -495,8 +513,10 @@ class Node:
             return  # answered after the deadline
         try:
             status = msgpack.unpackb(body, raw=False)
-            node = status["node"]
-        except Exception:
+        except (ValueError, msgpack.UnpackException):
+            status = None
+        node = status.get("node") if isinstance(status, dict) else None
+        if type(node) is not str or node not in wait["expected"]:
             self.metrics.errored(ErrorCode.BAD_REQUEST, "syn.status")
             return
         wait["results"][node] = status
@@ -543,16 +563,14 @@ class Node:
         self.metrics.sent("error")
 
     def _send_reply(self, reply_to: tuple, payload: bytes) -> None:
-        """reply_to is (origin node id or None for a local client, route frames, traceparent)."""
+        """reply_to is (origin endpoint or None for a local client, route frames, traceparent)."""
         origin, route, _ = reply_to
-        if origin is None or origin == self.node_id:
+        if origin is None or origin == self._endpoint:
             self._send_route(route, payload)
             return
-        member = self.members.get(origin)
-        if member is None:
-            self.metrics.peer_send_failed()
-            return
-        self._transport.send(member.address, [PEER_MAGIC, OP_RPL, payload, *route])
+        # Replies go to the origin's address as given in FWD, so they do not
+        # depend on our member view having caught up with the origin's.
+        self._transport.send(origin, [PEER_MAGIC, OP_RPL, payload, *route])
 
     def _send_route(self, route: tuple, payload: bytes) -> None:
         send = self._router.send

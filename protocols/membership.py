@@ -20,6 +20,7 @@ stays a member and requests it owns answer ``unavailable`` or time out.
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Iterable
@@ -27,6 +28,8 @@ from typing import Iterable
 from .effects import MembersChanged, Send, SetTimer
 
 MEMBERS_MAX = 1024  # a bound on what one gossip message may make us hold
+FIELD_LEN_MAX = 255  # node ids and addresses
+_ENDPOINT = re.compile(r"tcp://[^\s/:]+:[0-9]{1,5}|tcp://\[[0-9A-Fa-f:.]+\]:[0-9]{1,5}")
 FANOUT = 3          # peers each gossip round (and each change) is pushed to
 
 
@@ -52,9 +55,12 @@ class Member:
     @classmethod
     def from_wire(cls, item: object) -> "Member":
         if (not isinstance(item, (list, tuple)) or len(item) != 4
-                or not all(isinstance(x, str) and x for x in item[:3])
+                or not all(isinstance(x, str) and 0 < len(x) <= FIELD_LEN_MAX for x in item[:3])
                 or type(item[3]) is not int):
             raise MembershipError(f"malformed member entry {item!r:.80}")
+        for endpoint in item[1:3]:
+            if not _ENDPOINT.fullmatch(endpoint) or int(endpoint.rsplit(":", 1)[1]) > 65535:
+                raise MembershipError(f"member endpoint must be tcp://HOST:PORT, got {endpoint!r:.80}")
         return cls(item[0], item[1], item[2], item[3])
 
 
@@ -124,11 +130,25 @@ class Membership:
         targets += [s for s in self._seeds if s not in known]
         return [Send(address, message) for address in targets]
 
-    @staticmethod
-    def _parse(message: object) -> list[Member]:
+    def _parse(self, message: object) -> list[Member]:
+        """The entries that differ from our view, validated.
+
+        Entries equal to what we hold are skipped before validation: in a
+        converged cluster that is nearly all of them, every round.
+        """
         if not isinstance(message, dict) or message.get("kind") != "members":
             raise MembershipError("gossip must be a map with kind='members'")
         entries = message.get("members")
         if not isinstance(entries, list) or len(entries) > MEMBERS_MAX:
             raise MembershipError("gossip 'members' must be a list within the member limit")
-        return [Member.from_wire(item) for item in entries]
+        members = self._members
+        fresh = []
+        for item in entries:
+            if isinstance(item, list) and len(item) == 4 and type(item[0]) is str:
+                known = members.get(item[0])
+                if (known is not None and known.generation == item[3]
+                        and type(item[3]) is int and known.address == item[1]
+                        and known.pub_address == item[2]):
+                    continue
+            fresh.append(Member.from_wire(item))
+        return fresh

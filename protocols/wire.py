@@ -157,8 +157,10 @@ def validate_request(env: dict) -> Request:
     mtype = env.get("type")
     if type(mtype) is not str or not 0 < len(mtype) <= TYPE_LEN_MAX:
         raise _bad(f"'type' must be a string of 1..{TYPE_LEN_MAX} characters", rid)
-    mode = env.get("mode", MODE_CALL)
-    if type(mode) is not str or mode not in MODES:
+    mode = env.get("mode")
+    if mode is None:  # absent or nil: many serializers write nil for unset fields
+        mode = MODE_CALL
+    elif type(mode) is not str or mode not in MODES:
         raise _bad(f"'mode' must be one of {sorted(MODES)}", rid)
     subject = env.get("subject")
     if subject is None:

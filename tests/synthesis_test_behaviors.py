@@ -50,7 +50,7 @@ class Slow(Agent):
     @handler("blocking")
     async def blocking(self, data: Any) -> dict:
         import time
-        await self.run_blocking(time.sleep, 0.05)
+        await self.run_blocking(time.sleep, float((data or {}).get("s", 0.05)))
         return {"ok": True}
 
 

@@ -137,3 +137,58 @@ def test_errors_are_counted_in_metrics(node, raw):
     lines = [l for l in text.splitlines()
              if l.startswith("synthesis_messages_errors_total") and 'code="bad_request"' in l]
     assert lines and sum(float(l.rsplit(" ", 1)[1]) for l in lines) >= 1
+
+
+@pytest.mark.parametrize("frames", [
+    [b"SYNP1", b"GOSSIP", msgpack.packb({"kind": "members", "from": "evil",
+                                         "members": [["evil", "zzz", "zzz", 1]]})],
+    [b"SYNP1", b"GOSSIP", msgpack.packb({"kind": "members", "members": [[1, 2, 3, 4]]})],
+    [b"SYNP1", b"GOSSIP", b"\xc1"],
+    [b"SYNP1", b"STATR", b"1", msgpack.packb({"node": [1]})],
+    [b"SYNP1", b"STATR", b"1", b"\xc1"],
+    [b"SYNP1", b"STATQ", b"nobody", b"1"],
+    [b"SYNP1", b"RPL"],
+    [b"SYNP1", b"FWD", b"tcp://127.0.0.1:1", b"\x01", b"\xc1"],
+    [b"SYNP1", b"FWD", b"not an endpoint", b"\x01",
+     msgpack.packb({"v": 1, "id": "f", "type": "get", "subject": "counter/a"}), b"route"],
+    [b"SYNP1", b"NOPE", b"x"],
+])
+def test_malformed_peer_frames_are_dropped_and_the_node_keeps_serving(node, raw, frames):
+    raw.send_multipart(frames)
+    _good(raw)
+    with node.client() as c:
+        members = c.status()["members"]
+    assert [m["node"] for m in members] == ["bad"]  # no forged member got in
+
+
+def test_counter_refuses_to_leave_int64_and_keeps_its_state(node):
+    with node.client() as c:
+        assert c.call("counter/big", "incr", {"n": 2**63 - 1}) == {"value": 2**63 - 1}
+        with pytest.raises(RemoteError) as err:
+            c.call("counter/big", "incr")
+        assert err.value.code == "bad_request"
+        with pytest.raises(RemoteError) as err:
+            c.call("counter/big", "incr", {"n": 2**63})  # a uint64, not int64
+        assert err.value.code == "bad_request"
+        assert c.call("counter/big", "get") == {"value": 2**63 - 1}
+
+
+def test_failed_on_start_leaves_no_half_started_agent(node):
+    with node.client() as c:
+        with pytest.raises(RemoteError) as err:
+            c.spawn("counter", "jobs", init={"value": "x"})
+        assert err.value.code == "bad_request"
+        with pytest.raises(RemoteError) as err:
+            c.call("jobs", "get")
+        assert err.value.code == "unknown_agent"
+        c.spawn("counter", "jobs", init={"value": 7})
+        assert c.call("jobs", "get") == {"value": 7}
+
+
+def test_group_membership_is_bounded_per_agent(node):
+    with node.client() as c:
+        for i in range(64):
+            c.join("counter/joiner", f"g{i}")
+        with pytest.raises(RemoteError) as err:
+            c.join("counter/joiner", "one-too-many")
+        assert err.value.code == "overloaded"

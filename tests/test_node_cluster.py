@@ -151,3 +151,41 @@ def test_traceparent_is_copied_into_replies_and_errors_across_a_hop(cluster3):
                 assert reply["traceparent"] == tp
     finally:
         sock.close()
+
+
+def test_one_way_send_is_forwarded_to_the_owner(cluster3):
+    with cluster3.nodes[0].client() as c:
+        agents = [f"counter/oneway-{i}" for i in range(12)]  # owners on every node
+        for agent in agents:
+            c.send(agent, "incr", {"n": 3})
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if all(c.call(a, "get") == {"value": 3} for a in agents):
+                break
+            time.sleep(0.05)
+        assert [c.call(a, "get") for a in agents] == [{"value": 3}] * len(agents)
+
+
+def test_ctl_send_and_publish_arrive_before_the_command_exits(cluster3):
+    import subprocess
+    import sys
+    from support import REPO, child_env
+    node = cluster3.nodes[1]
+
+    def ctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c",
+                               "import sys; from node.cli import ctl_main; sys.exit(ctl_main())",
+                               "--node", node.address, *args],
+                              capture_output=True, text=True, timeout=30, env=child_env(),
+                              cwd=str(REPO))
+
+    assert ctl("send", "counter/ctl-send", "incr", '{"n": 4}').returncode == 0
+    with node.client() as c:
+        assert c.call("counter/ctl-send", "get") == {"value": 4}
+        c.spawn("member", "member/ctl-pub", init={"group": "ctl-room"})
+    done = ctl("publish", "ctl-room", "note", '"hello"')
+    assert done.returncode == 0, done.stderr
+    with node.client() as c:
+        assert c.call("member/ctl-pub", "seen") == {"seen": ["hello"]}
+    out = ctl("status", "--json")
+    assert out.returncode == 0 and '"members"' in out.stdout

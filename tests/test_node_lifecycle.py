@@ -141,3 +141,41 @@ def test_missing_behavior_module_exits_nonzero(tmp_path):
                           cwd=str(REPO))
     assert proc.returncode == 2
     assert "no_such_module_here" in proc.stderr
+
+
+def test_stop_cancels_a_running_handler_and_answers_its_caller(node_factory):
+    node = node_factory()
+
+    async def main():
+        async with AsyncClient(node.address, timeout_s=10) as c:
+            slow = asyncio.ensure_future(c.call("slow/victim", "sleep", {"s": 5}))
+            await asyncio.sleep(0.3)
+            stopped = await c.stop("slow/victim")
+            return stopped, await asyncio.gather(slow, return_exceptions=True)
+
+    started = time.monotonic()
+    stopped, (result,) = asyncio.run(main())
+    assert stopped["stopped"] is True
+    assert isinstance(result, RemoteError) and result.code == "unavailable", result
+    assert time.monotonic() - started < 4
+
+
+def test_sigterm_past_the_drain_deadline_answers_and_exits(node_factory):
+    """A handler still running (and a thread blocked) at the deadline: the caller
+    is answered 'unavailable' and the process still exits 0, promptly."""
+    node = node_factory("--shutdown-timeout-s", "0.5")
+
+    async def main():
+        async with AsyncClient(node.address, timeout_s=10) as c:
+            long = asyncio.ensure_future(c.call("slow/long", "sleep", {"s": 30}))
+            stuck = asyncio.ensure_future(c.call("slow/stuck", "blocking", {"s": 30}))
+            await asyncio.sleep(0.3)
+            node.signal(signal.SIGTERM)
+            return await asyncio.gather(long, stuck, return_exceptions=True)
+
+    started = time.monotonic()
+    results = asyncio.run(main())
+    assert node.proc.wait(10) == 0, node.log()
+    assert time.monotonic() - started < 8
+    for r in results:
+        assert isinstance(r, RemoteError) and r.code == "unavailable", r

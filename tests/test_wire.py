@@ -186,10 +186,14 @@ WRONG = {
     "v": [0, 2, "1", None, 1.5, b"\x01", [1], {"v": 1}],
     "type": ["", "t" * (wire.TYPE_LEN_MAX + 1), 1, None, b"get", ["get"], {}, False],
     "subject": ["", "s" * (wire.SUBJECT_LEN_MAX + 1), 1, b"counter/a", ["a"], {}, 0.0],
-    "mode": ["", "CALL", "reply", 1, None, b"call", 2.5, True],
+    "mode": ["", "CALL", "reply", 1, b"call", 2.5, True, ["call"], {"call": 1}],
     "ttl": [-1, wire.TTL_MAX + 1, "1", 1.5, True, [1], {}, b"\x01"],
 }
 WRONG_CASES = [(f, v) for f, vs in WRONG.items() for v in vs]
+
+
+def test_nil_mode_means_call():
+    assert parse(base(mode=None)).mode == wire.MODE_CALL
 
 
 @pytest.mark.parametrize("field,value", WRONG_CASES, ids=[f"{f}-{i}" for i, (f, _) in

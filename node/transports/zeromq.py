@@ -36,6 +36,7 @@ _SEQ = struct.Struct(">Q")
 
 PEER_QUEUE_MAX = 10_000         # queued sends per peer while its link is down
 PEER_QUEUE_DEADLINE_S = 1.0     # how long a queued send may wait for the link
+LINKS_MAX = 1024 + 64           # members, plus a few origins not yet in our view
 
 
 class _PeerLink:
@@ -91,34 +92,66 @@ class ZmqTransport(Transport):
 
     # Peer links ------------------------------------------------------------
 
-    def connect(self, address: str) -> None:
-        if address in self._links:
-            return
+    def connect(self, address: str) -> _PeerLink | None:
+        """The link to ``address``, created on first use; None if it cannot be made."""
+        link = self._links.get(address)
+        if link is not None:
+            return link
+        if len(self._links) >= LINKS_MAX:
+            return None
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.SNDHWM, self._peer_hwm)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.connect(address)
-        self._links[address] = _PeerLink(address, sock)
+        try:
+            sock.connect(address)
+        except zmq.ZMQError:  # an address a peer made up; never let it reach the loop
+            sock.close(linger=0)
+            return None
+        link = self._links[address] = _PeerLink(address, sock)
+        return link
 
     def subscribe(self, pub_address: str) -> None:
-        if pub_address not in self._subscribed:
+        if pub_address in self._subscribed or len(self._subscribed) >= LINKS_MAX:
+            return
+        try:
             self.sub.connect(pub_address)
-            self._subscribed.add(pub_address)
+        except zmq.ZMQError:
+            return
+        self._subscribed.add(pub_address)
+
+    def retain(self, addresses: set[str], pub_addresses: set[str]) -> None:
+        """Close links and subscriptions to addresses outside these sets."""
+        for address in [a for a in self._links if a not in addresses]:
+            link = self._links.pop(address)
+            self._give_up_all(link, f"peer {address} left the member view")
+            link.socket.close(linger=0)
+        for pub_address in [a for a in self._subscribed if a not in pub_addresses]:
+            try:
+                self.sub.disconnect(pub_address)
+            except zmq.ZMQError:
+                pass
+            self._subscribed.discard(pub_address)
 
     def send(self, address: str, frames: Sequence[bytes], on_give_up: OnGiveUp | None = None,
              now: float = 0.0) -> bool:
-        link = self._links.get(address)
+        link = self.connect(address)
         if link is None:
-            self.connect(address)
-            link = self._links[address]
-        if not link.queue and self._try_send(link, frames):
-            return True
+            self._metrics.peer_send_failed()
+            if on_give_up is not None:
+                on_give_up(f"cannot open a link to {address!r}")
+            return False
         if on_give_up is None:
+            # Best effort (replies, gossip, status): order does not matter, so
+            # they need not wait behind queued forwards.
+            if self._try_send(link, frames):
+                return True
             self._metrics.peer_send_failed()
             return False
+        if not link.queue and self._try_send(link, frames):
+            return True
         if len(link.queue) >= PEER_QUEUE_MAX:
             self._metrics.peer_send_failed()
             on_give_up(f"queue to {address} is full")
@@ -140,7 +173,7 @@ class ZmqTransport(Transport):
 
     def retry(self, now: float) -> None:
         """Send what waited for a link; give up on what waited past its deadline."""
-        for link in self._links.values():
+        for link in list(self._links.values()):
             queue = link.queue
             while queue:
                 deadline, frames, on_give_up = queue[0]
@@ -178,6 +211,8 @@ class ZmqTransport(Transport):
         last = self._last_seq.get(origin)
         if last is not None and seq > last + 1:
             self._metrics.multicast_dropped(seq - last - 1)
+        if last is None and len(self._last_seq) >= LINKS_MAX:
+            self._last_seq.clear()  # origins come and go; never hold more than the bound
         self._last_seq[origin] = seq  # a restarted origin starts again from 1
         try:
             group = topic[len(GROUP_PREFIX):].decode()
@@ -188,8 +223,9 @@ class ZmqTransport(Transport):
     # Health ----------------------------------------------------------------
 
     def health(self) -> dict:
+        links = list(self._links.values())  # one step: the metrics thread calls this
         return {
-            "peers": len(self._links),
-            "queued": sum(len(link.queue) for link in self._links.values()),
-            "send_failures": sum(link.failed for link in self._links.values()),
+            "peers": len(links),
+            "queued": sum(len(link.queue) for link in links),
+            "send_failures": sum(link.failed for link in links),
         }
