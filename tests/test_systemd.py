@@ -71,3 +71,44 @@ def test_watchdog_interval_reads_process_environment(monkeypatch):
     monkeypatch.setenv("WATCHDOG_USEC", "3000000")
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     assert systemd.watchdog_interval_s() == 1.5
+
+
+def test_a_real_node_speaks_sd_notify(tmp_path):
+    """READY once it serves, watchdog pings at half WATCHDOG_USEC, STOPPING on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from support import REPO, child_env, free_port
+    from node.client import Client
+
+    path = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(10)
+    address = f"127.0.0.1:{free_port()}"
+    env = child_env(NOTIFY_SOCKET=path, WATCHDOG_USEC="200000")
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--listen", address,
+                             "--pub", f"127.0.0.1:{free_port()}", "--metrics", "off"],
+                            env=env, cwd=str(REPO), stderr=subprocess.DEVNULL)
+    try:
+        assert listener.recv(4096) == b"READY=1"
+        with Client(address, timeout_s=2) as c:  # READY means serving
+            assert c.ping()["node"] == address
+        pings = 0
+        deadline = time.monotonic() + 5
+        while pings < 3 and time.monotonic() < deadline:
+            if listener.recv(4096) == b"WATCHDOG=1":
+                pings += 1
+        assert pings == 3
+        proc.send_signal(signal.SIGTERM)
+        seen = set()
+        while b"STOPPING=1" not in seen:
+            seen.add(listener.recv(4096))
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        listener.close()
