@@ -16,7 +16,7 @@ import itertools
 import os
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Awaitable
 
 import msgpack
 import zmq
@@ -198,7 +198,7 @@ class AsyncClient:
         self._pending: dict[str, asyncio.Future] = {}
         # (deadline, rid, description) in deadline order: calls with the default
         # timeout are appended in order, so one sweep timer replaces a timer per call.
-        self._deadlines: deque[tuple[float, str, str]] = deque()
+        self._deadlines: deque[tuple[float, str, tuple]] = deque()
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._outbox: deque[bytes] = deque()
         self._in_flight_max = in_flight_max
@@ -209,9 +209,13 @@ class AsyncClient:
 
     # Public API ------------------------------------------------------------
 
-    async def call(self, agent: str, type: str, data: Any = None, *,
-                   timeout_s: float | None = None, **options: Any) -> Any:
-        return await self._call(type, agent, data, timeout_s, options)
+    def call(self, agent: str, type: str, data: Any = None, *,
+             timeout_s: float | None = None, **options: Any) -> Awaitable[Any]:
+        """``await c.call(...)``: the reply data, or RemoteError / CallTimeout.
+
+        A plain function returning the coroutine: one coroutine per call, not two.
+        """
+        return self._call(type, agent, data, timeout_s, options)
 
     async def send(self, agent: str, type: str, data: Any = None, **options: Any) -> None:
         """One-way message: no reply; errors are counted at the node."""
@@ -302,7 +306,7 @@ class AsyncClient:
 
     def _track_deadline(self, rid: str, mtype: str, subject: str | None,
                         timeout_s: float | None) -> None:
-        what = f"{mtype} for {subject!r}"
+        what = (mtype, subject)  # formatted only if the call expires
         if timeout_s is not None and timeout_s != self.timeout_s:
             self._loop.call_later(timeout_s, self._expire, rid, what, timeout_s)
             return
@@ -325,10 +329,12 @@ class AsyncClient:
         if deadlines and not self._closed:
             self._sweep_timer = self._loop.call_later(_sweep_period_s(self.timeout_s), self._sweep)
 
-    def _expire(self, rid: str, what: str, timeout_s: float) -> None:
+    def _expire(self, rid: str, what: tuple, timeout_s: float) -> None:
         future = self._pending.pop(rid, None)
         if future is not None and not future.done():
-            future.set_exception(CallTimeout(f"no reply to {what} within {timeout_s} s"))
+            mtype, subject = what
+            future.set_exception(
+                CallTimeout(f"no reply to {mtype} for {subject!r} within {timeout_s} s"))
 
     # Socket ------------------------------------------------------------------
 

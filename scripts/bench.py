@@ -242,18 +242,20 @@ def owned_by(nodes: Nodes, owner_index: int, prefix: str) -> str:
 
 
 def synthesis_in_flight(address: str, n: int, concurrency: int) -> float:
+    """``concurrency`` coroutines sharing one AsyncClient, each making calls back to
+    back: ``concurrency`` calls are in flight at any moment."""
     async def main() -> float:
         async with AsyncClient(address, timeout_s=60) as c:
-            sem = asyncio.Semaphore(concurrency)
+            async def worker(k: int) -> None:
+                agent = f"echo/if-{k}"
+                for i in range(n // concurrency):
+                    if await c.call(agent, "ping", i) != i:
+                        raise RuntimeError("wrong reply")
 
-            async def one(i: int) -> None:
-                async with sem:
-                    await c.call(f"echo/if-{i % 1000}", "ping", i)
-
-            await asyncio.gather(*(c.call(f"echo/if-{i}", "ping") for i in range(1000)))
+            await asyncio.gather(*(c.call(f"echo/if-{k}", "ping") for k in range(concurrency)))
             started = time.perf_counter()
-            await asyncio.gather(*(one(i) for i in range(n)))
-            return n / (time.perf_counter() - started)
+            await asyncio.gather(*(worker(k) for k in range(concurrency)))
+            return (n // concurrency) * concurrency / (time.perf_counter() - started)
     return asyncio.run(main())
 
 
