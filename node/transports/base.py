@@ -31,10 +31,10 @@ class Transport(abc.ABC):
              now: float = 0.0) -> bool:
         """Send frames to the peer at ``address``.
 
-        Returns False when the frames could neither be sent nor queued (the
-        bounded queue is full, or ``on_give_up`` is None and the peer is not
-        ready).  A queued send that cannot go out before its deadline calls
-        ``on_give_up(reason)``.
+        Returns False when the frames could neither be sent nor queued (no
+        link can be made, or the bounded queue is full).  A queued send that
+        cannot go out before its deadline is counted as failed and
+        ``on_give_up(reason)`` is called when given.
         """
 
     @abc.abstractmethod

@@ -63,6 +63,7 @@ class ZmqTransport(Transport):
         self._metrics = metrics
         self._deadline_s = queue_deadline_s
         self._links: dict[str, _PeerLink] = {}
+        self._queued = 0  # sends waiting in all links' queues
         self._subscribed: set[str] = set()
         self._pub_seq = 0
         self._last_seq: dict[bytes, int] = {}
@@ -139,25 +140,23 @@ class ZmqTransport(Transport):
              now: float = 0.0) -> bool:
         link = self.connect(address)
         if link is None:
-            self._metrics.peer_send_failed()
-            if on_give_up is not None:
-                on_give_up(f"cannot open a link to {address!r}")
-            return False
-        if on_give_up is None:
-            # Best effort (replies, gossip, status): order does not matter, so
-            # they need not wait behind queued forwards.
-            if self._try_send(link, frames):
-                return True
-            self._metrics.peer_send_failed()
+            self._give_up(on_give_up, f"cannot open a link to {address!r}")
             return False
         if not link.queue and self._try_send(link, frames):
             return True
         if len(link.queue) >= PEER_QUEUE_MAX:
-            self._metrics.peer_send_failed()
-            on_give_up(f"queue to {address} is full")
+            self._give_up(on_give_up, f"queue to {address} is full")
             return False
+        # A link connects asynchronously: the first messages to a new peer (the
+        # gossip that announces it, say) wait here for it rather than be lost.
         link.queue.append((now + self._deadline_s, frames, on_give_up))
+        self._queued += 1
         return True
+
+    def _give_up(self, on_give_up: OnGiveUp | None, reason: str) -> None:
+        self._metrics.peer_send_failed()
+        if on_give_up is not None:
+            on_give_up(reason)
 
     def _try_send(self, link: _PeerLink, frames: Sequence[bytes]) -> bool:
         try:
@@ -169,7 +168,7 @@ class ZmqTransport(Transport):
 
     @property
     def has_queued(self) -> bool:
-        return any(link.queue for link in self._links.values())
+        return self._queued > 0
 
     def retry(self, now: float) -> None:
         """Send what waited for a link; give up on what waited past its deadline."""
@@ -179,18 +178,20 @@ class ZmqTransport(Transport):
                 deadline, frames, on_give_up = queue[0]
                 if self._try_send(link, frames):
                     queue.popleft()
+                    self._queued -= 1
                 elif deadline <= now:
                     queue.popleft()
+                    self._queued -= 1
                     link.failed += 1
-                    self._metrics.peer_send_failed()
-                    on_give_up(f"peer {link.address} unreachable")
+                    self._give_up(on_give_up, f"peer {link.address} unreachable")
                 else:
                     break
 
     def _give_up_all(self, link: _PeerLink, reason: str) -> None:
         while link.queue:
             _, _, on_give_up = link.queue.popleft()
-            on_give_up(reason)
+            self._queued -= 1
+            self._give_up(on_give_up, reason)
 
     # Multicast -------------------------------------------------------------
 
