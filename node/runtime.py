@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 import zmq
 
+import core_cy
 from protocols import wire
 from protocols.effects import MembersChanged, Send, SetTimer
 from protocols.membership import Member, Membership, MembershipError
@@ -477,6 +478,7 @@ class Node:
             "forwarded": snap.get("forwarded", 0),
             "members": len(self.members),
             "uptime_s": round(time.monotonic() - self._started_at, 3),
+            "kernels": core_cy.IMPLEMENTATION,
             "reachable": True,
         }
 

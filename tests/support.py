@@ -35,7 +35,8 @@ class NodeProcess:
     """One ``synthesis-node`` process on loopback ports of its own."""
 
     def __init__(self, name: str, log_dir: Path, seeds: tuple[str, ...] = (),
-                 args: tuple[str, ...] = (), metrics: bool = False):
+                 args: tuple[str, ...] = (), metrics: bool = False,
+                 env: dict[str, str] | None = None):
         self.name = name
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -50,7 +51,7 @@ class NodeProcess:
             cmd += ["--seed", seed]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=child_env(), cwd=str(REPO))
+                                     env=child_env(**(env or {})), cwd=str(REPO))
 
     def client(self, timeout_s: float = 5.0) -> Client:
         return Client(self.address, timeout_s=timeout_s)
