@@ -159,13 +159,16 @@ def _run_command(client: Client, args: argparse.Namespace) -> Any:
 
 def format_status(status: dict) -> str:
     """The cluster status as a table, one row per node."""
-    header = ("NODE", "ADDRESS", "STATE", "AGENTS", "RECEIVED", "HANDLED", "FORWARDED", "ERRORS")
+    header = ("NODE", "ADDRESS", "STATE", "AGENTS", "RECEIVED", "HANDLED", "FORWARDED",
+              "ERRORS", "AGENT STATES")
     rows = [header]
     for m in status.get("members", []):
         state = "up" if m.get("reachable") else "unreachable"
+        by_state = ",".join(f"{k}:{v}" for k, v in sorted((m.get("agents_by_state") or {}).items()))
         rows.append((str(m.get("node", "")), str(m.get("address", "")), state,
                      *(str(m.get(k, "-")) for k in ("agents", "received", "handled",
-                                                     "forwarded", "errors"))))
+                                                     "forwarded", "errors")),
+                     by_state or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.append(f"{len(rows) - 1} node(s); answered by {status.get('node', '?')}")
