@@ -179,3 +179,19 @@ def test_sigterm_past_the_drain_deadline_answers_and_exits(node_factory):
     assert time.monotonic() - started < 8
     for r in results:
         assert isinstance(r, RemoteError) and r.code == "unavailable", r
+
+
+@pytest.mark.parametrize("taken", ["listen", "metrics"])
+def test_port_in_use_exits_one_with_a_message(node_factory, taken):
+    from support import free_port
+    first = node_factory(metrics=True)
+    listen = first.address if taken == "listen" else f"127.0.0.1:{free_port()}"
+    metrics = f"127.0.0.1:{first.metrics_port}" if taken == "metrics" else "off"
+    proc = subprocess.run([sys.executable, "-m", "node.cli", "--listen", listen,
+                           "--pub", f"127.0.0.1:{free_port()}", "--metrics", metrics],
+                          capture_output=True, text=True, timeout=30, env=child_env(),
+                          cwd=str(REPO))
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot start" in proc.stderr
+    with first.client() as c:  # the first node is unharmed
+        assert c.ping()["node"] == "n0"
