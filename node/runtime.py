@@ -78,6 +78,7 @@ class Node:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._stopping = False
+        self._closed = False  # sockets closed: late callbacks must not touch them
         self._pump_scheduled = False
         self._in_pump = False
         self._gossip_timer: asyncio.TimerHandle | None = None
@@ -177,6 +178,7 @@ class Node:
             self._finish_status(wait)
         self._loop.remove_reader(self._router.FD)
         self._loop.remove_reader(self._transport.sub.FD)
+        self._closed = True
         self._transport.stop(linger_ms=SHUTDOWN_LINGER_MS)
         self._router.close(linger=SHUTDOWN_LINGER_MS)
         self._ctx.term()
@@ -242,6 +244,8 @@ class Node:
     def _pump(self) -> None:
         """Drain the ROUTER and SUB sockets in batches; reschedule if more waits."""
         self._pump_scheduled = False
+        if self._closed:
+            return
         self._in_pump = True
         try:
             self._drain(self._router, self._on_router)
@@ -270,6 +274,19 @@ class Node:
             except Exception as exc:  # a bug must not take the node down
                 self.metrics.errored(ErrorCode.INTERNAL)
                 self.log.exception("dispatch_failed", error=repr(exc))
+                if sock is self._router:
+                    self._answer_internal(frames, exc)
+
+    def _answer_internal(self, frames: list[bytes], exc: Exception) -> None:
+        """Best effort: a client whose request met a bug still gets an answer."""
+        if len(frames) == 2 or (len(frames) == 3 and frames[1] == b""):
+            try:
+                rid = wire.decode_map(frames[-1], 1 << 62).get("id")
+            except WireError:
+                rid = None
+            rid = rid if type(rid) is str else None
+            self._send_route(tuple(frames[:-1]), wire.error(
+                rid, ErrorCode.INTERNAL, f"node error: {type(exc).__name__}", self.node_id))
 
     # ------------------------------------------------------------------ inbound
 
@@ -576,6 +593,9 @@ class Node:
         self._peer_send(origin, [PEER_MAGIC, OP_RPL, payload, *route])
 
     def _send_route(self, route: tuple, payload: bytes) -> None:
+        if self._closed:
+            self.metrics.peer_send_failed()
+            return
         send = self._router.send
         try:
             for frame in route:
@@ -591,6 +611,9 @@ class Node:
 
     def _peer_send(self, address: str, frames: list, give_up=None) -> bool:
         """Send to a peer now, or queue until its link is up (bounded in size and time)."""
+        if self._closed:
+            self.metrics.peer_send_failed()
+            return False
         ok = self._transport.send(address, frames, give_up, self._loop.time())
         self._ensure_retry()
         return ok
@@ -601,6 +624,8 @@ class Node:
 
     def _retry(self) -> None:
         self._retry_timer = None
+        if self._closed:
+            return
         self._transport.retry(self._loop.time())
         self._ensure_retry()
 

@@ -26,6 +26,10 @@ class Flaky(Agent):
     def refuse(self, data: Any) -> None:
         raise AgentError("bad_request", "refused on purpose")
 
+    @handler("unserialisable")
+    def unserialisable(self, data: Any) -> object:
+        return object()  # msgpack cannot carry this: the caller must still get an answer
+
     @handler("calls")
     def count(self, data: Any) -> dict:
         self.calls += 1

@@ -192,3 +192,11 @@ def test_group_membership_is_bounded_per_agent(node):
         with pytest.raises(RemoteError) as err:
             c.join("counter/joiner", "one-too-many")
         assert err.value.code == "overloaded"
+
+
+def test_unserialisable_handler_result_is_internal_and_agent_keeps_serving(node):
+    with node.client() as c:
+        with pytest.raises(RemoteError) as err:
+            c.call("flaky/weird", "unserialisable")
+        assert err.value.code == "internal"
+        assert c.call("flaky/weird", "calls") == {"calls": 1, "init": None}
