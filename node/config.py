@@ -85,7 +85,7 @@ class NodeConfig:
     mailbox_len_max: int = _opt(1024, "Messages queued per agent before 'overloaded'.", lo=1)
     agents_max: int = _opt(1000000, "Agents this node may hold active.", lo=1)
     max_hops: int = _opt(2, "Forwarding hops before a message is refused.", lo=1, hi=16)
-    handler_timeout_s: float = _opt(30.0, "Time a handler may run before it is cancelled.",
+    handler_timeout_s: float = _opt(30.0, "Time an async handler may run before it is cancelled (plain def handlers run to completion).",
                                     lo=0, lo_open=True)
     supervision: str = _opt("restart", "What a failed agent does.",
                             choices=("restart", "stop", "escalate"))
@@ -207,7 +207,7 @@ def _requirement(f: dataclasses.Field) -> str:
     if kind == "modules":
         return f"a list of at most {BEHAVIORS_MAX} dotted Python module names"
     if kind == "node_id":
-        return "a string without whitespace, at most 256 characters"
+        return "a string without whitespace, at most 255 characters"
     if m["choices"]:
         return "one of " + "|".join(m["choices"])
     noun = "an integer" if f.type in (int, "int") else "a number"
@@ -282,7 +282,7 @@ def _check_str(f: dataclasses.Field, value: Any) -> str:
         raise _bad(f.name, _requirement(f), value) from None
     if choices and text.lower() not in choices:
         raise _bad(f.name, _requirement(f), value)
-    if kind == "node_id" and (len(text) > 256 or any(c.isspace() for c in text)):
+    if kind == "node_id" and (len(text) > 255 or any(c.isspace() for c in text)):
         raise _bad(f.name, _requirement(f), value)
     return text.lower() if choices else text
 

@@ -305,20 +305,7 @@ class Node:
             self.metrics.errored(ErrorCode.BAD_REQUEST)
 
     def _on_client(self, payload: bytes, route: tuple) -> None:
-        try:
-            req = wire.parse_request(payload, self._max_bytes)
-        except WireError as exc:
-            self.metrics.errored(exc.code)
-            self._send_route(route, wire.error(exc.request_id, exc.code, exc.message, self.node_id))
-            return
-        self.metrics.received(req.type)
-        reply_to = (_NO_REPLY if req.mode != wire.MODE_CALL
-                    else (None, route, req.raw.get("traceparent")))
-        if self._stopping:
-            self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE, "node is shutting down",
-                              req.type)
-            return
-        self._dispatch(req, payload, reply_to, 0)
+        self._accept(payload, None, route, 0)
 
     def _on_peer(self, frames: list[bytes]) -> None:
         op = frames[2]
@@ -341,14 +328,16 @@ class Node:
     def _on_forwarded(self, frames: list[bytes]) -> None:
         origin = frames[3].decode(errors="replace")  # the entry node's ROUTER endpoint
         hops = frames[4][0] if frames[4] else 0
-        payload = frames[5]
-        route = tuple(frames[6:])
+        self._accept(frames[5], origin, tuple(frames[6:]), hops)
+
+    def _accept(self, payload: bytes, origin: str | None, route: tuple, hops: int) -> None:
+        """Validate a request from a client (origin None) or forwarded by a peer."""
         try:
             req = wire.parse_request(payload, self._max_bytes)
         except WireError as exc:
             self.metrics.errored(exc.code)
-            self._send_reply((origin, route, None), wire.error(exc.request_id, exc.code,
-                                                                exc.message, self.node_id))
+            self._send_reply((origin, route, None),
+                             wire.error(exc.request_id, exc.code, exc.message, self.node_id))
             return
         self.metrics.received(req.type)
         reply_to = (_NO_REPLY if req.mode != wire.MODE_CALL
@@ -404,16 +393,22 @@ class Node:
             origin = self._endpoint
         frames = [PEER_MAGIC, OP_FWD, origin.encode(), bytes((hops + 1,)), payload, *route]
 
-        def give_up(reason: str) -> None:
-            if reply_to is not None:
-                self._forwards_waiting = max(0, self._forwards_waiting - 1)
-            self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE, reason, req.type)
+        # Replies come back through us only for our own clients' calls; count
+        # those so shutdown can wait for them.  Before sending: give_up may run
+        # inside the send.
+        ours = reply_to is not None and reply_to[0] is None
+
+        def give_up(code: str, reason: str) -> None:  # called once, on any failure
+            if ours:
+                self._forwards_waiting -= 1
+            self._reply_error(reply_to, req.id, code, reason, req.type)
+
+        if ours:
+            self._forwards_waiting += 1
 
         if self._peer_send(member.address, frames, give_up):
             self.metrics.forwarded(req.type)
             self.metrics.sent("forward")
-            if reply_to is not None:
-                self._forwards_waiting += 1
 
     def _handle_local(self, req: Request, reply_to: Any) -> None:
         agent_id = req.subject
@@ -585,6 +580,8 @@ class Node:
     def _send_reply(self, reply_to: tuple, payload: bytes) -> None:
         """reply_to is (origin endpoint or None for a local client, route frames, traceparent)."""
         origin, route, _ = reply_to
+        if not route:
+            return  # a forwarded one-way message: nobody to answer
         if origin is None or origin == self._endpoint:
             self._send_route(route, payload)
             return

@@ -48,7 +48,7 @@ def notify(message: str, environ: Mapping[str, str] | None = None) -> bool:
 
 
 def ready() -> bool:
-    """Tell systemd the node is serving (sockets bound, seeds contacted)."""
+    """Tell systemd the node is serving (sockets bound, first gossip to seeds sent or queued)."""
     return notify("READY=1")
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import abc
 from typing import Callable, Sequence
 
-# Called when a queued send is given up (peer unreachable past its deadline).
-OnGiveUp = Callable[[str], None]
+# Called with (error code, reason) when a send is given up: 'overloaded' when the
+# peer's queue is full (retrying later can help), 'unavailable' when the peer
+# cannot be reached before the send's deadline.
+OnGiveUp = Callable[[str, str], None]
 
 
 class Transport(abc.ABC):
@@ -34,7 +36,7 @@ class Transport(abc.ABC):
         Returns False when the frames could neither be sent nor queued (no
         link can be made, or the bounded queue is full).  A queued send that
         cannot go out before its deadline is counted as failed and
-        ``on_give_up(reason)`` is called when given.
+        ``on_give_up(code, reason)`` is called when given.
         """
 
     @abc.abstractmethod

@@ -22,10 +22,12 @@ from typing import Sequence
 
 import zmq
 
+from protocols.wire import ErrorCode
+
 from .base import OnGiveUp, Transport
 
 PEER_MAGIC = b"SYNP1"
-OP_FWD = b"FWD"        # [MAGIC, FWD, origin_id, hops(1 byte), envelope, *route]
+OP_FWD = b"FWD"        # [MAGIC, FWD, origin_endpoint, hops(1 byte), envelope, *route]
 OP_RPL = b"RPL"        # [MAGIC, RPL, reply_envelope, *route]
 OP_GOSSIP = b"GOSSIP"  # [MAGIC, GOSSIP, msgpack(membership message)]
 OP_STATQ = b"STATQ"    # [MAGIC, STATQ, origin_id, token]
@@ -140,12 +142,12 @@ class ZmqTransport(Transport):
              now: float = 0.0) -> bool:
         link = self.connect(address)
         if link is None:
-            self._give_up(on_give_up, f"cannot open a link to {address!r}")
+            self._give_up(on_give_up, ErrorCode.UNAVAILABLE, f"cannot open a link to {address!r}")
             return False
         if not link.queue and self._try_send(link, frames):
             return True
         if len(link.queue) >= PEER_QUEUE_MAX:
-            self._give_up(on_give_up, f"queue to {address} is full")
+            self._give_up(on_give_up, ErrorCode.OVERLOADED, f"queue to {address} is full")
             return False
         # A link connects asynchronously: the first messages to a new peer (the
         # gossip that announces it, say) wait here for it rather than be lost.
@@ -153,10 +155,10 @@ class ZmqTransport(Transport):
         self._queued += 1
         return True
 
-    def _give_up(self, on_give_up: OnGiveUp | None, reason: str) -> None:
+    def _give_up(self, on_give_up: OnGiveUp | None, code: str, reason: str) -> None:
         self._metrics.peer_send_failed()
         if on_give_up is not None:
-            on_give_up(reason)
+            on_give_up(code, reason)
 
     def _try_send(self, link: _PeerLink, frames: Sequence[bytes]) -> bool:
         try:
@@ -183,7 +185,8 @@ class ZmqTransport(Transport):
                     queue.popleft()
                     self._queued -= 1
                     link.failed += 1
-                    self._give_up(on_give_up, f"peer {link.address} unreachable")
+                    self._give_up(on_give_up, ErrorCode.UNAVAILABLE,
+                                  f"peer {link.address} unreachable")
                 else:
                     break
 
@@ -191,7 +194,7 @@ class ZmqTransport(Transport):
         while link.queue:
             _, _, on_give_up = link.queue.popleft()
             self._queued -= 1
-            self._give_up(on_give_up, reason)
+            self._give_up(on_give_up, ErrorCode.UNAVAILABLE, reason)
 
     # Multicast -------------------------------------------------------------
 
