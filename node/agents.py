@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import importlib
 import inspect
 import time
@@ -413,6 +414,20 @@ class AgentHost:
         act.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(functools.partial(self._turns_done, act, first))
+
+    def _turns_done(self, act: Activation, first: tuple, task: asyncio.Task) -> None:
+        """A turn task cancelled before its first step never ran its own cleanup
+        (stop or drain in the same loop pass): answer its first message here."""
+        if act.task is not task:
+            return  # _turns ran and cleaned up after itself
+        act.task = None
+        req, reply_to = first
+        self._fail(reply_to, req.id, ErrorCode.UNAVAILABLE,
+                   "agent stopped or node shut down before the handler started", req.type)
+        if not act.mailbox:
+            act.mailbox = None
+            self._queued.discard(act)
 
     async def _turns(self, agent_id: str, act: Activation, current: tuple) -> None:
         """Handle messages one at a time until the mailbox is empty."""

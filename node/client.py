@@ -200,6 +200,7 @@ class AsyncClient:
         # timeout are appended in order, so one sweep timer replaces a timer per call.
         self._deadlines: deque[tuple[float, str, tuple]] = deque()
         self._sweep_timer: asyncio.TimerHandle | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # calls with their own timeout
         self._outbox: deque[bytes] = deque()
         self._in_flight_max = in_flight_max
         self._slot_waiters: deque[asyncio.Future] = deque()
@@ -275,6 +276,9 @@ class AsyncClient:
             envelope = await future
         finally:
             self._pending.pop(rid, None)  # cancelled callers free their slot too
+            timer = self._timers.pop(rid, None) if self._timers else None
+            if timer is not None:
+                timer.cancel()
             if self._slot_waiters:
                 self._release_slot()
         return _result(envelope)
@@ -308,7 +312,8 @@ class AsyncClient:
                         timeout_s: float | None) -> None:
         what = (mtype, subject)  # formatted only if the call expires
         if timeout_s is not None and timeout_s != self.timeout_s:
-            self._loop.call_later(timeout_s, self._expire, rid, what, timeout_s)
+            self._timers[rid] = self._loop.call_later(timeout_s, self._expire, rid, what,
+                                                      timeout_s)
             return
         self._deadlines.append((self._loop.time() + self.timeout_s, rid, what))
         if self._sweep_timer is None:

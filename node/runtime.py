@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import signal
 import time
 from typing import Any
@@ -40,6 +41,7 @@ BATCH_MAX = 512            # messages read per socket per wake-up, for fairness
 RETRY_INTERVAL_S = 0.02    # how often queued peer sends are retried
 STATUS_WAITS_MAX = 256     # concurrent cluster-status collections
 SHUTDOWN_LINGER_MS = 500   # time given to last replies on close
+FORWARD_QUIET_S = 1.0      # shutdown stops waiting for forwarded replies after this silence
 
 _NO_REPLY = None
 # Plain ints: pyzmq's flag enums cost an enum construction per '|' on the hot path.
@@ -90,6 +92,7 @@ class Node:
         self._max_hops = config.max_hops
         self._endpoint = config.router_endpoint
         self._forwards_waiting = 0  # calls forwarded to owners whose reply has not come back
+        self._replies_routed = 0    # replies from owners passed back to our clients
 
     # ------------------------------------------------------------------ start/stop
 
@@ -168,8 +171,8 @@ class Node:
         systemd.stopping()
         deadline = self._loop.time() + self.config.shutdown_timeout_s
         refused = await self.host.drain(self.config.shutdown_timeout_s)
-        while self._forwards_waiting and self._loop.time() < deadline:
-            await asyncio.sleep(0.01)  # replies to calls we forwarded are still routed
+        await self._await_forwarded_replies(deadline)
+        self._transport.retry(math.inf)  # sends still queued: now or never (callers told)
         self._pump()  # answer what arrived meanwhile, flush replies
         for timer in (self._gossip_timer, self._retry_timer):
             if timer is not None:
@@ -185,6 +188,21 @@ class Node:
         if self._metrics_server is not None:
             self._metrics_server.stop()
         self.log.info("node_stopped", refused=refused)
+
+    async def _await_forwarded_replies(self, deadline: float) -> None:
+        """Route replies to calls we forwarded, until none is due or none arrives.
+
+        The count can only over-estimate (an owner that died holds replies that
+        never come), so stop waiting once replies stop arriving for a second.
+        """
+        quiet_since = self._loop.time()
+        seen = self._replies_routed
+        while self._forwards_waiting > 0 and self._loop.time() < deadline:
+            await asyncio.sleep(0.01)
+            if self._replies_routed != seen:
+                seen, quiet_since = self._replies_routed, self._loop.time()
+            elif self._loop.time() - quiet_since > FORWARD_QUIET_S:
+                break
 
     # ------------------------------------------------------------------ membership
 
@@ -313,6 +331,7 @@ class Node:
             self._on_forwarded(frames)
         elif op == OP_RPL and len(frames) >= 5:
             self._forwards_waiting = max(0, self._forwards_waiting - 1)
+            self._replies_routed += 1
             self._send_route(tuple(frames[4:]), frames[3])
             self.metrics.sent("reply")
         elif op == OP_GOSSIP and len(frames) == 4:
@@ -583,6 +602,8 @@ class Node:
         if not route:
             return  # a forwarded one-way message: nobody to answer
         if origin is None or origin == self._endpoint:
+            if origin is not None:  # a forward that came back to us: its reply is here
+                self._forwards_waiting = max(0, self._forwards_waiting - 1)
             self._send_route(route, payload)
             return
         # Replies go to the origin's address as given in FWD, so they do not

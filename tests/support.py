@@ -45,7 +45,9 @@ class NodeProcess:
         cmd = [sys.executable, "-m", "node.cli", "--node-id", name, "--listen", self.address,
                "--pub", f"127.0.0.1:{free_port()}",
                "--metrics", f"127.0.0.1:{self.metrics_port}" if metrics else "off",
-               "--gossip-interval-s", "0.2", "--status-timeout-s", "1.0",
+               # A generous status deadline: a member stalled on a busy machine
+               # would otherwise show up as unreachable, without its counts.
+               "--gossip-interval-s", "0.2", "--status-timeout-s", "3.0",
                "--behavior", "synthesis_test_behaviors", *args]
         for seed in seeds:
             cmd += ["--seed", seed]

@@ -162,3 +162,26 @@ def test_agents_max_refuses_new_activations():
         host.resolve("unit-turns/c")
     assert err.value.code == "overloaded"
     assert host.resolve("unit-turns/a") is not None  # existing ones still resolve
+
+
+def test_stop_in_the_same_loop_pass_as_delivery_still_answers():
+    async def main():
+        host, replies, errors = make_host()
+        act = host.resolve("unit-turns/a")
+        host.deliver("unit-turns/a", act, req("first", "work", {"n": 0, "sleep": 1}), ("to",))
+        host.deliver("unit-turns/a", act, req("second", "work", {"n": 1, "sleep": 1}), ("to",))
+        assert host.stop("unit-turns/a")  # before the turn task ever ran
+        await asyncio.sleep(0.01)
+        assert sorted(errors) == [("first", "unavailable"), ("second", "unavailable")]
+        assert replies == []
+    asyncio.run(main())
+
+
+def test_drain_before_the_first_turn_ran_still_answers():
+    async def main():
+        host, replies, errors = make_host()
+        act = host.resolve("unit-turns/a")
+        host.deliver("unit-turns/a", act, req("first", "work", {"n": 0, "sleep": 1}), ("to",))
+        await host.drain(0)
+        assert errors == [("first", "unavailable")]
+    asyncio.run(main())

@@ -83,3 +83,29 @@ def test_restarted_node_rejoins_at_a_new_address(cluster, tmp_path):
     with n1.client() as c:
         agent = _agent_owned_by(c, "n2", "reborn")
         assert c.call(agent, "incr") == {"value": 1}
+
+
+def test_sigterm_answers_calls_still_waiting_for_a_dead_owner(tmp_path):
+    import asyncio
+    from node.client import AsyncClient
+    c2 = Cluster(2, tmp_path, args=("--shutdown-timeout-s", "0.3"))
+    try:
+        n0, n1 = c2.nodes
+        with n0.client() as c:
+            on_n1 = _agent_owned_by(c, "n1", "orphan")
+        n1.kill()
+
+        async def main():
+            async with AsyncClient(n0.address, timeout_s=10) as c:
+                call = asyncio.ensure_future(c.call(on_n1, "incr"))
+                await asyncio.sleep(0.05)  # the forward now waits in n0's peer queue
+                n0.signal(signal.SIGTERM)
+                return await asyncio.gather(call, return_exceptions=True)
+
+        started = time.monotonic()
+        (result,) = asyncio.run(main())
+        assert isinstance(result, RemoteError) and result.code == "unavailable", result
+        assert time.monotonic() - started < 5
+        assert n0.proc.wait(10) == 0
+    finally:
+        c2.close()

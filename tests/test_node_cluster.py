@@ -185,7 +185,12 @@ def test_ctl_send_and_publish_arrive_before_the_command_exits(cluster3):
         c.spawn("member", "member/ctl-pub", init={"group": "ctl-room"})
     done = ctl("publish", "ctl-room", "note", '"hello"')
     assert done.returncode == 0, done.stderr
+    # The publish reached the entry node before ctl exited; the member may live on
+    # another node, reached over PUB/SUB, which is not ordered with calls.
+    deadline = time.monotonic() + 10
     with node.client() as c:
-        assert c.call("member/ctl-pub", "seen") == {"seen": ["hello"]}
+        while c.call("member/ctl-pub", "seen") != {"seen": ["hello"]}:
+            assert time.monotonic() < deadline, "published note never arrived"
+            time.sleep(0.05)
     out = ctl("status", "--json")
     assert out.returncode == 0 and '"members"' in out.stdout

@@ -73,7 +73,7 @@ def test_full_mailbox_answers_overloaded(node_factory):
 
     async def main():
         async with AsyncClient(node.address, timeout_s=10) as c:
-            calls = [c.call("slow/one", "sleep", {"s": 0.3}) for _ in range(10)]
+            calls = [c.call("slow/one", "sleep", {"s": 0.6}) for _ in range(10)]
             return await asyncio.gather(*calls, return_exceptions=True)
 
     results = asyncio.run(main())
@@ -85,9 +85,9 @@ def test_full_mailbox_answers_overloaded(node_factory):
 
 
 def test_slow_async_handler_times_out(node_factory):
-    node = node_factory("--handler-timeout-s", "0.2")
+    node = node_factory("--handler-timeout-s", "1.0")
     with node.client() as c:
-        assert _code(c.call, "slow/t", "sleep", {"s": 2}) == "timeout"
+        assert _code(c.call, "slow/t", "sleep", {"s": 5}) == "timeout"
         assert c.call("slow/t", "sleep", {"s": 0.01})["done"] == 1
         assert c.call("slow/t", "blocking") == {"ok": True}
 
