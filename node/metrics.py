@@ -49,6 +49,8 @@ _PLAIN_COUNTERS = (
     ("multicast_dropped", "multicast_dropped_total",
      "Multicast messages missed, detected as sequence gaps."),
     ("peer_send_failures", "peer_send_failures_total", "Sends to peers that failed."),
+    ("client_send_failures", "client_send_failures_total",
+     "Replies to clients that could not be sent (client gone, or its queue full)."),
 )
 
 
@@ -138,6 +140,9 @@ class NodeMetrics:
 
     def peer_send_failed(self) -> None:
         self._plain["peer_send_failures"] += 1
+
+    def client_send_failed(self) -> None:
+        self._plain["client_send_failures"] += 1
 
     def set_gauges(self, fn: Callable[[], dict[str, float]]) -> None:
         """Register the function read at scrape time for gauges (agents_active, ...).

@@ -584,46 +584,52 @@ class Node:
             self._reply_error(reply_to, request_id, ErrorCode.INTERNAL,
                               f"reply is not msgpack-serialisable: {exc}", "")
             return
-        self._send_reply(reply_to, payload)
-        self.metrics.sent("reply")
+        if self._send_reply(reply_to, payload):
+            self.metrics.sent("reply")
 
     def _reply_error(self, reply_to: Any, request_id: str | None, code: str, message: str,
                      mtype: str) -> None:
         self.metrics.errored(code, mtype)
         if reply_to is None:
             return
-        self._send_reply(reply_to, wire.error(request_id, code, message, self.node_id,
-                                              reply_to[2]))
-        self.metrics.sent("error")
+        if self._send_reply(reply_to, wire.error(request_id, code, message, self.node_id,
+                                                 reply_to[2])):
+            self.metrics.sent("error")
 
-    def _send_reply(self, reply_to: tuple, payload: bytes) -> None:
-        """reply_to is (origin endpoint or None for a local client, route frames, traceparent)."""
+    def _send_reply(self, reply_to: tuple, payload: bytes) -> bool:
+        """Send (or queue, for a remote origin) one reply; False if it was dropped.
+
+        reply_to is (origin endpoint or None for a local client, route frames, traceparent).
+        """
         origin, route, _ = reply_to
         if not route:
-            return  # a forwarded one-way message: nobody to answer
+            return False  # a forwarded one-way message: nobody to answer
         if origin is None or origin == self._endpoint:
             if origin is not None:  # a forward that came back to us: its reply is here
                 self._forwards_waiting = max(0, self._forwards_waiting - 1)
-            self._send_route(route, payload)
-            return
+            return self._send_route(route, payload)
         # Replies go to the origin's address as given in FWD, so they do not
         # depend on our member view having caught up with the origin's.
-        self._peer_send(origin, [PEER_MAGIC, OP_RPL, payload, *route])
+        return self._peer_send(origin, [PEER_MAGIC, OP_RPL, payload, *route])
 
-    def _send_route(self, route: tuple, payload: bytes) -> None:
+    def _send_route(self, route: tuple, payload: bytes) -> bool:
+        """Send a payload to a client through the ROUTER; False if it was dropped."""
         if self._closed:
-            self.metrics.peer_send_failed()
-            return
+            self.metrics.client_send_failed()
+            return False
         send = self._router.send
+        sent = True
         try:
             for frame in route:
                 send(frame, _SNDMORE_NOBLOCK)
             send(payload, _NOBLOCK)
         except zmq.ZMQError:  # client gone (EHOSTUNREACH) or its queue is full
-            self.metrics.peer_send_failed()
+            self.metrics.client_send_failed()
+            sent = False
         if not self._in_pump:
             # A send outside the pump can consume the FD's edge: look again.
             self._schedule_pump()
+        return sent
 
     # ------------------------------------------------------------------ timers, gauges
 

@@ -58,6 +58,8 @@ def test_scrape_over_http_reports_counters(server):
     m.agent_failed()
     m.multicast_dropped(5)
     m.peer_send_failed()
+    m.client_send_failed()
+    m.client_send_failed()
     status, content_type, text = get(srv.port, "/metrics")
     assert status == 200 and content_type.startswith("text/plain")
     got = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -75,6 +77,7 @@ def test_scrape_over_http_reports_counters(server):
     assert got[("synthesis_agents_failed_total", ())] == 1
     assert got[("synthesis_multicast_dropped_total", ())] == 5
     assert got[("synthesis_peer_send_failures_total", ())] == 1
+    assert got[("synthesis_client_send_failures_total", ())] == 2
     assert got[("synthesis_process_resident_memory_bytes", ())] > 0
     assert got[("synthesis_process_cpu_seconds_total", ())] > 0
     assert got[("synthesis_process_threads", ())] >= 2
@@ -83,7 +86,7 @@ def test_scrape_over_http_reports_counters(server):
     assert m.snapshot() == {"received": 4, "handled": 1, "sent": 1, "forwarded": 1,
                             "errors": 2, "agents_activated": 1, "agents_restarted": 1,
                             "agents_failed": 1, "multicast_dropped": 5,
-                            "peer_send_failures": 1}
+                            "peer_send_failures": 1, "client_send_failures": 2}
 
 
 def test_histogram_buckets_are_cumulative():
