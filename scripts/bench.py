@@ -98,57 +98,58 @@ def raw_one_way(n: int) -> float:
     return n / max(elapsed, total)
 
 
+class RawEcho:
+    """A raw pyzmq ROUTER echo server in its own process, and a DEALER connected to it."""
+
+    def __enter__(self) -> zmq.Socket:
+        port = free_port()
+        ctx = mp.get_context("spawn")
+        ready, self._stop = ctx.Event(), ctx.Event()
+        self._proc = ctx.Process(target=_raw_echo, args=(port, ready, self._stop))
+        self._proc.start()
+        ready.wait(10)
+        self._sock = zmq.Context.instance().socket(zmq.DEALER)
+        self._sock.connect(f"tcp://127.0.0.1:{port}")
+        return self._sock
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._proc.join(10)
+        self._sock.close(linger=0)
+
+
+def _ping(i: int) -> bytes:
+    return msgpack.packb({"v": 1, "id": str(i), "type": "ping", "subject": "echo/x", "data": i})
+
+
 def raw_pipelined(n: int, window: int) -> float:
     """Raw round trips/s with ``window`` requests outstanding (the in-flight baseline)."""
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    ready, stop = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_raw_echo, args=(port, ready, stop))
-    proc.start()
-    ready.wait(10)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.connect(f"tcp://127.0.0.1:{port}")
-    sent = got = 0
-    started = time.perf_counter()
-    while got < n:
-        while sent < n and sent - got < window:
-            sock.send(msgpack.packb({"v": 1, "id": str(sent), "type": "ping",
-                                     "subject": "echo/x", "data": sent}))
-            sent += 1
-        sock.poll(1000)
-        while True:
-            try:
-                msgpack.unpackb(sock.recv(zmq.NOBLOCK))
-            except zmq.Again:
-                break
-            got += 1
-    rate = n / (time.perf_counter() - started)
-    stop.set()
-    proc.join(10)
-    sock.close(linger=0)
-    return rate
+    with RawEcho() as sock:
+        sent = got = 0
+        started = time.perf_counter()
+        while got < n:
+            while sent < n and sent - got < window:
+                sock.send(_ping(sent))
+                sent += 1
+            sock.poll(1000)
+            while True:
+                try:
+                    msgpack.unpackb(sock.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                got += 1
+        return n / (time.perf_counter() - started)
 
 
 def raw_round_trip(n: int) -> tuple[list[float], float]:
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    ready, stop = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_raw_echo, args=(port, ready, stop))
-    proc.start()
-    ready.wait(10)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.connect(f"tcp://127.0.0.1:{port}")
     samples = []
-    for i in range(n + 200):
-        t0 = time.perf_counter()
-        sock.send(msgpack.packb({"v": 1, "id": str(i), "type": "ping", "subject": "echo/x",
-                                 "data": i}))
-        msgpack.unpackb(sock.recv())
-        if i >= 200:  # warm-up
-            samples.append(time.perf_counter() - t0)
-    stop.set()
-    proc.join(10)
-    sock.close(linger=0)
+    with RawEcho() as sock:
+        for i in range(n + 200):
+            t0 = time.perf_counter()
+            sock.send(_ping(i))
+            msgpack.unpackb(sock.recv())
+            if i >= 200:  # warm-up
+                samples.append(time.perf_counter() - t0)
     return samples, n / sum(samples)
 
 
