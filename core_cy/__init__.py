@@ -25,14 +25,7 @@ from ._common import (
     replica_id,
 )
 
-_KERNEL_NAMES = (
-    "gcounter_merge",
-    "pncounter_merge",
-    "vclock_merge",
-    "vclock_compare",
-    "orset_merge",
-    "lwwmap_merge",
-)
+_KERNEL_NAMES = tuple(_crdtmerge_py.__all__)  # the twin defines the kernel set
 _RING_NAMES = ("HashRing", "xxh64", "key_hash", "node_points")
 
 

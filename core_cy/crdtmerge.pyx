@@ -61,6 +61,15 @@ cdef inline int _ascending(const u64* ids, Py_ssize_t n, str name) except -1:
     return 0
 
 
+cdef int _check_clocks(a_ids, a_counts, b_ids, b_counts) except -1:
+    """Shared input checks of the (ids, counts) kernels: equal lengths, ascending ids."""
+    _same_len(len(a_ids), len(a_counts), "a")
+    _same_len(len(b_ids), len(b_counts), "b")
+    _ascending(_col(a_ids, "a_ids"), len(a_ids), "a_ids")
+    _ascending(_col(b_ids, "b_ids"), len(b_ids), "b_ids")
+    return 0
+
+
 cdef inline int _dots_ascending(const u64* r, const u64* c, Py_ssize_t n, str name) except -1:
     cdef Py_ssize_t i
     for i in range(1, n):
@@ -81,10 +90,7 @@ def gcounter_merge(a_ids, a_counts, b_ids, b_counts):
     cdef u64* bi = _col(b_ids, "b_ids")
     cdef u64* bc = _col(b_counts, "b_counts")
     cdef Py_ssize_t na = len(a_ids), nb = len(b_ids)
-    _same_len(na, len(a_counts), "a")
-    _same_len(nb, len(b_counts), "b")
-    _ascending(ai, na, "a_ids")
-    _ascending(bi, nb, "b_ids")
+    _check_clocks(a_ids, a_counts, b_ids, b_counts)
     cdef array.array out_i = _new(na + nb), out_c = _new(na + nb)
     cdef u64* oi = out_i.data.as_ulonglongs
     cdef u64* oc = out_c.data.as_ulonglongs
@@ -169,10 +175,7 @@ def vclock_compare(a_ids, a_counts, b_ids, b_counts):
     cdef u64* bi = _col(b_ids, "b_ids")
     cdef u64* bc = _col(b_counts, "b_counts")
     cdef Py_ssize_t na = len(a_ids), nb = len(b_ids)
-    _same_len(na, len(a_counts), "a")
-    _same_len(nb, len(b_counts), "b")
-    _ascending(ai, na, "a_ids")
-    _ascending(bi, nb, "b_ids")
+    _check_clocks(a_ids, a_counts, b_ids, b_counts)
     cdef bint a_gt = False, b_gt = False
     cdef Py_ssize_t i = 0, j = 0
     while i < na and j < nb and not (a_gt and b_gt):

@@ -374,38 +374,33 @@ cdef class HashRing:
         return out
 
 
+cdef inline void _sift_down(uint64_t* a, Py_ssize_t root, Py_ssize_t end) noexcept nogil:
+    """Restore the max-heap property below ``root`` within ``a[:end]``."""
+    cdef Py_ssize_t child
+    cdef uint64_t tmp
+    while 2 * root + 1 < end:
+        child = 2 * root + 1
+        if child + 1 < end and a[child] < a[child + 1]:
+            child += 1
+        if a[root] < a[child]:
+            tmp = a[root]; a[root] = a[child]; a[child] = tmp
+            root = child
+        else:
+            return
+
+
 cdef void _sort_u64(uint64_t* a, Py_ssize_t n) noexcept nogil:
     """In-place heap sort (n is small: one node's points)."""
-    cdef Py_ssize_t start, end, root, child
+    cdef Py_ssize_t start, end
     cdef uint64_t tmp
     if n < 2:
         return
     start = (n - 2) // 2
-    while True:
-        root = start
-        while 2 * root + 1 < n:
-            child = 2 * root + 1
-            if child + 1 < n and a[child] < a[child + 1]:
-                child += 1
-            if a[root] < a[child]:
-                tmp = a[root]; a[root] = a[child]; a[child] = tmp
-                root = child
-            else:
-                break
-        if start == 0:
-            break
+    while start >= 0:
+        _sift_down(a, start, n)
         start -= 1
     end = n - 1
     while end > 0:
         tmp = a[0]; a[0] = a[end]; a[end] = tmp
-        root = 0
-        while 2 * root + 1 < end:
-            child = 2 * root + 1
-            if child + 1 < end and a[child] < a[child + 1]:
-                child += 1
-            if a[root] < a[child]:
-                tmp = a[root]; a[root] = a[child]; a[child] = tmp
-                root = child
-            else:
-                break
+        _sift_down(a, 0, end)
         end -= 1
