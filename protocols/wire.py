@@ -44,6 +44,22 @@ TYPE_LEN_MAX = 128
 SUBJECT_LEN_MAX = 512
 TTL_MAX = 8
 
+# Decoding bounds.  msgpack itself refuses a container header that claims more
+# elements than the frame has bytes (before allocating), and strings longer
+# than the frame, so sizes are bounded by max_message_bytes; nesting is bounded
+# by msgpack's fixed parse stack.
+NESTING_MAX = 1024       # containers inside one another, the envelope map included
+# A frame that cannot be decoded (too large, or malformed) is still searched
+# for the top-level attributes that say how to answer it: its id, mode and
+# traceparent.  The search is bounded: for an oversize frame only its first
+# PEEK_BYTES_MAX bytes are looked at (nothing is decoded for a frame over the
+# limit), at most PEEK_KEYS_MAX top-level keys are looked at, and values of
+# other keys are skipped, never decoded.
+PEEK_BYTES_MAX = 4096
+PEEK_KEYS_MAX = 64
+PEEK_STR_BYTES_MAX = 1024  # longer id/mode/traceparent strings are not read
+_PEEK_FIELDS = {b"id": "id", b"mode": "mode", b"traceparent": "traceparent"}
+
 
 class ErrorCode:
     """Stable error codes.  Never renumbered or renamed; new ones may be added."""
@@ -64,15 +80,27 @@ class ErrorCode:
 class WireError(Exception):
     """A request that cannot be served, with its stable code.
 
-    ``request_id`` is the id of the offending request when it could be read, so
-    the error reply can still be correlated by the client.
+    What could still be read of the offending request travels with the error,
+    so the node can answer it the way the request asked: ``request_id`` (the
+    ``id``, when it was a str of 1..ID_LEN_MAX characters) lets a pipelining
+    client match the error; ``mode`` (when it was one of MODES) decides
+    whether an answer is wanted at all; ``traceparent`` (when it was a str)
+    is copied into the error.
     """
 
-    def __init__(self, code: str, message: str, request_id: str | None = None):
+    def __init__(self, code: str, message: str, request_id: str | None = None,
+                 mode: str | None = None, traceparent: str | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.mode = mode
+        self.traceparent = traceparent
+
+    @property
+    def one_way(self) -> bool:
+        """True when the request was readably ``send`` or ``publish``: it gets no reply."""
+        return self.mode == MODE_SEND or self.mode == MODE_PUBLISH
 
 
 class Request:
@@ -110,29 +138,82 @@ def encode(envelope: dict) -> bytes:
 def decode_map(frame: bytes, max_bytes: int) -> dict:
     """Bytes -> envelope map, or WireError(bad_request / too_large).
 
-    The size check comes after decoding (when the frame decodes) so that even a
-    too-large request gets an error reply its sender can correlate.
+    The size is checked first: an oversize frame is never decoded (decoding
+    costs CPU and memory in proportion to the frame, up to ~70 bytes of Python
+    objects per byte).  Its error still carries the id, mode and traceparent
+    when they are found in its first PEEK_BYTES_MAX bytes.
     """
+    if len(frame) > max_bytes:
+        raise _unreadable(frame[:PEEK_BYTES_MAX], ErrorCode.TOO_LARGE,
+                          f"message of {len(frame)} bytes exceeds {max_bytes}")
     try:
         envelope = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except msgpack.StackError:
+        raise _unreadable(frame, ErrorCode.BAD_REQUEST,
+                          f"not a msgpack document: nesting deeper than {NESTING_MAX} "
+                          f"levels") from None
     except Exception as exc:  # msgpack raises several unrelated exception types
-        if len(frame) > max_bytes:
-            raise WireError(ErrorCode.TOO_LARGE,
-                            f"message of {len(frame)} bytes exceeds {max_bytes}") from None
-        raise WireError(ErrorCode.BAD_REQUEST, f"not a msgpack document: {exc}") from None
+        detail = str(exc) or type(exc).__name__
+        raise _unreadable(frame, ErrorCode.BAD_REQUEST,
+                          f"not a msgpack document: {detail}") from None
     if not isinstance(envelope, dict):
         raise WireError(ErrorCode.BAD_REQUEST,
                         f"envelope must be a map, got {type(envelope).__name__}")
-    if len(frame) > max_bytes:
-        raise WireError(ErrorCode.TOO_LARGE,
-                        f"message of {len(frame)} bytes exceeds {max_bytes}",
-                        _readable_id(envelope))
     return envelope
 
 
 def parse_request(frame: bytes, max_bytes: int) -> Request:
     """Bytes -> validated Request, or WireError with the stable code."""
     return validate_request(decode_map(frame, max_bytes))
+
+
+def _unreadable(frame: bytes, code: str, message: str) -> WireError:
+    """The error for a frame that was not decoded, with what a peek could read."""
+    return _refusal(peek(frame), code, message)
+
+
+def peek(frame: bytes) -> dict[str, str]:
+    """The top-level ``id``, ``mode`` and ``traceparent`` strings of a frame that
+    may not decode as a whole (trailing bytes, a bad key or value elsewhere, too
+    deep, cut short).  Bounded work: at most PEEK_KEYS_MAX keys are looked at;
+    keys are compared as raw bytes, other values skipped in C without building
+    objects.  Returns only the fields it could read, as str.
+    """
+    found: dict[str, str] = {}
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(frame), 1))
+    unpacker.feed(frame)
+    try:
+        pairs = unpacker.read_map_header()
+        for _ in range(min(pairs, PEEK_KEYS_MAX)):
+            field = _PEEK_FIELDS.get(_short_str_at(frame, unpacker.tell(), 16))
+            unpacker.skip()  # the key
+            if field is not None and _short_str_at(frame, unpacker.tell(),
+                                                   PEEK_STR_BYTES_MAX) is not None:
+                found[field] = unpacker.unpack()  # last one wins, as in a decoded map
+            else:
+                unpacker.skip()
+    except Exception:  # anything unreadable ends the search; keep what was found
+        pass
+    return found
+
+
+def _short_str_at(frame: bytes, pos: int, bytes_max: int) -> bytes | None:
+    """The raw bytes of the msgpack str at ``pos`` if it is at most ``bytes_max``
+    bytes long and wholly inside the frame, else None."""
+    if pos >= len(frame):
+        return None
+    head = frame[pos]
+    if 0xa0 <= head <= 0xbf:
+        start, size = pos + 1, head & 0x1f
+    elif head == 0xd9 and pos + 1 < len(frame):
+        start, size = pos + 2, frame[pos + 1]
+    elif head == 0xda and pos + 2 < len(frame):
+        start, size = pos + 3, int.from_bytes(frame[pos + 1:pos + 3], "big")
+    else:  # str32 is never short; anything else is not a str
+        return None
+    if size > bytes_max or start + size > len(frame):
+        return None
+    return frame[start:start + size]
 
 
 def _readable_id(envelope: dict) -> str | None:
@@ -142,53 +223,62 @@ def _readable_id(envelope: dict) -> str | None:
     return None
 
 
-def _bad(message: str, request_id: str | None) -> WireError:
-    return WireError(ErrorCode.BAD_REQUEST, message, request_id)
+def _refusal(env: dict, code: str, message: str) -> WireError:
+    """A WireError carrying what could be read of the request ``env``."""
+    mode = env.get("mode")
+    traceparent = env.get("traceparent")
+    return WireError(code, message, _readable_id(env),
+                     mode if type(mode) is str and mode in MODES else None,
+                     traceparent if type(traceparent) is str else None)
+
+
+def _bad(message: str, env: dict) -> WireError:
+    return _refusal(env, ErrorCode.BAD_REQUEST, message)
 
 
 def validate_request(env: dict) -> Request:
     """Check a decoded request map; the hot path, so plain checks in a row."""
     rid = env.get("id")
     if type(rid) is not str or not 0 < len(rid) <= ID_LEN_MAX:
-        raise _bad(f"'id' must be a string of 1..{ID_LEN_MAX} characters", None)
+        raise _bad(f"'id' must be a string of 1..{ID_LEN_MAX} characters", env)
     version = env.get("v")
     if type(version) is not int or version != VERSION:  # True == 1 and 1.0 == 1 in Python
-        raise _bad(f"unsupported protocol version {version!r}; this node speaks {VERSION}", rid)
+        raise _bad(f"unsupported protocol version {version!r}; this node speaks {VERSION}", env)
     mtype = env.get("type")
     if type(mtype) is not str or not 0 < len(mtype) <= TYPE_LEN_MAX:
-        raise _bad(f"'type' must be a string of 1..{TYPE_LEN_MAX} characters", rid)
+        raise _bad(f"'type' must be a string of 1..{TYPE_LEN_MAX} characters", env)
     mode = env.get("mode")
     if mode is None:  # absent or nil: many serializers write nil for unset fields
         mode = MODE_CALL
     elif type(mode) is not str or mode not in MODES:
-        raise _bad(f"'mode' must be one of {sorted(MODES)}", rid)
+        raise _bad(f"'mode' must be one of {sorted(MODES)}", env)
     subject = env.get("subject")
     if subject is None:
         if mtype not in NODE_TYPES:
-            raise _bad("'subject' (the agent id or group) is required", rid)
+            raise _bad("'subject' (the agent id or group) is required", env)
     elif type(subject) is not str or not 0 < len(subject) <= SUBJECT_LEN_MAX:
-        raise _bad(f"'subject' must be a string of 1..{SUBJECT_LEN_MAX} characters", rid)
+        raise _bad(f"'subject' must be a string of 1..{SUBJECT_LEN_MAX} characters", env)
     ttl = env.get("ttl")
     if ttl is not None and (type(ttl) is not int or not 0 <= ttl <= TTL_MAX):
-        raise _bad(f"'ttl' must be an integer 0..{TTL_MAX}", rid)
+        raise _bad(f"'ttl' must be an integer 0..{TTL_MAX}", env)
     if mtype.startswith(SYSTEM_PREFIX):
-        _validate_system(mtype, mode, env, rid)
+        _validate_system(mtype, mode, env)
     return Request(rid, mtype, subject, mode, env.get("data"), ttl, env)
 
 
-def _validate_system(mtype: str, mode: str, env: dict, rid: str) -> None:
+def _validate_system(mtype: str, mode: str, env: dict) -> None:
     if mtype not in SYSTEM_TYPES:
-        raise WireError(ErrorCode.UNKNOWN_TYPE, f"unknown system type {mtype!r}", rid)
+        raise _refusal(env, ErrorCode.UNKNOWN_TYPE, f"unknown system type {mtype!r}")
     if mode == MODE_PUBLISH:
-        raise _bad(f"{mtype} cannot be published", rid)
+        raise _bad(f"{mtype} cannot be published", env)
     data = env.get("data")
     if mtype == TYPE_SPAWN:
         if not isinstance(data, dict) or type(data.get("behavior")) is not str:
-            raise _bad("syn.spawn needs data {'behavior': str, 'init': any}", rid)
+            raise _bad("syn.spawn needs data {'behavior': str, 'init': any}", env)
     elif mtype in (TYPE_JOIN, TYPE_LEAVE):
         group = data.get("group") if isinstance(data, dict) else None
         if type(group) is not str or not 0 < len(group) <= SUBJECT_LEN_MAX:
-            raise _bad(f"{mtype} needs data {{'group': str}}", rid)
+            raise _bad(f"{mtype} needs data {{'group': str}}", env)
 
 
 def request(rid: str, mtype: str, subject: str | None = None, data: Any = None,

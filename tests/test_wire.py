@@ -333,13 +333,22 @@ def test_truncated_msgpack_is_bad_request(env, data):
     frame = wire.encode(env)
     cut = data.draw(st.integers(0, len(frame) - 1))
     err = wire_error(frame[:cut])
-    assert (err.code, err.request_id) == (ErrorCode.BAD_REQUEST, None)
+    assert err.code == ErrorCode.BAD_REQUEST
+    assert err.request_id in (None, env["id"])  # the id, when the cut left it whole
+
+
+def test_truncated_after_the_id_keeps_the_id():
+    frame = wire.encode(base(data="x" * 50))
+    err = wire_error(frame[:-10])
+    assert (err.code, err.request_id, err.mode) == (ErrorCode.BAD_REQUEST, "req-1", "call")
 
 
 @FAST
 @given(valid_requests, st.binary(min_size=1, max_size=20))
-def test_trailing_bytes_are_bad_request(env, junk):
-    assert wire_error(wire.encode(env) + junk).code == ErrorCode.BAD_REQUEST
+def test_trailing_bytes_are_bad_request_with_the_id(env, junk):
+    err = wire_error(wire.encode(env) + junk)
+    assert (err.code, err.request_id) == (ErrorCode.BAD_REQUEST, env["id"])
+    assert err.mode == env.get("mode") and err.traceparent == env.get("traceparent")
 
 
 @FAST
@@ -356,7 +365,9 @@ def test_non_map_envelope_is_bad_request(value):
     msgpack.packb({None: 1}),
 ])
 def test_non_string_map_keys_are_bad_request(frame):
-    assert wire_error(frame).code == ErrorCode.BAD_REQUEST
+    err = wire_error(frame)
+    assert err.code == ErrorCode.BAD_REQUEST
+    assert err.request_id == ("a" if b"\xa2id\xa1a" in frame else None)
 
 
 FIELDS = ["v", "id", "type", "subject", "mode", "data", "ttl", "source", "re", "vclock"]
@@ -396,3 +407,176 @@ def test_protocol_doc_examples_are_exact():
     ast.parse(client)
     assert "import synthesis" not in client and "from node" not in client
     assert "Agent placement hash" in text
+
+
+# ------------------------------------------------------------------ what a refused request still tells
+# A refused request's error carries its id (so a pipelining client can match it),
+# its mode (a one-way request gets no reply) and its traceparent, whenever each
+# was readable at the top level of the envelope (docs/PROTOCOL.md section 2.3).
+
+def _frame(*pairs: tuple[bytes, bytes]) -> bytes:
+    """A msgpack map written by hand: (raw key, raw value) pairs, so it may be malformed."""
+    assert len(pairs) < 16
+    return bytes((0x80 | len(pairs),)) + b"".join(k + v for k, v in pairs)
+
+
+def _s(text: str) -> bytes:
+    return msgpack.packb(text)
+
+
+TOP = [(_s("v"), b"\x01"), (_s("id"), _s("req-1")), (_s("type"), _s("get")),
+       (_s("subject"), _s("counter/a")), (_s("traceparent"), _s(TRACEPARENT))]
+DEEP = b"\x91" * wire.NESTING_MAX + b"\x80"  # one level more than msgpack's parse stack
+
+
+@pytest.mark.parametrize("frame, why", [
+    (_frame(*TOP, (b"\x07", _s("int key"))), "int key at the top level"),
+    (_frame(*TOP, (_s("data"), b"\x81\x01\x02")), "int key inside data"),
+    (_frame(*TOP, (_s("source"), b"\xa2\xff\xfe")), "invalid UTF-8 in source"),
+    (_frame(*TOP, (_s("data"), DEEP)), "nesting too deep"),
+    (_frame(*TOP) + b"\x00", "trailing bytes"),
+    (_frame(*TOP, (_s("data"), b"\xc1")), "reserved byte"),
+    (_frame(*TOP, (_s("data"), b"\xdd\xff\xff\xff\xff")), "array header claiming 4G elements"),
+    (_frame(*TOP, (_s("data"), b"\xa5ab")), "cut short"),
+])
+def test_undecodable_envelope_error_keeps_id_and_traceparent(frame, why):
+    err = wire_error(frame)
+    assert err.code == ErrorCode.BAD_REQUEST, why
+    assert (err.request_id, err.traceparent, err.mode) == ("req-1", TRACEPARENT, None), why
+    assert not err.one_way
+    env = msgpack.unpackb(wire.error(err.request_id, err.code, err.message, "n",
+                                     err.traceparent))
+    assert (env["id"], env["re"], env["traceparent"]) == ("req-1", "req-1", TRACEPARENT)
+
+
+def test_deep_nesting_is_named_in_the_message():
+    err = wire_error(_frame(*TOP, (_s("data"), DEEP)))
+    assert f"nesting deeper than {wire.NESTING_MAX} levels" in err.message
+
+
+def test_nesting_bound_is_exact():
+    # The envelope map, then NESTING_MAX - 2 arrays, then a map: NESTING_MAX levels.
+    at_bound = b"\x91" * (wire.NESTING_MAX - 2) + b"\x80"
+    assert wire.parse_request(_frame(*TOP, (_s("data"), at_bound)), BIG).data is not None
+    err = wire_error(_frame(*TOP, (_s("data"), b"\x91" + at_bound)))
+    assert "nesting deeper" in err.message
+
+
+@pytest.mark.parametrize("pairs, readable", [
+    ([(_s("id"), _s("")), (b"\x07", b"\x00")], {}),                        # id too short
+    ([(_s("id"), _s("x" * (wire.ID_LEN_MAX + 1))), (b"\x07", b"\x00")], {}),  # too long
+    ([(_s("id"), b"\x07"), (b"\x07", b"\x00")], {}),                        # not a str
+    ([(_s("id"), b"\xa2\xff\xfe"), (b"\x07", b"\x00")], {}),                # invalid UTF-8
+    ([(b"\x07", b"\x00"), (_s("id"), _s("late"))], {"request_id": "late"}),  # after a bad key
+    ([(_s("traceparent"), b"\x07"), (_s("id"), _s("i")), (b"\x07", b"\x00")],
+     {"request_id": "i"}),                                                # traceparent not a str
+    ([(_s("mode"), _s("shout")), (_s("id"), _s("i")), (b"\x07", b"\x00")],
+     {"request_id": "i"}),                                                # not a mode
+])
+def test_only_readable_attributes_are_kept(pairs, readable):
+    err = wire_error(_frame(*pairs))
+    expected = {"request_id": None, "mode": None, "traceparent": None, **readable}
+    assert {k: getattr(err, k) for k in expected} == expected
+
+
+def test_peek_looks_at_a_bounded_number_of_keys():
+    def frame_with_id_after(keys: int) -> bytes:
+        env = {f"k{i}": 0 for i in range(keys)}
+        env["id"] = "z"
+        return msgpack.packb(env) + b"\x00"  # trailing byte: only the peek reads it
+    assert wire.peek(frame_with_id_after(wire.PEEK_KEYS_MAX - 1)) == {"id": "z"}
+    assert wire.peek(frame_with_id_after(wire.PEEK_KEYS_MAX)) == {}
+
+
+def test_peek_of_non_maps_finds_nothing():
+    for frame in (b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb("id"), b"\x81"):
+        assert wire.peek(frame) == {}
+
+
+# ------------------------------------------------------------------ oversize frames are not decoded
+
+ATTACK_BYTES = 4 * 1024 * 1024
+
+
+def _empty_maps_payload(rid: str | None, count: int, **top: str) -> bytes:
+    """An envelope whose data is an array of ``count`` empty maps (1 byte each)."""
+    head = {"v": 1, "type": "echo", "subject": "echo/x", **top}
+    if rid is not None:
+        head["id"] = rid
+    prefix = msgpack.packb(head)
+    header = bytes((prefix[0] + 1,)) + prefix[1:] + _s("data")  # one more pair: data
+    return header + b"\xdd" + count.to_bytes(4, "big") + b"\x80" * count
+
+
+def test_oversize_frame_is_refused_without_decoding_it():
+    """4 MiB of empty maps decoded to ~300 MB of dicts before the size check
+    (issue 6 #10).  Counted in bytes, not time: the refusal allocates almost nothing."""
+    import tracemalloc
+    frame = _empty_maps_payload("big", ATTACK_BYTES, mode="call", traceparent=TRACEPARENT)
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError) as info:
+            wire.parse_request(frame, 1 << 20)
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_bytes < 64 * 1024, peak_bytes  # decoding it would take ~300 MB
+    err = info.value
+    assert (err.code, err.request_id, err.mode, err.traceparent) == (
+        ErrorCode.TOO_LARGE, "big", "call", TRACEPARENT)
+
+
+def test_oversize_frame_is_refused_even_when_it_would_not_decode():
+    frame = _frame(*TOP, (_s("data"), b"\xc4\xff" + b"\x00" * 5000))  # bin 8 cut short too
+    err = wire_error(frame, max_bytes=1000)
+    assert (err.code, err.request_id, err.traceparent) == (
+        ErrorCode.TOO_LARGE, "req-1", TRACEPARENT)
+
+
+def test_oversize_frame_id_beyond_the_peek_window_is_not_read():
+    env = {"v": 1, "type": "put", "subject": "kv/a", "data": "x" * wire.PEEK_BYTES_MAX,
+           "id": "late", "mode": "send"}
+    err = wire_error(wire.encode(env), max_bytes=wire.PEEK_BYTES_MAX)
+    assert (err.code, err.request_id, err.mode) == (ErrorCode.TOO_LARGE, None, None)
+    assert not err.one_way  # the node cannot know it was one-way: it answers
+
+
+# ------------------------------------------------------------------ the send-mode rule
+# A request readably in mode send or publish never gets a reply, whatever is
+# wrong with it; the node counts the error.  WireError.one_way says which.
+
+@pytest.mark.parametrize("mode", [wire.MODE_SEND, wire.MODE_PUBLISH])
+@pytest.mark.parametrize("overrides, code", [
+    ({"v": 2}, ErrorCode.BAD_REQUEST),
+    ({"id": ""}, ErrorCode.BAD_REQUEST),
+    ({"type": 7}, ErrorCode.BAD_REQUEST),
+    ({"subject": ""}, ErrorCode.BAD_REQUEST),
+    ({"ttl": 99}, ErrorCode.BAD_REQUEST),
+    ({"type": "syn.explode"}, ErrorCode.UNKNOWN_TYPE),
+    ({"type": wire.TYPE_SPAWN, "data": 5}, ErrorCode.BAD_REQUEST),
+    ({"type": wire.TYPE_JOIN, "data": {"group": ""}}, ErrorCode.BAD_REQUEST),
+    ({"type": wire.TYPE_STOP}, ErrorCode.BAD_REQUEST),  # send: fine; publish: refused
+])
+def test_one_way_requests_are_refused_without_reply(mode, overrides, code):
+    env = base(mode=mode, traceparent=TRACEPARENT, **overrides)
+    try:
+        parse(env)
+    except WireError as err:
+        assert err.code == code
+        assert err.one_way and err.mode == mode and err.traceparent == TRACEPARENT
+    else:
+        assert (mode, overrides) == (wire.MODE_SEND, {"type": wire.TYPE_STOP})
+
+
+@pytest.mark.parametrize("mode", [wire.MODE_SEND, wire.MODE_PUBLISH])
+def test_one_way_mode_is_read_from_undecodable_and_oversize_frames(mode):
+    frame = wire.encode(base(mode=mode, data="x" * 100))
+    assert wire_error(frame + b"\x00").one_way
+    assert wire_error(frame, max_bytes=len(frame) - 1).one_way
+
+
+@pytest.mark.parametrize("mode", [None, wire.MODE_CALL, "shout", 7, ["send"]])
+def test_requests_not_readably_one_way_are_answered(mode):
+    env = base(mode=mode, v=2)
+    assert not wire_error(env).one_way
+    assert not wire_error(wire.encode(env) + b"\x00").one_way
