@@ -26,3 +26,13 @@ class MembersChanged:
     """The member set changed; ``members`` maps node id -> Member."""
 
     members: dict
+
+
+@dataclass(frozen=True, slots=True)
+class Refuted:
+    """Someone claimed our node id (at ``claimed_address`` with ``claimed_generation``);
+    we took ``generation`` and told every member.  The node logs it loudly."""
+
+    claimed_address: str
+    claimed_generation: int
+    generation: int

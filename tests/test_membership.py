@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocols.effects import MembersChanged, Send, SetTimer
+from protocols.effects import MembersChanged, Refuted, Send, SetTimer
 from protocols.membership import MEMBERS_MAX, Member, Membership, MembershipError
 from protocols.sim import NetworkConfig, Simulator
 
@@ -83,19 +83,93 @@ def test_higher_generation_wins_lower_is_ignored():
     a = machine(0)
     a.receive(gossip(member(1, generation=1)), 0.0)
     restarted = Member("node-0001", "tcp://10.9.9.9:7400", "tcp://10.9.9.9:7401", 2)
-    effects = a.receive(gossip(restarted), 1.0)
+    # A restart at a new address is announced by the member itself.
+    effects = a.receive(gossip(restarted, sender="node-0001"), 1.0)
     assert changed(effects)[0].members["node-0001"] == restarted
     assert a.members["node-0001"] == restarted
-    assert a.receive(gossip(member(1, generation=1)), 2.0) == []
+    assert changed(a.receive(gossip(member(1, generation=1)), 2.0)) == []
     assert a.members["node-0001"] == restarted
 
 
-def test_self_is_never_overwritten():
+def test_self_is_never_overwritten_and_is_refuted():
     a = machine(0)
     impostor = Member("node-0000", "tcp://6.6.6.6:1", "tcp://6.6.6.6:2", 99)
-    assert a.receive(gossip(impostor), 0.0) == []
-    assert a.members["node-0000"] == member(0)
-    assert a.gossip_message()["members"] == [member(0).to_wire()]
+    a.receive(gossip(member(1)), 0.0)
+    effects = a.receive(gossip(impostor), 0.5)
+    [refuted] = [e for e in effects if isinstance(e, Refuted)]
+    assert refuted == Refuted("tcp://6.6.6.6:1", 99, 100)
+    assert a.members["node-0000"] == Member("node-0000", addr(0), member(0).pub_address, 100)
+    # Every member hears the refutation at once, not only a random fanout.
+    assert [s.address for s in sends(effects)] == [addr(1)]
+    assert a.gossip_message()["members"][0] == a.members["node-0000"].to_wire()
+
+
+def test_refutation_is_rate_limited_to_one_per_interval():
+    a = machine(0)
+    claim = lambda g: gossip(Member("node-0000", "tcp://6.6.6.6:1", "tcp://6.6.6.6:2", g))
+    assert a.receive(claim(50), 0.0)
+    assert a.receive(claim(60), 0.5) == []      # within the interval: no message storm
+    assert a.receive(claim(70), INTERVAL_S + 0.1)
+    assert a.members["node-0000"].generation == 71
+
+
+def test_stale_claims_about_us_are_ignored():
+    a = machine(0, generation=10)
+    assert a.receive(gossip(Member("node-0000", "tcp://6.6.6.6:1", "tcp://6.6.6.6:2", 9)), 0.0) == []
+    assert a.members["node-0000"].generation == 10
+
+
+def test_our_old_self_with_a_higher_generation_is_outgrown():
+    """A clock stepped back makes a restarted node's generation smaller than its old
+    self's: it takes the old one plus one instead of losing to it."""
+    a = machine(0, generation=5)
+    effects = a.receive(gossip(member(0, generation=9)), 0.0)
+    assert a.members["node-0000"].generation == 10
+    assert [e for e in effects if isinstance(e, Refuted)]
+
+
+def test_generation_from_the_far_future_is_refused():
+    ahead_ns = 60 * 10**9
+    a = Membership(member(0), (), INTERVAL_S, wall_offset_ns=1_000, generation_ahead_max_ns=ahead_ns)
+    forged = Member("node-0001", addr(1), member(1).pub_address, 2**64 - 1)
+    assert a.receive(gossip(forged), 0.0) == []
+    assert a.refused_entries == 1 and "node-0001" not in a.members
+    # Exactly at the bound (clock 1_000 ns + 2 s of loop time + 60 s) is still accepted.
+    edge = Member("node-0001", addr(1), member(1).pub_address, 1_000 + 2 * 10**9 + ahead_ns)
+    assert changed(a.receive(gossip(edge), 2.0))
+    a.receive(gossip(Member("node-0002", addr(2), "tcp://x:1", 1_000 + 2 * 10**9 + ahead_ns + 1)), 2.0)
+    assert "node-0002" not in a.members and a.refused_entries == 2
+
+
+def test_address_change_is_accepted_only_from_the_member_itself():
+    a = machine(0)
+    a.receive(gossip(member(1)), 0.0)
+    moved = Member("node-0001", "tcp://6.6.6.6:7400", "tcp://6.6.6.6:7401", 2)
+    assert changed(a.receive(gossip(moved, sender="node-0002"), 1.0)) == []
+    assert a.members["node-0001"] == member(1) and a.refused_entries == 1
+    # Same address, newer generation: relaying is fine (a restart in place).
+    assert changed(a.receive(gossip(member(1, generation=3), sender="node-0002"), 1.0))
+
+
+def test_a_member_behind_a_forged_entry_is_told_so_it_can_refute():
+    """n1's id was taken (at 6.6.6.6) while n1 was away; n1 comes back announcing its
+    real address with an older generation.  We tell n1 what we hold; n1 refutes, and its
+    refutation wins everywhere."""
+    a, n1 = machine(0), machine(1, generation=5)
+    forged = Member("node-0001", "tcp://6.6.6.6:7400", "tcp://6.6.6.6:7401", 40)
+    a.receive(gossip(forged, sender="node-0001"), 0.0)
+    effects = a.receive(n1.gossip_message(), 0.1)
+    [tell] = sends(effects)
+    assert tell.address == addr(1) and changed(effects) == []
+    refutation = n1.receive(tell.message, 0.2)
+    assert [e for e in refutation if isinstance(e, Refuted)]
+    [back] = [s for s in sends(refutation) if s.address == addr(0)]
+    a.receive(back.message, 0.3)
+    assert a.members["node-0001"].address == addr(1)
+    assert a.members["node-0001"].generation == 41
+    # Telling is rate-limited: a flood of self-announcements costs one message a period.
+    a.receive(gossip(forged, sender="node-0001"), 0.4)
+    assert sends(a.receive(gossip(member(1, generation=5), sender="node-0001"), 0.5)) == []
 
 
 def test_tick_before_due_only_rearms_timer():
@@ -188,10 +262,10 @@ def test_merge_is_order_independent_on_generation_ties():
     one = Member("node-0005", "tcp://10.1.1.1:7400", "tcp://10.1.1.1:7401", 3)
     two = Member("node-0005", "tcp://10.2.2.2:7400", "tcp://10.2.2.2:7401", 3)
     x, y = machine(0), machine(1)
-    x.receive(gossip(one), 0.0)
-    x.receive(gossip(two), 0.0)
-    y.receive(gossip(two), 0.0)
-    y.receive(gossip(one), 0.0)
+    x.receive(gossip(one, sender="node-0005"), 0.0)
+    x.receive(gossip(two, sender="node-0005"), 0.0)
+    y.receive(gossip(two, sender="node-0005"), 0.0)
+    y.receive(gossip(one, sender="node-0005"), 0.0)
     assert x.members["node-0005"] == y.members["node-0005"]
 
 
