@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib.metadata
 import json
+import math
 import os
 import sys
 import threading
 from typing import Any
 
+import msgpack
 import zmq
 
 from . import config as config_mod
@@ -18,18 +21,62 @@ from . import logs
 from .agents import BehaviorError
 from .client import CallTimeout, Client, RemoteError
 
-EXIT_USAGE = 2
-EXIT_REMOTE_ERROR = 1
-EXIT_TIMEOUT = 3
+EXIT_REMOTE_ERROR = 1   # ctl: the node answered with an error; node: cannot start
+EXIT_USAGE = 2          # a bad argument, config value or behavior module
+EXIT_TIMEOUT = 3        # ctl: no reply within --timeout
+
+PROBE_TIMEOUT_S = 1.0   # after a timeout, how long a ping may take to tell "node down" apart
+INT_MIN = -(1 << 63)    # msgpack carries integers in INT_MIN..UINT_MAX
+UINT_MAX = (1 << 64) - 1
+
+NODE_EPILOG = """\
+Behavior modules (--behavior) are imported with the working directory first on the
+import path, as `python -m` does: `synthesis-node --behavior mybehaviors` finds
+./mybehaviors.py.
+
+exit codes:
+  0  stopped cleanly (SIGTERM or SIGINT)
+  1  cannot start: an address or the metrics port is taken, ...
+  2  bad argument, config value or behavior module
+"""
+
+CTL_EPILOG = """\
+exit codes:
+  0  success
+  1  the node answered with an error, printed as 'error CODE: message'
+  2  bad argument (one line on stderr names it)
+  3  no reply within --timeout: nothing answered at --node, or the agent did not
+     reply in time
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that reports a bad argument in one line and exits 2,
+    instead of printing the whole usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks (the exit-code table)."""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("synthesis")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (package metadata not installed)"
 
 
 # ---------------------------------------------------------------------------- node
 
 
 def node_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="synthesis-node",
+    parser = _Parser(
+        prog="synthesis-node", epilog=NODE_EPILOG, formatter_class=_HelpFormatter,
         description="Run a Synthesis node: hosts agents and routes messages across the cluster.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     config_mod.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -40,6 +87,7 @@ def node_main(argv: list[str] | None = None) -> int:
     logs.configure(cfg.log_level, cfg.log_format, cfg.resolved_node_id)
     from .runtime import Node  # after logging is set up
 
+    _working_dir_on_path()
     try:
         asyncio.run(Node(cfg).serve())
     except BehaviorError as exc:
@@ -52,6 +100,16 @@ def node_main(argv: list[str] | None = None) -> int:
         pass
     _exit_past_blocked_threads()
     return 0
+
+
+def _working_dir_on_path() -> None:
+    """Put the working directory first on the import path, as ``python -m`` does, so
+    ``--behavior mybehaviors`` finds ./mybehaviors.py.  The console script's own
+    sys.path[0] is its bin directory, where no behavior lives.  Done after the node's
+    own imports, so a local file cannot shadow one of its dependencies."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def _exit_past_blocked_threads() -> None:
@@ -67,13 +125,60 @@ def _exit_past_blocked_threads() -> None:
 # ---------------------------------------------------------------------------- ctl
 
 
-def _json_arg(text: str | None) -> Any:
-    if text is None:
-        return None
+def _address_arg(text: str) -> str:
+    """--node: HOST:PORT (or tcp://HOST:PORT) with a port in 1..65535."""
     try:
-        return json.loads(text)
+        host, port = config_mod.split_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be HOST:PORT with port 1..65535, got {text!r}") from None
+    return f"{host}:{port}"
+
+
+def _timeout_arg(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return seconds
+
+
+def _json_arg(text: str) -> Any:
+    """A JSON argument that msgpack can carry, or a one-line reason why not."""
+    try:
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"synthesis-ctl: data is not JSON: {exc}") from None
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError("not JSON this program can read: nested too "
+                                         "deeply") from None
+    too_big = _int_out_of_range(value)
+    if too_big is not None:
+        shown = str(too_big) if len(str(too_big)) <= 40 else str(too_big)[:37] + "..."
+        raise argparse.ArgumentTypeError(
+            f"integer {shown} does not fit in 64 bits (the wire carries -2**63..2**64-1)")
+    try:
+        msgpack.packb(value)
+    except (ValueError, TypeError, OverflowError, UnicodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot be sent: {exc}") from None
+    return value
+
+
+def _int_out_of_range(value: Any) -> int | None:
+    """The first integer in a decoded JSON value that msgpack cannot encode, or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, int) and not isinstance(item, bool) \
+                and not INT_MIN <= item <= UINT_MAX:
+            return item
+    return None
 
 
 def _common_options(defaults: bool) -> argparse.ArgumentParser:
@@ -82,51 +187,68 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
     After the command they default to SUPPRESS so they never overwrite a value
     given before it.  (A fresh parser each time: parents share action objects.)
     """
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     unset = argparse.SUPPRESS
-    common.add_argument("--node", default="127.0.0.1:7400" if defaults else unset,
-                        help="address of any node, HOST:PORT (default 127.0.0.1:7400)")
-    common.add_argument("--timeout", type=float, default=5.0 if defaults else unset,
-                        help="seconds to wait for a reply (default 5)")
+    common.add_argument("--node", type=_address_arg, metavar="HOST:PORT",
+                        default="127.0.0.1:7400" if defaults else unset,
+                        help="address of any node of the cluster (default: 127.0.0.1:7400)")
+    common.add_argument("--timeout", type=_timeout_arg, metavar="SECONDS",
+                        default=5.0 if defaults else unset,
+                        help="seconds to wait for a reply (default: 5)")
     common.add_argument("--json", action="store_true", default=False if defaults else unset,
                         help="machine-readable output")
     return common
 
 
+AGENT_HELP = ("agent id: BEHAVIOR/NAME, e.g. counter/alice; the first message activates "
+              "that behavior under that id on its owner node. An agent started with "
+              "'spawn' may have any id.")
+TYPE_HELP = ("message type: the name a @handler of the agent's behavior handles, e.g. "
+             "'incr' for counter (built-ins: echo takes any type; counter: incr, decr, "
+             "get; kv: put, get, delete, keys)")
+DATA_HELP = "message data as JSON (default: null)"
+
+
 def _ctl_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="synthesis-ctl", parents=[_common_options(True)],
-                                     description="Talk to a Synthesis cluster through any node.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="synthesis-ctl", parents=[_common_options(True)],
+                     epilog=CTL_EPILOG, formatter_class=_HelpFormatter,
+                     description="Talk to a Synthesis cluster through any node.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub_add = sub.add_parser
 
     def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return sub_add(name, parents=[_common_options(False)], **kwargs)
+        return sub_add(name, parents=[_common_options(False)], epilog=CTL_EPILOG,
+                       formatter_class=_HelpFormatter, description=kwargs.get("help"),
+                       **kwargs)
     sub.add_parser = add_parser
 
     p = sub.add_parser("call", help="call an agent and print its reply as JSON")
-    p.add_argument("agent")
-    p.add_argument("type")
-    p.add_argument("data", nargs="?", help="JSON data")
-    p = sub.add_parser("send", help="one-way message to an agent")
-    p.add_argument("agent")
-    p.add_argument("type")
-    p.add_argument("data", nargs="?")
+    p.add_argument("agent", help=AGENT_HELP)
+    p.add_argument("type", help=TYPE_HELP)
+    p.add_argument("data", nargs="?", type=_json_arg, help=DATA_HELP)
+    p = sub.add_parser("send", help="one-way message to an agent (no reply; prints 'sent')")
+    p.add_argument("agent", help=AGENT_HELP)
+    p.add_argument("type", help=TYPE_HELP)
+    p.add_argument("data", nargs="?", type=_json_arg, help=DATA_HELP)
     p = sub.add_parser("spawn", help="start an agent with a behavior")
-    p.add_argument("behavior")
-    p.add_argument("agent")
-    p.add_argument("init", nargs="?", help="JSON init data")
+    p.add_argument("behavior", help="behavior name, e.g. counter")
+    p.add_argument("agent", help="agent id, any string")
+    p.add_argument("init", nargs="?", type=_json_arg,
+                   help="JSON init data given to the agent's on_start (default: null)")
     p = sub.add_parser("stop", help="stop an agent")
-    p.add_argument("agent")
-    p = sub.add_parser("publish", help="one-way message to every member of a group")
-    p.add_argument("group")
-    p.add_argument("type")
-    p.add_argument("data", nargs="?")
+    p.add_argument("agent", help="agent id")
+    p = sub.add_parser("publish", help="one-way message to every member of a group, on "
+                                       "every node (no reply; prints 'published')")
+    p.add_argument("group", help="group name, as agents joined it")
+    p.add_argument("type", help="message type the members' behaviors handle")
+    p.add_argument("data", nargs="?", type=_json_arg, help=DATA_HELP)
     p = sub.add_parser("join", help="make an agent join a group")
-    p.add_argument("agent")
-    p.add_argument("group")
+    p.add_argument("agent", help="agent id")
+    p.add_argument("group", help="group name")
     p = sub.add_parser("leave", help="make an agent leave a group")
-    p.add_argument("agent")
-    p.add_argument("group")
+    p.add_argument("agent", help="agent id")
+    p.add_argument("group", help="group name")
     sub.add_parser("status", help="cluster status: nodes, agents per node, messages")
     sub.add_parser("ping", help="check that the node answers")
     return parser
@@ -135,17 +257,17 @@ def _ctl_parser() -> argparse.ArgumentParser:
 def _run_command(client: Client, args: argparse.Namespace) -> Any:
     cmd = args.command
     if cmd == "call":
-        return client.call(args.agent, args.type, _json_arg(args.data))
+        return client.call(args.agent, args.type, args.data)
     if cmd == "send":
-        client.send(args.agent, args.type, _json_arg(args.data))
+        client.send(args.agent, args.type, args.data)
         client.ping()  # same connection, in order: the node has the message when this returns
         return None
     if cmd == "spawn":
-        return client.spawn(args.behavior, args.agent, _json_arg(args.init))
+        return client.spawn(args.behavior, args.agent, args.init)
     if cmd == "stop":
         return client.stop(args.agent)
     if cmd == "publish":
-        client.publish(args.group, args.type, _json_arg(args.data))
+        client.publish(args.group, args.type, args.data)
         client.ping()
         return None
     if cmd == "join":
@@ -175,23 +297,55 @@ def format_status(status: dict) -> str:
     return "\n".join(lines)
 
 
+def _timeout_message(client: Client, args: argparse.Namespace) -> str:
+    """Say whether nothing answered at the address or only this request went unanswered.
+
+    send, publish and ping time out on a ping, so nothing answered; for the other
+    commands a short ping tells a stopped node from a slow agent."""
+    nothing = (f"error timeout: nothing answered at {args.node} within {args.timeout:g} s "
+               "(is a node running there?)")
+    if args.command in ("send", "publish", "ping"):
+        return nothing
+    try:
+        client.ping(timeout_s=min(args.timeout, PROBE_TIMEOUT_S))
+    except (CallTimeout, RemoteError):
+        return nothing
+    what = " ".join(str(part) for part in (args.command, getattr(args, "agent", None),
+                                           getattr(args, "type", None)) if part)
+    return (f"error timeout: {what}: no reply within {args.timeout:g} s "
+            f"(the node at {args.node} answers; the request did not finish in time)")
+
+
+def _print_result(args: argparse.Namespace, result: Any) -> None:
+    if args.command == "status" and not args.json:
+        print(format_status(result))
+    elif args.command in ("send", "publish"):
+        target = args.agent if args.command == "send" else f"group {args.group}"
+        verb = "sent" if args.command == "send" else "published"
+        print(json.dumps({"ok": True}) if args.json else f"{verb} to {target}")
+    else:
+        print(json.dumps(result, sort_keys=True, default=_json_default))
+
+
 def ctl_main(argv: list[str] | None = None) -> int:
     args = _ctl_parser().parse_args(argv)
-    client = Client(args.node, timeout_s=args.timeout)
+    try:
+        client = Client(args.node, timeout_s=args.timeout)
+    except zmq.ZMQError as exc:
+        print(f"synthesis-ctl: argument --node: cannot connect to {args.node!r}: {exc}",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         result = _run_command(client, args)
     except RemoteError as exc:
         print(f"error {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_REMOTE_ERROR
-    except CallTimeout as exc:
-        print(f"error timeout: {exc}", file=sys.stderr)
+    except CallTimeout:
+        print(_timeout_message(client, args), file=sys.stderr)
         return EXIT_TIMEOUT
     finally:
         client.close()
-    if args.command == "status" and not args.json:
-        print(format_status(result))
-    elif result is not None or args.command in ("call",):
-        print(json.dumps(result, sort_keys=True, default=_json_default))
+    _print_result(args, result)
     return 0
 
 

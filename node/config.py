@@ -78,7 +78,8 @@ class NodeConfig:
                         "listen port + 2000; 'off' disables.", kind="metrics")
     seeds: tuple[str, ...] = _opt((), "Addresses of nodes to join through (comma-separated "
                                   "in env).", kind="addresses")
-    behaviors: tuple[str, ...] = _opt((), "Python modules to import for agent behaviors.",
+    behaviors: tuple[str, ...] = _opt((), "Python modules to import for agent behaviors; "
+                                      "synthesis-node looks in its working directory first.",
                                       kind="modules")
     max_message_bytes: int = _opt(1048576, "Largest accepted envelope, bytes.", lo=64,
                                   hi=1 << 30)
@@ -357,7 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="PATH", default=None,
                         help=f"TOML config file (also ${CONFIG_ENV}).")
     for name, f in _FIELDS.items():
-        help_text = f"{f.metadata['help']} [{env_name(name)}]"
+        help_text = _flag_help(name, f)
         if name in _LIST_FLAGS:
             one, many = _LIST_FLAGS[name]
             parser.add_argument(one, dest=name, action="append", default=None,
@@ -365,8 +366,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(many, dest=name, action="append", default=None,
                                 metavar="A,B", help=f"Comma-separated form of {one}.")
         else:
+            choices = f.metadata["choices"]
+            metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
             parser.add_argument(flag_name(name), dest=name, default=None,
-                                metavar=name.upper(), help=help_text)
+                                metavar=metavar, help=help_text)
+
+
+def _flag_help(name: str, f: dataclasses.Field) -> str:
+    """A flag's --help line: what it does, its allowed values and default, its env var.
+    (The argparse default stays None, so the default is spelled out here.)"""
+    text = f.metadata["help"]
+    if f.metadata["choices"]:
+        text += " One of: " + ", ".join(f.metadata["choices"]) + "."
+    if f.default not in ("", ()):
+        text += f" Default: {f.default}."
+    return f"{text} [{env_name(name)}]"
 
 
 def _read_file(path: str) -> dict[str, Any]:
