@@ -1,29 +1,106 @@
-"""The behavior example in README.md works as written, in a real node."""
+"""The behavior example in README.md works exactly as the README says to run it:
+`synthesis-node --behavior mybehaviors` in a directory holding mybehaviors.py, with no
+PYTHONPATH, then `synthesis-ctl call greeter/ann greet '{"name": "Ann"}'`."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from node.client import RemoteError
-from support import REPO
+from node.client import CallTimeout, Client, RemoteError
+from support import REPO, START_TIMEOUT_S, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
+WRAPPER = """\
+#!{python}
+# The console script's shape when the package is not installed: sys.path[0] is this
+# script's directory, not the working directory.
+import sys
+sys.path.insert(1, {repo!r})
+from node.cli import {entry}
+sys.exit({entry}())
+"""
 
-def test_readme_behavior_example_runs_in_a_node(node_factory, tmp_path, monkeypatch):
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Writing a behavior", 1)[1]
+
+def readme_module() -> tuple[str, str]:
+    """(module name, code) of the README's "Writing a behavior" example."""
+    section = (REPO / "README.md").read_text().split("## Writing a behavior", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    (tmp_path / "readme_behaviors.py").write_text(code)
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # child_env() keeps it
-    node = node_factory("--behavior", "readme_behaviors")
-    with node.client() as c:
-        assert c.call("greeter/ann", "greet", {"name": "Ann"}) == {"text": "hello Ann", "count": 1}
-        assert c.call("greeter/ann", "greet", {"name": "Bo"})["count"] == 2
-        with pytest.raises(RemoteError) as err:
-            c.call("greeter/ann", "greet", {})
-        assert err.value.code == "bad_request"
-        reply = c.call("greeter/ann", "fingerprint", {"name": "Ann"})
-        assert len(reply["fingerprint"]) == 16 and reply["request"]
+    name = re.match(r"# (\w+)\.py\n", code).group(1)
+    assert f"--behavior {name}" in section, "the README runs the module it shows"
+    return name, code
+
+
+def command(name: str, tmp_path: Path) -> str:
+    """synthesis-node / synthesis-ctl as installed beside this Python, else a wrapper
+    with the same sys.path shape."""
+    installed = Path(sys.executable).parent / name
+    if installed.exists():
+        return str(installed)
+    if shutil.which(name):
+        return shutil.which(name)
+    entry = "node_main" if name == "synthesis-node" else "ctl_main"
+    path = tmp_path / name
+    path.write_text(WRAPPER.format(python=sys.executable, repo=str(REPO), entry=entry))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def wait_serving(proc: subprocess.Popen, address: str, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with Client(address, timeout_s=0.5) as c:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"node exited {proc.returncode}:\n{log.read_text()}"
+            try:
+                c.ping(timeout_s=0.3)
+                return
+            except CallTimeout:
+                pass
+    raise TimeoutError(f"node did not serve:\n{log.read_text()}")
+
+
+def test_readme_behavior_example_runs_as_written(tmp_path):
+    name, code = readme_module()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / f"{name}.py").write_text(code)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NOTIFY_SOCKET")}
+    address = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "node.log"
+    with open(log, "wb") as log_file:
+        node = subprocess.Popen(
+            [command("synthesis-node", tmp_path), "--behavior", name, "--listen", address,
+             "--pub", f"127.0.0.1:{free_port()}", "--metrics", "off"],
+            cwd=work, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_serving(node, address, log)
+        ctl = subprocess.run([command("synthesis-ctl", tmp_path), "--node", address,
+                              "call", "greeter/ann", "greet", '{"name": "Ann"}'],
+                             cwd=work, env=env, capture_output=True, text=True, timeout=30)
+        assert ctl.returncode == 0, ctl.stderr
+        assert json.loads(ctl.stdout) == {"text": "hello Ann", "count": 1}
+        with Client(address, timeout_s=10) as c:
+            assert c.call("greeter/ann", "greet", {"name": "Bo"})["count"] == 2
+            with pytest.raises(RemoteError) as err:
+                c.call("greeter/ann", "greet", {})
+            assert err.value.code == "bad_request"
+            reply = c.call("greeter/ann", "fingerprint", {"name": "Ann"})
+            assert len(reply["fingerprint"]) == 16 and reply["request"]
+    finally:
+        node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(10)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait(5)
