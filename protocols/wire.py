@@ -144,17 +144,17 @@ def decode_map(frame: bytes, max_bytes: int) -> dict:
     when they are found in its first PEEK_BYTES_MAX bytes.
     """
     if len(frame) > max_bytes:
-        raise _unreadable(frame[:PEEK_BYTES_MAX], ErrorCode.TOO_LARGE,
+        raise refusal(frame[:PEEK_BYTES_MAX], ErrorCode.TOO_LARGE,
                           f"message of {len(frame)} bytes exceeds {max_bytes}")
     try:
         envelope = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except msgpack.StackError:
-        raise _unreadable(frame, ErrorCode.BAD_REQUEST,
+        raise refusal(frame, ErrorCode.BAD_REQUEST,
                           f"not a msgpack document: nesting deeper than {NESTING_MAX} "
                           f"levels") from None
     except Exception as exc:  # msgpack raises several unrelated exception types
         detail = str(exc) or type(exc).__name__
-        raise _unreadable(frame, ErrorCode.BAD_REQUEST,
+        raise refusal(frame, ErrorCode.BAD_REQUEST,
                           f"not a msgpack document: {detail}") from None
     if not isinstance(envelope, dict):
         raise WireError(ErrorCode.BAD_REQUEST,
@@ -167,9 +167,10 @@ def parse_request(frame: bytes, max_bytes: int) -> Request:
     return validate_request(decode_map(frame, max_bytes))
 
 
-def _unreadable(frame: bytes, code: str, message: str) -> WireError:
-    """The error for a frame that was not decoded, with what a peek could read."""
-    return _refusal(peek(frame), code, message)
+def refusal(frame: bytes, code: str, message: str) -> WireError:
+    """The error for a frame that was not decoded, with what a peek could read:
+    its id, mode and traceparent when readable (see ``peek``)."""
+    return _refused(peek(frame), code, message)
 
 
 def peek(frame: bytes) -> dict[str, str]:
@@ -223,7 +224,7 @@ def _readable_id(envelope: dict) -> str | None:
     return None
 
 
-def _refusal(env: dict, code: str, message: str) -> WireError:
+def _refused(env: dict, code: str, message: str) -> WireError:
     """A WireError carrying what could be read of the request ``env``."""
     mode = env.get("mode")
     traceparent = env.get("traceparent")
@@ -233,7 +234,7 @@ def _refusal(env: dict, code: str, message: str) -> WireError:
 
 
 def _bad(message: str, env: dict) -> WireError:
-    return _refusal(env, ErrorCode.BAD_REQUEST, message)
+    return _refused(env, ErrorCode.BAD_REQUEST, message)
 
 
 def validate_request(env: dict) -> Request:
@@ -268,7 +269,7 @@ def validate_request(env: dict) -> Request:
 
 def _validate_system(mtype: str, mode: str, env: dict) -> None:
     if mtype not in SYSTEM_TYPES:
-        raise _refusal(env, ErrorCode.UNKNOWN_TYPE, f"unknown system type {mtype!r}")
+        raise _refused(env, ErrorCode.UNKNOWN_TYPE, f"unknown system type {mtype!r}")
     if mode == MODE_PUBLISH:
         raise _bad(f"{mtype} cannot be published", env)
     data = env.get("data")

@@ -200,3 +200,142 @@ def test_unserialisable_handler_result_is_internal_and_agent_keeps_serving(node)
             c.call("flaky/weird", "unserialisable")
         assert err.value.code == "internal"
         assert c.call("flaky/weird", "calls") == {"calls": 1, "init": None}
+
+
+# ------------------------------------------------------------------ correlation of refused requests
+# docs/PROTOCOL.md 2.3: an error carries re = id = the request id whenever the id
+# was readable, and the request's traceparent whenever it was a str.
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def _envelope_then(rid: str, *raw_pairs: bytes) -> bytes:
+    """A request map (id, traceparent, ...) followed by hand-written raw key/value pairs."""
+    head = {"v": 1, "id": rid, "type": "echo", "subject": "echo/x", "traceparent": TRACEPARENT}
+    packed = msgpack.packb(head)
+    return bytes((packed[0] + len(raw_pairs),)) + packed[1:] + b"".join(raw_pairs)
+
+
+@pytest.mark.parametrize("frame, code", [
+    (msgpack.packb({"v": 1, "id": "c1", "type": "get", "subject": "counter/a",
+                    "traceparent": TRACEPARENT}) + b"\x00", "bad_request"),   # trailing bytes
+    (_envelope_then("c2", b"\x07\x00"), "bad_request"),                      # int key at the top
+    (_envelope_then("c3", b"\xa4data\x81\x01\x02"), "bad_request"),          # int key in data
+    (_envelope_then("c4", b"\xa6source\xa2\xff\xfe"), "bad_request"),        # invalid UTF-8
+    (_envelope_then("c5", b"\xa4data" + b"\x91" * 2000 + b"\x80"), "bad_request"),  # too deep
+    (_envelope_then("c6", b"\xa4data\xc5" + (3 * MAX_BYTES).to_bytes(2, "big")
+                    + b"\x00" * (3 * MAX_BYTES)), "too_large"),
+    (msgpack.packb({"v": 2, "id": "c7", "type": "get", "subject": "counter/a",
+                    "traceparent": TRACEPARENT}), "bad_request"),            # decodes, invalid
+])
+def test_refused_requests_are_answered_with_their_id_and_traceparent(raw, frame, code):
+    reply = _exchange(raw, frame)
+    _assert_error(reply, code, reply["re"])
+    rid = reply["re"]
+    assert rid is not None and rid.startswith("c"), reply
+    assert reply["id"] == rid and reply["traceparent"] == TRACEPARENT, reply
+    _good(raw)
+
+
+def test_deep_nesting_error_says_so(raw):
+    reply = _exchange(raw, _envelope_then("deep", b"\xa4data" + b"\x91" * 2000 + b"\x80"))
+    assert "nesting deeper than 1024 levels" in reply["data"]["message"], reply
+
+
+def test_extra_frames_after_a_delimiter_are_answered_in_req_framing(raw, node):
+    raw.send_multipart([b"", b"one", b"two"])
+    assert raw.poll(5000), "no reply"
+    delimiter, body = raw.recv_multipart()
+    assert delimiter == b""
+    _assert_error(msgpack.unpackb(body, raw=False), "bad_request")
+    sock = zmq.Context.instance().socket(zmq.REQ)  # a REQ socket sees the error, not a hang
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{node.address}")
+    try:
+        sock.send_multipart([b"one", b"two"])
+        assert sock.poll(5000), "a REQ socket got no error for a two-frame request"
+        _assert_error(msgpack.unpackb(sock.recv(), raw=False), "bad_request")
+    finally:
+        sock.close()
+
+
+# ------------------------------------------------------------------ the send-mode rule
+# docs/PROTOCOL.md 3: a request whose mode reads "send" or "publish" never gets a
+# reply, whatever is wrong with it; each error is counted instead.  Each case
+# is followed by a call that the node handles after it (same socket, or same
+# agent mailbox), so an error reply, if any, would arrive first.
+
+def _errors(node) -> int:
+    with node.client() as c:
+        [me] = c.status()["members"]
+    return me["errors"]
+
+
+def _one_way(mode: str, mtype: str, subject: str | None, data=None, **extra) -> bytes:
+    env = {"v": 1, "id": f"ow-{mtype}", "type": mtype, "mode": mode, "data": data,
+           "traceparent": TRACEPARENT, **extra}
+    if subject is not None:
+        env["subject"] = subject
+    return msgpack.packb(env)
+
+
+# (why, envelope overrides, agent whose mailbox orders the follow-up call or None)
+SEND_CASES = [
+    ("unknown syn.* type", {"type": "syn.explode"}, "counter/sm"),
+    ("non-map spawn data", {"type": "syn.spawn", "data": 5}, "counter/sm"),
+    ("empty group", {"type": "syn.join", "data": {"group": ""}}, "counter/sm"),
+    ("unknown behavior", {"type": "syn.spawn", "subject": "sm-agent",
+                          "data": {"behavior": "nosuch"}}, None),
+    ("bad handler data", {"type": "incr", "data": {"n": "five"}}, "counter/sm"),
+    ("unknown agent", {"subject": "nosuchbehavior/x"}, None),
+    ("no such handler", {"type": "fly"}, "counter/sm"),
+    ("system type published", {"mode": "publish", "type": "syn.join", "subject": "g",
+                               "data": {"group": "g"}}, None),
+    ("bad version", {"v": 2}, None),
+    ("bad ttl", {"ttl": 99}, None),
+    ("no subject", {"subject": None}, None),
+]
+
+
+@pytest.mark.parametrize("why, overrides, then_agent", SEND_CASES,
+                         ids=[c[0].replace(" ", "-") for c in SEND_CASES])
+def test_one_way_requests_get_no_reply_and_errors_are_counted(node, raw, why, overrides,
+                                                              then_agent):
+    env = {"v": 1, "id": "one-way", "type": "get", "subject": "counter/sm", "mode": "send",
+           "traceparent": TRACEPARENT, **overrides}
+    env = {k: v for k, v in env.items() if v is not None}
+    before = _errors(node)
+    raw.send(msgpack.packb(env))
+    if then_agent is not None:  # the agent's mailbox handles the send first
+        after = {"v": 1, "id": "after", "type": "get", "subject": then_agent}
+    else:  # the node handled the send synchronously, before reading this
+        after = {"v": 1, "id": "after", "type": "syn.ping"}
+    reply = _exchange(raw, msgpack.packb(after))
+    assert reply["re"] == "after", f"{why}: the one-way request was answered: {reply}"
+    assert _errors(node) == before + 1, why
+
+
+def test_a_good_one_way_request_is_not_counted_as_an_error(node, raw):
+    before = _errors(node)
+    raw.send(_one_way("send", "incr", "counter/sm-ok"))
+    reply = _exchange(raw, msgpack.packb({"v": 1, "id": "after", "type": "get",
+                                          "subject": "counter/sm-ok"}))
+    assert reply["data"] == {"value": 1}
+    assert _errors(node) == before
+
+
+def test_oversize_send_is_not_answered_but_counted(node, raw):
+    before = _errors(node)
+    raw.send(_one_way("send", "put", "kv/big", {"key": "k", "value": "x" * (2 * MAX_BYTES)}))
+    reply = _exchange(raw, msgpack.packb({"v": 1, "id": "after", "type": "syn.ping"}))
+    assert reply["re"] == "after", reply
+    assert _errors(node) == before + 1
+
+
+def test_unreadable_mode_is_answered(raw):
+    # The mode is behind trailing garbage it cannot be read past: answered.
+    reply = _exchange(raw, b"\xc1" + _one_way("send", "get", "counter/a"))
+    _assert_error(reply, "bad_request")
+    # A mode that is no mode is not one-way: answered, with the id.
+    reply = _exchange(raw, _one_way("shout", "get", "counter/a"))
+    _assert_error(reply, "bad_request", "ow-get")
