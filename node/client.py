@@ -6,17 +6,28 @@ connected to any node; the node routes each request to the agent's owner.
 ``AsyncClient`` keeps many calls in flight on one socket: requests are queued
 and flushed in one batch per loop iteration, and replies are read by draining
 the socket until ``zmq.Again`` when its (edge-triggered) FD fires, then matched
-to their futures by ``re``.
+to their futures by ``re``.  ``AsyncClient.call`` returns an awaitable future,
+not a coroutine, so ``asyncio.gather`` over many calls makes no task per call.
+
+Matching rule (both clients): a reply answers the call whose request id equals
+its ``re``, and nothing else; replies may arrive in any order.  Replies to
+requests no longer waited for (calls that timed out or were cancelled, or a
+one-way message the node answered anyway) are dropped and counted in
+``late_replies``; replies with ``re`` nil, with an id this client never sent, or
+that are not envelopes are dropped and counted in ``unmatched_replies``.  The node
+sets ``re`` whenever it could read the request id and these clients always send a
+readable id, so an error with ``re`` nil is never the answer to one of their calls.
+(A forged reply that names an id in flight cannot be told apart here: that needs
+authenticated transport.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import time
 from collections import deque
-from typing import Any, Awaitable
+from typing import Any
 
 import msgpack
 import zmq
@@ -72,24 +83,40 @@ def _decode(raw: bytes) -> dict | None:
     return envelope if isinstance(envelope, dict) else None
 
 
-def _result(envelope: Any) -> Any:
+def _remote_error(envelope: dict) -> RemoteError:
+    err = envelope.get("data")
+    if not isinstance(err, dict):
+        err = {}
+    return RemoteError(err.get("code", wire.ErrorCode.INTERNAL), err.get("message", ""),
+                       envelope.get("re"))
+
+
+def _result(envelope: dict) -> Any:
     """A decoded reply envelope -> its data, or raise RemoteError."""
     if envelope.get("type") == wire.TYPE_ERROR:
-        err = envelope.get("data") or {}
-        raise RemoteError(err.get("code", wire.ErrorCode.INTERNAL),
-                          err.get("message", ""), envelope.get("re"))
+        raise _remote_error(envelope)
     return envelope.get("data")
 
 
 class _Requests:
-    """Envelope building shared by both clients."""
+    """Envelope building shared by both clients.
+
+    Request ids are "1", "2", ... in order, so whether a reply's ``re`` names a
+    request this client sent is one comparison.
+    """
 
     def __init__(self) -> None:
         self.source = f"client-{os.getpid()}-{os.urandom(4).hex()}"
-        self._ids = itertools.count(1)
+        self._last_id = 0
 
     def next_id(self) -> str:
-        return str(next(self._ids))
+        self._last_id += 1
+        return str(self._last_id)
+
+    def sent(self, re: Any) -> bool:
+        """True when ``re`` is the id of a request this client has sent."""
+        return (type(re) is str and 0 < len(re) <= 20 and re.isascii() and re.isdigit()
+                and re[0] != "0" and int(re) <= self._last_id)
 
     def encode(self, rid: str, mtype: str, subject: str | None, data: Any, mode: str,
                options: dict) -> bytes:
@@ -100,11 +127,20 @@ class Client:
     """Blocking client.  One call at a time; safe to keep open for many calls.
 
     ``with Client("127.0.0.1:7400") as c: c.call("counter/alice", "incr", {"n": 5})``
+
+    A call returns only the reply whose ``re`` equals its request id.  Anything
+    else read while waiting is dropped: a reply to an earlier call that timed out
+    is counted in ``late_replies``; a reply whose ``re`` is nil or not an id this
+    client sent (or that is not an envelope) in ``unmatched_replies``.  An error
+    with ``re`` nil answers a request whose id the node could not read, which this
+    client never sends, so it is never taken as the answer to the call in flight.
     """
 
     def __init__(self, address: str, timeout_s: float = 5.0, *, context: zmq.Context | None = None):
         self.address = address
         self.timeout_s = timeout_s
+        self.late_replies = 0       # replies to earlier requests (timed out, or one-way)
+        self.unmatched_replies = 0  # replies naming no call of this client (re nil, unknown)
         self._ctx = context or zmq.Context.instance()
         self._sock = _new_socket(self._ctx, address)
         self._req = _Requests()
@@ -125,12 +161,13 @@ class Client:
             if remaining <= 0 or not self._sock.poll(remaining, zmq.POLLIN):
                 raise CallTimeout(f"no reply to {mtype} for {subject!r} within {timeout_ms} ms")
             envelope = _decode(self._sock.recv())
-            if envelope is None:
-                continue
-            re = envelope.get("re")
-            if re == rid or (re is None and envelope.get("type") == wire.TYPE_ERROR):
+            re = envelope.get("re") if envelope is not None else None
+            if type(re) is str and re == rid:
                 return _result(envelope)
-            # else: a late reply to an earlier call that timed out; drop it
+            if self._req.sent(re):
+                self.late_replies += 1
+            else:
+                self.unmatched_replies += 1
 
     def send(self, agent: str, type: str, data: Any = None, **options: Any) -> None:
         """One-way message: no reply; errors are counted at the node."""
@@ -179,23 +216,72 @@ class _Deadline:
         return int((self._end - time.monotonic()) * 1000)
 
 
-class AsyncClient:
-    """asyncio client: the same methods as ``Client``, as coroutines.
+class _Call(asyncio.Future):
+    """The awaitable ``AsyncClient.call`` returns: an asyncio.Future, not a coroutine.
 
-    Many calls may be in flight at once (up to ``in_flight_max``; further calls
-    wait for a slot); replies are matched by request id.  Create and use it
-    inside one running event loop.
+    ``asyncio.gather`` and ``await`` take it as it is, with no task per call.  It
+    also speaks the coroutine protocol (send/throw/close, driving itself), so code
+    written for a coroutine keeps working: ``asyncio.create_task(c.call(...))``.
+    Cancelling it (directly, or through the task or gather awaiting it) frees the
+    call's in-flight slot at once; a reply that comes later is dropped and counted.
+    """
+
+    __slots__ = ("_client", "_rid")
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        client = getattr(self, "_client", None)
+        if client is not None:
+            client._forget(self)
+        return True
+
+    # The coroutine protocol, for create_task() and friends.
+    def send(self, value: Any) -> Any:
+        if not self.done():
+            self._asyncio_future_blocking = True
+            return self  # the driving task waits on this future, then sends again
+        raise StopIteration(self.result())  # result() raises the call's error
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if val is None:
+            val = typ if isinstance(typ, BaseException) else typ()
+        raise val
+
+    def close(self) -> None:
+        pass
+
+
+class AsyncClient:
+    """asyncio client: the same methods as ``Client``.
+
+    ``call`` returns an awaitable future (see ``_Call``) and sends at once; the
+    other methods are coroutines.  Many calls may be in flight at once (up to
+    ``in_flight_max``; further calls queue in order and are sent as slots free, and
+    their timeout starts when they are sent).  Create and use it inside one running
+    event loop.
+
+    Replies are matched strictly by ``re``: a reply completes the call whose request
+    id equals its ``re``, whatever order replies arrive in.  A reply whose ``re``
+    names a call no longer waited for (it timed out or was cancelled) is dropped and
+    counted in ``late_replies``; one whose ``re`` is nil, is not an id this client
+    sent, or that is not an envelope at all is dropped and counted in
+    ``unmatched_replies``.  The node sets ``re`` whenever it could read the request
+    id, and this client always sends a readable id, so an error with ``re`` nil never
+    answers one of its calls.
     """
 
     def __init__(self, address: str, timeout_s: float = 5.0, *,
                  context: zmq.Context | None = None, in_flight_max: int = IN_FLIGHT_MAX):
         self.address = address
         self.timeout_s = timeout_s
+        self.late_replies = 0       # replies to requests no longer waited for
+        self.unmatched_replies = 0  # replies naming no call of this client (re nil, unknown)
         self._ctx = context or zmq.Context.instance()
         self._sock = _new_socket(self._ctx, address)
         self._req = _Requests()
         self._loop = asyncio.get_running_loop()
-        self._pending: dict[str, asyncio.Future] = {}
+        self._pending: dict[str, _Call] = {}  # sent calls awaiting their reply, by id
         # (deadline, rid, description) in deadline order: calls with the default
         # timeout are appended in order, so one sweep timer replaces a timer per call.
         self._deadlines: deque[tuple[float, str, tuple]] = deque()
@@ -203,7 +289,9 @@ class AsyncClient:
         self._timers: dict[str, asyncio.TimerHandle] = {}  # calls with their own timeout
         self._outbox: deque[bytes] = deque()
         self._in_flight_max = in_flight_max
-        self._slot_waiters: deque[asyncio.Future] = deque()
+        # Calls made while in_flight_max were in flight: (future, payload, mtype,
+        # subject, timeout_s), sent in order as slots free.
+        self._waiting: deque[tuple[_Call, bytes, str, str | None, float | None]] = deque()
         self._flush_scheduled = False
         self._closed = False
         self._loop.add_reader(self._sock.FD, self._on_readable)
@@ -211,10 +299,11 @@ class AsyncClient:
     # Public API ------------------------------------------------------------
 
     def call(self, agent: str, type: str, data: Any = None, *,
-             timeout_s: float | None = None, **options: Any) -> Awaitable[Any]:
+             timeout_s: float | None = None, **options: Any) -> "asyncio.Future[Any]":
         """``await c.call(...)``: the reply data, or RemoteError / CallTimeout.
 
-        A plain function returning the coroutine: one coroutine per call, not two.
+        Not a coroutine: the request is queued for sending now, and the returned
+        future is what ``gather`` waits on, so no task is made per call.
         """
         return self._call(type, agent, data, timeout_s, options)
 
@@ -260,45 +349,54 @@ class AsyncClient:
 
     # Calls -------------------------------------------------------------------
 
-    async def _call(self, mtype: str, subject: str | None, data: Any, timeout_s: float | None,
-                    options: dict) -> Any:
+    def _call(self, mtype: str, subject: str | None, data: Any, timeout_s: float | None,
+              options: dict) -> _Call:
+        """Queue one call and return its future; errors surface when it is awaited."""
+        future = _Call(loop=self._loop)
         if self._closed:
-            raise RuntimeError("client is closed")
-        if len(self._pending) >= self._in_flight_max:
-            await self._wait_for_slot()
+            future.set_exception(RuntimeError("client is closed"))
+            return future
         rid = self._req.next_id()
-        payload = self._req.encode(rid, mtype, subject, data, wire.MODE_CALL, options)
-        future = self._loop.create_future()
+        try:
+            payload = self._req.encode(rid, mtype, subject, data, wire.MODE_CALL, options)
+        except Exception as exc:  # data msgpack cannot carry: the caller's error
+            future.set_exception(exc)
+            return future
+        future._client = self
+        future._rid = rid
+        if self._waiting or len(self._pending) >= self._in_flight_max:
+            self._waiting.append((future, payload, mtype, subject, timeout_s))
+        else:
+            self._start(future, rid, payload, mtype, subject, timeout_s)
+        return future
+
+    def _start(self, future: _Call, rid: str, payload: bytes, mtype: str,
+               subject: str | None, timeout_s: float | None) -> None:
         self._pending[rid] = future
         self._track_deadline(rid, mtype, subject, timeout_s)
         self._enqueue(payload)
-        try:
-            envelope = await future
-        finally:
-            self._pending.pop(rid, None)  # cancelled callers free their slot too
-            timer = self._timers.pop(rid, None) if self._timers else None
-            if timer is not None:
-                timer.cancel()
-            if self._slot_waiters:
-                self._release_slot()
-        return _result(envelope)
 
-    async def _wait_for_slot(self) -> None:
-        while len(self._pending) >= self._in_flight_max:
-            waiter = self._loop.create_future()
-            self._slot_waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                self._release_slot()  # pass the wake-up on rather than lose it
-                raise
+    def _admit_waiting(self) -> None:
+        """Send queued calls while slots are free; calls cancelled meanwhile are skipped."""
+        waiting, pending = self._waiting, self._pending
+        while waiting and len(pending) < self._in_flight_max and not self._closed:
+            future, payload, mtype, subject, timeout_s = waiting.popleft()
+            if not future.done():
+                self._start(future, future._rid, payload, mtype, subject, timeout_s)
 
-    def _release_slot(self) -> None:
-        while self._slot_waiters:
-            waiter = self._slot_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def _forget(self, future: _Call) -> None:
+        """A call was cancelled: free its slot now rather than when its reply comes."""
+        rid = future._rid
+        if self._pending.get(rid) is future:
+            del self._pending[rid]
+            self._cancel_timer(rid)
+            if self._waiting:
+                self._admit_waiting()
+
+    def _cancel_timer(self, rid: str) -> None:
+        timer = self._timers.pop(rid, None) if self._timers else None
+        if timer is not None:
+            timer.cancel()
 
     async def _outbox_room(self) -> None:
         if self._closed:
@@ -335,11 +433,14 @@ class AsyncClient:
             self._sweep_timer = self._loop.call_later(_sweep_period_s(self.timeout_s), self._sweep)
 
     def _expire(self, rid: str, what: tuple, timeout_s: float) -> None:
+        self._timers.pop(rid, None)
         future = self._pending.pop(rid, None)
         if future is not None and not future.done():
             mtype, subject = what
             future.set_exception(
                 CallTimeout(f"no reply to {mtype} for {subject!r} within {timeout_s} s"))
+        if self._waiting:
+            self._admit_waiting()
 
     # Socket ------------------------------------------------------------------
 
@@ -371,19 +472,40 @@ class AsyncClient:
         recv = self._sock.recv
         pending = self._pending
         decode = _decode
+        error = wire.TYPE_ERROR
+        answered = False
         for _ in range(READ_BATCH_MAX):
             try:
                 raw = recv(_NOBLOCK)
             except zmq.Again:
-                return
+                break
             envelope = decode(raw)
-            if envelope is None:
-                continue  # not a reply envelope: nothing to match it to
-            re = envelope.get("re")
+            re = envelope.get("re") if envelope is not None else None
             future = pending.pop(re, None) if type(re) is str else None
-            if future is not None and not future.done():
-                future.set_result(envelope)
-        self._loop.call_soon(self._on_readable)  # more may wait; let others run first
+            if future is None:
+                self._drop(re)
+                continue
+            if future.done():  # cannot happen (cancel and expiry unlist it); never crash here
+                self.late_replies += 1
+                continue
+            answered = True
+            if self._timers:
+                self._cancel_timer(re)
+            if envelope.get("type") == error:
+                future.set_exception(_remote_error(envelope))
+            else:
+                future.set_result(envelope.get("data"))
+        else:
+            self._loop.call_soon(self._on_readable)  # more may wait; let others run first
+        if answered and self._waiting:
+            self._admit_waiting()
+
+    def _drop(self, re: Any) -> None:
+        """Count a reply that answers no call in flight (see the class docstring)."""
+        if self._req.sent(re):
+            self.late_replies += 1
+        else:
+            self.unmatched_replies += 1
 
     def _shutdown(self) -> None:
         if self._closed:
@@ -393,13 +515,17 @@ class AsyncClient:
         self._loop.remove_reader(self._sock.FD)
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(RuntimeError("client closed"))
         self._pending.clear()
-        for waiter in self._slot_waiters:
-            if not waiter.done():
-                waiter.set_exception(RuntimeError("client closed"))
+        for future, *_ in self._waiting:
+            if not future.done():
+                future.set_exception(RuntimeError("client closed"))
+        self._waiting.clear()
         self._sock.close(linger=CLOSE_LINGER_MS)
 
 
