@@ -284,15 +284,19 @@ def _validate_system(mtype: str, mode: str, env: dict) -> None:
 
 def request(rid: str, mtype: str, subject: str | None = None, data: Any = None,
             mode: str = MODE_CALL, **extensions: Any) -> dict:
-    """Build a request map (the client side)."""
+    """Build a request map (the client side).
+
+    ``data`` goes last: a node that refuses a frame without decoding it (too
+    large, malformed) still finds the id, mode and traceparent before it.
+    """
     env = {"v": VERSION, "id": rid, "type": mtype, "mode": mode}
     if subject is not None:
         env["subject"] = subject
-    if data is not None:
-        env["data"] = data
     for key, value in extensions.items():
         if value is not None:
             env[key] = value
+    if data is not None:
+        env["data"] = data
     return env
 
 

@@ -580,3 +580,13 @@ def test_requests_not_readably_one_way_are_answered(mode):
     env = base(mode=mode, v=2)
     assert not wire_error(env).one_way
     assert not wire_error(wire.encode(env) + b"\x00").one_way
+
+
+def test_request_builder_puts_data_last():
+    """So a refused oversize frame still shows its traceparent within the peek window."""
+    env = wire.request("r", "put", "kv/a", {"value": "x" * 2 * wire.PEEK_BYTES_MAX},
+                       traceparent=TRACEPARENT, mode=wire.MODE_SEND)
+    assert list(env)[-1] == "data"
+    err = wire_error(wire.encode(env), max_bytes=wire.PEEK_BYTES_MAX)
+    assert (err.code, err.request_id, err.traceparent, err.one_way) == (
+        ErrorCode.TOO_LARGE, "r", TRACEPARENT, True)
