@@ -35,3 +35,27 @@ def test_doc_example_client_talks_to_a_live_node(node_factory, tmp_path):
     assert lines[3] == {"ok": True}
     assert lines[4] == {"found": True, "value": "fast"}
     assert [m["node"] for m in lines[5]["members"]] == ["n0"]
+
+
+def test_numbers_the_spec_states_are_the_code_s():
+    """Defaults and bounds written in docs/PROTOCOL.md, checked against the code."""
+    import dataclasses
+
+    from node import agents, registry, runtime
+    from node.config import NodeConfig
+    from protocols import wire
+
+    text = (REPO / "docs" / "PROTOCOL.md").read_text()
+    defaults = {f.name: f.default for f in dataclasses.fields(NodeConfig)}
+    assert f"default **{defaults['max_message_bytes']}** bytes" in text
+    assert "4 * max_message_bytes + 65536" in text  # the hard guard (node/runtime.py)
+    assert f"`status_timeout_s` (default **{defaults['status_timeout_s']} s**" in text
+    assert f"at most **{wire.NESTING_MAX}** levels" in text
+    assert f"nesting deeper than {wire.NESTING_MAX} levels" in text
+    assert f"at byte {wire.PEEK_BYTES_MAX}" in text
+    assert f"after {wire.PEEK_KEYS_MAX} keys" in text
+    assert f"at most {agents.GROUPS_PER_AGENT_MAX} groups" in text
+    assert f"at most {agents.GROUPS_MAX:,} groups".replace(",", " ") in text
+    assert f"at most {runtime.STATUS_WAITS_MAX} status collections" in text
+    vnodes = registry.Registry.__init__.__defaults__[0]
+    assert f"every node uses `V = {vnodes}`" in text
