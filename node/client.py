@@ -244,12 +244,15 @@ class _Call(asyncio.Future):
         raise StopIteration(self.result())  # result() raises the call's error
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        # The driving task gives up on the call (cancelled, maybe before its first
+        # step): cancel it too, so its slot is freed now.
+        self.cancel()
         if val is None:
             val = typ if isinstance(typ, BaseException) else typ()
         raise val
 
     def close(self) -> None:
-        pass
+        self.cancel()  # abandoned as a coroutine: no one will take the reply
 
 
 class AsyncClient:

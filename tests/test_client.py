@@ -167,7 +167,8 @@ def test_async_client_matches_out_of_order_forged_nil_and_late_replies():
     async def main(node: FakeNode) -> tuple[list[Any], AsyncClient]:
         async with AsyncClient(node.address, timeout_s=5) as c:
             futures = [c.call("echo/x", "ping", f"value-{i}") for i in range(calls)]
-            boom = c.call("echo/x", "ping", "value-boom")
+            # As a task, the way coroutine-era code wrote it: still sent at once.
+            boom = asyncio.create_task(c.call("echo/x", "ping", "value-boom"))
             late = c.call("echo/x", "ping", "value-late", timeout_s=0.3)
             with pytest.raises(CallTimeout):
                 await late
@@ -199,7 +200,8 @@ def test_async_late_reply_after_the_default_timeout_is_dropped():
             with pytest.raises(CallTimeout):
                 await c.call("echo/x", "ping", "value-1")
             node.release.set()
-            assert await c.call("echo/x", "ping", "value-2", timeout_s=5) == "value-2"
+            second = asyncio.create_task(c.call("echo/x", "ping", "value-2", timeout_s=5))
+            assert await second == "value-2"
             return c
 
     with FakeNode(script) as node:
@@ -247,6 +249,24 @@ def test_cancelled_call_frees_its_slot_and_its_reply_counts_as_late():
     with FakeNode(script) as node:
         client = asyncio.run(main(node))
     assert (client.late_replies, client.unmatched_replies) == (1, 0)
+
+
+def test_task_cancelled_before_its_first_step_frees_the_slot():
+    def script(node: FakeNode) -> None:
+        [(ident, first)] = node.requests(1)
+        [(ident, second)] = node.requests(1)
+        node.reply(ident, second["id"], second["data"])
+
+    async def main(node: FakeNode) -> None:
+        # A timeout longer than the wait below: only freeing the slot lets v2 go out.
+        async with AsyncClient(node.address, timeout_s=60, in_flight_max=1) as c:
+            first = asyncio.create_task(c.call("echo/x", "ping", "v1"))
+            first.cancel()  # before the task ever ran
+            assert await asyncio.wait_for(c.call("echo/x", "ping", "v2"), WAIT_S) == "v2"
+            assert first.cancelled()
+
+    with FakeNode(script) as node:
+        asyncio.run(main(node))
 
 
 def test_call_errors_surface_when_awaited():
