@@ -1,6 +1,7 @@
 """node.logs: JSON lines on stderr with the standard keys, level filtering, console mode."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -76,3 +77,104 @@ def test_bad_level_or_format_is_rejected():
         logs.configure("loud", "json", "n")
     with pytest.raises(ValueError):
         logs.configure("info", "xml", "n")
+
+
+# --- rate limit of repeated events ---------------------------------------------------------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def limited_log():
+    """structlog writing JSON lines to a buffer through a RateLimiter on a fake clock."""
+    import io
+
+    import structlog
+
+    from node import logs
+    clock, out = FakeClock(), io.StringIO()
+    limiter = logs.RateLimiter(events_per_s=3, clock=clock)
+    structlog.configure(
+        processors=[limiter, structlog.processors.add_log_level,
+                    structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+        cache_logger_on_first_use=False)
+
+    def lines() -> list[dict]:
+        records = json_lines(out.getvalue())
+        out.seek(0)
+        out.truncate()
+        return records
+
+    yield structlog.get_logger(), clock, limiter, lines
+    structlog.reset_defaults()
+
+
+def test_repeated_warnings_are_limited_per_event_and_summarised(limited_log):
+    log, clock, limiter, lines = limited_log
+    for i in range(10):
+        log.warning("bad_gossip", n=i)
+    for i in range(5):
+        log.error("bad_peer_frame", n=i)   # its own budget
+    got = lines()
+    assert [(r["event"], r["n"]) for r in got] == [
+        ("bad_gossip", 0), ("bad_gossip", 1), ("bad_gossip", 2),
+        ("bad_peer_frame", 0), ("bad_peer_frame", 1), ("bad_peer_frame", 2)]
+    assert limiter.totals == {"bad_gossip": 7, "bad_peer_frame": 2}
+
+    clock.now += 0.5   # same window: still dropped, no summary yet
+    log.warning("bad_gossip", n=10)
+    log.info("unrelated")
+    assert [r["event"] for r in lines()] == ["unrelated"]
+
+    clock.now += 0.6   # the window is over: the next call of any kind reports first
+    log.info("members_ok")
+    got = lines()
+    summaries = {r["suppressed_event"]: r for r in got if r["event"] == "log_suppressed"}
+    assert {k: v["count"] for k, v in summaries.items()} == {"bad_gossip": 8,
+                                                             "bad_peer_frame": 2}
+    assert all(r["level"] == "warning" and r["window_s"] == 1.0 for r in summaries.values())
+    assert got[-1]["event"] == "members_ok"
+    log.info("members_ok")
+    assert [r["event"] for r in lines()] == ["members_ok"]   # reported once only
+
+    for i in range(4):   # a new window: a new budget
+        log.warning("bad_gossip", n=i)
+    assert len(lines()) == 3
+
+
+def test_info_lifecycle_events_are_never_limited(limited_log):
+    log, _, limiter, lines = limited_log
+    for i in range(50):
+        log.info("agent_restarted", n=i)
+    assert len(lines()) == 50
+    assert limiter.totals == {}
+
+
+def test_members_changed_is_limited_because_gossip_can_trigger_it(limited_log):
+    log, clock, limiter, lines = limited_log
+    for i in range(20):
+        log.info("members_changed", members=[f"fake{i}"])
+    assert len(lines()) == 3 and limiter.totals == {"members_changed": 17}
+
+
+def test_many_event_names_share_a_bounded_table(limited_log):
+    from node import logs
+    log, _, limiter, lines = limited_log
+    for i in range(logs.EVENT_NAMES_MAX + 50):
+        for _ in range(5):
+            log.warning(f"event{i}")
+    assert len(limiter._windows) == logs.EVENT_NAMES_MAX + 1   # plus the shared slot
+    assert len(lines()) <= 3 * (logs.EVENT_NAMES_MAX + 1)
+
+
+def test_rate_must_be_positive():
+    from node import logs
+    with pytest.raises(ValueError):
+        logs.RateLimiter(events_per_s=0)
