@@ -12,6 +12,16 @@ the node's memory or the Prometheus series count without limit.
 
 There is no node_id label on every series (scrape targets label them); the node id is
 exported once as ``synthesis_node_info{node_id=...} 1``.
+
+Latency histograms are lists of bucket counts bumped with one ``bisect``; the buckets
+start at 10 us because a handler runs in tens of microseconds.  Process metrics use the
+standard names (``process_cpu_seconds_total``, ...) from prometheus_client's
+ProcessCollector, so stock dashboards find them.
+
+The HTTP server is bounded: at most ``connections_max`` connections are open at once
+(each holds a thread; a new one closes the oldest), and a connection is cut
+``request_timeout_s`` after it was accepted however slowly it trickles bytes.  Both
+are counted in ``synthesis_limited_total``.
 """
 
 from __future__ import annotations
@@ -20,24 +30,35 @@ import bisect
 import json
 import re
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import psutil
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.utils import floatToGoString
+
+from . import logs
 
 OTHER = "_other"
 PREFIX = "synthesis_"
-# Handler latencies run from sub-millisecond local calls to model calls of tens of seconds.
-LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Latencies run from handlers of tens of microseconds to model calls of seconds: a
+# 1-2.5-5 series from 10 us to 10 s (slower ones land in +Inf and still count in _sum).
+LATENCY_BUCKETS_S = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                     1.0, 2.5, 5.0, 10.0)
+_BUCKET_LABELS = tuple(floatToGoString(b) for b in LATENCY_BUCKETS_S)
+_ROW_LEN = len(LATENCY_BUCKETS_S) + 2   # one count per bucket, one above the last, the sum
+PATH_LOCAL = "local"          # answered by an agent or the node here
+PATH_FORWARDED = "forwarded"  # answered by the owner node, relayed back through here
 CODE_LABELS_MAX = 64   # error codes are a fixed set in protocols/wire.py; cap anyway
-KIND_LABELS_MAX = 32   # reply/error/forward/gossip/publish
+KIND_LABELS_MAX = 64   # reply/error/forward/gossip/publish, and limit reasons
 GAUGES_MAX = 64
 _GAUGE_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
@@ -52,6 +73,23 @@ _PLAIN_COUNTERS = (
     ("client_send_failures", "client_send_failures_total",
      "Replies to clients that could not be sent (client gone, or its queue full)."),
 )
+
+# What each gauge the runtime reports means (its HELP text); unknown ones get a generic text.
+GAUGE_HELP = {
+    "agents_active": "Agents held by this node, in every lifecycle state (failed ones too).",
+    "mailbox_depth": "Messages waiting in all agent mailboxes, not counting ones being handled.",
+    "peers_connected": "Peer links opened (members and seeds, dead ones included); "
+                       "not a count of live connections.",
+    "peer_queue_depth": "Sends waiting for a peer link to come up.",
+    "members": "Members in this node's view, itself and dead members included.",
+}
+
+# A forwarded call carries, as the last frame of its client route, the entry node's
+# own clock readings; the owner copies route frames back unchanged in RPL, so the
+# entry node learns both times without keeping per-call state.  The prefix keeps a
+# frame that is not ours (a forged RPL) from being taken for a stamp.
+_STAMP = struct.Struct("<5sdd")   # magic, request arrival, forward sent (perf_counter s)
+_STAMP_MAGIC = b"\xffSYNT"
 
 
 class _Labels:
@@ -73,6 +111,31 @@ class _Labels:
         return OTHER
 
 
+def _observe(row: list, seconds: float) -> None:
+    row[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1  # buckets are "<= bound"
+    row[-1] += seconds
+
+
+def stamp(arrived_s: float) -> bytes:
+    """The route frame an entry node appends to a call it forwards: when the request
+    arrived (``time.perf_counter()``) and now, when the forward leaves."""
+    return _STAMP.pack(_STAMP_MAGIC, arrived_s, time.perf_counter())
+
+
+def unstamp(route: tuple | list) -> tuple[tuple, tuple[float, float] | None]:
+    """Split a returned route into the client's route frames and our stamp.
+
+    A route without a stamp of ours (not forwarded by this node, or forged) comes
+    back whole, with None.
+    """
+    if route:
+        last = route[-1]
+        if len(last) == _STAMP.size and last[:5] == _STAMP_MAGIC:
+            _, arrived_s, forwarded_s = _STAMP.unpack(last)
+            return tuple(route[:-1]), (arrived_s, forwarded_s)
+    return tuple(route), None
+
+
 class NodeMetrics:
     """Counters, a latency histogram and gauges of one node, plus its own registry."""
 
@@ -88,13 +151,23 @@ class NodeMetrics:
         self._sent: dict[str, int] = {}
         self._forwarded: dict[str, int] = {}
         self._errors: dict[tuple[str, str], int] = {}
+        self._limited: dict[str, int] = {}
         # type -> [count per bucket..., count above the last bucket, sum of seconds]
         self._latency: dict[str, list[float]] = {}
+        self._request = {PATH_LOCAL: [0] * _ROW_LEN, PATH_FORWARDED: [0] * _ROW_LEN}
+        self._request_local = self._request[PATH_LOCAL]
+        self._request_forwarded = self._request[PATH_FORWARDED]
+        self._mailbox_wait = [0] * _ROW_LEN
+        self._forward = [0] * _ROW_LEN
         self._plain = {attr: 0 for attr, _, _ in _PLAIN_COUNTERS}
         self._gauges: Callable[[], dict[str, float]] | None = None
+        self.http_connections: Callable[[], int] | None = None  # set by MetricsServer
         self._process = psutil.Process()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
+        # Standard process_* and python_info series (Linux: read from /proc at scrape).
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
 
     # --- hot path: O(1), no locks -------------------------------------------------------
 
@@ -122,9 +195,26 @@ class NodeMetrics:
         key = self._type(mtype)
         row = self._latency.get(key)
         if row is None:
-            row = self._latency[key] = [0] * (len(LATENCY_BUCKETS_S) + 2)
-        row[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1  # buckets are "<= bound"
-        row[-1] += seconds
+            row = self._latency[key] = [0] * _ROW_LEN
+        _observe(row, seconds)
+
+    def observe_mailbox_wait(self, seconds: float) -> None:
+        """Time a message waited in an agent's mailbox before its handler started."""
+        _observe(self._mailbox_wait, seconds)
+
+    def replied_local(self, arrived_s: float | None) -> None:
+        """A reply produced here left for our own client; ``arrived_s`` is the
+        ``time.perf_counter()`` reading taken when the request was read."""
+        if arrived_s is not None:
+            _observe(self._request_local, time.perf_counter() - arrived_s)
+
+    def replied_forwarded(self, stamp: tuple[float, float] | None) -> None:
+        """An owner's reply to a call we forwarded left for our client; ``stamp`` is
+        what ``unstamp`` found (None: not a call we stamped)."""
+        if stamp is not None:
+            now = time.perf_counter()
+            _observe(self._request_forwarded, now - stamp[0])
+            _observe(self._forward, now - stamp[1])
 
     def agent_activated(self) -> None:
         self._plain["agents_activated"] += 1
@@ -143,6 +233,25 @@ class NodeMetrics:
 
     def client_send_failed(self) -> None:
         self._plain["client_send_failures"] += 1
+
+    def http_connection_rejected(self) -> None:
+        """The metrics server held its maximum of connections: one was closed."""
+        self.limited("http_connections_max")
+
+    def http_connection_timed_out(self) -> None:
+        """A metrics server connection was cut at its deadline."""
+        self.limited("http_request_timeout")
+
+    def limited(self, reason: str, n: int = 1) -> None:
+        """A limit or trust rule acted: a connection cut, an entry refused, ... (by reason)."""
+        key = self._kind(reason)
+        self._limited[key] = self._limited.get(key, 0) + n
+
+    def refuted(self) -> None:
+        self.limited("node_id_refuted")
+
+    def gossip_refused(self, n: int) -> None:
+        self.limited("gossip_entry_refused", n)
 
     def set_gauges(self, fn: Callable[[], dict[str, float]]) -> None:
         """Register the function read at scrape time for gauges (agents_active, ...).
@@ -198,11 +307,34 @@ class _Collector:
         yield _by_label("messages_forwarded_total", "Messages forwarded to the owner node.",
                         "type", m._forwarded)
         yield _errors(m._errors)
+        yield _by_label("limited_total", "Connections cut, requests refused and gossip "
+                        "entries dropped by a limit or trust rule, by reason "
+                        "(docs/OPERATIONS.md, Limits).", "reason", m._limited)
         yield _latency(m._latency)
+        yield _histogram("request_seconds",
+                         "Time from reading a call to its reply (or error) leaving for "
+                         "the client, for calls whose client is connected to this node; "
+                         "path=forwarded when another node answered it.",
+                         {"path": m._request})
+        yield _histogram("mailbox_wait_seconds",
+                         "Time messages waited in an agent's mailbox before their handler "
+                         "started (messages that ran at once are not observed).",
+                         {"": m._mailbox_wait})
+        yield _histogram("forward_seconds",
+                         "Round trip of forwarded calls: from the forward leaving this node "
+                         "to the owner's reply coming back.", {"": m._forward})
         for attr, name, help_text in _PLAIN_COUNTERS:
             yield CounterMetricFamily(PREFIX + name, help_text, value=m._plain[attr])
+        yield _by_label("log_events_suppressed_total",
+                        "Log records dropped by the per-event rate limit, by event name.",
+                        "event", logs.suppressed_totals())
         for name, value in m.read_gauges().items():
-            yield GaugeMetricFamily(PREFIX + name, f"Current {name}.", value=value)
+            yield GaugeMetricFamily(PREFIX + name, GAUGE_HELP.get(name, f"Current {name}."),
+                                    value=value)
+        if m.http_connections is not None:
+            yield GaugeMetricFamily(PREFIX + "http_connections_open",
+                                    "Connections the metrics/health server holds now, this "
+                                    "scrape's own included.", value=m.http_connections())
         yield from _process_families(m._process)
 
 
@@ -223,47 +355,130 @@ def _errors(counts: dict[tuple[str, str], int]) -> Metric:
 
 
 def _latency(rows: dict[str, list[float]]) -> Metric:
-    family = HistogramMetricFamily(PREFIX + "handler_latency_seconds",
-                                   "Time handlers took, by message type.", labels=["type"])
-    for mtype, row in sorted(rows.copy().items()):
+    return _histogram("handler_latency_seconds",
+                      "Time handlers took, by message type (crashes and timeouts included).",
+                      {"type": rows})
+
+
+def _histogram(name: str, help_text: str, labelled: dict[str, Any]) -> Metric:
+    """One histogram family from bucket-count rows: ``{label: {value: row}}``, or
+    ``{"": row}`` for a histogram without labels."""
+    (label, rows), = labelled.items()
+    family = HistogramMetricFamily(PREFIX + name, help_text, labels=[label] if label else None)
+    for value, row in (sorted(rows.copy().items()) if label else [("", rows)]):
         row = row.copy()
         cumulative, buckets = 0, []
-        for bound, count in zip(LATENCY_BUCKETS_S, row):
+        for bound, count in zip(_BUCKET_LABELS, row):
             cumulative += count
-            buckets.append((repr(bound), cumulative))
+            buckets.append((bound, cumulative))
         buckets.append(("+Inf", cumulative + row[-2]))
-        family.add_metric([mtype], buckets, sum_value=row[-1])
+        family.add_metric([value] if label else [], buckets, sum_value=row[-1])
     return family
 
 
 def _process_families(process: psutil.Process) -> Iterator[Metric]:
-    """Resource use of this process, measured now."""
-    with process.oneshot():
-        cpu = process.cpu_times()
-        rss = process.memory_info().rss
-        threads = process.num_threads()
-        fds = process.num_fds() if hasattr(process, "num_fds") else None
-    yield CounterMetricFamily(PREFIX + "process_cpu_seconds_total",
-                              "User and system CPU time.", value=cpu.user + cpu.system)
-    yield GaugeMetricFamily(PREFIX + "process_resident_memory_bytes",
-                            "Resident set size.", value=rss)
-    yield GaugeMetricFamily(PREFIX + "process_threads", "OS threads.", value=threads)
-    if fds is not None:
-        yield GaugeMetricFamily(PREFIX + "process_open_fds", "Open file descriptors.",
-                                value=fds)
+    """What the standard process_* series (ProcessCollector) do not cover."""
+    yield GaugeMetricFamily(PREFIX + "process_threads",
+                            "OS threads of this process (the metrics server uses one per "
+                            "open connection).", value=process.num_threads())
 
 
 # --- HTTP endpoint ----------------------------------------------------------------------------
 
+HTTP_CONNECTIONS_MAX = 32      # connections served at once, one thread each
+HTTP_THREADS_SLACK = 8         # threads of closed connections still finishing, on top
+HTTP_REQUEST_TIMEOUT_S = 5.0   # a connection is cut this long after it was accepted
+
+
 class _Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a bound on threads and on time per connection.
+
+    Without them every idle connection (slowloris) holds a thread for good.  At
+    most ``connections_max`` connections are open; a new one past that closes the
+    oldest (a scrape is answered in milliseconds, so the oldest is almost always an
+    idle one), so idle connections cannot lock Prometheus or a health check out.
+    Threads are capped too (closed connections' threads may still be finishing):
+    past the cap a new connection is closed at once.  A connection still open
+    ``request_timeout_s`` after it was accepted is shut down from the accepting
+    thread (service_actions), which also frees a handler blocked writing to a
+    client that does not read.  Every connection closed early is counted.
+    """
+
     daemon_threads = True
     request_queue_size = 64
+    connections_max = HTTP_CONNECTIONS_MAX
+    request_timeout_s = HTTP_REQUEST_TIMEOUT_S
+    metrics: NodeMetrics
+
+    def server_activate(self) -> None:
+        # connection -> deadline (monotonic); insertion order is accept order
+        self._open: dict[socket.socket, float] = {}
+        self._threads_running = 0
+        self._open_lock = threading.Lock()
+        super().server_activate()
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        with self._open_lock:
+            admit = self._threads_running < self.connections_max + HTTP_THREADS_SLACK
+            if admit:
+                if len(self._open) >= self.connections_max:
+                    self._close_early(next(iter(self._open)))  # the oldest
+                    self.metrics.http_connection_rejected()
+                self._open[request] = time.monotonic() + self.request_timeout_s
+                self._threads_running += 1
+        if not admit:
+            self.metrics.http_connection_rejected()
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # no thread could be started
+            self._forget(request)
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 - a client that vanished mid-reply; nothing to do
+            pass
+        finally:
+            # Forget it under the lock before closing, so the accepting thread never
+            # shuts down a socket this thread is closing.
+            self._forget(request)
+            self.shutdown_request(request)
+
+    def _forget(self, request: socket.socket) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+            self._threads_running -= 1
+
+    def _close_early(self, conn: socket.socket) -> None:
+        """Cut an open connection (lock held): its thread's recv/send return now."""
+        del self._open[conn]
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def service_actions(self) -> None:
+        now = time.monotonic()
+        with self._open_lock:
+            late = [conn for conn, deadline in self._open.items() if deadline <= now]
+            for conn in late:
+                self._close_early(conn)
+        for _ in late:
+            self.metrics.http_connection_timed_out()
+
+    def open_connections(self) -> int:
+        return len(self._open)
 
 
 class _Handler(BaseHTTPRequestHandler):
     """GET /metrics and /health; everything else is 404."""
 
-    timeout = 10  # seconds a slow client may hold a connection thread
+    # Each socket read or write gives up after this; the server's deadline per
+    # connection (request_timeout_s) is the real bound, this is a second line.
+    timeout = HTTP_REQUEST_TIMEOUT_S + 1.0
     server_version = "synthesis-metrics"
     metrics: NodeMetrics
     health: Callable[[], tuple[bool, dict]]
@@ -302,11 +517,19 @@ class MetricsServer:
     """Serves /metrics and /health from a daemon thread."""
 
     def __init__(self, host: str, port: int, metrics: NodeMetrics,
-                 health: Callable[[], tuple[bool, dict]]):
+                 health: Callable[[], tuple[bool, dict]], *,
+                 connections_max: int = HTTP_CONNECTIONS_MAX,
+                 request_timeout_s: float = HTTP_REQUEST_TIMEOUT_S):
+        if connections_max < 1 or request_timeout_s <= 0:
+            raise ValueError("connections_max must be >= 1 and request_timeout_s > 0")
         self.host = host.strip("[]")
         self.port = port
+        self._metrics = metrics
+        self._limits = {"connections_max": connections_max,
+                        "request_timeout_s": request_timeout_s, "metrics": metrics}
         self._handler = type("Handler", (_Handler,), {
-            "metrics": metrics, "health": staticmethod(health)})
+            "metrics": metrics, "health": staticmethod(health),
+            "timeout": request_timeout_s + 1.0})
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -314,11 +537,13 @@ class MetricsServer:
         """Bind and serve; raises OSError if the address is taken."""
         if self._server is not None:
             raise RuntimeError("metrics server already started")
-        server_class = _Server
+        attrs = dict(self._limits)
         if ":" in self.host:
-            server_class = type("Server6", (_Server,), {"address_family": socket.AF_INET6})
+            attrs["address_family"] = socket.AF_INET6
+        server_class = type("Server", (_Server,), attrs)
         self._server = server_class((self.host, self.port), self._handler)
         self.port = self._server.server_address[1]
+        self._metrics.http_connections = self._server.open_connections
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.2},
                                         name="synthesis-metrics", daemon=True)

@@ -1,14 +1,18 @@
-"""node.metrics: counters, histogram, cardinality cap, and the HTTP endpoint."""
+"""node.metrics: counters, histograms, cardinality cap, and the bounded HTTP endpoint."""
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.metrics import LATENCY_BUCKETS_S, OTHER, MetricsServer, NodeMetrics
+from node.metrics import (GAUGE_HELP, LATENCY_BUCKETS_S, OTHER, MetricsServer, NodeMetrics,
+                          stamp, unstamp)
+
+pytestmark = pytest.mark.timeout(60)
 
 
 def samples(metrics: NodeMetrics) -> dict[tuple[str, tuple], float]:
@@ -78,11 +82,16 @@ def test_scrape_over_http_reports_counters(server):
     assert got[("synthesis_multicast_dropped_total", ())] == 5
     assert got[("synthesis_peer_send_failures_total", ())] == 1
     assert got[("synthesis_client_send_failures_total", ())] == 2
-    assert got[("synthesis_process_resident_memory_bytes", ())] > 0
-    assert got[("synthesis_process_cpu_seconds_total", ())] > 0
+    # Process metrics under the standard names, so stock dashboards find them.
+    assert got[("process_resident_memory_bytes", ())] > 0
+    assert got[("process_virtual_memory_bytes", ())] >= got[("process_resident_memory_bytes", ())]
+    assert got[("process_cpu_seconds_total", ())] > 0
+    assert got[("process_open_fds", ())] > 0
+    assert got[("process_max_fds", ())] >= got[("process_open_fds", ())]
+    assert time.time() - 3600 < got[("process_start_time_seconds", ())] <= time.time()
+    assert any(name == "python_info" for name, _ in got)
     assert got[("synthesis_process_threads", ())] >= 2
-    assert got[("synthesis_process_open_fds", ())] > 0
-    assert all(name.startswith("synthesis_") for name, _ in got)
+    assert all(name.startswith(("synthesis_", "process_", "python_")) for name, _ in got)
     assert m.snapshot() == {"received": 4, "handled": 1, "sent": 1, "forwarded": 1,
                             "errors": 2, "agents_activated": 1, "agents_restarted": 1,
                             "agents_failed": 1, "multicast_dropped": 5,
@@ -91,23 +100,25 @@ def test_scrape_over_http_reports_counters(server):
 
 def test_histogram_buckets_are_cumulative():
     m = NodeMetrics("n1")
-    for seconds in (0.0001, 0.001, 0.003, 0.003, 2.0, 100.0):
+    observed = (0.000005, 0.00001, 0.00004, 0.00004, 0.003, 2.0, 100.0)
+    for seconds in observed:
         m.observe_handler("call", seconds)
     got = samples(m)
 
     def bucket(le: str) -> float:
         return got[("synthesis_handler_latency_seconds_bucket", (("le", le), ("type", "call")))]
 
-    assert bucket("0.0005") == 1
-    assert bucket("0.001") == 2          # a value on a bound counts in that bucket
-    assert bucket("0.0025") == 2
-    assert bucket("0.005") == 4
-    assert bucket("2.5") == 5
-    assert bucket("60.0") == 5
-    assert bucket("+Inf") == 6
-    assert got[("synthesis_handler_latency_seconds_count", (("type", "call"),))] == 6
+    assert bucket("1e-05") == 2          # a value on a bound counts in that bucket
+    assert bucket("2.5e-05") == 2
+    assert bucket("5e-05") == 4          # tens of microseconds are told apart
+    assert bucket("0.0025") == 4
+    assert bucket("0.005") == 5
+    assert bucket("2.5") == 6
+    assert bucket("10.0") == 6
+    assert bucket("+Inf") == 7
+    assert got[("synthesis_handler_latency_seconds_count", (("type", "call"),))] == 7
     assert got[("synthesis_handler_latency_seconds_sum", (("type", "call"),))] == \
-        pytest.approx(0.0001 + 0.001 + 0.006 + 2.0 + 100.0)
+        pytest.approx(sum(observed))
     assert len(LATENCY_BUCKETS_S) + 1 == sum(
         1 for name, _ in got if name == "synthesis_handler_latency_seconds_bucket")
 
@@ -191,3 +202,139 @@ def test_taken_port_raises_and_stop_frees_port():
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
         sock.listen()
+
+
+def _bucket_counts(got: dict, name: str, labels: tuple = ()) -> dict[str, float]:
+    return {dict(lab)["le"]: v for (n, lab), v in got.items()
+            if n == name + "_bucket" and tuple(x for x in lab if x[0] != "le") == labels}
+
+
+def test_latency_buckets_resolve_microseconds_to_seconds():
+    assert LATENCY_BUCKETS_S[0] == 0.00001 and LATENCY_BUCKETS_S[-1] >= 5.0
+    assert list(LATENCY_BUCKETS_S) == sorted(set(LATENCY_BUCKETS_S))
+
+
+def test_mailbox_wait_histogram():
+    m = NodeMetrics("n1")
+    m.observe_mailbox_wait(0.00003)
+    m.observe_mailbox_wait(0.2)
+    got = samples(m)
+    counts = _bucket_counts(got, "synthesis_mailbox_wait_seconds")
+    assert counts["2.5e-05"] == 0 and counts["5e-05"] == 1
+    assert counts["0.25"] == 2 and counts["+Inf"] == 2
+    assert got[("synthesis_mailbox_wait_seconds_sum", ())] == pytest.approx(0.20003)
+
+
+def test_request_seconds_local_measures_from_arrival():
+    m = NodeMetrics("n1")
+    m.replied_local(time.perf_counter() - 0.003)   # arrived 3 ms ago
+    m.replied_local(None)                          # no arrival time: not observed
+    got = samples(m)
+    local = _bucket_counts(got, "synthesis_request_seconds", (("path", "local"),))
+    assert local["0.0025"] == 0 and local["0.005"] == 1 and local["+Inf"] == 1
+    assert got[("synthesis_request_seconds_count", (("path", "forwarded"),))] == 0
+
+
+def test_forward_stamp_round_trips_through_the_route():
+    m = NodeMetrics("n1")
+    client_route = (b"\x00k\x8bEg", b"")             # REQ framing: identity, delimiter
+    arrived = time.perf_counter() - 0.004
+    frame = stamp(arrived)
+    # The owner copies the route frames back unchanged in RPL.
+    route, found = unstamp([*client_route, frame])
+    assert route == client_route
+    assert found[0] == arrived and arrived < found[1] <= time.perf_counter()
+    m.replied_forwarded(found)
+    got = samples(m)
+    forwarded = _bucket_counts(got, "synthesis_request_seconds", (("path", "forwarded"),))
+    assert forwarded["0.0025"] == 0 and forwarded["0.005"] == 1
+    assert _bucket_counts(got, "synthesis_forward_seconds")["0.0025"] == 1  # sent just now
+
+
+@pytest.mark.parametrize("route", [
+    (b"\x00k\x8bEg",),                      # not forwarded by us: no stamp
+    (b"\x00k\x8bEg", b"x" * 21),            # right size, not our magic (a forged RPL)
+    (),
+])
+def test_routes_without_our_stamp_come_back_whole(route):
+    assert unstamp(route) == (tuple(route), None)
+    m = NodeMetrics("n1")
+    m.replied_forwarded(None)
+    assert samples(m)[("synthesis_forward_seconds_count", ())] == 0
+
+
+def test_gauge_help_says_what_the_gauge_means():
+    from prometheus_client import generate_latest
+    m = NodeMetrics("n1")
+    m.set_gauges(lambda: {"agents_active": 2, "mailbox_depth": 0, "brand_new_gauge": 1})
+    text = generate_latest(m.registry).decode()
+    assert f"# HELP synthesis_agents_active {GAUGE_HELP['agents_active']}" in text
+    assert f"# HELP synthesis_mailbox_depth {GAUGE_HELP['mailbox_depth']}" in text
+    assert "# HELP synthesis_brand_new_gauge Current brand_new_gauge." in text
+    assert "# HELP process_resident_memory_bytes Resident memory size in bytes." in text
+
+
+def _idle_connections(port: int, n: int) -> list[socket.socket]:
+    conns = []
+    for _ in range(n):
+        conns.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+    return conns
+
+
+def _closed_by_server(conn: socket.socket, timeout_s: float) -> bool:
+    conn.settimeout(timeout_s)
+    try:
+        return conn.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_full_server_closes_the_oldest_connection_for_a_new_one():
+    m = NodeMetrics("n1")
+    srv = MetricsServer("127.0.0.1", 0, m, lambda: (True, {"ok": True}),
+                        connections_max=4, request_timeout_s=30)
+    srv.start()
+    conns = []
+    try:
+        conns = _idle_connections(srv.port, 4)
+        deadline = time.monotonic() + 5
+        while m.http_connections() < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert m.http_connections() == 4
+        # A health check still gets through: it takes the oldest idle slot.
+        assert get(srv.port, "/health")[0] == 200
+        assert _closed_by_server(conns[0], 5)
+        assert not _closed_by_server(conns[1], 0.05)
+        got = samples(m)
+        assert got[("synthesis_limited_total", (("reason", "http_connections_max"),))] == 1
+        assert got[("synthesis_http_connections_open", ())] <= 4
+    finally:
+        for conn in conns:
+            conn.close()
+        srv.stop()
+
+
+def test_idle_connection_is_cut_at_its_deadline():
+    m = NodeMetrics("n1")
+    srv = MetricsServer("127.0.0.1", 0, m, lambda: (True, {}), connections_max=8,
+                        request_timeout_s=0.3)
+    srv.start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as idle, \
+                socket.create_connection(("127.0.0.1", srv.port), timeout=5) as trickle:
+            trickle.sendall(b"GET /health HTTP/1.1\r\n")   # headers never finish
+            assert _closed_by_server(idle, 10)
+            assert _closed_by_server(trickle, 10)
+        got = samples(m)
+        assert got[("synthesis_limited_total", (("reason", "http_request_timeout"),))] == 2
+        assert get(srv.port, "/health")[0] == 200
+    finally:
+        srv.stop()
+
+
+def test_server_limits_are_checked():
+    for bad in ({"connections_max": 0}, {"request_timeout_s": 0}):
+        with pytest.raises(ValueError):
+            MetricsServer("127.0.0.1", 0, NodeMetrics("n1"), lambda: (True, {}), **bad)

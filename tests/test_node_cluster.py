@@ -106,7 +106,7 @@ def test_metrics_and_health_endpoints_serve(cluster3):
         text = resp.read().decode()
     assert "synthesis_messages_received_total" in text
     assert "synthesis_members 3.0" in text
-    assert "synthesis_process_resident_memory_bytes" in text
+    assert "\nprocess_resident_memory_bytes " in text  # the standard name
 
 
 def test_async_client_many_calls_in_flight(cluster3):
