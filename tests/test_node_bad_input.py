@@ -339,3 +339,49 @@ def test_unreadable_mode_is_answered(raw):
     # A mode that is no mode is not one-way: answered, with the id.
     reply = _exchange(raw, _one_way("shout", "get", "counter/a"))
     _assert_error(reply, "bad_request", "ow-get")
+
+
+# ------------------------------------------------------------------ a request that meets a node bug
+
+def test_a_node_bug_is_answered_internal_with_the_id_unless_one_way():
+    """An in-process node with one injected fault: requests of type 'boom' raise
+    inside the node (not in an agent).  A call gets 'internal' with its id and
+    traceparent; a send gets nothing (the send-mode rule holds for bugs too)."""
+    import asyncio
+    import threading
+
+    from node.config import NodeConfig
+    from node.runtime import Node
+    from support import free_port
+
+    port = free_port()
+    node = Node(NodeConfig(node_id="buggy", listen=f"127.0.0.1:{port}",
+                           pub=f"127.0.0.1:{free_port()}", metrics="off"))
+    dispatch = node._dispatch
+
+    def faulty_dispatch(req, *args):
+        if req.type == "boom":
+            raise RuntimeError("injected fault")
+        return dispatch(req, *args)
+
+    node._dispatch = faulty_dispatch
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(node.serve(),), daemon=True)
+    thread.start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        boom = {"v": 1, "type": "boom", "subject": "echo/x", "traceparent": TRACEPARENT}
+        reply = _exchange(sock, msgpack.packb({**boom, "id": "b1"}))
+        _assert_error(reply, "internal", "b1")
+        assert reply["traceparent"] == TRACEPARENT and "RuntimeError" in reply["data"]["message"]
+        sock.send(msgpack.packb({**boom, "id": "b2", "mode": "send"}))
+        reply = _exchange(sock, msgpack.packb({"v": 1, "id": "after", "type": "syn.ping"}))
+        assert reply["re"] == "after", reply
+    finally:
+        sock.close()
+        loop.call_soon_threadsafe(node.request_stop)
+        thread.join(15)
+        loop.close()
+    assert not thread.is_alive()
