@@ -345,7 +345,11 @@ def ctl_main(argv: list[str] | None = None) -> int:
         return EXIT_TIMEOUT
     finally:
         client.close()
-    _print_result(args, result)
+    try:
+        _print_result(args, result)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head` closed the pipe: the command itself succeeded
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -167,3 +167,17 @@ def test_ctl_help_texts():
     assert "BEHAVIOR/NAME" in squashed and "counter/alice" in squashed
     assert "message type: the name a @handler of the agent's behavior handles" in squashed
     assert "exit codes:" in call
+
+
+def test_closed_stdout_is_not_a_traceback(node_factory):
+    """`synthesis-ctl status | head -1`: the reader leaves early; no traceback."""
+    node = node_factory()
+    proc = subprocess.Popen([sys.executable, "-c", CTL, "--node", node.address, "status"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
+                            cwd=str(REPO))
+    proc.stdout.close()          # before the child has printed anything
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and b"Traceback" not in err, err
