@@ -73,7 +73,7 @@ setup(
         "xxhash>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "hypothesis>=6.80"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "hypothesis>=6.80", "pyyaml>=6.0"],
         "bench": ["uhashring>=2.1"],
     },
     entry_points={
