@@ -178,3 +178,59 @@ def test_rate_must_be_positive():
     from node import logs
     with pytest.raises(ValueError):
         logs.RateLimiter(events_per_s=0)
+
+
+def test_flood_of_bad_peer_traffic_writes_bounded_log(tmp_path):
+    """Issue 6 #12: thousands of bad gossip and peer frames, and gossip that changes
+    the member view every time, must not turn into a log line each."""
+    import time
+
+    import msgpack
+    import zmq
+
+    from node.transports.zeromq import OP_GOSSIP, PEER_MAGIC
+    from protocols import wire
+    from support import NodeProcess
+
+    node = NodeProcess("flooded", tmp_path)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        node.wait_serving()
+        start_bytes = node.log_path.stat().st_size
+        sock.connect(f"tcp://{node.address}")
+        n = 3000
+        started = time.monotonic()
+        generation = time.time_ns() - 10**9
+        for i in range(n):
+            sock.send_multipart([PEER_MAGIC, OP_GOSSIP, b"\xc1"])        # bad_gossip
+            sock.send_multipart([PEER_MAGIC, b"NOPE", b"x"])             # bad_peer_frame
+            fake = ["fake", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2", generation + i]
+            sock.send_multipart([PEER_MAGIC, OP_GOSSIP, msgpack.packb(
+                {"kind": "members", "from": "fake", "members": [fake]})])  # view changes
+        # One connection is read in order: the ping's answer means all was handled.
+        sock.send(wire.encode(wire.request("last", wire.TYPE_PING)))
+        assert sock.poll(60_000), "the node did not answer after the flood"
+        sock.recv()
+        elapsed_s = time.monotonic() - started
+        time.sleep(1.1)   # the last window ends; the next log call reports its drops
+    finally:
+        sock.close()
+        node.stop()
+    records = [json.loads(line) for line in
+               node.log_path.read_text().splitlines()[-100_000:] if line.startswith("{")]
+    flood = [r for r in records if r["event"] in ("bad_gossip", "bad_peer_frame",
+                                                  "members_changed", "log_suppressed")]
+    written = node.log_path.stat().st_size - start_bytes
+    # Per event name at most 10 records and one summary per started second.
+    windows = elapsed_s + 2
+    assert len(flood) <= 3 * 11 * windows, (len(flood), elapsed_s)
+    assert written < 3 * 11 * windows * 1024, written
+    assert written < 200 * 1024   # unlimited, it was over 9,000 lines (about 2 MB)
+    # Nothing is lost silently: passed + reported-suppressed = sent.
+    for event in ("bad_gossip", "bad_peer_frame"):
+        passed = sum(1 for r in flood if r["event"] == event)
+        dropped = sum(r["count"] for r in flood
+                      if r["event"] == "log_suppressed" and r["suppressed_event"] == event)
+        assert passed + dropped == n, (event, passed, dropped)
+    assert any(r["event"] == "node_stopped" for r in records)   # info is never dropped
