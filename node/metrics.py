@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import re
 import socket
 import struct
@@ -86,10 +87,12 @@ GAUGE_HELP = {
 
 # A forwarded call carries, as the last frame of its client route, the entry node's
 # own clock readings; the owner copies route frames back unchanged in RPL, so the
-# entry node learns both times without keeping per-call state.  The prefix keeps a
-# frame that is not ours (a forged RPL) from being taken for a stamp.
-_STAMP = struct.Struct("<5sdd")   # magic, request arrival, forward sent (perf_counter s)
-_STAMP_MAGIC = b"\xffSYNT"
+# entry node learns both times without keeping per-call state.  The frame starts
+# with a random key of this process, so a frame that is not ours (a forged RPL) is
+# not taken for a stamp and cannot put made-up values into the histograms.
+_STAMP = struct.Struct("<8sdd")   # key, request arrival, forward sent (perf_counter s)
+_STAMP_KEY = os.urandom(8)
+_ELAPSED_MAX_S = 86400.0          # a sane stamp is never older than this
 
 
 class _Labels:
@@ -119,7 +122,7 @@ def _observe(row: list, seconds: float) -> None:
 def stamp(arrived_s: float) -> bytes:
     """The route frame an entry node appends to a call it forwards: when the request
     arrived (``time.perf_counter()``) and now, when the forward leaves."""
-    return _STAMP.pack(_STAMP_MAGIC, arrived_s, time.perf_counter())
+    return _STAMP.pack(_STAMP_KEY, arrived_s, time.perf_counter())
 
 
 def unstamp(route: tuple | list) -> tuple[tuple, tuple[float, float] | None]:
@@ -130,7 +133,7 @@ def unstamp(route: tuple | list) -> tuple[tuple, tuple[float, float] | None]:
     """
     if route:
         last = route[-1]
-        if len(last) == _STAMP.size and last[:5] == _STAMP_MAGIC:
+        if len(last) == _STAMP.size and last[:8] == _STAMP_KEY:
             _, arrived_s, forwarded_s = _STAMP.unpack(last)
             return tuple(route[:-1]), (arrived_s, forwarded_s)
     return tuple(route), None
@@ -213,8 +216,10 @@ class NodeMetrics:
         what ``unstamp`` found (None: not a call we stamped)."""
         if stamp is not None:
             now = time.perf_counter()
-            _observe(self._request_forwarded, now - stamp[0])
-            _observe(self._forward, now - stamp[1])
+            request_s, forward_s = now - stamp[0], now - stamp[1]
+            if 0.0 <= forward_s <= request_s < _ELAPSED_MAX_S:  # NaN fails too
+                _observe(self._request_forwarded, request_s)
+                _observe(self._forward, forward_s)
 
     def agent_activated(self) -> None:
         self._plain["agents_activated"] += 1

@@ -253,7 +253,7 @@ def test_forward_stamp_round_trips_through_the_route():
 
 @pytest.mark.parametrize("route", [
     (b"\x00k\x8bEg",),                      # not forwarded by us: no stamp
-    (b"\x00k\x8bEg", b"x" * 21),            # right size, not our magic (a forged RPL)
+    (b"\x00k\x8bEg", b"x" * len(stamp(0.0))),   # right size, not our key (a forged RPL)
     (),
 ])
 def test_routes_without_our_stamp_come_back_whole(route):
@@ -261,6 +261,21 @@ def test_routes_without_our_stamp_come_back_whole(route):
     m = NodeMetrics("n1")
     m.replied_forwarded(None)
     assert samples(m)[("synthesis_forward_seconds_count", ())] == 0
+
+
+@pytest.mark.parametrize("offsets_s", [
+    (float("nan"), 0.0), (0.0, float("nan")),
+    (60.0, 60.0),         # from the future
+    (-1.0, 60.0),         # forward sent after the reply came back
+    (-1e12, -1e12),       # older than any node
+])
+def test_impossible_stamps_are_not_observed(offsets_s):
+    m = NodeMetrics("n1")
+    now = time.perf_counter()
+    m.replied_forwarded((now + offsets_s[0], now + offsets_s[1]))
+    got = samples(m)
+    assert got[("synthesis_forward_seconds_count", ())] == 0
+    assert got[("synthesis_request_seconds_sum", (("path", "forwarded"),))] == 0
 
 
 def test_gauge_help_says_what_the_gauge_means():
