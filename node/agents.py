@@ -385,7 +385,7 @@ class AgentHost:
             self._fail(reply_to, req.id, ErrorCode.OVERLOADED,
                        f"mailbox of {agent_id!r} is full ({self._mailbox_len_max})", req.type)
             return
-        act.mailbox.append((req, reply_to))
+        act.mailbox.append((req, reply_to, time.perf_counter()))  # enqueued at: mailbox wait
         if act.task is None and act.lifecycle is Lifecycle.ACTIVE:
             self._start_turns(agent_id, act)
 
@@ -422,7 +422,7 @@ class AgentHost:
         if act.task is not task:
             return  # _turns ran and cleaned up after itself
         act.task = None
-        req, reply_to = first
+        req, reply_to, _ = first
         self._fail(reply_to, req.id, ErrorCode.UNAVAILABLE,
                    "agent stopped or node shut down before the handler started", req.type)
         if not act.mailbox:
@@ -433,7 +433,8 @@ class AgentHost:
         """Handle messages one at a time until the mailbox is empty."""
         try:
             while True:
-                req, reply_to = current
+                req, reply_to, queued_at = current
+                self._metrics.observe_mailbox_wait(time.perf_counter() - queued_at)
                 h = act.cls._handlers.get(req.type) or act.cls._handlers.get(_ANY)
                 if h.is_async:
                     await self._run_async(agent_id, act, h, req, reply_to)
@@ -443,7 +444,7 @@ class AgentHost:
                     break
                 current = act.mailbox.popleft()
         except asyncio.CancelledError:  # agent stopped, or shutdown ran out of time
-            req, reply_to = current
+            req, reply_to, _ = current
             self._fail(reply_to, req.id, ErrorCode.UNAVAILABLE,
                        "agent stopped or node shut down before the handler finished", req.type)
             raise
@@ -538,7 +539,7 @@ class AgentHost:
 
     def _refuse_all(self, act: Activation, code: str, message: str) -> None:
         while act.mailbox:
-            req, reply_to = act.mailbox.popleft()
+            req, reply_to, _ = act.mailbox.popleft()
             self._fail(reply_to, req.id, code, message, req.type)
         act.mailbox = None
         self._queued.discard(act)

@@ -104,6 +104,31 @@ class NodeConfig:
                                      lo=0, lo_open=True)
     executor_workers: int = _opt(4, "Threads of the bounded executor for blocking work.",
                                  lo=1, hi=256)
+    generation_ahead_max_s: float = _opt(
+        60.0, "How far a member's generation may lead this node's clock before gossip "
+        "carrying it is refused.", lo=0, lo_open=True)
+    connections_max: int = _opt(1024, "TCP connections the ROUTER accepts at once; more "
+                                "are closed on arrival.", lo=1, hi=1 << 20)
+    conn_inbound_bytes_max: int = _opt(
+        64 << 20, "Bytes one connection may have sent that the node has not read yet "
+        "(an unfinished multipart message counts); past it the connection is closed.",
+        lo=1 << 16)
+    inbound_bytes_max: int = _opt(
+        256 << 20, "The same, summed over all connections; past it the largest are closed.",
+        lo=1 << 16)
+    client_reply_bytes_max: int = _opt(
+        16 << 20, "Reply bytes queued for one client that it has not read; past it the "
+        "client's connection is closed.", lo=1 << 16)
+    mailbox_total_max: int = _opt(100000, "Messages queued in all mailboxes of the node "
+                                  "before 'overloaded'.", lo=1)
+    mailbox_bytes_max: int = _opt(256 << 20, "Bytes of messages queued in all mailboxes "
+                                  "before 'overloaded'.", lo=1 << 16)
+    memory_bytes_max: int = _opt(
+        2 << 30, "Resident memory budget; past it new activations and large requests "
+        "answer 'overloaded' and idle agents are passivated. 0 disables.", lo=0)
+    agent_idle_s: float = _opt(
+        0.0, "Passivate agents idle this long (their in-memory state is dropped); "
+        "0 keeps them until stopped or evicted under pressure.", lo=0)
     log_level: str = _opt("info", "Lowest level logged.",
                           choices=("debug", "info", "warning", "error"))
     log_format: str = _opt("json", "json: one object per line; console: human readable.",

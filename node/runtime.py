@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import resource
 import signal
 import time
 from typing import Any
@@ -25,17 +26,19 @@ import zmq
 
 import core_cy
 from protocols import wire
-from protocols.effects import MembersChanged, Send, SetTimer
+from protocols.effects import MembersChanged, Refuted, Send, SetTimer
 from protocols.membership import Member, Membership, MembershipError
 from protocols.wire import ErrorCode, Request, WireError
 
 from . import logs, systemd
 from .agents import AgentError, AgentHost, Supervision, load_behavior_modules
 from .config import NodeConfig
-from .metrics import MetricsServer, NodeMetrics
+from .metrics import MetricsServer, NodeMetrics, stamp, unstamp
 from .registry import Registry
+from .guard import ConnectionGuard
+from .parked import ParkedReplies
 from .transports.zeromq import (OP_FWD, OP_GOSSIP, OP_RPL, OP_STATQ, OP_STATR, PEER_MAGIC,
-                                ZmqTransport)
+                                SOCKETS_MAX, ZmqTransport)
 
 BATCH_MAX = 512            # messages read per socket per wake-up, for fairness
 RETRY_INTERVAL_S = 0.02    # how often queued peer sends are retried
@@ -49,6 +52,36 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _POLLIN = int(zmq.POLLIN)
 _EVENTS = int(zmq.EVENTS)
+_SRCFD = int(zmq.SRCFD)
+GUARD_TICK_S = 0.01             # how often the connection guard checks a few connections
+GUARD_PER_TICK = 32             # connections checked per tick (about 3 us each)
+GUARD_SCAN_S = 0.5              # how often it checks all, and the node-wide budget
+GUARD_RSS_JUMP_BYTES = 16 << 20  # resident growth that checks all at once
+GUARD_ALERT_TICK_S = 0.002      # the tick for GUARD_ALERT_S after a connection was cut
+GUARD_ALERT_S = 2.0
+
+
+def _new_context() -> zmq.Context:
+    """A ZeroMQ context with room for every socket the limits allow, on purpose.
+
+    libzmq's default of 1023 sockets sat below the peer-link limit, so made-up
+    members exhausted it.  The process's file limit is raised to match: each
+    socket holds a couple of descriptors, and each accepted connection one.
+    """
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, SOCKETS_MAX + 16)
+    _raise_file_limit(4 * (SOCKETS_MAX + 16) + 4096)
+    return ctx
+
+
+def _raise_file_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # the limits stay as they were; sockets beyond them are refused, not fatal
 
 
 class Node:
@@ -72,7 +105,7 @@ class Node:
             metrics=self.metrics, log=self.log,
             reply=self._reply_data, fail=self._reply_error,
         )
-        self._ctx = zmq.Context()
+        self._ctx = _new_context()
         self._router: zmq.Socket | None = None
         self._transport: ZmqTransport | None = None
         self._membership: Membership | None = None
@@ -85,6 +118,9 @@ class Node:
         self._in_pump = False
         self._gossip_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
+        self._guard_timer: asyncio.TimerHandle | None = None
+        self._guard_scanned_at = 0.0
+        self._guard_alert_until = 0.0
         self._status_waits: dict[bytes, dict] = {}
         self._tokens = itertools.count(1)
         self._started_at = time.monotonic()
@@ -92,6 +128,8 @@ class Node:
         self._max_hops = config.max_hops
         self._endpoint = config.router_endpoint
         self._forwards_waiting = 0  # calls forwarded to owners whose reply has not come back
+        self._member_addresses: set[str] = set()  # ROUTER endpoints of the other members
+        self._parked = ParkedReplies(self.metrics)
         self._replies_routed = 0    # replies from owners passed back to our clients
 
     # ------------------------------------------------------------------ start/stop
@@ -132,6 +170,11 @@ class Node:
         router.setsockopt(zmq.LINGER, SHUTDOWN_LINGER_MS)
         router.bind(cfg.router_bind)
         self._router = router
+        self._guard = ConnectionGuard(
+            router, metrics=self.metrics, log=self.log, connections_max=cfg.connections_max,
+            conn_inbound_bytes_max=cfg.conn_inbound_bytes_max,
+            inbound_bytes_max=cfg.inbound_bytes_max, reply_bytes_max=cfg.client_reply_bytes_max)
+        self._guard_tick()
         self._transport = ZmqTransport(context=self._ctx, node_id=self.node_id,
                                        pub_bind=cfg.pub_bind, peer_hwm=cfg.peer_hwm,
                                        pub_hwm=cfg.pub_hwm, metrics=self.metrics)
@@ -174,7 +217,7 @@ class Node:
         await self._await_forwarded_replies(deadline)
         self._transport.retry(math.inf)  # sends still queued: now or never (callers told)
         self._pump()  # answer what arrived meanwhile, flush replies
-        for timer in (self._gossip_timer, self._retry_timer):
+        for timer in (self._gossip_timer, self._retry_timer, self._guard_timer):
             if timer is not None:
                 timer.cancel()
         for wait in list(self._status_waits.values()):
@@ -183,6 +226,7 @@ class Node:
         self._loop.remove_reader(self._transport.sub.FD)
         self._closed = True
         self._transport.stop(linger_ms=SHUTDOWN_LINGER_MS)
+        self._guard.close()
         self._router.close(linger=SHUTDOWN_LINGER_MS)
         self._ctx.term()
         if self._metrics_server is not None:
@@ -209,14 +253,20 @@ class Node:
     def _start_membership(self) -> None:
         cfg = self.config
         me = Member(self.node_id, cfg.router_endpoint, cfg.pub_endpoint, time.time_ns())
-        self._membership = Membership(me, cfg.seeds, cfg.gossip_interval_s)
+        wall_offset_ns = time.time_ns() - int(self._loop.time() * 1e9)
+        self._membership = Membership(
+            me, cfg.seeds, cfg.gossip_interval_s, wall_offset_ns=wall_offset_ns,
+            generation_ahead_max_ns=int(cfg.generation_ahead_max_s * 1e9))
         self._run_effects(self._membership.start(self._loop.time()))
 
     def _run_effects(self, effects: list) -> None:
         for effect in effects:
             if isinstance(effect, Send):
                 body = msgpack.packb(effect.message, use_bin_type=True)
-                if self._peer_send(effect.address, [PEER_MAGIC, OP_GOSSIP, body]):
+                stranger = (effect.address not in self._member_addresses
+                            and effect.address not in self.config.seeds)
+                if self._peer_send(effect.address, [PEER_MAGIC, OP_GOSSIP, body],
+                                   stranger=stranger):
                     self.metrics.sent("gossip")
             elif isinstance(effect, SetTimer):
                 if self._gossip_timer is not None:
@@ -224,6 +274,18 @@ class Node:
                 self._gossip_timer = self._loop.call_at(effect.at, self._membership_tick)
             elif isinstance(effect, MembersChanged):
                 self._on_members(effect.members)
+            elif isinstance(effect, Refuted):
+                self._on_refuted(effect)
+            else:  # a machine asked for something nobody carries out: a bug
+                raise TypeError(f"no handler for effect {effect!r}")
+
+    def _on_refuted(self, effect: Refuted) -> None:
+        self.metrics.refuted()
+        self.log.error("node_id_claimed_elsewhere", claimed_address=effect.claimed_address,
+                       claimed_generation=effect.claimed_generation,
+                       new_generation=effect.generation,
+                       hint="another process uses this node id, or gossip was forged; "
+                            "enable CURVE authentication on untrusted networks")
 
     def _membership_tick(self) -> None:
         self._gossip_timer = None
@@ -234,22 +296,31 @@ class Node:
         self.members = members
         self.registry.set_members(members)
         others = [m for m in members.values() if m.node_id != self.node_id]
+        self._member_addresses = {m.address for m in others}
         # Close links to addresses no member uses any more (a restarted node's old one).
         self._transport.retain({m.address for m in others} | set(self.config.seeds),
                                {m.pub_address for m in others})
         for member in others:
-            self._transport.connect(member.address)
+            self._transport.connect(member.address)  # None (counted) when out of links
             self._transport.subscribe(member.pub_address)
+        self._parked.flush(self._member_addresses, self._send_parked)
         self.log.info("members_changed", members=sorted(members))
 
     def _on_gossip(self, body: bytes) -> None:
         try:
             message = msgpack.unpackb(body, raw=False)
+            refused_before = self._membership.refused_entries
             effects = self._membership.receive(message, self._loop.time())
         except (MembershipError, ValueError, msgpack.UnpackException) as exc:
             self.metrics.errored(ErrorCode.BAD_REQUEST, "syn.gossip")
             self.log.warning("bad_gossip", error=str(exc))
             return
+        refused = self._membership.refused_entries - refused_before
+        if refused:
+            self.metrics.gossip_refused(refused)
+            self.log.warning("gossip_entries_refused", count=refused,
+                             reason="generation too far ahead, or an address change "
+                                    "not sent by the member itself")
         self._run_effects(effects)
 
     # ------------------------------------------------------------------ the pump
@@ -266,7 +337,7 @@ class Node:
             return
         self._in_pump = True
         try:
-            self._drain(self._router, self._on_router)
+            self._drain(self._router, self._on_router, self._guard.read)
             self._drain(self._transport.sub, self._on_multicast)
         finally:
             self._in_pump = False
@@ -274,7 +345,7 @@ class Node:
                 or self._transport.sub.getsockopt(_EVENTS) & _POLLIN):
             self._schedule_pump()
 
-    def _drain(self, sock: zmq.Socket, handle) -> None:
+    def _drain(self, sock: zmq.Socket, handle, account=None) -> None:
         # Frames (copy=False) tell whether more parts follow without a getsockopt
         # call, which costs more than the rest of reading a frame (measured).
         recv = sock.recv
@@ -283,10 +354,13 @@ class Node:
                 frame = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            first = frame
             frames = [frame.bytes]
             while frame.more:  # the rest of a multipart message is already here
                 frame = recv(_NOBLOCK, copy=False)
                 frames.append(frame.bytes)
+            if account is not None:  # which connection it came from, for its byte budget
+                account(first.get(_SRCFD), frames)
             try:
                 handle(frames)
             except Exception as exc:  # a bug must not take the node down
@@ -298,13 +372,13 @@ class Node:
     def _answer_internal(self, frames: list[bytes], exc: Exception) -> None:
         """Best effort: a client whose request met a bug still gets an answer."""
         if len(frames) == 2 or (len(frames) == 3 and frames[1] == b""):
-            try:
-                rid = wire.decode_map(frames[-1], 1 << 62).get("id")
-            except WireError:
-                rid = None
-            rid = rid if type(rid) is str else None
+            # A bounded peek, not a decode: the frame may be what met the bug.
+            known = wire.refusal(frames[-1][:self._max_bytes], ErrorCode.INTERNAL, "")
+            if known.one_way:  # the send-mode rule holds for node bugs too
+                return
             self._send_route(tuple(frames[:-1]), wire.error(
-                rid, ErrorCode.INTERNAL, f"node error: {type(exc).__name__}", self.node_id))
+                known.request_id, ErrorCode.INTERNAL, f"node error: {type(exc).__name__}",
+                self.node_id, known.traceparent))
 
     # ------------------------------------------------------------------ inbound
 
@@ -317,7 +391,10 @@ class Node:
         elif n == 3 and frames[1] == b"":
             self._on_client(frames[2], (frames[0], b""))  # REQ framing
         else:
-            self._send_route((frames[0],), wire.error(
+            # No frame is looked into; the error is one frame, after the empty
+            # delimiter when the message began with one, so a REQ socket gets it.
+            route = (frames[0], b"") if n >= 3 and frames[1] == b"" else (frames[0],)
+            self._send_route(route, wire.error(
                 None, ErrorCode.BAD_REQUEST,
                 f"expected one envelope frame, got {n - 1} frames", self.node_id))
             self.metrics.errored(ErrorCode.BAD_REQUEST)
@@ -332,8 +409,10 @@ class Node:
         elif op == OP_RPL and len(frames) >= 5:
             self._forwards_waiting = max(0, self._forwards_waiting - 1)
             self._replies_routed += 1
-            self._send_route(tuple(frames[4:]), frames[3])
+            route, forwarded = unstamp(frames[4:])
+            self._send_route(route, frames[3])
             self.metrics.sent("reply")
+            self.metrics.replied_forwarded(forwarded)
         elif op == OP_GOSSIP and len(frames) == 4:
             self._on_gossip(frames[3])
         elif op == OP_STATQ and len(frames) == 5:
@@ -351,16 +430,21 @@ class Node:
 
     def _accept(self, payload: bytes, origin: str | None, route: tuple, hops: int) -> None:
         """Validate a request from a client (origin None) or forwarded by a peer."""
+        arrived = time.perf_counter()  # for synthesis_request_seconds
         try:
             req = wire.parse_request(payload, self._max_bytes)
         except WireError as exc:
             self.metrics.errored(exc.code)
-            self._send_reply((origin, route, None),
-                             wire.error(exc.request_id, exc.code, exc.message, self.node_id))
+            if exc.one_way:  # readably send/publish: never answered, only counted
+                return
+            if self._send_reply((origin, route, None, arrived),
+                                wire.error(exc.request_id, exc.code, exc.message, self.node_id,
+                                           exc.traceparent)):
+                self.metrics.sent("error")
             return
         self.metrics.received(req.type)
         reply_to = (_NO_REPLY if req.mode != wire.MODE_CALL
-                    else (origin, route, req.raw.get("traceparent")))
+                    else (origin, route, req.raw.get("traceparent"), arrived))
         if self._stopping:
             self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE, "node is shutting down",
                               req.type)
@@ -407,10 +491,12 @@ class Node:
             self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE,
                               f"owner {owner!r} is not a known member", req.type)
             return
-        origin, route, _ = reply_to if reply_to is not None else (None, (), None)
+        origin, route = reply_to[:2] if reply_to is not None else (None, ())
         if origin is None:
             origin = self._endpoint
         frames = [PEER_MAGIC, OP_FWD, origin.encode(), bytes((hops + 1,)), payload, *route]
+        if reply_to is not None and reply_to[0] is None:  # our client's call: time it
+            frames.append(stamp(reply_to[3]))
 
         # Replies come back through us only for our own clients' calls; count
         # those so shutdown can wait for them.  Before sending: give_up may run
@@ -510,6 +596,10 @@ class Node:
             "members": len(self.members),
             "uptime_s": round(time.monotonic() - self._started_at, 3),
             "kernels": core_cy.IMPLEMENTATION,
+            # What a client needs to place agents itself (PROTOCOL.md section 8).
+            "ring": {"vnodes": self.registry._ring.vnodes,
+                     "points_per_vnode": core_cy.POINTS_PER_VNODE,
+                     "weight": self.registry._ring.weight(self.node_id)},
             "reachable": True,
         }
 
@@ -525,13 +615,14 @@ class Node:
         wait = {"token": token, "reply_to": reply_to, "id": req.id,
                 "results": {self.node_id: self.local_status()}, "expected": set(others)}
         self._status_waits[token] = wait
-        for member in others.values():
-            self._peer_send(member.address, [PEER_MAGIC, OP_STATQ, self.node_id.encode(), token])
         if not others:
             self._finish_status(wait)
             return
+        # The deadline first: whatever happens to the queries, the slot is freed.
         wait["timer"] = self._loop.call_later(self.config.status_timeout_s,
                                               self._finish_status, wait)
+        for member in others.values():
+            self._peer_send(member.address, [PEER_MAGIC, OP_STATQ, self.node_id.encode(), token])
 
     def _answer_status_query(self, origin: str, token: bytes) -> None:
         member = self.members.get(origin)
@@ -599,18 +690,32 @@ class Node:
     def _send_reply(self, reply_to: tuple, payload: bytes) -> bool:
         """Send (or queue, for a remote origin) one reply; False if it was dropped.
 
-        reply_to is (origin endpoint or None for a local client, route frames, traceparent).
+        reply_to is (origin endpoint or None for a local client, route frames, traceparent,
+        perf_counter at arrival).
         """
-        origin, route, _ = reply_to
+        origin, route, _, arrived = reply_to
         if not route:
             return False  # a forwarded one-way message: nobody to answer
-        if origin is None or origin == self._endpoint:
-            if origin is not None:  # a forward that came back to us: its reply is here
-                self._forwards_waiting = max(0, self._forwards_waiting - 1)
-            return self._send_route(route, payload)
-        # Replies go to the origin's address as given in FWD, so they do not
-        # depend on our member view having caught up with the origin's.
-        return self._peer_send(origin, [PEER_MAGIC, OP_RPL, payload, *route])
+        if origin is None:
+            sent = self._send_route(route, payload)
+            self.metrics.replied_local(arrived)
+            return sent
+        if origin == self._endpoint:  # a forward that came back to us: its reply is here
+            self._forwards_waiting = max(0, self._forwards_waiting - 1)
+            route, forwarded = unstamp(route)
+            sent = self._send_route(route, payload)
+            self.metrics.replied_forwarded(forwarded)
+            return sent
+        frames = [PEER_MAGIC, OP_RPL, payload, *route]
+        if origin not in self._member_addresses:
+            # Replies travel only over links to members: a FWD naming a made-up
+            # origin must not make us dial it.  An origin that joined a moment ago
+            # gets its reply once gossip names it (bounded wait, then dropped).
+            return self._parked.park(origin, frames, self._loop.time())
+        return self._peer_send(origin, frames)
+
+    def _send_parked(self, origin: str, frames: list) -> None:
+        self._peer_send(origin, frames)
 
     def _send_route(self, route: tuple, payload: bytes) -> bool:
         """Send a payload to a client through the ROUTER; False if it was dropped."""
@@ -626,6 +731,8 @@ class Node:
         except zmq.ZMQError:  # client gone (EHOSTUNREACH) or its queue is full
             self.metrics.client_send_failed()
             sent = False
+        else:  # counted against the client's reply budget until its peer acknowledges
+            self._guard.wrote(route[0], len(payload) + 9 + 2 * (len(route) - 1))
         if not self._in_pump:
             # A send outside the pump can consume the FD's edge: look again.
             self._schedule_pump()
@@ -633,25 +740,53 @@ class Node:
 
     # ------------------------------------------------------------------ timers, gauges
 
-    def _peer_send(self, address: str, frames: list, give_up=None) -> bool:
+    def _peer_send(self, address: str, frames: list, give_up=None, stranger: bool = False) -> bool:
         """Send to a peer now, or queue until its link is up (bounded in size and time)."""
         if self._closed:
             self.metrics.peer_send_failed()
             return False
-        ok = self._transport.send(address, frames, give_up, self._loop.time())
+        ok = self._transport.send(address, frames, give_up, self._loop.time(), stranger)
         self._ensure_retry()
         return ok
 
     def _ensure_retry(self) -> None:
-        if self._retry_timer is None and self._transport.has_queued:
+        if self._retry_timer is None and (self._transport.has_queued or self._parked):
             self._retry_timer = self._loop.call_later(RETRY_INTERVAL_S, self._retry)
 
     def _retry(self) -> None:
         self._retry_timer = None
         if self._closed:
             return
-        self._transport.retry(self._loop.time())
+        try:
+            now = self._loop.time()
+            self._transport.retry(now)
+            self._parked.expire(now)
+        except Exception as exc:  # a timer callback must never die: re-armed below
+            self.metrics.errored(ErrorCode.INTERNAL)
+            self.log.exception("retry_failed", error=repr(exc))
         self._ensure_retry()
+
+    def _guard_tick(self) -> None:
+        """Apply the connection budgets: a few connections every tick, all of them
+        every GUARD_SCAN_S (and whenever memory jumps)."""
+        self._guard_timer = None
+        if self._closed:
+            return
+        now = self._loop.time()
+        try:
+            if now - self._guard_scanned_at >= GUARD_SCAN_S:
+                self._guard_scanned_at = now
+                cut = self._guard.scan()
+            else:
+                cut = self._guard.tick(GUARD_PER_TICK, GUARD_RSS_JUMP_BYTES)
+        except Exception as exc:  # a timer callback must never die: re-armed below
+            self.metrics.errored(ErrorCode.INTERNAL)
+            self.log.exception("guard_failed", error=repr(exc))
+            cut = 0
+        if cut:  # under attack: look much more often for a while (a few us a look)
+            self._guard_alert_until = now + GUARD_ALERT_S
+        tick_s = GUARD_ALERT_TICK_S if now < self._guard_alert_until else GUARD_TICK_S
+        self._guard_timer = self._loop.call_later(tick_s, self._guard_tick)
 
     def _gauges(self) -> dict[str, float]:
         transport = self._transport.health() if self._transport else {}

@@ -38,18 +38,23 @@ _SEQ = struct.Struct(">Q")
 
 PEER_QUEUE_MAX = 10_000         # queued sends per peer while its link is down
 PEER_QUEUE_DEADLINE_S = 1.0     # how long a queued send may wait for the link
-LINKS_MAX = 1024 + 64           # members, plus a few origins not yet in our view
+LINKS_MAX = 1024 + 64           # members (MEMBERS_MAX) and seeds
+STRANGER_LINKS_MAX = 16         # links to addresses no member has (see send)
+# ZeroMQ sockets this transport may hold: links, strangers, PUB and SUB.  The node
+# sets the context's MAX_SOCKETS above this on purpose (libzmq's default is 1023).
+SOCKETS_MAX = LINKS_MAX + STRANGER_LINKS_MAX + 2
 
 
 class _PeerLink:
-    __slots__ = ("address", "socket", "queue", "sent", "failed")
+    __slots__ = ("address", "socket", "queue", "sent", "failed", "stranger")
 
-    def __init__(self, address: str, socket: zmq.Socket):
+    def __init__(self, address: str, socket: zmq.Socket, stranger: bool):
         self.address = address
         self.socket = socket
         self.queue: deque = deque()
         self.sent = 0
         self.failed = 0
+        self.stranger = stranger  # no member has this address (yet)
 
 
 class ZmqTransport(Transport):
@@ -65,6 +70,7 @@ class ZmqTransport(Transport):
         self._metrics = metrics
         self._deadline_s = queue_deadline_s
         self._links: dict[str, _PeerLink] = {}
+        self._strangers = 0  # links with stranger set
         self._queued = 0  # sends waiting in all links' queues
         self._subscribed: set[str] = set()
         self._pub_seq = 0
@@ -95,14 +101,30 @@ class ZmqTransport(Transport):
 
     # Peer links ------------------------------------------------------------
 
-    def connect(self, address: str) -> _PeerLink | None:
-        """The link to ``address``, created on first use; None if it cannot be made."""
+    def connect(self, address: str, stranger: bool = False) -> _PeerLink | None:
+        """The link to ``address``, created on first use; None if it cannot be made.
+
+        A ``stranger`` link (an address a gossip message named, that no member
+        has) comes from a small separate budget, so made-up addresses can never
+        take the links members need.  A member's use makes it a normal link.
+        """
         link = self._links.get(address)
         if link is not None:
+            if link.stranger and not stranger:
+                link.stranger = False
+                self._strangers -= 1
             return link
-        if len(self._links) >= LINKS_MAX:
+        if stranger and self._strangers >= STRANGER_LINKS_MAX:
+            self._metrics.limited("stranger_links")
             return None
-        sock = self._ctx.socket(zmq.DEALER)
+        if not stranger and len(self._links) - self._strangers >= LINKS_MAX:
+            self._metrics.limited("peer_links")
+            return None
+        try:
+            sock = self._ctx.socket(zmq.DEALER)
+        except zmq.ZMQError:  # out of sockets or file descriptors: refuse, never crash
+            self._metrics.limited("sockets")
+            return None
         sock.setsockopt(zmq.SNDHWM, self._peer_hwm)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.LINGER, 0)
@@ -113,7 +135,8 @@ class ZmqTransport(Transport):
         except zmq.ZMQError:  # an address a peer made up; never let it reach the loop
             sock.close(linger=0)
             return None
-        link = self._links[address] = _PeerLink(address, sock)
+        link = self._links[address] = _PeerLink(address, sock, stranger)
+        self._strangers += stranger
         return link
 
     def subscribe(self, pub_address: str) -> None:
@@ -128,9 +151,7 @@ class ZmqTransport(Transport):
     def retain(self, addresses: set[str], pub_addresses: set[str]) -> None:
         """Close links and subscriptions to addresses outside these sets."""
         for address in [a for a in self._links if a not in addresses]:
-            link = self._links.pop(address)
-            self._give_up_all(link, f"peer {address} left the member view")
-            link.socket.close(linger=0)
+            self._close_link(self._links[address], f"peer {address} left the member view")
         for pub_address in [a for a in self._subscribed if a not in pub_addresses]:
             try:
                 self.sub.disconnect(pub_address)
@@ -138,9 +159,15 @@ class ZmqTransport(Transport):
                 pass
             self._subscribed.discard(pub_address)
 
+    def _close_link(self, link: _PeerLink, reason: str) -> None:
+        del self._links[link.address]
+        self._strangers -= link.stranger
+        self._give_up_all(link, reason)
+        link.socket.close(linger=0)
+
     def send(self, address: str, frames: Sequence[bytes], on_give_up: OnGiveUp | None = None,
-             now: float = 0.0) -> bool:
-        link = self.connect(address)
+             now: float = 0.0, stranger: bool = False) -> bool:
+        link = self.connect(address, stranger)
         if link is None:
             self._give_up(on_give_up, ErrorCode.UNAVAILABLE, f"cannot open a link to {address!r}")
             return False
@@ -164,6 +191,9 @@ class ZmqTransport(Transport):
         try:
             link.socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
+            return False
+        except zmq.ZMQError:  # anything else: treat as not sent; the deadline decides
+            self._metrics.peer_send_failed()
             return False
         link.sent += 1
         return True

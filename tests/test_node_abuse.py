@@ -1,0 +1,189 @@
+"""A node under attack from loopback stays within its limits (issue: bounded under abuse).
+
+Each test runs one attack from scripts/attack.py against a real node process, with
+settings small enough to bound the test's time, and asserts the bound: resident
+memory, sockets, the member view, an answer to every call, a counted metric.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from node.client import RemoteError
+from support import REPO, Cluster, NodeProcess
+
+sys.path.insert(0, str(REPO / "scripts"))
+import attack  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+MiB = 1 << 20
+
+
+def limited(node: NodeProcess, reason: str) -> float:
+    """The node's synthesis_limited_total for ``reason`` (0 if absent)."""
+    url = f"http://127.0.0.1:{node.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    match = re.search(rf'^synthesis_limited_total{{reason="{reason}"}} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def rss_mb(node: NodeProcess) -> float:
+    return psutil.Process(node.proc.pid).memory_info().rss / MiB
+
+
+def wait_for(condition, timeout_s: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def node(tmp_path):
+    n = NodeProcess("victim", tmp_path, metrics=True,
+                    args=("--conn-inbound-bytes-max", str(16 * MiB),
+                          "--client-reply-bytes-max", str(8 * MiB)))
+    n.wait_serving()
+    yield n
+    n.kill()
+
+
+def test_a_multipart_message_that_never_ends_is_cut_off(node):
+    """4 MiB frames with MORE and never a last frame: without the guard the node grew
+    by about a gigabyte a second.  With it, resident memory stays bounded and each
+    connection is cut once it holds the budget."""
+    before = rss_mb(node)
+    peak = [before]
+    worker = threading.Thread(target=attack.multipart, args=(node.address, 4.0), daemon=True)
+    worker.start()
+    while worker.is_alive():
+        peak[0] = max(peak[0], rss_mb(node))
+        time.sleep(0.05)
+    worker.join()
+    assert limited(node, "conn_inbound_bytes") >= 1
+    assert peak[0] < before + 600, f"node grew from {before:.0f} to {peak[0]:.0f} MB"
+    with node.client() as c:
+        assert c.ping()["node"] == "victim"
+    # The memory of cut connections goes back to the system.
+    wait_for(lambda: rss_mb(node) < before + 150, what="memory returned after the attack")
+
+
+def test_a_client_that_never_reads_its_replies_is_cut_off(node):
+    """1 MiB echo replies nobody reads: the node held 1.8 GB after the client left."""
+    before = rss_mb(node)
+    attack.slow_consumer(node.address, calls=300)
+    wait_for(lambda: limited(node, "client_reply_bytes") >= 1, what="the slow client cut")
+    wait_for(lambda: rss_mb(node) < before + 150, what="reply memory returned")
+    with node.client() as c:
+        assert c.call("echo/after", "say", "still here") == "still here"
+
+
+def test_connections_beyond_the_limit_are_closed(tmp_path):
+    n = NodeProcess("few", tmp_path, metrics=True, args=("--connections-max", "20"))
+    try:
+        n.wait_serving()
+        socks = [attack.zmtp_connect(n.address) for _ in range(40)]
+        try:
+            wait_for(lambda: limited(n, "connections") >= 15, what="extra connections closed")
+            assert len(psutil.Process(n.proc.pid).net_connections("tcp")) < 40
+        finally:
+            for s in socks:
+                s.close()
+        with n.client() as c:  # room again once the attacker left
+            wait_for(lambda: _pings(c), what="a ping after the attacker left")
+    finally:
+        n.kill()
+
+
+def _pings(client) -> bool:
+    try:
+        client.ping(timeout_s=0.5)
+        return True
+    except Exception:  # noqa: BLE001 - not yet
+        return False
+
+
+@pytest.fixture
+def trio(tmp_path):
+    cluster = Cluster(3, tmp_path, metrics=True)
+    yield cluster
+    cluster.close()
+
+
+def members_of(node: NodeProcess) -> dict:
+    with node.client() as c:
+        return {m["node"]: m for m in c.status()["members"]}
+
+
+def test_forged_gossip_cannot_take_over_a_node_id(trio):
+    """A gossip entry claiming n1 at another address with generation 2**64-1 used to
+    send n1's agents' requests to the attacker for good."""
+    n0, n1, _ = trio.nodes
+    real = f"tcp://{n1.address}"
+    attack.forged_gossip(n0.address, "n1", "tcp://127.0.0.1:9", generation=2**64 - 1)
+    # Relayed by someone else, at a plausible generation: refused as an address change.
+    attack.forged_gossip(n0.address, "n1", "tcp://127.0.0.1:9", generation=time.time_ns())
+    wait_for(lambda: limited(n0, "gossip_entry_refused") >= 1, what="forged entries refused")
+    assert members_of(n0)["n1"]["address"] == real
+    assert members_of(n1)["n1"]["address"] == real
+
+
+def test_a_node_hearing_its_id_elsewhere_refutes_it(trio):
+    """The attacker claims n1 in a message 'from' n1 itself: n0 believes it for a
+    moment; n1 hears its own id elsewhere, refutes, and wins everywhere again."""
+    n0, n1, n2 = trio.nodes
+    real = f"tcp://{n1.address}"
+    ahead = time.time_ns() + 5 * 10**9  # within the bound: only the refutation helps
+    with attack.zmq.Context() as ctx:
+        sock = attack.peer_socket(ctx, n0.address)
+        attack.gossip(sock, [["n1", "tcp://127.0.0.1:9", "tcp://127.0.0.1:10", ahead]],
+                      sender="n1")
+        time.sleep(0.3)
+        sock.close()
+    wait_for(lambda: limited(n1, "node_id_refuted") >= 1, what="n1 refuting")
+    for node in (n0, n1, n2):
+        wait_for(lambda: members_of(node)["n1"]["address"] == real,
+                 what=f"{node.name} back to n1's real address")
+    assert "node_id_claimed_elsewhere" in n1.log()
+
+
+def test_fake_members_cannot_exhaust_sockets(trio):
+    """1,020 members at dead addresses: the node ran out of sockets (libzmq's 1,023)
+    and then answered 'internal', timed out, and 'overloaded' status for good."""
+    n0 = trio.nodes[0]
+    attack.fake_members(n0.address, count=1020)
+    wait_for(lambda: len(members_of(n0)) > 1000, timeout_s=20, what="fake members listed")
+    with n0.client(timeout_s=10) as c:
+        for i in range(20):  # every call answered: data, or a clear error
+            try:
+                c.call(f"echo/x{i}", "say", i)
+            except RemoteError as err:
+                assert err.code in ("unavailable", "overloaded"), err
+        # Status is answered (rows for unreachable members), never stuck 'overloaded'.
+        for _ in range(3):
+            assert len(c.status()["members"]) > 1000
+    assert "Too many open files" not in n0.log()
+
+
+def test_made_up_forward_origins_open_no_links(trio):
+    """FWD frames naming 1,100 made-up origins opened 1,020 links and broke retries."""
+    n0, n1, _ = trio.nodes
+    proc = psutil.Process(n0.proc.pid)
+    fds_before = proc.num_fds()
+    attack.fake_origins(n0.address, "echo/target", count=1100)
+    wait_for(lambda: limited(n0, "reply_to_stranger_dropped") >= 1000, timeout_s=15,
+             what="replies to made-up origins dropped")
+    assert proc.num_fds() < fds_before + 50
+    with n1.client() as c:  # forwarding between real members still works
+        for i in range(10):
+            assert c.call(f"echo/k{i}", "say", i) == i
