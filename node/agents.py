@@ -189,7 +189,8 @@ def load_behavior_modules(modules: tuple[str, ...] | list[str]) -> None:
 class Activation:
     """The node's record of one live agent; kept small (slots, lazy mailbox)."""
 
-    __slots__ = ("agent", "cls", "lifecycle", "mailbox", "task", "init", "restarts", "groups")
+    __slots__ = ("agent", "cls", "lifecycle", "mailbox", "task", "init", "restarts", "groups",
+                 "used")
 
     def __init__(self, cls: type[Agent], init: Any):
         self.cls = cls
@@ -200,6 +201,7 @@ class Activation:
         self.init = init
         self.restarts: list[float] | None = None   # recent crash times, bounded
         self.groups: set[str] | None = None
+        self.used = True  # a message came since the last idle sweep looked (second chance)
 
 
 class Supervision:
@@ -226,8 +228,15 @@ class AgentHost:
 
     def __init__(self, *, mailbox_len_max: int, agents_max: int, handler_timeout_s: float,
                  supervision: Supervision, executor_workers: int, metrics: Any, log: Any,
-                 reply: ReplyFn, fail: FailFn):
+                 reply: ReplyFn, fail: FailFn, mailbox_total_max: int = 100_000,
+                 mailbox_bytes_max: int = 256 << 20):
         self.directory: dict[str, Activation] = {}
+        self._mailbox_total_max = mailbox_total_max
+        self._mailbox_bytes_max = mailbox_bytes_max
+        self._waiting = 0         # messages in all mailboxes
+        self._waiting_bytes = 0   # their envelope bytes
+        self.memory_tight = False  # set by the node while resident memory is over budget
+        self._sweep: list[str] = []  # agent ids the idle sweep has still to look at
         self.groups: dict[str, set[str]] = {}
         self._mailbox_len_max = mailbox_len_max
         self._agents_max = agents_max
@@ -261,9 +270,13 @@ class AgentHost:
         return self.activate(agent_id, cls, None)
 
     def activate(self, agent_id: str, cls: type[Agent], init: Any) -> Activation:
-        if len(self.directory) >= self._agents_max:
+        if self.memory_tight:
             raise AgentError(ErrorCode.OVERLOADED,
-                             f"node holds its limit of {self._agents_max} agents")
+                             "node is over its memory budget: no new agents for now")
+        if len(self.directory) >= self._agents_max and not self._evict_one():
+            raise AgentError(ErrorCode.OVERLOADED,
+                             f"node holds its limit of {self._agents_max} agents, all busy "
+                             "or recently used")
         act = Activation(cls, init)
         self.directory[agent_id] = act
         try:
@@ -318,6 +331,70 @@ class AgentHost:
         self._remove(agent_id, act)
         return True
 
+    # Passivation ---------------------------------------------------------------
+    #
+    # An agent is passivated (stopped, its in-memory state dropped, until the state
+    # work gives state somewhere to live) when it was idle for a whole idle sweep,
+    # or to make room at agents_max.  Both use the ``used`` bit as a clock
+    # algorithm does: a message sets it, a look clears it, an agent found idle with
+    # the bit clear goes.  O(1) per message, amortised O(1) per eviction.
+
+    def _evict_one(self, looks_max: int = 256) -> bool:
+        """Passivate the least recently used idle agent; False if none was found."""
+        again: list[tuple[str, Activation]] = []
+        victim = None
+        for agent_id, act in self.directory.items():
+            if len(again) >= looks_max:
+                break
+            if act.used or act.task is not None or act.mailbox:
+                again.append((agent_id, act))
+            else:
+                victim = agent_id, act
+                break
+        if victim is None:  # every one looked at was used since: the oldest idle one goes
+            victim = next(((a, act) for a, act in again
+                           if act.task is None and not act.mailbox), None)
+            again = [item for item in again if item is not victim]
+        for agent_id, act in again:  # second chance: to the back of the line
+            act.used = False
+            del self.directory[agent_id]
+            self.directory[agent_id] = act
+        if victim is None:
+            return False
+        self.passivate(*victim, reason="pressure")
+        return True
+
+    def passivate(self, agent_id: str, act: Activation, reason: str) -> None:
+        try:
+            if act.agent is not None:
+                act.agent.on_stop()
+        except Exception as exc:
+            self._log.warning("on_stop_failed", agent_id=agent_id, error=repr(exc))
+        self._remove(agent_id, act)
+        self._metrics.limited(f"agent_passivated_{reason}")
+
+    def sweep_idle(self, looks_max: int) -> int:
+        """Look at up to ``looks_max`` agents of the current sweep; passivate those
+        idle since the last sweep looked.  Returns how many were passivated.  A new
+        sweep starts when the last one is through (call it every agent_idle_s)."""
+        if not self._sweep:
+            return 0
+        batch, self._sweep = self._sweep[-looks_max:], self._sweep[:-looks_max]
+        gone = 0
+        for agent_id in batch:
+            act = self.directory.get(agent_id)
+            if act is None or act.task is not None or act.mailbox:
+                continue
+            if act.used:
+                act.used = False
+            else:
+                self.passivate(agent_id, act, reason="idle")
+                gone += 1
+        return gone
+
+    def start_sweep(self) -> None:
+        self._sweep = list(self.directory)
+
     def _remove(self, agent_id: str, act: Activation) -> None:
         for group in act.groups or ():
             members = self.groups.get(group)
@@ -362,6 +439,7 @@ class AgentHost:
 
     def deliver(self, agent_id: str, act: Activation, req: Any, reply_to: Any) -> None:
         """Hand one request to an agent: inline if idle and sync, else via its mailbox."""
+        act.used = True
         if act.lifecycle is Lifecycle.FAILED:
             self._fail(reply_to, req.id, ErrorCode.UNAVAILABLE,
                        f"agent {agent_id!r} has failed (restart limit reached)", req.type)
@@ -385,9 +463,28 @@ class AgentHost:
             self._fail(reply_to, req.id, ErrorCode.OVERLOADED,
                        f"mailbox of {agent_id!r} is full ({self._mailbox_len_max})", req.type)
             return
+        if (self._waiting >= self._mailbox_total_max
+                or self._waiting_bytes + req.nbytes > self._mailbox_bytes_max):
+            if not act.mailbox:
+                act.mailbox = None
+                self._queued.discard(act)
+            self._metrics.limited("node_mailboxes_full")
+            self._fail(reply_to, req.id, ErrorCode.OVERLOADED,
+                       f"the node's mailboxes are full ({self._waiting} messages, "
+                       f"{self._waiting_bytes} bytes)", req.type)
+            return
+        self._waiting += 1
+        self._waiting_bytes += req.nbytes
         act.mailbox.append((req, reply_to, time.perf_counter()))  # enqueued at: mailbox wait
         if act.task is None and act.lifecycle is Lifecycle.ACTIVE:
             self._start_turns(agent_id, act)
+
+    def _take(self, act: Activation) -> tuple:
+        """The next waiting message of ``act``, out of the node-wide counts."""
+        item = act.mailbox.popleft()
+        self._waiting -= 1
+        self._waiting_bytes -= item[0].nbytes
+        return item
 
     def _run_sync(self, agent_id: str, act: Activation, h: _Handler, req: Any,
                   reply_to: Any) -> None:
@@ -409,7 +506,7 @@ class AgentHost:
         The message is taken out of the mailbox now, so the mailbox bound counts
         only messages that wait, not the one being handled.
         """
-        first = act.mailbox.popleft()
+        first = self._take(act)
         task = asyncio.get_running_loop().create_task(self._turns(agent_id, act, first))
         act.task = task
         self._tasks.add(task)
@@ -442,7 +539,7 @@ class AgentHost:
                     self._run_sync(agent_id, act, h, req, reply_to)
                 if not act.mailbox or act.lifecycle is not Lifecycle.ACTIVE:
                     break
-                current = act.mailbox.popleft()
+                current = self._take(act)
         except asyncio.CancelledError:  # agent stopped, or shutdown ran out of time
             req, reply_to, _ = current
             self._fail(reply_to, req.id, ErrorCode.UNAVAILABLE,
@@ -539,7 +636,7 @@ class AgentHost:
 
     def _refuse_all(self, act: Activation, code: str, message: str) -> None:
         while act.mailbox:
-            req, reply_to, _ = act.mailbox.popleft()
+            req, reply_to, _ = self._take(act)
             self._fail(reply_to, req.id, code, message, req.type)
         act.mailbox = None
         self._queued.discard(act)
@@ -613,5 +710,7 @@ class AgentHost:
         return counts
 
     def mailbox_depth(self) -> int:
-        # list() copies in one step: the metrics thread calls this too.
-        return sum(len(a.mailbox or ()) for a in list(self._queued))
+        return self._waiting
+
+    def mailbox_bytes(self) -> int:
+        return self._waiting_bytes

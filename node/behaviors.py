@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
+
 from protocols.wire import ErrorCode
 
 from .agents import Agent, AgentError, behavior, handler
 
 KV_KEYS_MAX = 10_000  # a kv agent is a small map, not a database
+KV_BYTES_MAX = 16 << 20  # keys and values, as msgpack bytes
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # what every msgpack client can decode
 
 
@@ -80,12 +83,14 @@ class Counter(Agent):
 class KeyValue(Agent):
     """A small string-keyed map: ``put``, ``get``, ``delete``, ``keys``."""
 
-    __slots__ = ("items",)
+    __slots__ = ("items", "nbytes")
 
     def on_start(self, init: Any) -> None:
         self.items = None  # allocated on first write: idle kv agents stay small
+        self.nbytes = 0    # msgpack size of every key and value held
         if isinstance(init, dict) and init:
             self.items = dict(init)
+            self.nbytes = sum(_size(k, v) for k, v in self.items.items())
 
     @handler("put")
     def put(self, data: Any) -> dict:
@@ -94,7 +99,13 @@ class KeyValue(Agent):
             self.items = {}
         if key not in self.items and len(self.items) >= KV_KEYS_MAX:
             raise AgentError(ErrorCode.OVERLOADED, f"kv agent holds its limit of {KV_KEYS_MAX} keys")
-        self.items[key] = data.get("value")
+        value = data.get("value")
+        grown = _size(key, value) - (_size(key, self.items[key]) if key in self.items else 0)
+        if self.nbytes + grown > KV_BYTES_MAX:
+            raise AgentError(ErrorCode.OVERLOADED,
+                             f"kv agent holds its limit of {KV_BYTES_MAX} bytes")
+        self.items[key] = value
+        self.nbytes += grown
         return {"ok": True}
 
     @handler("get")
@@ -109,9 +120,14 @@ class KeyValue(Agent):
         key = _str_arg(data, "key")
         if self.items is None or key not in self.items:
             return {"deleted": False}
-        del self.items[key]
+        self.nbytes -= _size(key, self.items.pop(key))
         return {"deleted": True}
 
     @handler("keys")
     def keys(self, data: Any) -> dict:
         return {"keys": sorted(self.items or ())}
+
+
+def _size(key: str, value: Any) -> int:
+    """What a kv entry costs, counted as its msgpack bytes (values came off the wire)."""
+    return len(msgpack.packb(key)) + len(msgpack.packb(value, use_bin_type=True))

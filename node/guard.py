@@ -83,6 +83,7 @@ class ConnectionGuard:
         self._by_identity: dict[bytes, int] = {}
         self._monitor = router.get_monitor_socket(_EVENTS)
         self._last_rss = 0
+        self.rss = 0          # resident bytes of the process, as of the last tick
         self._cursor = 0
         self._trims_due = 0
         self.cut_total = 0
@@ -126,7 +127,8 @@ class ConnectionGuard:
         if self._trims_due:
             self._trims_due -= 1
             _trim_malloc()
-        if _rss_bytes() - self._last_rss >= rss_jump_bytes:
+        self.rss = _rss_bytes()
+        if self.rss - self._last_rss >= rss_jump_bytes:
             return self.scan()
         fds = list(self._conns)
         if len(fds) > per_tick:
@@ -167,7 +169,7 @@ class ConnectionGuard:
             # libzmq frees a cut connection's buffers on its own threads a moment
             # later; give them back to the system on the next few ticks.
             self._trims_due = TRIM_TICKS
-        self._last_rss = _rss_bytes()
+        self._last_rss = self.rss = _rss_bytes()
         return cut
 
     def _take_events(self) -> None:

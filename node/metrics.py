@@ -427,8 +427,8 @@ class _Server(ThreadingHTTPServer):
             admit = self._threads_running < self.connections_max + HTTP_THREADS_SLACK
             if admit:
                 if len(self._open) >= self.connections_max:
+                    self.metrics.http_connection_rejected()  # counted before the close
                     self._close_early(next(iter(self._open)))  # the oldest
-                    self.metrics.http_connection_rejected()
                 self._open[request] = time.monotonic() + self.request_timeout_s
                 self._threads_running += 1
         if not admit:
@@ -469,10 +469,9 @@ class _Server(ThreadingHTTPServer):
         now = time.monotonic()
         with self._open_lock:
             late = [conn for conn, deadline in self._open.items() if deadline <= now]
-            for conn in late:
+            for conn in late:  # counted first: whoever sees the close sees the count
+                self.metrics.http_connection_timed_out()
                 self._close_early(conn)
-        for _ in late:
-            self.metrics.http_connection_timed_out()
 
     def open_connections(self) -> int:
         return len(self._open)

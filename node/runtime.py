@@ -59,6 +59,9 @@ GUARD_SCAN_S = 0.5              # how often it checks all, and the node-wide bud
 GUARD_RSS_JUMP_BYTES = 16 << 20  # resident growth that checks all at once
 GUARD_ALERT_TICK_S = 0.002      # the tick for GUARD_ALERT_S after a connection was cut
 GUARD_ALERT_S = 2.0
+IDLE_SWEEP_LOOKS = 10_000       # agents the idle sweep looks at per step
+IDLE_SWEEP_STEP_S = 0.1
+LARGE_REQUEST_BYTES = 64 << 10  # refused while the node is over its memory budget
 
 
 def _new_context() -> zmq.Context:
@@ -104,6 +107,8 @@ class Node:
             executor_workers=config.executor_workers,
             metrics=self.metrics, log=self.log,
             reply=self._reply_data, fail=self._reply_error,
+            mailbox_total_max=config.mailbox_total_max,
+            mailbox_bytes_max=config.mailbox_bytes_max,
         )
         self._ctx = _new_context()
         self._router: zmq.Socket | None = None
@@ -143,6 +148,7 @@ class Node:
         self._start_metrics()
         self._install_signal_handlers()
         self._start_membership()
+        self._start_idle_sweeps()
         systemd.ready()
         self._start_watchdog()
         self.log.info("node_serving", address=self.config.router_endpoint,
@@ -517,6 +523,12 @@ class Node:
 
     def _handle_local(self, req: Request, reply_to: Any) -> None:
         agent_id = req.subject
+        if self.host.memory_tight and req.nbytes > LARGE_REQUEST_BYTES:
+            self.metrics.limited("memory_budget")
+            self._reply_error(reply_to, req.id, ErrorCode.OVERLOADED,
+                              f"node is over its memory budget: requests above "
+                              f"{LARGE_REQUEST_BYTES} bytes are refused for now", req.type)
+            return
         try:
             if wire.is_system_type(req.type):
                 self._system_request(req, reply_to)
@@ -783,16 +795,45 @@ class Node:
             self.metrics.errored(ErrorCode.INTERNAL)
             self.log.exception("guard_failed", error=repr(exc))
             cut = 0
+        self._check_memory()
         if cut:  # under attack: look much more often for a while (a few us a look)
             self._guard_alert_until = now + GUARD_ALERT_S
         tick_s = GUARD_ALERT_TICK_S if now < self._guard_alert_until else GUARD_TICK_S
         self._guard_timer = self._loop.call_later(tick_s, self._guard_tick)
+
+    def _check_memory(self) -> None:
+        budget = self.config.memory_bytes_max
+        tight = bool(budget) and self._guard.rss > budget
+        if tight != self.host.memory_tight:
+            self.host.memory_tight = tight
+            self.log.warning("memory_budget", over=tight, rss=self._guard.rss, budget=budget)
+
+    def _start_idle_sweeps(self) -> None:
+        """Passivate agents idle for agent_idle_s (to twice that): a sweep starts every
+        agent_idle_s and looks at a bounded number of agents per step."""
+        idle_s = self.config.agent_idle_s
+        if idle_s <= 0:
+            return
+
+        def start() -> None:
+            if not self._closed:
+                self.host.start_sweep()
+                self._loop.call_later(idle_s, start)
+
+        def step() -> None:
+            if not self._closed:
+                self.host.sweep_idle(IDLE_SWEEP_LOOKS)
+                self._loop.call_later(IDLE_SWEEP_STEP_S, step)
+
+        self._loop.call_later(idle_s, start)
+        step()
 
     def _gauges(self) -> dict[str, float]:
         transport = self._transport.health() if self._transport else {}
         return {
             "agents_active": len(self.host.directory),
             "mailbox_depth": self.host.mailbox_depth(),
+            "mailbox_bytes": self.host.mailbox_bytes(),
             "peers_connected": transport.get("peers", 0),
             "peer_queue_depth": transport.get("queued", 0),
             "members": len(self.members),

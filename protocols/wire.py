@@ -111,10 +111,10 @@ class Request:
     dataclass: one is built per message, and frozen ``__init__`` is ~3x slower.
     """
 
-    __slots__ = ("id", "type", "subject", "mode", "data", "ttl", "raw")
+    __slots__ = ("id", "type", "subject", "mode", "data", "ttl", "raw", "nbytes")
 
     def __init__(self, id: str, type: str, subject: str | None, mode: str, data: Any,
-                 ttl: int | None, raw: dict):
+                 ttl: int | None, raw: dict, nbytes: int = 0):
         self.id = id
         self.type = type
         self.subject = subject
@@ -122,6 +122,7 @@ class Request:
         self.data = data
         self.ttl = ttl
         self.raw = raw
+        self.nbytes = nbytes  # size of the envelope on the wire, for byte budgets
 
     def __repr__(self) -> str:
         return f"Request(id={self.id!r}, type={self.type!r}, subject={self.subject!r}, mode={self.mode!r})"
@@ -164,7 +165,9 @@ def decode_map(frame: bytes, max_bytes: int) -> dict:
 
 def parse_request(frame: bytes, max_bytes: int) -> Request:
     """Bytes -> validated Request, or WireError with the stable code."""
-    return validate_request(decode_map(frame, max_bytes))
+    req = validate_request(decode_map(frame, max_bytes))
+    req.nbytes = len(frame)
+    return req
 
 
 def refusal(frame: bytes, code: str, message: str) -> WireError:

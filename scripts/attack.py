@@ -119,8 +119,10 @@ def _call_env(rid: str, mtype: str, subject: str, data=None, mode: str = "call")
     return msgpack.packb(env, use_bin_type=True)
 
 
-def slow_consumer(address: str, calls: int = 3000, size: int = MiB - 1024) -> dict:
-    """Echo calls of ``size`` bytes (just under the default limit) whose replies are never read."""
+def slow_consumer(address: str, calls: int = 3000, size: int = MiB - 1024,
+                  hold_s: float = 5.0) -> dict:
+    """Echo calls of ``size`` bytes (just under the default limit) whose replies are
+    never read; the connection stays open ``hold_s`` seconds after the last send."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.RCVBUF, 4096)   # read nothing, and let the kernel hold little
@@ -136,7 +138,7 @@ def slow_consumer(address: str, calls: int = 3000, size: int = MiB - 1024) -> di
             sent += 1
         except zmq.Again:
             time.sleep(0.01)
-    time.sleep(1.0)
+    time.sleep(hold_s)
     sock.close()
     ctx.term()
     return {"calls_sent": sent}
@@ -193,8 +195,9 @@ def fake_origins(address: str, agent: str, count: int = 1100) -> dict:
     return {"fake_origins": count}
 
 
-def kv_fill(address: str, size: int = MiB, puts_max: int = 2000, timeout_s: float = 10.0) -> dict:
-    """1 MiB values into many kv agents until the node answers 'overloaded'."""
+def kv_fill(address: str, size: int = MiB - 1024, puts_max: int = 2000, agents: int = 64,
+            timeout_s: float = 10.0) -> dict:
+    """Values of ``size`` bytes into ``agents`` kv agents until the node says 'overloaded'."""
     from node.client import RemoteError
     value = "v" * size
     stored = 0
@@ -202,23 +205,24 @@ def kv_fill(address: str, size: int = MiB, puts_max: int = 2000, timeout_s: floa
     with Client(address, timeout_s=timeout_s) as c:
         for i in range(puts_max):
             try:
-                c.call(f"kv/fill{i % 64}", "put", {"key": f"k{i}", "value": value})
+                c.call(f"kv/fill{i % agents}", "put", {"key": f"k{i}", "value": value})
                 stored += 1
             except RemoteError as err:
                 refused = err.code
                 break
-    return {"stored_mb": stored * size / MiB, "refused_with": refused}
+    return {"stored_mb": round(stored * size / MiB, 1), "refused_with": refused}
 
 
-def flood(address: str, agents: int = 1000, messages: int = 200_000, agent_type: str = "sleepy") -> dict:
-    """One-way sends spread over many slow agents (behavior ``agent_type``)."""
+def flood(address: str, agents: int = 1000, messages: int = 200_000, nap_s: float = 30.0) -> dict:
+    """One-way sends spread over many slow agents (the tests' ``slow`` behavior, or
+    any behavior with an async ``sleep`` handler)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(f"tcp://{address}")
     for i in range(messages):
-        sock.send(_call_env(f"f{i}", "nap", f"{agent_type}/a{i % agents}", None, mode="send"))
+        sock.send(_call_env(f"f{i}", "sleep", f"slow/a{i % agents}", {"s": nap_s}, mode="send"))
     time.sleep(1.0)
     sock.close()
     ctx.term()

@@ -154,14 +154,12 @@ def test_drain_answers_everything_queued_or_running():
     asyncio.run(main())
 
 
-def test_agents_max_refuses_new_activations():
+def test_agents_max_holds_while_new_activations_make_room():
     host, _, _ = make_host(agents_max=2)
     host.resolve("unit-turns/a")
     host.resolve("unit-turns/b")
-    with pytest.raises(Exception) as err:
-        host.resolve("unit-turns/c")
-    assert err.value.code == "overloaded"
-    assert host.resolve("unit-turns/a") is not None  # existing ones still resolve
+    host.resolve("unit-turns/c")  # an idle agent was passivated to make room
+    assert len(host.directory) == 2 and "unit-turns/c" in host.directory
 
 
 def test_stop_in_the_same_loop_pass_as_delivery_still_answers():
@@ -184,4 +182,67 @@ def test_drain_before_the_first_turn_ran_still_answers():
         host.deliver("unit-turns/a", act, req("first", "work", {"n": 0, "sleep": 1}), ("to",))
         await host.drain(0)
         assert errors == [("first", "unavailable")]
+    asyncio.run(main())
+
+
+def test_at_agents_max_the_least_recently_used_idle_agent_makes_room():
+    host, _, _ = make_host(agents_max=3)
+    for name in ("a", "b", "c"):
+        host.resolve(f"unit-turns/{name}")
+    # b and c were used again: a, idle longest since, goes first; then the clock
+    # gives b and c a second chance in order of their last look.
+    host.deliver("unit-turns/b", host.directory["unit-turns/b"], req("1", "quick", {"n": 1}), None)
+    host.resolve("unit-turns/d")
+    assert set(host.directory) == {"unit-turns/b", "unit-turns/c", "unit-turns/d"}
+    host.resolve("unit-turns/e")
+    assert "unit-turns/b" in host.directory or "unit-turns/c" in host.directory
+    assert len(host.directory) == 3
+
+
+def test_a_busy_agent_is_never_evicted():
+    async def main():
+        host, replies, _ = make_host(agents_max=1)
+        act = host.resolve("unit-turns/a")
+        host.deliver("unit-turns/a", act, req("1", "work", {"n": 1, "sleep": 0.01}), ("to",))
+        with pytest.raises(Exception) as err:  # the only agent is busy: refuse, not evict
+            host.resolve("unit-turns/b")
+        assert getattr(err.value, "code", None) == "overloaded"
+        while not replies:
+            await asyncio.sleep(0.001)
+        host.resolve("unit-turns/b")  # idle now: it makes room
+        assert set(host.directory) == {"unit-turns/b"}
+    asyncio.run(main())
+
+
+def test_the_idle_sweep_passivates_agents_unused_for_a_whole_sweep():
+    host, _, _ = make_host()
+    for name in ("a", "b"):
+        host.resolve(f"unit-turns/{name}")
+    host.start_sweep()
+    assert host.sweep_idle(100) == 0          # first look: used since activation, spared
+    host.deliver("unit-turns/b", host.directory["unit-turns/b"], req("1", "quick", {"n": 1}), None)
+    host.start_sweep()
+    assert host.sweep_idle(100) == 1          # a was idle a whole sweep; b was used
+    assert set(host.directory) == {"unit-turns/b"}
+
+
+def test_node_wide_mailbox_bounds_count_messages_and_bytes():
+    async def main():
+        host, _, errors = make_host(mailbox_total_max=3, mailbox_bytes_max=1 << 20)
+        act = host.resolve("unit-turns/a")
+        for n in range(6):  # the first runs, three wait, the rest are refused
+            host.deliver("unit-turns/a", act, req(str(n), "work", {"n": n, "sleep": 0.01}), ("to",))
+        assert [code for _, code in errors] == ["overloaded", "overloaded"]
+        assert host.mailbox_depth() == 3
+        big = req("big", "work", {"n": 9, "sleep": 0})
+        big.nbytes = 2 << 20
+        errors.clear()
+        host2, _, errors2 = make_host(mailbox_bytes_max=1 << 20)
+        act2 = host2.resolve("unit-turns/a")
+        host2.deliver("unit-turns/a", act2, req("x", "work", {"n": 0, "sleep": 0.01}), ("to",))
+        host2.deliver("unit-turns/a", act2, big, ("to",))
+        assert errors2 == [("big", "overloaded")] and host2.mailbox_bytes() == 0
+        await host.drain(1.0)
+        await host2.drain(1.0)
+        assert host.mailbox_depth() == 0 and host.mailbox_bytes() == 0
     asyncio.run(main())
