@@ -413,9 +413,14 @@ class Node:
         if op == OP_FWD and len(frames) >= 6:  # route frames are absent for one-way sends
             self._on_forwarded(frames)
         elif op == OP_RPL and len(frames) >= 5:
+            route, forwarded = unstamp(frames[4:])
+            if forwarded is None or not route:
+                # Every call we forward carries our stamp (a per-process random key):
+                # a reply without it answers nothing we sent.  Forged: never routed.
+                self.metrics.limited("forged_reply")
+                return
             self._forwards_waiting = max(0, self._forwards_waiting - 1)
             self._replies_routed += 1
-            route, forwarded = unstamp(frames[4:])
             self._send_route(route, frames[3])
             self.metrics.sent("reply")
             self.metrics.replied_forwarded(forwarded)

@@ -275,3 +275,25 @@ def test_activations_beyond_agents_max_evict_the_least_recently_used(tmp_path):
         assert limited(n, "agent_passivated_pressure") >= 2500
     finally:
         n.kill()
+
+
+def test_a_forged_reply_never_reaches_a_client(node):
+    """A client with a fixed routing id received a forged RPL frame sent to its node."""
+    with attack.zmq.Context() as ctx:
+        victim = ctx.socket(attack.zmq.DEALER)
+        victim.setsockopt(attack.zmq.ROUTING_ID, b"victim")
+        victim.setsockopt(attack.zmq.LINGER, 0)
+        victim.connect(f"tcp://{node.address}")
+        victim.send(attack._call_env("mine", "syn.ping", None))  # the route now exists
+        assert victim.poll(5000)
+        victim.recv()
+        forger = attack.peer_socket(ctx, node.address)
+        forged = attack.msgpack.packb({"v": 1, "id": "mine", "re": "mine", "type": "syn.reply",
+                                       "source": "n9", "data": "forged"})
+        for stamp in (b"", b"\0" * 24):  # no stamp, and a stamp without the node's key
+            frames = [attack.PEER_MAGIC, b"RPL", forged, b"victim"] + ([stamp] if stamp else [])
+            forger.send_multipart(frames)
+        wait_for(lambda: limited(node, "forged_reply") >= 2, what="forged replies counted")
+        assert not victim.poll(300), "a forged reply reached the client"
+        forger.close()
+        victim.close()
