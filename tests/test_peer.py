@@ -1,0 +1,426 @@
+"""Peer protocol v2 frames: the pure codec of protocols/peer.py (docs/PROTOCOL.md section 9).
+
+Round trips of every op, every malformed shape refused with its stable reason, and
+decode raising nothing but PeerProtocolError whatever frames arrive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from protocols import peer
+from protocols.effects import GOSSIP, STATUS_ANSWER, STATUS_QUERY, Send
+from protocols.peer import (MAGIC, Forwarded, Gossiped, PeerProtocolError, Replied,
+                            StatusAnswered, StatusQueried)
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MANY = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+TOKEN = bytes(range(16))
+MIB = 1 << 20
+
+# ------------------------------------------------------------------ strategies
+
+node_ids = (st.text(min_size=1, max_size=40)
+            | st.text(alphabet="aé€𝄞", min_size=60, max_size=120)).filter(
+    lambda s: len(s.encode()) <= peer.NODE_ID_BYTES_MAX)
+call_tokens = st.binary(min_size=16, max_size=16)
+fwd_tokens = call_tokens | st.just(b"")
+envelopes = st.binary(max_size=2048)
+hops = st.integers(min_value=1, max_value=peer.HOPS_MAX)
+status_tokens = st.text(alphabet=st.characters(max_codepoint=127), min_size=1,
+                        max_size=peer.STATUS_TOKEN_BYTES_MAX)
+
+scalars = (st.none() | st.booleans()
+           | st.integers(min_value=-(2 ** 63), max_value=2 ** 64 - 1)
+           | st.floats(allow_nan=False) | st.text(max_size=40) | st.binary(max_size=40))
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner,
+                                                                max_size=5),
+    max_leaves=25)
+bodies = st.dictionaries(st.text(max_size=12), values, max_size=6)
+
+
+def reason(frames: list) -> str:
+    with pytest.raises(PeerProtocolError) as info:
+        peer.decode(frames)
+    assert info.value.reason in peer.REASONS
+    return info.value.reason
+
+
+def valid_frames() -> dict[str, list[bytes]]:
+    """One valid frame list per op."""
+    return {
+        "FWD": peer.forward("node-a", "node-b", 1, TOKEN, b"\x80"),
+        "RPL": peer.reply("node-a", TOKEN, b"\x80"),
+        "GOSSIP": peer.gossip("node-a", {"v": 1, "kind": "members", "members": []}),
+        "STATQ": peer.status_query("node-a", "7"),
+        "STATR": peer.status_answer("node-a", "7", {"node": "node-a"}),
+    }
+
+
+# ------------------------------------------------------------------ round trips
+
+@FAST
+@given(node_ids, node_ids, hops, fwd_tokens, envelopes)
+@example("n" * 255, "é" * 127, 16, b"", b"")
+def test_forward_round_trip(sender, origin, hop_count, token, envelope):
+    frames = peer.forward(sender, origin, hop_count, token, envelope)
+    assert frames[:2] == [MAGIC, b"FWD"] and len(frames) == 7
+    event = peer.decode(frames)
+    assert event == Forwarded(sender, origin, hop_count, token, envelope)
+    assert event.envelope is envelope  # carried, never copied or re-encoded
+
+
+@FAST
+@given(node_ids, call_tokens, envelopes)
+def test_reply_round_trip(sender, token, envelope):
+    frames = peer.reply(sender, token, envelope)
+    assert frames[:2] == [MAGIC, b"RPL"] and len(frames) == 5
+    event = peer.decode(frames)
+    assert event == Replied(sender, token, envelope)
+    assert event.envelope is envelope
+
+
+@FAST
+@given(node_ids, bodies)
+def test_gossip_round_trip(sender, message):
+    assert peer.decode(peer.gossip(sender, message)) == Gossiped(sender, message)
+
+
+@FAST
+@given(node_ids, status_tokens)
+def test_status_query_round_trip(sender, token):
+    assert peer.decode(peer.status_query(sender, token)) == StatusQueried(sender, token)
+
+
+@FAST
+@given(node_ids, status_tokens, bodies)
+def test_status_answer_round_trip(sender, token, status):
+    event = peer.decode(peer.status_answer(sender, token, status))
+    assert event == StatusAnswered(sender, {"token": token, "status": status})
+
+
+def test_large_envelope_is_carried_whole():
+    envelope = b"\x81\xa1d\xc6" + bytes(8 * MIB)  # never decoded, so no body limit applies
+    assert peer.decode(peer.forward("a", "b", 2, TOKEN, envelope)).envelope is envelope
+    assert peer.decode(peer.reply("a", TOKEN, envelope)).envelope is envelope
+
+
+def test_body_of_exactly_one_mib_is_accepted():
+    message = {"pad": bytes(MIB - 10)}  # map header 1, "pad" 4, bin 32 header 5
+    frames = peer.gossip("a", message)
+    assert len(frames[3]) == MIB
+    assert peer.decode(frames).message == message
+
+
+def test_send_effects_encode_by_channel():
+    sender = "node-a"
+    assert peer.encode(GOSSIP, sender, {"v": 1}) == peer.gossip(sender, {"v": 1})
+    assert peer.encode(STATUS_QUERY, sender, "12") == peer.status_query(sender, "12")
+    answer = {"token": "12", "status": {"node": sender}}
+    assert peer.encode(STATUS_ANSWER, sender, answer) == \
+        peer.status_answer(sender, "12", {"node": sender})
+    with pytest.raises(ValueError):
+        peer.encode("replication", sender, {})
+
+
+def test_machines_messages_survive_the_codec():
+    """What the membership and status machines actually send decodes to itself."""
+    from protocols.membership import Member, Membership
+    from protocols.status import StatusCollector
+
+    me = Member.of("node-a", "tcp://127.0.0.1:7400", "tcp://127.0.0.1:7401", 5)
+    effects = Membership(me, ["tcp://127.0.0.1:7500"], 1.0).start(0.0)
+    sends = [e for e in effects if isinstance(e, Send)]
+    assert sends
+    for effect in sends:
+        event = peer.decode(peer.encode(effect.channel, "node-a", effect.message))
+        assert event == Gossiped("node-a", effect.message)
+
+    collector = StatusCollector("node-a", 1.0)
+    queries = collector.start("handle", "req-1", {"node": "node-a"},
+                              {"node-a": "tcp://a:1", "node-b": "tcp://b:1"}, 0.0)
+    (query,) = queries
+    event = peer.decode(peer.encode(query.channel, "node-a", query.message))
+    assert event == StatusQueried("node-a", query.message)
+    # node-b answers; the decoded message is what the collector takes.
+    answer = peer.decode(peer.status_answer("node-b", event.token, {"node": "node-b"}))
+    (done,) = collector.receive(answer.sender, answer.message, 0.1)
+    assert [row["node"] for row in done.data["members"]] == ["node-a", "node-b"]
+
+
+# ------------------------------------------------------------------ events
+
+def test_fast_built_events_are_ordinary_frozen_dataclasses():
+    event = peer.decode(peer.forward("a", "b", 3, TOKEN, b"env"))
+    built = Forwarded("a", "b", 3, TOKEN, b"env")
+    assert type(event) is Forwarded and event == built and hash(event) == hash(built)
+    assert repr(event) == repr(built)
+    assert [f.name for f in dataclasses.fields(event)] == \
+        ["sender", "origin", "hops", "token", "envelope"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.hops = 4
+    assert dataclasses.replace(event, hops=4).hops == 4
+    assert not hasattr(event, "__dict__")
+    reply = peer.decode(peer.reply("a", TOKEN, b"r"))
+    assert type(reply) is Replied and reply == Replied("a", TOKEN, b"r")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        reply.token = b""
+    match reply:
+        case Replied(sender, token, envelope):
+            assert (sender, token, envelope) == ("a", TOKEN, b"r")
+
+
+# ------------------------------------------------------------------ malformed shapes
+
+@pytest.mark.parametrize("first, expected", [
+    (b"SYNP1", "bad_version"), (b"SYNP3", "bad_version"), (b"SYNP", "bad_version"),
+    (b"SYNQ2", "bad_magic"), (b"", "bad_magic"), (b"\x84\xa1v\x01", "bad_magic"),
+])
+def test_wrong_magic(first, expected):
+    frames = valid_frames()["RPL"]
+    assert reason([first, *frames[1:]]) == expected
+
+
+def test_empty_and_short_lists():
+    assert reason([]) == "bad_magic"
+    assert reason([MAGIC]) == "bad_shape"
+    assert reason([MAGIC, b"RPL"]) == "bad_shape"  # no sender
+
+
+@pytest.mark.parametrize("op", [b"NOP", b"fwd", b"FWD ", b"", b"STAT", b"GOSSIPS", b"\xff"])
+def test_unknown_op(op):
+    assert reason([MAGIC, op, b"node-a", TOKEN, b"x"]) == "unknown_op"
+
+
+@pytest.mark.parametrize("op", ["FWD", "RPL", "GOSSIP", "STATQ", "STATR"])
+def test_wrong_frame_count(op):
+    frames = valid_frames()[op]
+    assert reason(frames[:-1]) == "bad_shape"
+    assert reason([*frames, b""]) == "bad_shape"
+    assert reason([*frames, b"x", b"y"]) == "bad_shape"
+
+
+BAD_IDS = [b"", b"n" * 256, b"\xff\xfe", b"node-\xc3", b"\xed\xa0\x80"]  # last: a surrogate
+
+
+@pytest.mark.parametrize("op", ["FWD", "RPL", "GOSSIP", "STATQ", "STATR"])
+@pytest.mark.parametrize("sender", BAD_IDS)
+def test_bad_sender(op, sender):
+    frames = valid_frames()[op]
+    frames[2] = sender
+    assert reason(frames) == "bad_sender"
+
+
+@pytest.mark.parametrize("origin", BAD_IDS)
+def test_bad_origin(origin):
+    frames = valid_frames()["FWD"]
+    frames[3] = origin
+    assert reason(frames) == "bad_origin"
+
+
+@pytest.mark.parametrize("hops_frame", [b"\x00", b"\x11", b"\xff", b"\x01\x00", b"\x00\x01", b"",
+                                        b"1"])
+def test_bad_hops(hops_frame):
+    frames = valid_frames()["FWD"]
+    frames[4] = hops_frame
+    assert reason(frames) == "bad_hops"
+
+
+@pytest.mark.parametrize("size", [1, 8, 15, 17, 32])
+def test_bad_call_token(size):
+    fwd, rpl = valid_frames()["FWD"], valid_frames()["RPL"]
+    fwd[5] = rpl[3] = bytes(size)
+    assert reason(fwd) == "bad_token"
+    assert reason(rpl) == "bad_token"
+
+
+def test_empty_token_is_a_one_way_forward_but_no_reply():
+    fwd, rpl = valid_frames()["FWD"], valid_frames()["RPL"]
+    fwd[5] = rpl[3] = b""
+    assert peer.decode(fwd).token == b""
+    assert reason(rpl) == "bad_token"
+
+
+@pytest.mark.parametrize("token", [b"", b"x" * 33, b"t\xc3\xa9", b"\x80"])
+def test_bad_status_query_token(token):
+    frames = valid_frames()["STATQ"]
+    frames[3] = token
+    assert reason(frames) == "bad_token"
+
+
+BAD_BODIES = {
+    "not msgpack": b"\xc1",
+    "truncated": msgpack.packb({"kind": "members"})[:-2],
+    "trailing bytes": msgpack.packb({}) + b"\x00",
+    "empty": b"",
+    "a list": msgpack.packb([1, 2]),
+    "an int": msgpack.packb(7),
+    "a string": msgpack.packb("members"),
+    "nil": msgpack.packb(None),
+    "bytes key": msgpack.packb({b"kind": "members"}),
+    "int key": msgpack.packb({1: "x"}),
+    "nested bytes key": msgpack.packb({"members": [{b"id": "x"}]}),
+    "nested int key": msgpack.packb({"ep": {7: "tcp://a:1"}}),
+    "too deep": b"\x81\xa1a" + b"\x91" * 5000 + b"\xc0",
+    "array header lies": b"\x81\xa1a\xdd\xff\xff\xff\xff",
+    "map header lies": b"\xdf\xff\xff\xff\xff",
+    "str header lies": b"\x81\xa1a\xdb\xff\xff\xff\xff",
+    "invalid utf-8 str": b"\x81\xa1a\xa2\xff\xfe",
+}
+
+
+@pytest.mark.parametrize("op", ["GOSSIP", "STATR"])
+@pytest.mark.parametrize("name", sorted(BAD_BODIES))
+def test_bad_body(op, name):
+    frames = valid_frames()[op]
+    frames[3] = BAD_BODIES[name]
+    assert reason(frames) == "bad_body"
+
+
+@pytest.mark.parametrize("op", ["GOSSIP", "STATR"])
+def test_body_over_one_mib_is_refused_before_decoding(op):
+    frames = valid_frames()[op]
+    frames[3] = b"\xc1" * (MIB + 1)  # not msgpack either: the size is checked first
+    assert reason(frames) == "too_large"
+    frames[3] = b"\xc1" * MIB
+    assert reason(frames) == "bad_body"
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({"status": {}}, "bad_token"),
+    ({"token": 7, "status": {}}, "bad_token"),
+    ({"token": "", "status": {}}, "bad_token"),
+    ({"token": "x" * 33, "status": {}}, "bad_token"),
+    ({"token": "é", "status": {}}, "bad_token"),
+    ({"token": "1"}, "bad_body"),
+    ({"token": "1", "status": [1]}, "bad_body"),
+    ({"token": "1", "status": None}, "bad_body"),
+])
+def test_bad_status_answer_body(body, expected):
+    frames = valid_frames()["STATR"]
+    frames[3] = msgpack.packb(body)
+    assert reason(frames) == expected
+
+
+def test_status_answer_with_unknown_keys_is_accepted():
+    frames = valid_frames()["STATR"]
+    frames[3] = msgpack.packb({"token": "1", "status": {}, "later": [1, 2]})
+    assert peer.decode(frames).message["later"] == [1, 2]
+
+
+# ------------------------------------------------------------------ random input
+
+known_ops = st.sampled_from([b"FWD", b"RPL", b"GOSSIP", b"STATQ", b"STATR"])
+firsts = st.sampled_from([MAGIC, b"SYNP1", b"SYNP"]) | st.binary(max_size=8)
+frame_values = (st.binary(max_size=64) | st.sampled_from([b"", b"\x01", b"\x10", b"\x11", TOKEN])
+                | st.builds(msgpack.packb, values))
+
+
+@MANY
+@given(firsts, known_ops | st.binary(max_size=8), st.lists(frame_values, max_size=8))
+def test_decode_raises_only_peer_protocol_errors(first, op, rest):
+    try:
+        event = peer.decode([first, op, *rest])
+    except PeerProtocolError as exc:
+        assert exc.reason in peer.REASONS
+    else:
+        assert type(event) in (Forwarded, Replied, Gossiped, StatusQueried, StatusAnswered)
+
+
+@MANY
+@given(st.sampled_from(["FWD", "RPL", "GOSSIP", "STATQ", "STATR"]), st.data())
+def test_decode_of_a_mutated_valid_list_raises_only_peer_protocol_errors(op, data):
+    frames = valid_frames()[op]
+    index = data.draw(st.integers(min_value=2, max_value=len(frames) - 1))
+    frames[index] = data.draw(frame_values)
+    try:
+        peer.decode(frames)
+    except PeerProtocolError as exc:
+        assert exc.reason in peer.REASONS
+
+
+@FAST
+@given(st.lists(st.binary(max_size=32), max_size=10))
+def test_decode_of_random_lists_raises_only_peer_protocol_errors(frames):
+    try:
+        peer.decode(frames)
+    except PeerProtocolError as exc:
+        assert exc.reason in peer.REASONS
+
+
+# ------------------------------------------------------------------ is_peer
+
+def test_is_peer():
+    for frames in valid_frames().values():
+        assert peer.is_peer(frames)
+    assert peer.is_peer([b"SYNP1", b"GOSSIP", b"{}"])  # another version: decode counts it
+    assert not peer.is_peer([MAGIC])
+    assert not peer.is_peer([])
+    envelope = msgpack.packb({"v": 1, "id": "1", "type": "get", "subject": "a", "mode": "call"})
+    assert not peer.is_peer([envelope])             # a DEALER client
+    assert not peer.is_peer([b"", envelope])        # a REQ client
+    assert not peer.is_peer([envelope, envelope])   # a bad request, answered as one
+
+
+@FAST
+@given(st.dictionaries(st.text(max_size=8), values, max_size=4), st.binary(max_size=16))
+def test_no_client_envelope_looks_like_a_peer_frame(envelope, extra):
+    assert not peer.is_peer([msgpack.packb(envelope), extra])
+
+
+# ------------------------------------------------------------------ local errors
+
+@pytest.mark.parametrize("call", [
+    lambda: peer.forward("a", "b", 0, TOKEN, b""),
+    lambda: peer.forward("a", "b", 17, TOKEN, b""),
+    lambda: peer.forward("a", "b", True, TOKEN, b""),
+    lambda: peer.forward("a", "b", 1.0, TOKEN, b""),
+    lambda: peer.forward("a", "b", 1, bytes(15), b""),
+    lambda: peer.forward("a", "b", 1, "x" * 16, b""),
+    lambda: peer.forward("", "b", 1, TOKEN, b""),
+    lambda: peer.forward("a", "n" * 256, 1, TOKEN, b""),
+    lambda: peer.forward("a", "é" * 128, 1, TOKEN, b""),
+    lambda: peer.forward("\ud800", "b", 1, TOKEN, b""),
+    lambda: peer.forward(b"a", "b", 1, TOKEN, b""),
+    lambda: peer.reply("a", b"", b""),
+    lambda: peer.reply("a", bytes(17), b""),
+    lambda: peer.gossip("a", [1]),
+    lambda: peer.gossip("a", {"pad": bytes(MIB)}),
+    lambda: peer.gossip("a", {"x": object()}),
+    lambda: peer.status_query("a", ""),
+    lambda: peer.status_query("a", "x" * 33),
+    lambda: peer.status_query("a", "é"),
+    lambda: peer.status_query("a", 7),
+    lambda: peer.status_answer("a", "1", [1]),
+    lambda: peer.status_answer("a", None, {}),
+    lambda: peer.encode(STATUS_ANSWER, "a", "1"),
+])
+def test_encoders_refuse_what_the_protocol_cannot_carry(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+def test_id_caches_are_bounded():
+    for k in range(peer.ID_CACHE_MAX + 100):
+        event = peer.decode(peer.reply(f"node-{k}", TOKEN, b""))
+        assert event.sender == f"node-{k}"
+    assert len(peer._id_bytes) <= peer.ID_CACHE_MAX
+    assert len(peer._id_text) <= peer.ID_CACHE_MAX
+
+
+def test_cached_ids_are_still_checked():
+    """A cached id frame decodes from the cache; an invalid one never enters it."""
+    peer.decode(peer.reply("node-a", TOKEN, b""))
+    frames = valid_frames()["RPL"]
+    frames[2] = b"\xff"
+    assert reason(frames) == "bad_sender"
+    assert reason(frames) == "bad_sender"
+    assert b"\xff" not in peer._id_text
