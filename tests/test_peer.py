@@ -424,3 +424,27 @@ def test_cached_ids_are_still_checked():
     assert reason(frames) == "bad_sender"
     assert reason(frames) == "bad_sender"
     assert b"\xff" not in peer._id_text
+
+
+# ------------------------------------------------------------------ the spec
+
+def test_protocol_md_states_the_codec_s_frames_and_numbers():
+    """docs/PROTOCOL.md section 9 and this codec say the same thing."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
+    section = text[text.index("## 9. Node-to-node"):text.index("## 11. ")]
+    rows = dict(re.findall(r'\| `(\w+)` +\| `\[b"SYNP2", b"\w+", ([^\]]*)\]`', section))
+    assert set(rows) == {op.decode() for op in peer.ROWS}
+    for op, (count, _) in peer.ROWS.items():
+        assert 2 + len(rows[op.decode()].split(",")) == count, op
+    assert f'magic `{MAGIC.decode()}`' in section
+    assert f"at most **{peer.BODY_BYTES_MAX}** bytes" in section
+    assert f"an unsigned integer 1..{peer.HOPS_MAX}" in section
+    assert f"exactly {peer.CALL_TOKEN_BYTES} bytes for a call" in section
+    assert f"1..{peer.STATUS_TOKEN_BYTES_MAX} ASCII bytes" in section
+    assert f"1..{peer.NODE_ID_BYTES_MAX} bytes of UTF-8" in section
+    assert f"more than {peer.CONTAINER_LEN_MAX} elements" in section
+    for name in peer.REASONS:
+        assert f"`{name}`" in section, name
