@@ -685,10 +685,8 @@ class AgentHost:
         Returns how many queued messages were refused.
         """
         self.accepting = False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self._tasks and loop.time() < deadline:
-            await asyncio.sleep(0.01)
+        if self._tasks:  # no new turn starts now: wait for these, on their own events
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, timeout_s))
         refused = 0
         for act in list(self._queued):
             refused += len(act.mailbox or ())

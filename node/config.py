@@ -96,6 +96,9 @@ class NodeConfig:
     restart_backoff_s: float = _opt(0.05, "First restart delay; doubles per restart.", lo=0)
     restart_backoff_max_s: float = _opt(5.0, "Upper bound of the restart delay.", lo=0)
     gossip_interval_s: float = _opt(1.0, "Period of membership gossip.", lo=0, lo_open=True)
+    forward_margin_s: float = _opt(
+        2.0, "Added to handler_timeout_s for a forwarded call: past the sum the entry node "
+        "answers 'timeout' itself (the owner went silent).", lo=0, lo_open=True)
     status_timeout_s: float = _opt(1.0, "Wait for peers' answers to a status query.",
                                    lo=0, lo_open=True)
     pub_hwm: int = _opt(100000, "PUB socket high-water mark, messages.", lo=1)

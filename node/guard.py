@@ -127,7 +127,7 @@ class ConnectionGuard:
         if self._trims_due:
             self._trims_due -= 1
             _trim_malloc()
-        self.rss = _rss_bytes()
+        self.rss = rss_bytes()
         if self.rss - self._last_rss >= rss_jump_bytes:
             return self.scan()
         fds = list(self._conns)
@@ -169,7 +169,7 @@ class ConnectionGuard:
             # libzmq frees a cut connection's buffers on its own threads a moment
             # later; give them back to the system on the next few ticks.
             self._trims_due = TRIM_TICKS
-        self._last_rss = self.rss = _rss_bytes()
+        self._last_rss = self.rss = rss_bytes()
         return cut
 
     def _take_events(self) -> None:
@@ -238,7 +238,7 @@ def _tcp_counters(fd: int) -> tuple[int, int] | None:
     return _U64.unpack_from(info, _BYTES_RECEIVED_AT)[0], _U64.unpack_from(info, _BYTES_ACKED_AT)[0]
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     try:
         with open("/proc/self/statm", "rb") as f:
             return int(f.read().split()[1]) * _PAGE

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 import re
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -85,13 +83,6 @@ GAUGE_HELP = {
     "members": "Members in this node's view, itself and dead members included.",
 }
 
-# A forwarded call carries, as the last frame of its client route, the entry node's
-# own clock readings; the owner copies route frames back unchanged in RPL, so the
-# entry node learns both times without keeping per-call state.  The frame starts
-# with a random key of this process, so a frame that is not ours (a forged RPL) is
-# not taken for a stamp and cannot put made-up values into the histograms.
-_STAMP = struct.Struct("<8sdd")   # key, request arrival, forward sent (perf_counter s)
-_STAMP_KEY = os.urandom(8)
 _ELAPSED_MAX_S = 86400.0          # a sane stamp is never older than this
 
 
@@ -117,26 +108,6 @@ class _Labels:
 def _observe(row: list, seconds: float) -> None:
     row[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1  # buckets are "<= bound"
     row[-1] += seconds
-
-
-def stamp(arrived_s: float) -> bytes:
-    """The route frame an entry node appends to a call it forwards: when the request
-    arrived (``time.perf_counter()``) and now, when the forward leaves."""
-    return _STAMP.pack(_STAMP_KEY, arrived_s, time.perf_counter())
-
-
-def unstamp(route: tuple | list) -> tuple[tuple, tuple[float, float] | None]:
-    """Split a returned route into the client's route frames and our stamp.
-
-    A route without a stamp of ours (not forwarded by this node, or forged) comes
-    back whole, with None.
-    """
-    if route:
-        last = route[-1]
-        if len(last) == _STAMP.size and last[:8] == _STAMP_KEY:
-            _, arrived_s, forwarded_s = _STAMP.unpack(last)
-            return tuple(route[:-1]), (arrived_s, forwarded_s)
-    return tuple(route), None
 
 
 class NodeMetrics:
@@ -207,19 +178,18 @@ class NodeMetrics:
 
     def replied_local(self, arrived_s: float | None) -> None:
         """A reply produced here left for our own client; ``arrived_s`` is the
-        ``time.perf_counter()`` reading taken when the request was read."""
+        ``time.monotonic()`` reading (the loop's clock) taken when the request was read."""
         if arrived_s is not None:
-            _observe(self._request_local, time.perf_counter() - arrived_s)
+            _observe(self._request_local, time.monotonic() - arrived_s)
 
-    def replied_forwarded(self, stamp: tuple[float, float] | None) -> None:
-        """An owner's reply to a call we forwarded left for our client; ``stamp`` is
-        what ``unstamp`` found (None: not a call we stamped)."""
-        if stamp is not None:
-            now = time.perf_counter()
-            request_s, forward_s = now - stamp[0], now - stamp[1]
-            if 0.0 <= forward_s <= request_s < _ELAPSED_MAX_S:  # NaN fails too
-                _observe(self._request_forwarded, request_s)
-                _observe(self._forward, forward_s)
+    def replied_forwarded(self, arrived_s: float, forwarded_s: float) -> None:
+        """An owner's reply to a call we forwarded left for our client: when the
+        request arrived and when its forward left (``time.monotonic()`` readings)."""
+        now = time.monotonic()
+        request_s, forward_s = now - arrived_s, now - forwarded_s
+        if 0.0 <= forward_s <= request_s < _ELAPSED_MAX_S:  # NaN fails too
+            _observe(self._request_forwarded, request_s)
+            _observe(self._forward, forward_s)
 
     def agent_activated(self) -> None:
         self._plain["agents_activated"] += 1

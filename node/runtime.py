@@ -1,90 +1,56 @@
-"""The node's event loop: sockets, timers, protocol machines and their effects.
+"""The node: runs the protocol machines, carries out their effects, owns the timers.
 
-One ROUTER socket takes requests from clients and peer traffic from other
-nodes.  The loop wakes when the socket's FD is readable and drains it in
-batches with NOBLOCK until ``zmq.Again`` (the FD is edge-triggered: a partial
-read would leave messages sitting unread), then re-checks ``zmq.EVENTS``.
-Requests are decoded once; forwarding passes the original bytes on.
+Everything that decides lives in pure machines (``protocols/``): membership, routing
+(local / forward / refuse, and every forward in flight answered exactly once),
+cluster status and the shutdown sequence.  This module feeds them real time and
+real messages, and performs what they ask through one table of effect handlers
+(``protocols.machine.Effects``): an effect nobody handles is an error.
 
-Routing: ``registry.owner(subject)`` names the owning node.  A local owner hands
-the request to the agent host; a remote one gets it one hop away over the
-peer transport, and its reply comes back the same way to the client's route.
+Traffic comes and goes through transports built from the registry
+(``node/transports``): inbound as ``client(handle, payload)`` or peer frames, replies
+to opaque handles the transport minted, peers named by node id.  Requests are
+decoded once; a forward passes the client's bytes on untouched.
+
+A call's caller is a ``reply_to`` tuple ``(handle, origin, token, traceparent,
+arrived)``: a local client's transport handle, or, for a call forwarded to us, the
+entry node's id and the forward's token (the reply goes back to that node, which
+finds the client by the token).  One-way requests have ``reply_to`` None.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
-import resource
+import os
 import signal
 import time
 from typing import Any
 
-import msgpack
-import zmq
-
 import core_cy
-from protocols import wire
-from protocols.effects import MembersChanged, Refuted, Send, SetTimer
+from protocols import peer, wire
+from protocols.effects import Answer, Fail, MembersChanged, Refuted, Send
+from protocols.machine import Effects
 from protocols.membership import Member, Membership, MembershipError
+from protocols.routing import Refusal, Router
+from protocols.shutdown import Phase, Shutdown
+from protocols.status import StatusCollector, StatusError
 from protocols.wire import ErrorCode, Request, WireError
 
-from . import logs, systemd
+from . import logs, systemd, transports
 from .agents import AgentError, AgentHost, Supervision, load_behavior_modules
 from .config import NodeConfig
-from .metrics import MetricsServer, NodeMetrics, stamp, unstamp
-from .registry import Registry
-from .guard import ConnectionGuard
+from .guard import rss_bytes
+from .metrics import MetricsServer, NodeMetrics
 from .parked import ParkedReplies
-from .transports.zeromq import (OP_FWD, OP_GOSSIP, OP_RPL, OP_STATQ, OP_STATR, PEER_MAGIC,
-                                SOCKETS_MAX, ZmqTransport)
 
-BATCH_MAX = 512            # messages read per socket per wake-up, for fairness
 RETRY_INTERVAL_S = 0.02    # how often queued peer sends are retried
-STATUS_WAITS_MAX = 256     # concurrent cluster-status collections
 SHUTDOWN_LINGER_MS = 500   # time given to last replies on close
-FORWARD_QUIET_S = 1.0      # shutdown stops waiting for forwarded replies after this silence
-
-_NO_REPLY = None
-# Plain ints: pyzmq's flag enums cost an enum construction per '|' on the hot path.
-_NOBLOCK = int(zmq.NOBLOCK)
-_SNDMORE_NOBLOCK = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
-_POLLIN = int(zmq.POLLIN)
-_EVENTS = int(zmq.EVENTS)
-_SRCFD = int(zmq.SRCFD)
-GUARD_TICK_S = 0.01             # how often the connection guard checks a few connections
-GUARD_PER_TICK = 32             # connections checked per tick (about 3 us each)
-GUARD_SCAN_S = 0.5              # how often it checks all, and the node-wide budget
-GUARD_RSS_JUMP_BYTES = 16 << 20  # resident growth that checks all at once
-GUARD_ALERT_TICK_S = 0.002      # the tick for GUARD_ALERT_S after a connection was cut
-GUARD_ALERT_S = 2.0
-IDLE_SWEEP_LOOKS = 10_000       # agents the idle sweep looks at per step
+MEMORY_CHECK_S = 0.05      # how often resident memory is compared with its budget
+IDLE_SWEEP_LOOKS = 10_000  # agents the idle sweep looks at per step
 IDLE_SWEEP_STEP_S = 0.1
 LARGE_REQUEST_BYTES = 64 << 10  # refused while the node is over its memory budget
 
-
-def _new_context() -> zmq.Context:
-    """A ZeroMQ context with room for every socket the limits allow, on purpose.
-
-    libzmq's default of 1023 sockets sat below the peer-link limit, so made-up
-    members exhausted it.  The process's file limit is raised to match: each
-    socket holds a couple of descriptors, and each accepted connection one.
-    """
-    ctx = zmq.Context()
-    ctx.set(zmq.MAX_SOCKETS, SOCKETS_MAX + 16)
-    _raise_file_limit(4 * (SOCKETS_MAX + 16) + 4096)
-    return ctx
-
-
-def _raise_file_limit(wanted: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass  # the limits stay as they were; sockets beyond them are refused, not fatal
+_now = time.monotonic  # the loop's clock (asyncio's default), without a method lookup
 
 
 class Node:
@@ -95,7 +61,6 @@ class Node:
         self.node_id = config.resolved_node_id
         self.log = logs.get_logger()
         self.metrics = NodeMetrics(self.node_id)
-        self.registry = Registry(self.node_id)
         self.members: dict[str, Member] = {}
         self.host = AgentHost(
             mailbox_len_max=config.mailbox_len_max,
@@ -110,32 +75,36 @@ class Node:
             mailbox_total_max=config.mailbox_total_max,
             mailbox_bytes_max=config.mailbox_bytes_max,
         )
-        self._ctx = _new_context()
-        self._router: zmq.Socket | None = None
-        self._transport: ZmqTransport | None = None
-        self._membership: Membership | None = None
-        self._metrics_server: MetricsServer | None = None
+        self.router = Router(self.node_id, os.urandom(8), max_hops=config.max_hops,
+                             forward_timeout_s=config.handler_timeout_s + config.forward_margin_s)
+        self.status = StatusCollector(self.node_id, config.status_timeout_s)
+        self.shutdown = Shutdown(config.shutdown_timeout_s)
+        self.membership: Membership | None = None
+        self.transport = transports.create(
+            "zmq", node_id=self.node_id, router_bind=config.router_bind,
+            router_endpoint=config.router_endpoint, pub_bind=config.pub_bind,
+            pub_endpoint=config.pub_endpoint, max_message_bytes=config.max_message_bytes,
+            peer_hwm=config.peer_hwm, pub_hwm=config.pub_hwm, metrics=self.metrics,
+            log=self.log, linger_ms=SHUTDOWN_LINGER_MS,
+            limits={"connections_max": config.connections_max,
+                    "conn_inbound_bytes_max": config.conn_inbound_bytes_max,
+                    "inbound_bytes_max": config.inbound_bytes_max,
+                    "client_reply_bytes_max": config.client_reply_bytes_max})
+        self._effects = Effects({
+            Send: self._do_send, MembersChanged: self._on_members, Refuted: self._on_refuted,
+            Answer: self._do_answer, Fail: self._do_fail, Phase: self._on_phase,
+        })
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
+        self._forwards_settled: asyncio.Event | None = None
         self._stopping = False
         self._closed = False  # sockets closed: late callbacks must not touch them
-        self._pump_scheduled = False
-        self._in_pump = False
-        self._gossip_timer: asyncio.TimerHandle | None = None
+        self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
         self._retry_timer: asyncio.TimerHandle | None = None
-        self._guard_timer: asyncio.TimerHandle | None = None
-        self._guard_scanned_at = 0.0
-        self._guard_alert_until = 0.0
-        self._status_waits: dict[bytes, dict] = {}
-        self._tokens = itertools.count(1)
-        self._started_at = time.monotonic()
-        self._max_bytes = config.max_message_bytes
-        self._max_hops = config.max_hops
-        self._endpoint = config.router_endpoint
-        self._forwards_waiting = 0  # calls forwarded to owners whose reply has not come back
-        self._member_addresses: set[str] = set()  # ROUTER endpoints of the other members
         self._parked = ParkedReplies(self.metrics)
-        self._replies_routed = 0    # replies from owners passed back to our clients
+        self._started_at = _now()
+        self._max_bytes = config.max_message_bytes
+        self._me = self.node_id
 
     # ------------------------------------------------------------------ start/stop
 
@@ -143,11 +112,13 @@ class Node:
         """Run until ``request_stop`` (or SIGTERM/SIGINT), then shut down gracefully."""
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
+        self._forwards_settled = asyncio.Event()
         load_behavior_modules(self.config.behaviors)
-        self._open_sockets()
+        self.transport.start(self._loop, self)
         self._start_metrics()
         self._install_signal_handlers()
         self._start_membership()
+        self._start_memory_checks()
         self._start_idle_sweeps()
         systemd.ready()
         self._start_watchdog()
@@ -156,46 +127,21 @@ class Node:
         try:
             await self._stop_event.wait()
         finally:
-            await self._shutdown()
+            await self._shut_down()
 
     def request_stop(self) -> None:
         if self._stop_event is not None and not self._stopping:
             self._stopping = True
             self._stop_event.set()
 
-    def _open_sockets(self) -> None:
-        cfg = self.config
-        router = self._ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises, not a silent drop
-        router.setsockopt(zmq.SNDHWM, cfg.peer_hwm)
-        router.setsockopt(zmq.RCVHWM, cfg.peer_hwm)
-        # A hard guard far above the protocol limit: larger frames cost the
-        # sender its connection instead of our memory.  Between the two limits
-        # the sender gets a too_large reply.
-        router.setsockopt(zmq.MAXMSGSIZE, 4 * cfg.max_message_bytes + 65536)
-        router.setsockopt(zmq.LINGER, SHUTDOWN_LINGER_MS)
-        router.bind(cfg.router_bind)
-        self._router = router
-        self._guard = ConnectionGuard(
-            router, metrics=self.metrics, log=self.log, connections_max=cfg.connections_max,
-            conn_inbound_bytes_max=cfg.conn_inbound_bytes_max,
-            inbound_bytes_max=cfg.inbound_bytes_max, reply_bytes_max=cfg.client_reply_bytes_max)
-        self._guard_tick()
-        self._transport = ZmqTransport(context=self._ctx, node_id=self.node_id,
-                                       pub_bind=cfg.pub_bind, peer_hwm=cfg.peer_hwm,
-                                       pub_hwm=cfg.pub_hwm, metrics=self.metrics)
-        self._transport.start()
-        self._loop.add_reader(router.FD, self._pump)
-        self._loop.add_reader(self._transport.sub.FD, self._pump)
-        self._schedule_pump()  # the FDs are edge-triggered: look once after registering
-
     def _start_metrics(self) -> None:
         self.metrics.set_gauges(self._gauges)
         address = self.config.metrics_address
-        if address is None:
-            return
-        self._metrics_server = MetricsServer(address[0], address[1], self.metrics, self._health)
-        self._metrics_server.start()
+        self._metrics_server = None
+        if address is not None:
+            self._metrics_server = MetricsServer(address[0], address[1], self.metrics,
+                                                 self._health)
+            self._metrics_server.start()
 
     def _install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -215,75 +161,104 @@ class Node:
                 self._loop.call_later(period_s, ping)
         ping()
 
-    async def _shutdown(self) -> None:
+    async def _shut_down(self) -> None:
+        """The sequence is ``protocols/shutdown.py``'s; the waits here are on events."""
         self.log.info("node_stopping", pending=self.host.pending())
         systemd.stopping()
-        deadline = self._loop.time() + self.config.shutdown_timeout_s
-        refused = await self.host.drain(self.config.shutdown_timeout_s)
-        await self._await_forwarded_replies(deadline)
-        self._transport.retry(math.inf)  # sends still queued: now or never (callers told)
-        self._pump()  # answer what arrived meanwhile, flush replies
-        for timer in (self._gossip_timer, self._retry_timer, self._guard_timer):
-            if timer is not None:
-                timer.cancel()
-        for wait in list(self._status_waits.values()):
-            self._finish_status(wait)
-        self._loop.remove_reader(self._router.FD)
-        self._loop.remove_reader(self._transport.sub.FD)
+        now = _now()
+        self._run(self.shutdown.begin(now))
+        refused = await self.host.drain(self.shutdown.deadline - now)
+        self._run(self.shutdown.agents_idle(_now()))
+        if self.router.in_flight:
+            try:
+                await asyncio.wait_for(self._forwards_settled.wait(),
+                                       max(0.0, self.shutdown.deadline - _now()))
+            except asyncio.TimeoutError:
+                pass
+        self._run(self.shutdown.forwards_settled(_now()) or self.shutdown.tick(math.inf))
+        self._run(self.router.stop())   # whatever is left is answered 'unavailable'
+        self._run(self.status.stop())   # collections answer with what they have
+        self.transport.retry(math.inf)  # sends still queued: now or never (callers told)
+        for _, timer in self._timers.values():
+            timer.cancel()
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
         self._closed = True
-        self._transport.stop(linger_ms=SHUTDOWN_LINGER_MS)
-        self._guard.close()
-        self._router.close(linger=SHUTDOWN_LINGER_MS)
-        self._ctx.term()
+        self.transport.stop(linger_ms=SHUTDOWN_LINGER_MS)
         if self._metrics_server is not None:
             self._metrics_server.stop()
+        self._run(self.shutdown.closed())
         self.log.info("node_stopped", refused=refused)
 
-    async def _await_forwarded_replies(self, deadline: float) -> None:
-        """Route replies to calls we forwarded, until none is due or none arrives.
+    def _on_phase(self, phase: Phase) -> None:
+        self.log.info("shutdown_phase", phase=phase.name)
 
-        The count can only over-estimate (an owner that died holds replies that
-        never come), so stop waiting once replies stop arriving for a second.
-        """
-        quiet_since = self._loop.time()
-        seen = self._replies_routed
-        while self._forwards_waiting > 0 and self._loop.time() < deadline:
-            await asyncio.sleep(0.01)
-            if self._replies_routed != seen:
-                seen, quiet_since = self._replies_routed, self._loop.time()
-            elif self._loop.time() - quiet_since > FORWARD_QUIET_S:
-                break
+    # ------------------------------------------------------------------ machines
+
+    def _run(self, effects: list) -> None:
+        if effects:
+            self._effects.run(effects)
+
+    def _arm(self, name: str, machine: Any) -> None:
+        """Keep one timer per machine, at its next deadline."""
+        deadline = machine.next_deadline()
+        armed = self._timers.get(name)
+        if armed is not None:
+            if armed[0] == deadline:
+                return
+            armed[1].cancel()
+            del self._timers[name]
+        if deadline is not None and not self._closed:
+            handle = self._loop.call_at(deadline, self._tick, name, machine)
+            self._timers[name] = (deadline, handle)
+
+    def _tick(self, name: str, machine: Any) -> None:
+        self._timers.pop(name, None)
+        if self._closed:
+            return
+        try:
+            self._run(machine.tick(_now()))
+        except Exception as exc:  # a timer callback must never die: re-armed below
+            self.metrics.errored(ErrorCode.INTERNAL)
+            self.log.exception("tick_failed", machine=name, error=repr(exc))
+        self._arm(name, machine)
+
+    def _do_send(self, effect: Send) -> None:
+        frames = peer.encode(effect.channel, self._me, effect.message)
+        if self.transport.send(effect.to, frames, None, _now()):
+            self.metrics.sent(effect.channel)
+        self._ensure_retry()
+
+    def _do_answer(self, effect: Answer) -> None:
+        self._reply_data(effect.handle, effect.request_id, effect.data)
+
+    def _do_fail(self, effect: Fail) -> None:
+        self._reply_error(effect.handle, effect.request_id, effect.code, effect.message,
+                          effect.mtype)
+        self._check_forwards_settled()
 
     # ------------------------------------------------------------------ membership
 
     def _start_membership(self) -> None:
         cfg = self.config
-        me = Member(self.node_id, cfg.router_endpoint, cfg.pub_endpoint, time.time_ns())
-        wall_offset_ns = time.time_ns() - int(self._loop.time() * 1e9)
-        self._membership = Membership(
+        endpoints = self.transport.endpoints()
+        me = Member(self.node_id, time.time_ns(), tuple(sorted(endpoints.items())))
+        wall_offset_ns = time.time_ns() - int(_now() * 1e9)
+        self.membership = Membership(
             me, cfg.seeds, cfg.gossip_interval_s, wall_offset_ns=wall_offset_ns,
             generation_ahead_max_ns=int(cfg.generation_ahead_max_s * 1e9))
-        self._run_effects(self._membership.start(self._loop.time()))
+        self._run(self.membership.start(_now()))
+        self._arm("membership", self.membership)
 
-    def _run_effects(self, effects: list) -> None:
-        for effect in effects:
-            if isinstance(effect, Send):
-                body = msgpack.packb(effect.message, use_bin_type=True)
-                stranger = (effect.address not in self._member_addresses
-                            and effect.address not in self.config.seeds)
-                if self._peer_send(effect.address, [PEER_MAGIC, OP_GOSSIP, body],
-                                   stranger=stranger):
-                    self.metrics.sent("gossip")
-            elif isinstance(effect, SetTimer):
-                if self._gossip_timer is not None:
-                    self._gossip_timer.cancel()
-                self._gossip_timer = self._loop.call_at(effect.at, self._membership_tick)
-            elif isinstance(effect, MembersChanged):
-                self._on_members(effect.members)
-            elif isinstance(effect, Refuted):
-                self._on_refuted(effect)
-            else:  # a machine asked for something nobody carries out: a bug
-                raise TypeError(f"no handler for effect {effect!r}")
+    def _on_members(self, effect: MembersChanged) -> None:
+        members = effect.members
+        self.members = members
+        self._run(self.router.members_changed(members))
+        others = {n: dict(m.endpoints) for n, m in members.items() if n != self.node_id}
+        self.transport.set_peers(others, self.config.seeds)
+        self._parked.flush(set(others), self._send_parked)
+        self._arm("router", self.router)
+        self.log.info("members_changed", members=sorted(members))
 
     def _on_refuted(self, effect: Refuted) -> None:
         self.metrics.refuted()
@@ -293,181 +268,53 @@ class Node:
                        hint="another process uses this node id, or gossip was forged; "
                             "enable CURVE authentication on untrusted networks")
 
-    def _membership_tick(self) -> None:
-        self._gossip_timer = None
-        if not self._stopping:
-            self._run_effects(self._membership.tick(self._loop.time()))
-
-    def _on_members(self, members: dict[str, Member]) -> None:
-        self.members = members
-        self.registry.set_members(members)
-        others = [m for m in members.values() if m.node_id != self.node_id]
-        self._member_addresses = {m.address for m in others}
-        # Close links to addresses no member uses any more (a restarted node's old one).
-        self._transport.retain({m.address for m in others} | set(self.config.seeds),
-                               {m.pub_address for m in others})
-        for member in others:
-            self._transport.connect(member.address)  # None (counted) when out of links
-            self._transport.subscribe(member.pub_address)
-        self._parked.flush(self._member_addresses, self._send_parked)
-        self.log.info("members_changed", members=sorted(members))
-
-    def _on_gossip(self, body: bytes) -> None:
+    def _on_gossip(self, event: peer.Gossiped) -> None:
+        membership = self.membership
+        refused_before = membership.refused_entries
         try:
-            message = msgpack.unpackb(body, raw=False)
-            refused_before = self._membership.refused_entries
-            effects = self._membership.receive(message, self._loop.time())
-        except (MembershipError, ValueError, msgpack.UnpackException) as exc:
+            effects = membership.receive(event.sender, event.message, _now())
+        except MembershipError as exc:
             self.metrics.errored(ErrorCode.BAD_REQUEST, "syn.gossip")
             self.log.warning("bad_gossip", error=str(exc))
             return
-        refused = self._membership.refused_entries - refused_before
+        refused = membership.refused_entries - refused_before
         if refused:
             self.metrics.gossip_refused(refused)
             self.log.warning("gossip_entries_refused", count=refused,
                              reason="generation too far ahead, or an address change "
                                     "not sent by the member itself")
-        self._run_effects(effects)
+        self._run(effects)
+        self._arm("membership", membership)
 
-    # ------------------------------------------------------------------ the pump
+    # ------------------------------------------------------------------ inbound (transport)
 
-    def _schedule_pump(self) -> None:
-        if not self._pump_scheduled:
-            self._pump_scheduled = True
-            self._loop.call_soon(self._pump)
+    def client(self, handle: Any, payload: bytes) -> None:
+        """A request from a client of one of our transports."""
+        self._accept(payload, handle, None, None, 0)
 
-    def _pump(self) -> None:
-        """Drain the ROUTER and SUB sockets in batches; reschedule if more waits."""
-        self._pump_scheduled = False
-        if self._closed:
-            return
-        self._in_pump = True
+    def peer(self, frames: list[bytes]) -> None:
         try:
-            self._drain(self._router, self._on_router, self._guard.read)
-            self._drain(self._transport.sub, self._on_multicast)
-        finally:
-            self._in_pump = False
-        if (self._router.getsockopt(_EVENTS) & _POLLIN
-                or self._transport.sub.getsockopt(_EVENTS) & _POLLIN):
-            self._schedule_pump()
-
-    def _drain(self, sock: zmq.Socket, handle, account=None) -> None:
-        # Frames (copy=False) tell whether more parts follow without a getsockopt
-        # call, which costs more than the rest of reading a frame (measured).
-        recv = sock.recv
-        for _ in range(BATCH_MAX):
-            try:
-                frame = recv(_NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            first = frame
-            frames = [frame.bytes]
-            while frame.more:  # the rest of a multipart message is already here
-                frame = recv(_NOBLOCK, copy=False)
-                frames.append(frame.bytes)
-            if account is not None:  # which connection it came from, for its byte budget
-                account(first.get(_SRCFD), frames)
-            try:
-                handle(frames)
-            except Exception as exc:  # a bug must not take the node down
-                self.metrics.errored(ErrorCode.INTERNAL)
-                self.log.exception("dispatch_failed", error=repr(exc))
-                if sock is self._router:
-                    self._answer_internal(frames, exc)
-
-    def _answer_internal(self, frames: list[bytes], exc: Exception) -> None:
-        """Best effort: a client whose request met a bug still gets an answer."""
-        if len(frames) == 2 or (len(frames) == 3 and frames[1] == b""):
-            # A bounded peek, not a decode: the frame may be what met the bug.
-            known = wire.refusal(frames[-1][:self._max_bytes], ErrorCode.INTERNAL, "")
-            if known.one_way:  # the send-mode rule holds for node bugs too
-                return
-            self._send_route(tuple(frames[:-1]), wire.error(
-                known.request_id, ErrorCode.INTERNAL, f"node error: {type(exc).__name__}",
-                self.node_id, known.traceparent))
-
-    # ------------------------------------------------------------------ inbound
-
-    def _on_router(self, frames: list[bytes]) -> None:
-        n = len(frames)
-        if n == 2:
-            self._on_client(frames[1], (frames[0],))
-        elif n >= 3 and frames[1] == PEER_MAGIC:
-            self._on_peer(frames)
-        elif n == 3 and frames[1] == b"":
-            self._on_client(frames[2], (frames[0], b""))  # REQ framing
-        else:
-            # No frame is looked into; the error is one frame, after the empty
-            # delimiter when the message began with one, so a REQ socket gets it.
-            route = (frames[0], b"") if n >= 3 and frames[1] == b"" else (frames[0],)
-            self._send_route(route, wire.error(
-                None, ErrorCode.BAD_REQUEST,
-                f"expected one envelope frame, got {n - 1} frames", self.node_id))
-            self.metrics.errored(ErrorCode.BAD_REQUEST)
-
-    def _on_client(self, payload: bytes, route: tuple) -> None:
-        self._accept(payload, None, route, 0)
-
-    def _on_peer(self, frames: list[bytes]) -> None:
-        op = frames[2]
-        if op == OP_FWD and len(frames) >= 6:  # route frames are absent for one-way sends
-            self._on_forwarded(frames)
-        elif op == OP_RPL and len(frames) >= 5:
-            route, forwarded = unstamp(frames[4:])
-            if forwarded is None or not route:
-                # Every call we forward carries our stamp (a per-process random key):
-                # a reply without it answers nothing we sent.  Forged: never routed.
-                self.metrics.limited("forged_reply")
-                return
-            self._forwards_waiting = max(0, self._forwards_waiting - 1)
-            self._replies_routed += 1
-            self._send_route(route, frames[3])
-            self.metrics.sent("reply")
-            self.metrics.replied_forwarded(forwarded)
-        elif op == OP_GOSSIP and len(frames) == 4:
-            self._on_gossip(frames[3])
-        elif op == OP_STATQ and len(frames) == 5:
-            self._answer_status_query(frames[3].decode(errors="replace"), frames[4])
-        elif op == OP_STATR and len(frames) == 5:
-            self._collect_status(frames[3], frames[4])
-        else:
+            event = peer.decode(frames)
+        except peer.PeerProtocolError as exc:
             self.metrics.errored(ErrorCode.BAD_REQUEST, "syn.peer")
-            self.log.warning("bad_peer_frame", op=op[:16].decode(errors="replace"), frames=len(frames))
-
-    def _on_forwarded(self, frames: list[bytes]) -> None:
-        origin = frames[3].decode(errors="replace")  # the entry node's ROUTER endpoint
-        hops = frames[4][0] if frames[4] else 0
-        self._accept(frames[5], origin, tuple(frames[6:]), hops)
-
-    def _accept(self, payload: bytes, origin: str | None, route: tuple, hops: int) -> None:
-        """Validate a request from a client (origin None) or forwarded by a peer."""
-        arrived = time.perf_counter()  # for synthesis_request_seconds
-        try:
-            req = wire.parse_request(payload, self._max_bytes)
-        except WireError as exc:
-            self.metrics.errored(exc.code)
-            if exc.one_way:  # readably send/publish: never answered, only counted
-                return
-            if self._send_reply((origin, route, None, arrived),
-                                wire.error(exc.request_id, exc.code, exc.message, self.node_id,
-                                           exc.traceparent)):
-                self.metrics.sent("error")
+            self.metrics.limited(f"peer_{exc.reason}")
+            self.log.warning("bad_peer_frame", reason=exc.reason, error=str(exc),
+                             frames=len(frames))
             return
-        self.metrics.received(req.type)
-        reply_to = (_NO_REPLY if req.mode != wire.MODE_CALL
-                    else (origin, route, req.raw.get("traceparent"), arrived))
-        if self._stopping:
-            self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE, "node is shutting down",
-                              req.type)
-            return
-        self._dispatch(req, payload, reply_to, hops)
+        kind = type(event)
+        if kind is peer.Forwarded:
+            token = event.token or None
+            self._accept(event.envelope, None, event.origin, token, event.hops)
+        elif kind is peer.Replied:
+            self._on_reply(event)
+        elif kind is peer.Gossiped:
+            self._on_gossip(event)
+        elif kind is peer.StatusQueried:
+            self._answer_status_query(event)
+        else:
+            self._on_status_answer(event)
 
-    def _on_multicast(self, frames: list[bytes]) -> None:
-        accepted = self._transport.accept_multicast(frames)
-        if accepted is None:
-            self.metrics.errored(ErrorCode.BAD_REQUEST, "syn.multicast")
-            return
-        group, payload = accepted
+    def multicast(self, group: str, payload: bytes) -> None:
         try:
             req = wire.parse_request(payload, self._max_bytes)
         except WireError as exc:
@@ -476,55 +323,114 @@ class Node:
         self.metrics.received(req.type)
         self._deliver_to_group(group, req)
 
+    def malformed(self, handle: Any, nframes: int) -> None:
+        self.metrics.errored(ErrorCode.BAD_REQUEST)
+        self.transport.reply(handle, wire.error(
+            None, ErrorCode.BAD_REQUEST, f"expected one envelope frame, got {nframes} frames",
+            self.node_id))
+
+    def failed(self, handle: Any, payload: bytes | None, exc: Exception) -> None:
+        """A bug met a message: count and log it, and answer the client if it was one."""
+        self.metrics.errored(ErrorCode.INTERNAL)
+        self.log.error("dispatch_failed", error=repr(exc), exc_info=exc)
+        if handle is None or payload is None:
+            return
+        # A bounded peek, not a decode: the frame may be what met the bug.
+        known = wire.refusal(payload[:self._max_bytes], ErrorCode.INTERNAL, "")
+        if known.one_way:  # the send-mode rule holds for node bugs too
+            return
+        self.transport.reply(handle, wire.error(
+            known.request_id, ErrorCode.INTERNAL, f"node error: {type(exc).__name__}",
+            self.node_id, known.traceparent))
+
+    def _accept(self, payload: bytes, handle: Any, origin: str | None, token: bytes | None,
+                hops: int) -> None:
+        """Validate a request from a client (origin None) or forwarded by a peer."""
+        arrived = _now()  # for synthesis_request_seconds
+        try:
+            req = wire.parse_request(payload, self._max_bytes)
+        except WireError as exc:
+            self.metrics.errored(exc.code)
+            if exc.one_way:  # readably send/publish: never answered, only counted
+                return
+            if self._send_reply((handle, origin, token, exc.traceparent, arrived),
+                                wire.error(exc.request_id, exc.code, exc.message, self.node_id,
+                                           exc.traceparent)):
+                self.metrics.sent("error")
+            return
+        self.metrics.received(req.type)
+        reply_to = (None if req.mode != wire.MODE_CALL
+                    else (handle, origin, token, req.raw.get("traceparent"), arrived))
+        if self._stopping:
+            self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE, "node is shutting down",
+                              req.type)
+            return
+        self._dispatch(req, payload, reply_to, hops, origin)
+
     # ------------------------------------------------------------------ routing
 
-    def _dispatch(self, req: Request, payload: bytes, reply_to: Any, hops: int) -> None:
-        mtype = req.type
-        if mtype in wire.NODE_TYPES:
+    def _dispatch(self, req: Request, payload: bytes, reply_to: Any, hops: int,
+                  origin: str | None) -> None:
+        if req.type in wire.NODE_TYPES:
             self._node_request(req, reply_to)
         elif req.mode == wire.MODE_PUBLISH:
             self._publish(req, payload)
         else:
-            owner = self.registry.owner(req.subject)
-            if owner == self.node_id:
+            target = self.router.route(req.subject, req.ttl, hops)
+            if target == self._me:
                 self._handle_local(req, reply_to)
+            elif type(target) is Refusal:
+                self._reply_error(reply_to, req.id, target.code, target.message, req.type)
             else:
-                self._forward(owner, req, payload, reply_to, hops)
+                self._forward(target, req, payload, reply_to, hops, origin)
 
-    def _forward(self, owner: str, req: Request, payload: bytes, reply_to: Any, hops: int) -> None:
-        ttl = self._max_hops if req.ttl is None else req.ttl
-        if hops >= ttl:
-            self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE,
-                              f"owner {owner!r} is beyond the hop limit ({ttl})", req.type)
-            return
-        member = self.members.get(owner)
-        if member is None:  # the ring and the member table are updated together
-            self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE,
-                              f"owner {owner!r} is not a known member", req.type)
-            return
-        origin, route = reply_to[:2] if reply_to is not None else (None, ())
-        if origin is None:
-            origin = self._endpoint
-        frames = [PEER_MAGIC, OP_FWD, origin.encode(), bytes((hops + 1,)), payload, *route]
-        if reply_to is not None and reply_to[0] is None:  # our client's call: time it
-            frames.append(stamp(reply_to[3]))
+    def _forward(self, owner: str, req: Request, payload: bytes, reply_to: Any, hops: int,
+                 origin: str | None) -> None:
+        """One hop on.  Our own client's call is recorded in the router (answered
+        exactly once, whatever happens); a call forwarded to us keeps its origin and
+        token, so the owner replies to the entry node directly."""
+        if reply_to is None:  # one-way: nothing to answer
+            frames = peer.forward(self._me, origin or self._me, hops + 1, b"", payload)
+            give_up = None
+        elif reply_to[1] is None:
+            token = self.router.forward_started(reply_to, req.id, req.type, owner, _now(),
+                                                reply_to[4])
+            if type(token) is Refusal:
+                self._reply_error(reply_to, req.id, token.code, token.message, req.type)
+                return
+            frames = peer.forward(self._me, self._me, hops + 1, token, payload)
 
-        # Replies come back through us only for our own clients' calls; count
-        # those so shutdown can wait for them.  Before sending: give_up may run
-        # inside the send.
-        ours = reply_to is not None and reply_to[0] is None
+            def give_up(code: str, reason: str, token: bytes = token) -> None:
+                self._run(self.router.send_failed(token, code, reason))
+                self._check_forwards_settled()
+            self._arm("router", self.router)
+        else:
+            frames = peer.forward(self._me, reply_to[1], hops + 1, reply_to[2], payload)
 
-        def give_up(code: str, reason: str) -> None:  # called once, on any failure
-            if ours:
-                self._forwards_waiting -= 1
-            self._reply_error(reply_to, req.id, code, reason, req.type)
-
-        if ours:
-            self._forwards_waiting += 1
-
-        if self._peer_send(member.address, frames, give_up):
+            def give_up(code: str, reason: str) -> None:
+                self._reply_error(reply_to, req.id, code, reason, req.type)
+        if self.transport.send(owner, frames, give_up, _now()):
             self.metrics.forwarded(req.type)
             self.metrics.sent("forward")
+        self._ensure_retry()
+
+    def _on_reply(self, event: peer.Replied) -> None:
+        pending = self.router.reply_arrived(event.token)
+        if pending is None:
+            # Not a forward of ours in flight: answered already (timed out, owner
+            # left), or a token we never issued (forged).  Never routed to a client.
+            self.metrics.limited("late_reply" if self.router.owns_token(event.token)
+                                 else "forged_reply")
+            return
+        caller = pending.handle
+        self.transport.reply(caller[0], event.envelope)
+        self.metrics.sent("reply")
+        self.metrics.replied_forwarded(pending.arrived, pending.forwarded_at)
+        self._check_forwards_settled()
+
+    def _check_forwards_settled(self) -> None:
+        if self._stopping and not self.router.in_flight:
+            self._forwards_settled.set()
 
     def _handle_local(self, req: Request, reply_to: Any) -> None:
         agent_id = req.subject
@@ -578,7 +484,7 @@ class Node:
 
     def _publish(self, req: Request, payload: bytes) -> None:
         group = req.subject
-        self._transport.broadcast(group.encode(), [payload])
+        self.transport.broadcast(group.encode(), [payload])
         self.metrics.sent("publish")
         self._deliver_to_group(group, req)
 
@@ -589,18 +495,21 @@ class Node:
         for agent_id in list(members):
             act = self.host.directory.get(agent_id)
             if act is not None:
-                self.host.deliver(agent_id, act, req, _NO_REPLY)
+                self.host.deliver(agent_id, act, req, None)
 
-    # ------------------------------------------------------------------ node requests
+    # ------------------------------------------------------------------ status
 
     def _node_request(self, req: Request, reply_to: Any) -> None:
         if req.type == wire.TYPE_PING:
             self._reply_data(reply_to, req.id, {"node": self.node_id})
-            return
-        self._start_status(req, reply_to)
+        elif reply_to is not None:
+            members = {n: m.address for n, m in self.members.items()}
+            self._run(self.status.start(reply_to, req.id, self.local_status(), members, _now()))
+            self._arm("status", self.status)
 
     def local_status(self) -> dict:
         snap = self.metrics.snapshot()
+        ring = self.router.ring
         return {
             "node": self.node_id,
             "address": self.config.router_endpoint,
@@ -611,83 +520,42 @@ class Node:
             "errors": snap.get("errors", 0),
             "forwarded": snap.get("forwarded", 0),
             "members": len(self.members),
-            "uptime_s": round(time.monotonic() - self._started_at, 3),
+            "uptime_s": round(_now() - self._started_at, 3),
             "kernels": core_cy.IMPLEMENTATION,
             # What a client needs to place agents itself (PROTOCOL.md section 8).
-            "ring": {"vnodes": self.registry._ring.vnodes,
-                     "points_per_vnode": core_cy.POINTS_PER_VNODE,
-                     "weight": self.registry._ring.weight(self.node_id)},
+            "ring": {"vnodes": ring.vnodes, "points_per_vnode": core_cy.POINTS_PER_VNODE,
+                     "weight": ring.weight(self.node_id)},
             "reachable": True,
         }
 
-    def _start_status(self, req: Request, reply_to: Any) -> None:
-        if reply_to is None:
-            return
-        if len(self._status_waits) >= STATUS_WAITS_MAX:
-            self._reply_error(reply_to, req.id, ErrorCode.OVERLOADED,
-                              "too many status requests in flight", req.type)
-            return
-        token = str(next(self._tokens)).encode()
-        others = {m.node_id: m for m in self.members.values() if m.node_id != self.node_id}
-        wait = {"token": token, "reply_to": reply_to, "id": req.id,
-                "results": {self.node_id: self.local_status()}, "expected": set(others)}
-        self._status_waits[token] = wait
-        if not others:
-            self._finish_status(wait)
-            return
-        # The deadline first: whatever happens to the queries, the slot is freed.
-        wait["timer"] = self._loop.call_later(self.config.status_timeout_s,
-                                              self._finish_status, wait)
-        for member in others.values():
-            self._peer_send(member.address, [PEER_MAGIC, OP_STATQ, self.node_id.encode(), token])
-
-    def _answer_status_query(self, origin: str, token: bytes) -> None:
-        member = self.members.get(origin)
-        if member is None or len(token) > 32:
+    def _answer_status_query(self, event: peer.StatusQueried) -> None:
+        if event.sender not in self.members:
             self.metrics.errored(ErrorCode.BAD_REQUEST, "syn.status")
             return
-        body = msgpack.packb(self.local_status(), use_bin_type=True)
-        self._peer_send(member.address, [PEER_MAGIC, OP_STATR, token, body])
+        self.transport.send(event.sender,
+                            peer.status_answer(self._me, event.token, self.local_status()),
+                            None, _now())
+        self._ensure_retry()
 
-    def _collect_status(self, token: bytes, body: bytes) -> None:
-        wait = self._status_waits.get(token)
-        if wait is None:
-            return  # answered after the deadline
+    def _on_status_answer(self, event: peer.StatusAnswered) -> None:
         try:
-            status = msgpack.unpackb(body, raw=False)
-        except (ValueError, msgpack.UnpackException):
-            status = None
-        node = status.get("node") if isinstance(status, dict) else None
-        if type(node) is not str or node not in wait["expected"]:
+            effects = self.status.receive(event.sender, event.message, _now())
+        except StatusError as exc:
             self.metrics.errored(ErrorCode.BAD_REQUEST, "syn.status")
+            self.log.warning("bad_status_answer", error=str(exc))
             return
-        wait["results"][node] = status
-        wait["expected"].discard(node)
-        if not wait["expected"]:
-            self._finish_status(wait)
-
-    def _finish_status(self, wait: dict) -> None:
-        if self._status_waits.pop(wait["token"], None) is None:
-            return
-        timer = wait.get("timer")
-        if timer is not None:
-            timer.cancel()
-        rows = []
-        for node_id in sorted(self.members):
-            row = wait["results"].get(node_id)
-            if row is None:
-                member = self.members[node_id]
-                row = {"node": node_id, "address": member.address, "reachable": False}
-            rows.append(row)
-        self._reply_data(wait["reply_to"], wait["id"], {"node": self.node_id, "members": rows})
+        self._run(effects)
+        self._arm("status", self.status)
 
     # ------------------------------------------------------------------ replies
 
     def _reply_data(self, reply_to: Any, request_id: str, data: Any) -> None:
+        """Where every result comes back, from agents and machines alike: a later
+        issue holds replies here until replicas acknowledge."""
         if reply_to is None:
             return
         try:
-            payload = wire.reply(request_id, data, self.node_id, reply_to[2])
+            payload = wire.reply(request_id, data, self.node_id, reply_to[3])
         except (TypeError, ValueError, OverflowError) as exc:
             self._reply_error(reply_to, request_id, ErrorCode.INTERNAL,
                               f"reply is not msgpack-serialisable: {exc}", "")
@@ -701,73 +569,40 @@ class Node:
         if reply_to is None:
             return
         if self._send_reply(reply_to, wire.error(request_id, code, message, self.node_id,
-                                                 reply_to[2])):
+                                                 reply_to[3])):
             self.metrics.sent("error")
 
     def _send_reply(self, reply_to: tuple, payload: bytes) -> bool:
-        """Send (or queue, for a remote origin) one reply; False if it was dropped.
-
-        reply_to is (origin endpoint or None for a local client, route frames, traceparent,
-        perf_counter at arrival).
-        """
-        origin, route, _, arrived = reply_to
-        if not route:
-            return False  # a forwarded one-way message: nobody to answer
+        """Send one reply to its caller; False if it was dropped."""
+        handle, origin, token, _, arrived = reply_to
         if origin is None:
-            sent = self._send_route(route, payload)
+            sent = self.transport.reply(handle, payload)
             self.metrics.replied_local(arrived)
             return sent
-        if origin == self._endpoint:  # a forward that came back to us: its reply is here
-            self._forwards_waiting = max(0, self._forwards_waiting - 1)
-            route, forwarded = unstamp(route)
-            sent = self._send_route(route, payload)
-            self.metrics.replied_forwarded(forwarded)
-            return sent
-        frames = [PEER_MAGIC, OP_RPL, payload, *route]
-        if origin not in self._member_addresses:
-            # Replies travel only over links to members: a FWD naming a made-up
-            # origin must not make us dial it.  An origin that joined a moment ago
-            # gets its reply once gossip names it (bounded wait, then dropped).
-            return self._parked.park(origin, frames, self._loop.time())
-        return self._peer_send(origin, frames)
+        if token is None:
+            return False  # a forwarded one-way message: nobody to answer
+        if origin == self._me:  # our own forward came back round to us
+            self._on_reply(peer.Replied(self._me, token, payload))
+            return True
+        frames = peer.reply(self._me, token, payload)
+        if origin not in self.members:
+            # Replies travel only to members: a FWD naming a made-up origin must not
+            # make us dial anyone.  An origin that joined a moment ago gets its reply
+            # once gossip names it (bounded wait, then dropped and counted).
+            parked = self._parked.park(origin, frames, _now())
+            self._ensure_retry()
+            return parked
+        sent = self.transport.send(origin, frames, None, _now())
+        self._ensure_retry()
+        return sent
 
     def _send_parked(self, origin: str, frames: list) -> None:
-        self._peer_send(origin, frames)
-
-    def _send_route(self, route: tuple, payload: bytes) -> bool:
-        """Send a payload to a client through the ROUTER; False if it was dropped."""
-        if self._closed:
-            self.metrics.client_send_failed()
-            return False
-        send = self._router.send
-        sent = True
-        try:
-            for frame in route:
-                send(frame, _SNDMORE_NOBLOCK)
-            send(payload, _NOBLOCK)
-        except zmq.ZMQError:  # client gone (EHOSTUNREACH) or its queue is full
-            self.metrics.client_send_failed()
-            sent = False
-        else:  # counted against the client's reply budget until its peer acknowledges
-            self._guard.wrote(route[0], len(payload) + 9 + 2 * (len(route) - 1))
-        if not self._in_pump:
-            # A send outside the pump can consume the FD's edge: look again.
-            self._schedule_pump()
-        return sent
+        self.transport.send(origin, frames, None, _now())
 
     # ------------------------------------------------------------------ timers, gauges
 
-    def _peer_send(self, address: str, frames: list, give_up=None, stranger: bool = False) -> bool:
-        """Send to a peer now, or queue until its link is up (bounded in size and time)."""
-        if self._closed:
-            self.metrics.peer_send_failed()
-            return False
-        ok = self._transport.send(address, frames, give_up, self._loop.time(), stranger)
-        self._ensure_retry()
-        return ok
-
     def _ensure_retry(self) -> None:
-        if self._retry_timer is None and (self._transport.has_queued or self._parked):
+        if self._retry_timer is None and (self.transport.has_queued or self._parked):
             self._retry_timer = self._loop.call_later(RETRY_INTERVAL_S, self._retry)
 
     def _retry(self) -> None:
@@ -775,43 +610,29 @@ class Node:
         if self._closed:
             return
         try:
-            now = self._loop.time()
-            self._transport.retry(now)
+            now = _now()
+            self.transport.retry(now)
             self._parked.expire(now)
         except Exception as exc:  # a timer callback must never die: re-armed below
             self.metrics.errored(ErrorCode.INTERNAL)
             self.log.exception("retry_failed", error=repr(exc))
         self._ensure_retry()
 
-    def _guard_tick(self) -> None:
-        """Apply the connection budgets: a few connections every tick, all of them
-        every GUARD_SCAN_S (and whenever memory jumps)."""
-        self._guard_timer = None
-        if self._closed:
-            return
-        now = self._loop.time()
-        try:
-            if now - self._guard_scanned_at >= GUARD_SCAN_S:
-                self._guard_scanned_at = now
-                cut = self._guard.scan()
-            else:
-                cut = self._guard.tick(GUARD_PER_TICK, GUARD_RSS_JUMP_BYTES)
-        except Exception as exc:  # a timer callback must never die: re-armed below
-            self.metrics.errored(ErrorCode.INTERNAL)
-            self.log.exception("guard_failed", error=repr(exc))
-            cut = 0
-        self._check_memory()
-        if cut:  # under attack: look much more often for a while (a few us a look)
-            self._guard_alert_until = now + GUARD_ALERT_S
-        tick_s = GUARD_ALERT_TICK_S if now < self._guard_alert_until else GUARD_TICK_S
-        self._guard_timer = self._loop.call_later(tick_s, self._guard_tick)
-
-    def _check_memory(self) -> None:
+    def _start_memory_checks(self) -> None:
         budget = self.config.memory_bytes_max
-        tight = bool(budget) and self._guard.rss > budget
-        if tight != self.host.memory_tight:
-            self.host.memory_tight = tight
-            self.log.warning("memory_budget", over=tight, rss=self._guard.rss, budget=budget)
+        if not budget:
+            return
+
+        def check() -> None:
+            if self._closed:
+                return
+            rss = rss_bytes()
+            tight = rss > budget
+            if tight != self.host.memory_tight:
+                self.host.memory_tight = tight
+                self.log.warning("memory_budget", over=tight, rss=rss, budget=budget)
+            self._loop.call_later(MEMORY_CHECK_S, check)
+        check()
 
     def _start_idle_sweeps(self) -> None:
         """Passivate agents idle for agent_idle_s (to twice that): a sweep starts every
@@ -834,7 +655,7 @@ class Node:
         step()
 
     def _gauges(self) -> dict[str, float]:
-        transport = self._transport.health() if self._transport else {}
+        transport = self.transport.health()
         return {
             "agents_active": len(self.host.directory),
             "mailbox_depth": self.host.mailbox_depth(),
@@ -842,9 +663,11 @@ class Node:
             "peers_connected": transport.get("peers", 0),
             "peer_queue_depth": transport.get("queued", 0),
             "members": len(self.members),
+            "forwards_in_flight": self.router.in_flight,
         }
 
     def _health(self) -> tuple[bool, dict]:
-        ok = not self._stopping and self._router is not None
+        ok = not self._stopping and not self._closed
         return ok, {"status": "serving" if ok else "stopping", "node": self.node_id,
                     "members": len(self.members), "agents": len(self.host.directory)}
+

@@ -1,24 +1,45 @@
-"""Effects: what a protocol machine asks the node to do.  Plain frozen data."""
+"""Effects: what a protocol machine asks the node to do.  Plain frozen data.
+
+The machine contract (see ``protocols/machine.py``): a machine takes inputs through
+``receive(sender, message, now)`` and ``tick(now)`` and returns a list of these
+effects; ``next_deadline()`` says when it wants ``tick`` next.  The node's runtime and
+the simulator carry effects out through one table of handlers each, and an effect
+neither knows is an error in both.
+
+Peers are named by node id.  Before a seed's node id is known it is named
+``seed_id(address)``: the only place an address appears in an effect.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+SEED_PREFIX = "seed:"
+
+# Channels of Send: what the message is, so the node frames it for the peer protocol.
+GOSSIP = "gossip"
+STATUS_QUERY = "status_query"
+STATUS_ANSWER = "status_answer"
+
+
+def seed_id(address: str) -> str:
+    """The peer name of a seed whose node id is not known yet."""
+    return SEED_PREFIX + address
+
+
+def seed_address(peer: str) -> str | None:
+    """The address inside a ``seed_id``, or None for a real node id."""
+    return peer[len(SEED_PREFIX):] if peer.startswith(SEED_PREFIX) else None
+
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send ``message`` to the peer node listening at ``address``."""
+    """Send ``message`` on ``channel`` to the peer node ``to`` (a node id)."""
 
-    address: str
+    to: str
+    channel: str
     message: Any
-
-
-@dataclass(frozen=True, slots=True)
-class SetTimer:
-    """Call the machine's ``tick`` again at time ``at`` (same clock as ``now``)."""
-
-    at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,3 +57,23 @@ class Refuted:
     claimed_address: str
     claimed_generation: int
     generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Reply ``data`` to the request ``request_id`` of the caller behind ``handle``."""
+
+    handle: Any
+    request_id: str
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Answer the request ``request_id`` behind ``handle`` with an error."""
+
+    handle: Any
+    request_id: str
+    code: str
+    message: str
+    mtype: str = ""

@@ -38,9 +38,10 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.client import Client  # noqa: E402
+from protocols import peer  # noqa: E402
 
 MiB = 1 << 20
-PEER_MAGIC = b"SYNP1"
+PEER_MAGIC = peer.MAGIC
 
 
 def loopback(address: str) -> tuple[str, int]:
@@ -151,17 +152,22 @@ def peer_socket(ctx: zmq.Context, address: str) -> zmq.Socket:
     return sock
 
 
-def gossip(sock: zmq.Socket, members: list[list], sender: str = "attacker") -> None:
-    body = msgpack.packb({"kind": "members", "from": sender, "members": members})
-    sock.send_multipart([PEER_MAGIC, b"GOSSIP", body])
+def member_entry(node_id: str, address: str, pub: str, generation: int) -> dict:
+    return {"id": node_id, "gen": generation, "ep": {"zmq": address, "zmq-pub": pub}}
 
 
-def forged_gossip(address: str, victim: str, at: str, generation: int = 2**64 - 1) -> dict:
+def gossip(sock: zmq.Socket, members: list[dict], sender: str = "attacker") -> None:
+    """A membership message, framed as the peer protocol does, claiming to be ``sender``."""
+    sock.send_multipart(peer.gossip(sender, {"v": 1, "kind": "members", "members": members}))
+
+
+def forged_gossip(address: str, victim: str, at: str, generation: int = 2**64 - 1,
+                  sender: str = "attacker") -> dict:
     """Claim ``victim``'s node id at address ``at`` (tcp://HOST:PORT)."""
     ctx = zmq.Context()
     sock = peer_socket(ctx, address)
     pub = at.rsplit(":", 1)[0] + ":1"
-    gossip(sock, [[victim, at, pub, generation]], sender=victim)
+    gossip(sock, [member_entry(victim, at, pub, generation)], sender=sender)
     time.sleep(0.3)
     sock.close()
     ctx.term()
@@ -172,8 +178,8 @@ def fake_members(address: str, count: int = 1020) -> dict:
     """Members at addresses where nothing listens (ports on 127.0.0.1 nobody uses)."""
     ctx = zmq.Context()
     sock = peer_socket(ctx, address)
-    members = [[f"fake-{i}", f"tcp://127.0.0.1:{20000 + i}", f"tcp://127.0.0.1:{40000 + i}", 1]
-               for i in range(count)]
+    members = [member_entry(f"fake-{i}", f"tcp://127.0.0.1:{20000 + i}",
+                            f"tcp://127.0.0.1:{40000 + i}", 1) for i in range(count)]
     gossip(sock, members, sender="fake-0")
     time.sleep(0.5)
     sock.close()
@@ -182,13 +188,12 @@ def fake_members(address: str, count: int = 1020) -> dict:
 
 
 def fake_origins(address: str, agent: str, count: int = 1100) -> dict:
-    """FWD frames naming made-up origin endpoints, each carrying a real call."""
+    """FWD frames naming made-up origin nodes, each carrying a real call."""
     ctx = zmq.Context()
     sock = peer_socket(ctx, address)
     for i in range(count):
-        origin = f"tcp://127.0.0.1:{20000 + i}".encode()
-        sock.send_multipart([PEER_MAGIC, b"FWD", origin, b"\x01",
-                             _call_env(f"o{i}", "echo", agent, i), b"route-%d" % i])
+        sock.send_multipart(peer.forward(f"ghost-{i}", f"ghost-{i}", 1, os.urandom(16),
+                                         _call_env(f"o{i}", "echo", agent, i)))
     time.sleep(0.5)
     sock.close()
     ctx.term()

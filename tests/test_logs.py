@@ -188,8 +188,7 @@ def test_flood_of_bad_peer_traffic_writes_bounded_log(tmp_path):
     import msgpack
     import zmq
 
-    from node.transports.zeromq import OP_GOSSIP, PEER_MAGIC
-    from protocols import wire
+    from protocols import peer, wire
     from support import NodeProcess
 
     node = NodeProcess("flooded", tmp_path)
@@ -203,11 +202,12 @@ def test_flood_of_bad_peer_traffic_writes_bounded_log(tmp_path):
         started = time.monotonic()
         generation = time.time_ns() - 10**9
         for i in range(n):
-            sock.send_multipart([PEER_MAGIC, OP_GOSSIP, b"\xc1"])        # bad_gossip
-            sock.send_multipart([PEER_MAGIC, b"NOPE", b"x"])             # bad_peer_frame
-            fake = ["fake", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2", generation + i]
-            sock.send_multipart([PEER_MAGIC, OP_GOSSIP, msgpack.packb(
-                {"kind": "members", "from": "fake", "members": [fake]})])  # view changes
+            sock.send_multipart(peer.gossip("fake", {"kind": "nope"}))   # bad_gossip
+            sock.send_multipart([peer.MAGIC, b"NOPE", b"fake", b"x"])   # bad_peer_frame
+            fake = {"id": "fake", "gen": generation + i,
+                    "ep": {"zmq": "tcp://127.0.0.1:1", "zmq-pub": "tcp://127.0.0.1:2"}}
+            sock.send_multipart(peer.gossip("fake", {"v": 1, "kind": "members",
+                                                     "members": [fake]}))  # view changes
         # One connection is read in order: the ping's answer means all was handled.
         sock.send(wire.encode(wire.request("last", wire.TYPE_PING)))
         assert sock.poll(60_000), "the node did not answer after the flood"

@@ -136,7 +136,8 @@ def test_forged_gossip_cannot_take_over_a_node_id(trio):
     send n1's agents' requests to the attacker for good."""
     n0, n1, _ = trio.nodes
     real = f"tcp://{n1.address}"
-    attack.forged_gossip(n0.address, "n1", "tcp://127.0.0.1:9", generation=2**64 - 1)
+    attack.forged_gossip(n0.address, "n1", "tcp://127.0.0.1:9", generation=2**64 - 1,
+                         sender="n1")
     # Relayed by someone else, at a plausible generation: refused as an address change.
     attack.forged_gossip(n0.address, "n1", "tcp://127.0.0.1:9", generation=time.time_ns())
     wait_for(lambda: limited(n0, "gossip_entry_refused") >= 1, what="forged entries refused")
@@ -152,8 +153,8 @@ def test_a_node_hearing_its_id_elsewhere_refutes_it(trio):
     ahead = time.time_ns() + 5 * 10**9  # within the bound: only the refutation helps
     with attack.zmq.Context() as ctx:
         sock = attack.peer_socket(ctx, n0.address)
-        attack.gossip(sock, [["n1", "tcp://127.0.0.1:9", "tcp://127.0.0.1:10", ahead]],
-                      sender="n1")
+        attack.gossip(sock, [attack.member_entry("n1", "tcp://127.0.0.1:9",
+                                                 "tcp://127.0.0.1:10", ahead)], sender="n1")
         time.sleep(0.3)
         sock.close()
     wait_for(lambda: limited(n1, "node_id_refuted") >= 1, what="n1 refuting")
@@ -278,7 +279,9 @@ def test_activations_beyond_agents_max_evict_the_least_recently_used(tmp_path):
 
 
 def test_a_forged_reply_never_reaches_a_client(node):
-    """A client with a fixed routing id received a forged RPL frame sent to its node."""
+    """A client with a fixed routing id received a forged RPL frame sent to its node.
+    Replies now name the forward by a token the entry node issued (its random key and a
+    counter) and the client's route never leaves the entry node."""
     with attack.zmq.Context() as ctx:
         victim = ctx.socket(attack.zmq.DEALER)
         victim.setsockopt(attack.zmq.ROUTING_ID, b"victim")
@@ -290,9 +293,8 @@ def test_a_forged_reply_never_reaches_a_client(node):
         forger = attack.peer_socket(ctx, node.address)
         forged = attack.msgpack.packb({"v": 1, "id": "mine", "re": "mine", "type": "syn.reply",
                                        "source": "n9", "data": "forged"})
-        for stamp in (b"", b"\0" * 24):  # no stamp, and a stamp without the node's key
-            frames = [attack.PEER_MAGIC, b"RPL", forged, b"victim"] + ([stamp] if stamp else [])
-            forger.send_multipart(frames)
+        for token in (b"\0" * 16, attack.os.urandom(16)):  # tokens the node never issued
+            forger.send_multipart(attack.peer.reply("n9", token, forged))
         wait_for(lambda: limited(node, "forged_reply") >= 2, what="forged replies counted")
         assert not victim.poll(300), "a forged reply reached the client"
         forger.close()

@@ -139,19 +139,24 @@ def test_errors_are_counted_in_metrics(node, raw):
     assert lines and sum(float(l.rsplit(" ", 1)[1]) for l in lines) >= 1
 
 
+M = b"SYNP2"
+
+
 @pytest.mark.parametrize("frames", [
-    [b"SYNP1", b"GOSSIP", msgpack.packb({"kind": "members", "from": "evil",
-                                         "members": [["evil", "zzz", "zzz", 1]]})],
-    [b"SYNP1", b"GOSSIP", msgpack.packb({"kind": "members", "members": [[1, 2, 3, 4]]})],
-    [b"SYNP1", b"GOSSIP", b"\xc1"],
-    [b"SYNP1", b"STATR", b"1", msgpack.packb({"node": [1]})],
-    [b"SYNP1", b"STATR", b"1", b"\xc1"],
-    [b"SYNP1", b"STATQ", b"nobody", b"1"],
-    [b"SYNP1", b"RPL"],
-    [b"SYNP1", b"FWD", b"tcp://127.0.0.1:1", b"\x01", b"\xc1"],
-    [b"SYNP1", b"FWD", b"not an endpoint", b"\x01",
-     msgpack.packb({"v": 1, "id": "f", "type": "get", "subject": "counter/a"}), b"route"],
-    [b"SYNP1", b"NOPE", b"x"],
+    [M, b"GOSSIP", b"evil", msgpack.packb({"v": 1, "kind": "members", "members": [
+        {"id": "evil", "gen": 1, "ep": {"zmq": "zzz", "zmq-pub": "zzz"}}]})],
+    [M, b"GOSSIP", b"evil", msgpack.packb({"v": 1, "kind": "members", "members": [[1, 2, 3, 4]]})],
+    [M, b"GOSSIP", b"evil", msgpack.packb({"kind": "members", "members": []})],  # no version
+    [M, b"GOSSIP", b"evil", b"\xc1"],
+    [M, b"STATR", b"evil", msgpack.packb({"token": "1", "status": {"node": [1]}})],
+    [M, b"STATR", b"evil", b"\xc1"],
+    [M, b"STATQ", b"nobody", b"1"],
+    [M, b"RPL", b"evil"],
+    [M, b"RPL", b"evil", b"\0" * 16, b"\xc1"],                  # a token never issued
+    [M, b"FWD", b"evil", b"evil", b"\x01", b"\0" * 16, b"\xc1"],
+    [M, b"FWD", b"evil", b"evil", b"\x00", b"", b"x"],           # hops 0
+    [M, b"NOPE", b"evil", b"x"],
+    [b"SYNP1", b"GOSSIP", msgpack.packb({"kind": "members", "members": []})],  # old version
 ])
 def test_malformed_peer_frames_are_dropped_and_the_node_keeps_serving(node, raw, frames):
     raw.send_multipart(frames)

@@ -41,7 +41,10 @@ def test_numbers_the_spec_states_are_the_code_s():
     """Defaults and bounds written in docs/PROTOCOL.md, checked against the code."""
     import dataclasses
 
-    from node import agents, registry, runtime
+    import inspect
+
+    from node import agents
+    from protocols import routing, status
     from node.config import NodeConfig
     from protocols import wire
 
@@ -56,6 +59,6 @@ def test_numbers_the_spec_states_are_the_code_s():
     assert f"after {wire.PEEK_KEYS_MAX} keys" in text
     assert f"at most {agents.GROUPS_PER_AGENT_MAX} groups" in text
     assert f"at most {agents.GROUPS_MAX:,} groups".replace(",", " ") in text
-    assert f"at most {runtime.STATUS_WAITS_MAX} status collections" in text
-    vnodes = registry.Registry.__init__.__defaults__[0]
+    assert f"at most {status.WAITS_MAX} status collections" in text
+    vnodes = inspect.signature(routing.Router).parameters["vnodes"].default
     assert f"every node uses `V = {vnodes}`" in text

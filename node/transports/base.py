@@ -1,15 +1,32 @@
-"""The Transport interface: how a node reaches its peers.
+"""The Transport interface: how a node talks to clients and to its peers, both ways.
 
-A transport carries opaque frames (the peer protocol of docs/PROTOCOL.md) to a
-peer named by its advertised address; it never decodes envelopes, so a message
-crosses any transport unchanged.  ZeroMQ is native; QUIC and HTTP/2 bridges
-implement the same interface in later work.
+A transport carries opaque bytes: client envelopes, and the peer protocol's frames
+(``protocols/peer.py``).  It never decodes an envelope, so a message crosses any
+transport unchanged.  The runtime builds transports through the registry
+(``node/transports/__init__.py``) and uses nothing this class does not declare.
+
+Inbound traffic reaches the runtime through the ``Inbound`` it is started with:
+
+- ``client(handle, payload)``: a client's request.  ``handle`` is opaque, minted by
+  the transport; ``reply(handle, payload)`` answers on the same connection (for
+  ZeroMQ it is the ROUTER route, for a stream transport it would be the stream);
+- ``peer(frames)``: peer protocol frames, starting at the protocol's magic;
+- ``multicast(group, payload)``: an envelope published to a group by a peer;
+- ``malformed(handle, nframes)``: a client message of the wrong shape (the runtime
+  answers it ``bad_request`` through ``reply``).
+
+Peers are named by node id.  ``set_peers`` tells the transport each member's
+advertised endpoints (one per transport a member serves) and the seeds; links to
+anyone else are closed.  A peer name from ``protocols.effects.seed_id(address)``
+reaches an address directly: the configured seeds, and (from a separate, small
+budget) the rare address a gossip message names that no member has.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Callable, Sequence
+import asyncio
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 # Called with (error code, reason) when a send is given up: 'overloaded' when the
 # peer's queue is full (retrying later can help), 'unavailable' when the peer
@@ -17,31 +34,61 @@ from typing import Callable, Sequence
 OnGiveUp = Callable[[str, str], None]
 
 
+class Inbound(Protocol):
+    def client(self, handle: Any, payload: bytes) -> None: ...
+
+    def peer(self, frames: list[bytes]) -> None: ...
+
+    def multicast(self, group: str, payload: bytes) -> None: ...
+
+    def malformed(self, handle: Any, nframes: int) -> None: ...
+
+    def failed(self, handle: Any, payload: bytes | None, exc: Exception) -> None: ...
+
+
 class Transport(abc.ABC):
     name: str = ""
 
     @abc.abstractmethod
-    def start(self) -> None:
-        """Bind listening sockets."""
+    def start(self, loop: asyncio.AbstractEventLoop, inbound: Inbound) -> None:
+        """Bind listening sockets and start delivering inbound traffic."""
 
     @abc.abstractmethod
-    def stop(self) -> None:
-        """Close everything; pending sends are given up."""
+    def stop(self, linger_ms: int = 0) -> None:
+        """Close everything; pending sends are given up (their callers told)."""
 
     @abc.abstractmethod
-    def send(self, address: str, frames: Sequence[bytes], on_give_up: OnGiveUp | None = None,
+    def endpoints(self) -> dict[str, str]:
+        """What this node advertises for this transport: name -> endpoint."""
+
+    @abc.abstractmethod
+    def set_peers(self, peers: Mapping[str, Mapping[str, str]], seeds: Sequence[str]) -> None:
+        """Every other member's endpoints (node id -> {transport: endpoint}) and the
+        seed addresses; links to anyone else are closed."""
+
+    @abc.abstractmethod
+    def send(self, peer: str, frames: Sequence[bytes], on_give_up: OnGiveUp | None = None,
              now: float = 0.0) -> bool:
-        """Send frames to the peer at ``address``.
+        """Send peer frames to node ``peer`` now, or queue them (bounded in count and
+        time) until its link is up.  False when they could be neither sent nor
+        queued; ``on_give_up(code, reason)`` is called, once, for any send that fails."""
 
-        Returns False when the frames could neither be sent nor queued (no
-        link can be made, or the bounded queue is full).  A queued send that
-        cannot go out before its deadline is counted as failed and
-        ``on_give_up(code, reason)`` is called when given.
-        """
+    @abc.abstractmethod
+    def reply(self, handle: Any, payload: bytes) -> bool:
+        """Send ``payload`` to the client behind ``handle``; False if it was dropped."""
 
     @abc.abstractmethod
     def broadcast(self, topic: bytes, frames: Sequence[bytes]) -> None:
-        """Multicast frames to every subscribed peer (best effort)."""
+        """Multicast frames to every subscribed peer (best effort, counted drops)."""
+
+    @abc.abstractmethod
+    def retry(self, now: float) -> None:
+        """Send what waited for a link; give up on what waited past its deadline."""
+
+    @property
+    @abc.abstractmethod
+    def has_queued(self) -> bool:
+        """True while sends wait in a queue (the runtime then calls ``retry``)."""
 
     @abc.abstractmethod
     def health(self) -> dict:

@@ -1,22 +1,14 @@
-"""The native ZeroMQ transport: one DEALER per peer (outbound), PUB/SUB multicast.
+"""ZeroMQ peer links: one DEALER per peer address, outbound only, with a bounded queue.
 
-Inbound peer traffic arrives on the node's ROUTER, which also serves clients;
-the runtime owns that socket.  This module owns the outbound side:
-
-- a DEALER per peer with ``IMMEDIATE`` set, so a send to a peer that is not
-  connected fails at once instead of queueing inside libzmq without a bound we
-  can see; such sends wait in our own bounded queue until the link is up or
-  their deadline passes, and then the caller is told (``on_give_up``) so it can
-  answer ``unavailable`` rather than let a client time out;
-- a PUB socket for multicast, with its high-water mark set on purpose, and a
-  SUB connected to every peer's PUB.  PUB drops silently at the mark, so every
-  multicast frame carries a per-origin sequence number and subscribers count
-  the gaps (``synthesis_multicast_dropped_total``).
+Each DEALER has ``IMMEDIATE`` set, so a send to a peer that is not connected fails
+at once instead of queueing inside libzmq without a bound we can see; such sends
+wait in our own bounded queue until the link is up or their deadline passes, and
+then the caller is told (``on_give_up``) so it can answer ``unavailable`` rather
+than let a client time out.
 """
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from typing import Sequence
 
@@ -24,25 +16,12 @@ import zmq
 
 from protocols.wire import ErrorCode
 
-from .base import OnGiveUp, Transport
-
-PEER_MAGIC = b"SYNP1"
-OP_FWD = b"FWD"        # [MAGIC, FWD, origin_endpoint, hops(1 byte), envelope, *route]
-OP_RPL = b"RPL"        # [MAGIC, RPL, reply_envelope, *route]
-OP_GOSSIP = b"GOSSIP"  # [MAGIC, GOSSIP, msgpack(membership message)]
-OP_STATQ = b"STATQ"    # [MAGIC, STATQ, origin_id, token]
-OP_STATR = b"STATR"    # [MAGIC, STATR, token, msgpack(status)]
-
-GROUP_PREFIX = b"G"
-_SEQ = struct.Struct(">Q")
+from .base import OnGiveUp
 
 PEER_QUEUE_MAX = 10_000         # queued sends per peer while its link is down
 PEER_QUEUE_DEADLINE_S = 1.0     # how long a queued send may wait for the link
 LINKS_MAX = 1024 + 64           # members (MEMBERS_MAX) and seeds
-STRANGER_LINKS_MAX = 16         # links to addresses no member has (see send)
-# ZeroMQ sockets this transport may hold: links, strangers, PUB and SUB.  The node
-# sets the context's MAX_SOCKETS above this on purpose (libzmq's default is 1023).
-SOCKETS_MAX = LINKS_MAX + STRANGER_LINKS_MAX + 2
+STRANGER_LINKS_MAX = 16         # links to addresses no member has (see connect)
 
 
 class _PeerLink:
@@ -57,49 +36,25 @@ class _PeerLink:
         self.stranger = stranger  # no member has this address (yet)
 
 
-class ZmqTransport(Transport):
-    name = "zmq"
+class PeerLinks:
+    """The DEALERs of one node, keyed by the address they dial."""
 
-    def __init__(self, *, context: zmq.Context, node_id: str, pub_bind: str,
-                 peer_hwm: int, pub_hwm: int, metrics, queue_deadline_s: float = PEER_QUEUE_DEADLINE_S):
+    def __init__(self, context: zmq.Context, *, peer_hwm: int, metrics,
+                 queue_deadline_s: float = PEER_QUEUE_DEADLINE_S):
         self._ctx = context
-        self._node_id = node_id.encode()
-        self._pub_bind = pub_bind
         self._peer_hwm = peer_hwm
-        self._pub_hwm = pub_hwm
         self._metrics = metrics
         self._deadline_s = queue_deadline_s
         self._links: dict[str, _PeerLink] = {}
         self._strangers = 0  # links with stranger set
         self._queued = 0  # sends waiting in all links' queues
-        self._subscribed: set[str] = set()
-        self._pub_seq = 0
-        self._last_seq: dict[bytes, int] = {}
-        self.pub: zmq.Socket | None = None
-        self.sub: zmq.Socket | None = None
 
-    # Lifecycle -------------------------------------------------------------
-
-    def start(self) -> None:
-        self.pub = self._ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.SNDHWM, self._pub_hwm)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.bind(self._pub_bind)
-        self.sub = self._ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.RCVHWM, self._pub_hwm)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.SUBSCRIBE, GROUP_PREFIX)
-
-    def stop(self, linger_ms: int = 0) -> None:
-        for link in self._links.values():
-            self._give_up_all(link, "node is shutting down")
+    def close(self, linger_ms: int, reason: str) -> None:
+        for link in list(self._links.values()):
+            self._give_up_all(link, reason)
             link.socket.close(linger=linger_ms)
         self._links.clear()
-        for sock in (self.pub, self.sub):
-            if sock is not None:
-                sock.close(linger=0)
-
-    # Peer links ------------------------------------------------------------
+        self._strangers = 0
 
     def connect(self, address: str, stranger: bool = False) -> _PeerLink | None:
         """The link to ``address``, created on first use; None if it cannot be made.
@@ -139,25 +94,10 @@ class ZmqTransport(Transport):
         self._strangers += stranger
         return link
 
-    def subscribe(self, pub_address: str) -> None:
-        if pub_address in self._subscribed or len(self._subscribed) >= LINKS_MAX:
-            return
-        try:
-            self.sub.connect(pub_address)
-        except zmq.ZMQError:
-            return
-        self._subscribed.add(pub_address)
-
-    def retain(self, addresses: set[str], pub_addresses: set[str]) -> None:
-        """Close links and subscriptions to addresses outside these sets."""
+    def retain(self, addresses: set[str]) -> None:
+        """Close links to addresses outside ``addresses``."""
         for address in [a for a in self._links if a not in addresses]:
             self._close_link(self._links[address], f"peer {address} left the member view")
-        for pub_address in [a for a in self._subscribed if a not in pub_addresses]:
-            try:
-                self.sub.disconnect(pub_address)
-            except zmq.ZMQError:
-                pass
-            self._subscribed.discard(pub_address)
 
     def _close_link(self, link: _PeerLink, reason: str) -> None:
         del self._links[link.address]
@@ -225,36 +165,6 @@ class ZmqTransport(Transport):
             _, _, on_give_up = link.queue.popleft()
             self._queued -= 1
             self._give_up(on_give_up, ErrorCode.UNAVAILABLE, reason)
-
-    # Multicast -------------------------------------------------------------
-
-    def broadcast(self, topic: bytes, frames: Sequence[bytes]) -> None:
-        self._pub_seq += 1
-        self.pub.send_multipart([GROUP_PREFIX + topic, self._node_id,
-                                 _SEQ.pack(self._pub_seq), *frames], zmq.NOBLOCK)
-
-    def accept_multicast(self, frames: list[bytes]) -> tuple[str, bytes] | None:
-        """Check a SUB message; returns (group, envelope) or None if malformed.
-
-        Counts sequence gaps as dropped multicasts.
-        """
-        if len(frames) != 4 or len(frames[2]) != 8:
-            return None
-        topic, origin, seq_bytes, envelope = frames
-        (seq,) = _SEQ.unpack(seq_bytes)
-        last = self._last_seq.get(origin)
-        if last is not None and seq > last + 1:
-            self._metrics.multicast_dropped(seq - last - 1)
-        if last is None and len(self._last_seq) >= LINKS_MAX:
-            self._last_seq.clear()  # origins come and go; never hold more than the bound
-        self._last_seq[origin] = seq  # a restarted origin starts again from 1
-        try:
-            group = topic[len(GROUP_PREFIX):].decode()
-        except UnicodeDecodeError:
-            return None
-        return group, envelope
-
-    # Health ----------------------------------------------------------------
 
     def health(self) -> dict:
         links = list(self._links.values())  # one step: the metrics thread calls this

@@ -1,0 +1,369 @@
+"""The native ZeroMQ transport: a ROUTER for clients and peers, a DEALER per peer, PUB/SUB.
+
+- One ROUTER, bound at the node's address, takes requests from clients and peer
+  frames from other nodes.  The loop wakes when its FD is readable and drains it in
+  batches with NOBLOCK until ``zmq.Again`` (the FD is edge-triggered: a partial read
+  would leave messages sitting unread), then re-checks ``zmq.EVENTS``.  A client's
+  handle is its ROUTER route: ``(identity,)``, or ``(identity, b"")`` for REQ framing.
+- Outbound peer traffic goes over one DEALER per peer (``zmq_links.PeerLinks``),
+  never over the ROUTER.
+- PUB for multicast, with its high-water mark set on purpose, and a SUB connected to
+  every peer's PUB.  PUB drops silently at the mark, so every multicast frame
+  carries a per-origin sequence number and subscribers count the gaps.
+- The connection guard (``node/guard.py``) bounds the bytes libzmq may hold per
+  ROUTER connection, on a timer of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import struct
+from typing import Any, Mapping, Sequence
+
+import zmq
+
+from protocols.effects import seed_address
+from protocols.membership import ZMQ, ZMQ_PUB
+
+from ..guard import ConnectionGuard
+from .base import Inbound, OnGiveUp, Transport
+from .zmq_links import LINKS_MAX, STRANGER_LINKS_MAX, PeerLinks
+
+PEER_PREFIX = b"SYNP"   # every peer protocol version's magic starts so
+GROUP_PREFIX = b"G"
+_SEQ = struct.Struct(">Q")
+BATCH_MAX = 512            # messages read per socket per wake-up, for fairness
+# ZeroMQ sockets this transport may hold: links, strangers, ROUTER, PUB, SUB, monitor.
+# The context's MAX_SOCKETS is set above this on purpose (libzmq's default is 1023).
+SOCKETS_MAX = LINKS_MAX + STRANGER_LINKS_MAX + 4
+
+GUARD_TICK_S = 0.01             # how often the connection guard checks a few connections
+GUARD_PER_TICK = 32             # connections checked per tick (about 3 us each)
+GUARD_SCAN_S = 0.5              # how often it checks all, and the node-wide budget
+GUARD_RSS_JUMP_BYTES = 16 << 20  # resident growth that checks all at once
+GUARD_ALERT_TICK_S = 0.002      # the tick for GUARD_ALERT_S after a connection was cut
+GUARD_ALERT_S = 2.0
+
+# Plain ints: pyzmq's flag enums cost an enum construction per '|' on the hot path.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+_SRCFD = int(zmq.SRCFD)
+
+
+def new_context() -> zmq.Context:
+    """A ZeroMQ context with room for every socket the limits allow, on purpose.
+
+    libzmq's default of 1023 sockets sat below the peer-link limit, so made-up
+    members exhausted it.  The process's file limit is raised to match: each
+    socket holds a couple of descriptors, and each accepted connection one.
+    """
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, SOCKETS_MAX + 16)
+    _raise_file_limit(4 * (SOCKETS_MAX + 16) + 4096)
+    return ctx
+
+
+def _raise_file_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # the limits stay as they were; sockets beyond them are refused, not fatal
+
+
+class ZmqTransport(Transport):
+    name = "zmq"
+
+    def __init__(self, *, node_id: str, router_bind: str, router_endpoint: str,
+                 pub_bind: str, pub_endpoint: str, max_message_bytes: int, peer_hwm: int,
+                 pub_hwm: int, limits: Mapping[str, int], metrics: Any, log: Any,
+                 linger_ms: int = 500):
+        self._node_id = node_id.encode()
+        self._router_bind = router_bind
+        self._router_endpoint = router_endpoint
+        self._pub_bind = pub_bind
+        self._pub_endpoint = pub_endpoint
+        self._max_bytes = max_message_bytes
+        self._peer_hwm = peer_hwm
+        self._pub_hwm = pub_hwm
+        self._limits = dict(limits)
+        self._metrics = metrics
+        self._log = log
+        self._linger_ms = linger_ms
+        self._ctx = new_context()
+        self._links = PeerLinks(self._ctx, peer_hwm=peer_hwm, metrics=metrics)
+        self._addresses: dict[str, str] = {}   # node id -> ROUTER endpoint
+        self._seeds: frozenset[str] = frozenset()
+        self._subscribed: set[str] = set()
+        self._pub_seq = 0
+        self._last_seq: dict[bytes, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbound: Inbound | None = None
+        self._router: zmq.Socket | None = None
+        self._pub: zmq.Socket | None = None
+        self._sub: zmq.Socket | None = None
+        self._guard: ConnectionGuard | None = None
+        self._guard_timer: asyncio.TimerHandle | None = None
+        self._guard_scanned_at = 0.0
+        self._guard_alert_until = 0.0
+        self._pump_scheduled = False
+        self._in_pump = False
+        self._closed = False
+
+    # Lifecycle -------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop, inbound: Inbound) -> None:
+        self._loop, self._inbound = loop, inbound
+        router = self._router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises, not a silent drop
+        router.setsockopt(zmq.SNDHWM, self._peer_hwm)
+        router.setsockopt(zmq.RCVHWM, self._peer_hwm)
+        # A hard guard far above the protocol limit: larger frames cost the
+        # sender its connection instead of our memory.  Between the two limits
+        # the sender gets a too_large reply.
+        router.setsockopt(zmq.MAXMSGSIZE, 4 * self._max_bytes + 65536)
+        router.setsockopt(zmq.LINGER, self._linger_ms)
+        router.bind(self._router_bind)
+        limits = self._limits
+        self._guard = ConnectionGuard(
+            router, metrics=self._metrics, log=self._log,
+            connections_max=limits["connections_max"],
+            conn_inbound_bytes_max=limits["conn_inbound_bytes_max"],
+            inbound_bytes_max=limits["inbound_bytes_max"],
+            reply_bytes_max=limits["client_reply_bytes_max"])
+        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.SNDHWM, self._pub_hwm)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._pub.bind(self._pub_bind)
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.RCVHWM, self._pub_hwm)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, GROUP_PREFIX)
+        loop.add_reader(router.FD, self._pump)
+        loop.add_reader(self._sub.FD, self._pump)
+        self._schedule_pump()  # the FDs are edge-triggered: look once after registering
+        self._guard_tick()
+
+    def stop(self, linger_ms: int = 0) -> None:
+        if self._closed:
+            return
+        self._pump()  # answer what arrived meanwhile, flush replies
+        self._closed = True
+        if self._guard_timer is not None:
+            self._guard_timer.cancel()
+        self._loop.remove_reader(self._router.FD)
+        self._loop.remove_reader(self._sub.FD)
+        self._links.close(linger_ms, "node is shutting down")
+        self._guard.close()
+        self._router.close(linger=linger_ms)
+        for sock in (self._pub, self._sub):
+            sock.close(linger=0)
+        self._ctx.term()
+
+    def endpoints(self) -> dict[str, str]:
+        return {ZMQ: self._router_endpoint, ZMQ_PUB: self._pub_endpoint}
+
+    # Peers -----------------------------------------------------------------
+
+    def set_peers(self, peers: Mapping[str, Mapping[str, str]], seeds: Sequence[str]) -> None:
+        self._addresses = {node_id: ep[ZMQ] for node_id, ep in peers.items() if ZMQ in ep}
+        self._seeds = frozenset(seeds)
+        # Close links to addresses no member uses any more (a restarted node's old one).
+        self._links.retain(set(self._addresses.values()) | self._seeds)
+        for address in self._addresses.values():
+            self._links.connect(address)  # None (counted) when out of links
+        pubs = {ep[ZMQ_PUB] for ep in peers.values() if ZMQ_PUB in ep}
+        for pub in [p for p in self._subscribed if p not in pubs]:
+            try:
+                self._sub.disconnect(pub)
+            except zmq.ZMQError:
+                pass
+            self._subscribed.discard(pub)
+        for pub in pubs - self._subscribed:
+            if len(self._subscribed) >= LINKS_MAX:
+                break
+            try:
+                self._sub.connect(pub)
+            except zmq.ZMQError:
+                continue
+            self._subscribed.add(pub)
+
+    def send(self, peer: str, frames: Sequence[bytes], on_give_up: OnGiveUp | None = None,
+             now: float = 0.0) -> bool:
+        if self._closed:
+            self._metrics.peer_send_failed()
+            return False
+        address = self._addresses.get(peer)
+        stranger = False
+        if address is None:
+            address = seed_address(peer)
+            if address is None:  # a node id we have no address for
+                self._metrics.peer_send_failed()
+                if on_give_up is not None:
+                    on_give_up("unavailable", f"no address for peer {peer!r}")
+                return False
+            stranger = address not in self._seeds and address not in self._addresses.values()
+        return self._links.send(address, frames, on_give_up, now, stranger)
+
+    def retry(self, now: float) -> None:
+        self._links.retry(now)
+
+    @property
+    def has_queued(self) -> bool:
+        return self._links.has_queued
+
+    # Clients ---------------------------------------------------------------
+
+    def reply(self, handle: tuple, payload: bytes) -> bool:
+        """Send a payload to a client through the ROUTER; False if it was dropped."""
+        if self._closed:
+            self._metrics.client_send_failed()
+            return False
+        send = self._router.send
+        sent = True
+        try:
+            for frame in handle:
+                send(frame, _SNDMORE_NOBLOCK)
+            send(payload, _NOBLOCK)
+        except zmq.ZMQError:  # client gone (EHOSTUNREACH) or its queue is full
+            self._metrics.client_send_failed()
+            sent = False
+        else:  # counted against the client's reply budget until its peer acknowledges
+            self._guard.wrote(handle[0], len(payload) + 9 + 2 * (len(handle) - 1))
+        if not self._in_pump:
+            # A send outside the pump can consume the FD's edge: look again.
+            self._schedule_pump()
+        return sent
+
+    # Multicast -------------------------------------------------------------
+
+    def broadcast(self, topic: bytes, frames: Sequence[bytes]) -> None:
+        self._pub_seq += 1
+        self._pub.send_multipart([GROUP_PREFIX + topic, self._node_id,
+                                  _SEQ.pack(self._pub_seq), *frames], zmq.NOBLOCK)
+
+    def _on_sub(self, frames: list[bytes]) -> None:
+        """A SUB message: counts sequence gaps as dropped multicasts, then delivers."""
+        if len(frames) != 4 or len(frames[2]) != 8:
+            self._metrics.errored("bad_request", "syn.multicast")
+            return
+        topic, origin, seq_bytes, envelope = frames
+        (seq,) = _SEQ.unpack(seq_bytes)
+        last = self._last_seq.get(origin)
+        if last is not None and seq > last + 1:
+            self._metrics.multicast_dropped(seq - last - 1)
+        if last is None and len(self._last_seq) >= LINKS_MAX:
+            self._last_seq.clear()  # origins come and go; never hold more than the bound
+        self._last_seq[origin] = seq  # a restarted origin starts again from 1
+        try:
+            group = topic[len(GROUP_PREFIX):].decode()
+        except UnicodeDecodeError:
+            self._metrics.errored("bad_request", "syn.multicast")
+            return
+        self._inbound.multicast(group, envelope)
+
+    # The pump ----------------------------------------------------------------
+
+    def _schedule_pump(self) -> None:
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Drain the ROUTER and SUB sockets in batches; reschedule if more waits."""
+        self._pump_scheduled = False
+        if self._closed:
+            return
+        self._in_pump = True
+        try:
+            self._drain_router()
+            self._drain(self._sub, self._on_sub)
+        finally:
+            self._in_pump = False
+        if (self._router.getsockopt(_EVENTS) & _POLLIN
+                or self._sub.getsockopt(_EVENTS) & _POLLIN):
+            self._schedule_pump()
+
+    def _drain_router(self) -> None:
+        # Frames (copy=False) tell whether more parts follow without a getsockopt
+        # call, which costs more than the rest of reading a frame (measured).
+        recv = self._router.recv
+        inbound = self._inbound
+        account = self._guard.read
+        for _ in range(BATCH_MAX):
+            try:
+                frame = recv(_NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            first = frame
+            frames = [frame.bytes]
+            while frame.more:  # the rest of a multipart message is already here
+                frame = recv(_NOBLOCK, copy=False)
+                frames.append(frame.bytes)
+            account(first.get(_SRCFD), frames)  # which connection, for its byte budget
+            n = len(frames)
+            try:
+                if n == 2:
+                    inbound.client((frames[0],), frames[1])
+                elif n >= 3 and frames[1][:4] == PEER_PREFIX:
+                    inbound.peer(frames[1:])
+                elif n == 3 and frames[1] == b"":
+                    inbound.client((frames[0], b""), frames[2])  # REQ framing
+                else:
+                    # The error goes after the empty delimiter when the message began
+                    # with one, so a REQ socket gets it.
+                    route = (frames[0], b"") if n >= 3 and frames[1] == b"" else (frames[0],)
+                    inbound.malformed(route, n - 1)
+            except Exception as exc:  # a bug must not take the node down
+                client = n == 2 or (n == 3 and frames[1] == b"")
+                inbound.failed(tuple(frames[:-1]) if client else None,
+                               frames[-1] if client else None, exc)
+
+    def _drain(self, sock: zmq.Socket, handle) -> None:
+        recv = sock.recv
+        for _ in range(BATCH_MAX):
+            try:
+                frame = recv(_NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            frames = [frame.bytes]
+            while frame.more:
+                frame = recv(_NOBLOCK, copy=False)
+                frames.append(frame.bytes)
+            try:
+                handle(frames)
+            except Exception as exc:  # a bug must not take the node down
+                self._inbound.failed(None, None, exc)
+
+    # The guard's timer ---------------------------------------------------------
+
+    def _guard_tick(self) -> None:
+        """Apply the connection budgets: a few connections every tick, all of them
+        every GUARD_SCAN_S (and whenever memory jumps)."""
+        self._guard_timer = None
+        if self._closed:
+            return
+        now = self._loop.time()
+        try:
+            if now - self._guard_scanned_at >= GUARD_SCAN_S:
+                self._guard_scanned_at = now
+                cut = self._guard.scan()
+            else:
+                cut = self._guard.tick(GUARD_PER_TICK, GUARD_RSS_JUMP_BYTES)
+        except Exception as exc:  # a timer callback must never die: re-armed below
+            self._inbound.failed(None, None, exc)
+            cut = 0
+        if cut:  # under attack: look much more often for a while (a few us a look)
+            self._guard_alert_until = now + GUARD_ALERT_S
+        tick_s = GUARD_ALERT_TICK_S if now < self._guard_alert_until else GUARD_TICK_S
+        self._guard_timer = self._loop.call_later(tick_s, self._guard_tick)
+
+    # Health ----------------------------------------------------------------
+
+    def health(self) -> dict:
+        return self._links.health()

@@ -1,0 +1,205 @@
+"""Routing: where a request goes, and every forward in flight answered exactly once.
+
+``route(subject, ttl, hops)`` decides per request: the owner's node id (this node's
+own id for a local agent, another for a forward) or a ``Refusal`` (hop limit
+reached, owner not a member).  It is the hot path, so it returns plain data and
+builds no effect object; the ring lookup is cached.
+
+A forward of a call is recorded with ``forward_started``, which returns its token:
+eight bytes of the node's random key and eight of a counter.  The owner echoes the
+token in its reply, so a reply is matched to its call by token alone, and a reply
+with a token this node never issued (or already answered) is recognisably forged
+or late.  Every recorded forward ends exactly once, by the first of:
+
+- ``reply_arrived(token)``: the owner answered; returns the pending forward
+  (the caller sends the reply to its handle);
+- ``send_failed(token, code, message)``: the transport gave the send up;
+- ``tick(now)`` past its deadline (``forward_timeout_s``: the handler timeout plus
+  a margin for the hops): answered ``timeout``, so a call whose owner went silent
+  is answered by the entry node, not left to the client's clock;
+- ``members_changed(ids)`` without its owner: answered ``unavailable``;
+- ``stop()``: answered ``unavailable`` (the node is shutting down).
+
+Each of those returns ``Fail`` effects for the forwards it ends; the table keeps no
+entry afterwards, so a late reply finds nothing and is counted, not delivered twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from core_cy import HashRing
+
+from .effects import Fail
+from .wire import ErrorCode
+
+OWNER_CACHE_MAX = 65_536   # ring lookups kept; bounded (a cache per agent would not be)
+FORWARDS_MAX = 100_000     # forwards in flight at once
+TOKEN_BYTES = 16
+_TOKEN = struct.Struct(">8sQ")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    code: str
+    message: str
+
+
+class Pending:
+    """One forward in flight (slotted: one per forwarded call)."""
+
+    __slots__ = ("token", "handle", "request_id", "mtype", "owner", "deadline",
+                 "arrived", "forwarded_at")
+
+    def __init__(self, token: bytes, handle: Any, request_id: str, mtype: str, owner: str,
+                 deadline: float, arrived: float, forwarded_at: float):
+        self.token = token
+        self.handle = handle
+        self.request_id = request_id
+        self.mtype = mtype
+        self.owner = owner
+        self.deadline = deadline
+        self.arrived = arrived            # when the request reached this node
+        self.forwarded_at = forwarded_at  # when the forward left
+
+
+class Router:
+    """The routing machine of one node (see the module docstring)."""
+
+    def __init__(self, node_id: str, key: bytes, *, max_hops: int, forward_timeout_s: float,
+                 vnodes: int = 160, forwards_max: int = FORWARDS_MAX):
+        if len(key) != 8:
+            raise ValueError("the token key is 8 bytes (random, from the node)")
+        self.node_id = node_id
+        self._key = key
+        self._max_hops = max_hops
+        self._timeout_s = forward_timeout_s
+        self._forwards_max = forwards_max
+        self._ring = HashRing((node_id,), vnodes=vnodes)
+        self._members: frozenset[str] = frozenset((node_id,))
+        self._cache: dict[str, str] = {}
+        self._pending: dict[bytes, Pending] = {}
+        self._deadlines: deque[Pending] = deque()  # in deadline order: one timeout for all
+        self._counter = itertools.count(1)
+        self.late_replies = 0  # replies whose forward had already ended (or never was)
+
+    # --- the hot path ---------------------------------------------------------------
+
+    def route(self, subject: str, ttl: int | None, hops: int) -> str | Refusal:
+        """The owner's node id for ``subject``, or why the request cannot go there."""
+        owner = self._cache.get(subject)
+        if owner is None:
+            owner = self._owner(subject)
+        if owner == self.node_id:
+            return owner
+        limit = self._max_hops if ttl is None else ttl
+        if hops >= limit:
+            return Refusal(ErrorCode.UNAVAILABLE, f"owner {owner!r} is beyond the hop limit ({limit})")
+        return owner
+
+    def _owner(self, subject: str) -> str:
+        if len(self._cache) >= OWNER_CACHE_MAX:
+            self._cache = {}
+        owner = self._cache[subject] = self._ring.owner(subject)
+        return owner
+
+    # --- members ---------------------------------------------------------------------
+
+    def members_changed(self, node_ids: Iterable[str]) -> list:
+        """Rebuild the ring; forwards to owners that left are answered ``unavailable``."""
+        wanted = frozenset(node_ids) | {self.node_id}
+        current = set(self._ring.nodes)
+        for node_id in sorted(current - wanted):
+            self._ring.remove(node_id)
+        for node_id in sorted(wanted - current):
+            self._ring.add(node_id)
+        self._cache = {}
+        self._members = wanted
+        gone = [p for p in self._pending.values() if p.owner not in wanted]
+        return [self._end(p, ErrorCode.UNAVAILABLE, f"owner {p.owner!r} left the member view")
+                for p in gone]
+
+    @property
+    def ring(self) -> HashRing:
+        return self._ring
+
+    def is_member(self, node_id: str) -> bool:
+        return node_id in self._members
+
+    # --- forwards in flight -----------------------------------------------------------
+
+    def forward_started(self, handle: Any, request_id: str, mtype: str, owner: str,
+                        now: float, arrived: float) -> bytes | Refusal:
+        """Record a forwarded call; its token, or a Refusal when the table is full."""
+        if len(self._pending) >= self._forwards_max:
+            return Refusal(ErrorCode.OVERLOADED,
+                           f"{self._forwards_max} forwards in flight on this node")
+        token = _TOKEN.pack(self._key, next(self._counter))
+        pending = Pending(token, handle, request_id, mtype, owner, now + self._timeout_s,
+                          arrived, now)
+        self._pending[token] = pending
+        self._deadlines.append(pending)
+        return token
+
+    def reply_arrived(self, token: bytes) -> Pending | None:
+        """The owner answered: the pending forward, ended; None if it had already
+        ended or was never ours (counted in ``late_replies``)."""
+        pending = self._pending.pop(token, None)
+        if pending is None:
+            self.late_replies += 1
+        return pending
+
+    def send_failed(self, token: bytes, code: str, message: str) -> list:
+        pending = self._pending.get(token)
+        return [] if pending is None else [self._end(pending, code, message)]
+
+    def owns_token(self, token: bytes) -> bool:
+        """True if ``token`` has this node's key (it may still have ended)."""
+        return len(token) == TOKEN_BYTES and token[:8] == self._key
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # --- the machine contract -----------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        self._skip_ended()
+        return self._deadlines[0].deadline if self._deadlines else None
+
+    def tick(self, now: float) -> list:
+        """Answer ``timeout`` for every forward past its deadline."""
+        effects = []
+        deadlines = self._deadlines
+        while deadlines and deadlines[0].deadline <= now:
+            pending = deadlines.popleft()
+            if self._pending.get(pending.token) is pending:
+                effects.append(self._end(pending, ErrorCode.TIMEOUT,
+                                         f"owner {pending.owner!r} did not answer within "
+                                         f"{self._timeout_s:g} s"))
+        return effects
+
+    def receive(self, sender: str, message: Any, now: float) -> list:
+        """Routing takes no peer messages of its own (replies come through
+        ``reply_arrived``, which the hot path calls directly)."""
+        raise TypeError("the router receives no peer messages")
+
+    def stop(self) -> list:
+        """The node is shutting down: every forward still in flight is answered."""
+        effects = [self._end(p, ErrorCode.UNAVAILABLE, "node is shutting down")
+                   for p in list(self._pending.values())]
+        self._deadlines.clear()
+        return effects
+
+    def _end(self, pending: Pending, code: str, message: str) -> Fail:
+        del self._pending[pending.token]
+        return Fail(pending.handle, pending.request_id, code, message, pending.mtype)
+
+    def _skip_ended(self) -> None:
+        deadlines = self._deadlines
+        while deadlines and self._pending.get(deadlines[0].token) is not deadlines[0]:
+            deadlines.popleft()
