@@ -1,39 +1,67 @@
-"""A deterministic simulator: many protocol machines in one process, virtual time.
+"""A deterministic simulator: many nodes' machines in one process, on virtual time.
 
-The simulator plays the node runtime for pure machines (see ``protocols/``):
-it feeds them virtual time and messages, and carries out their effects.
+The simulator plays the node runtime for pure machines (``protocols/machine.py``):
+it feeds them virtual time and peer messages and carries their effects out through
+one ``Effects`` table per node, so an effect nobody handles raises, as in the node.
 
-- ``Send(address, message)`` goes through a seeded, faulty network that can
-  drop, duplicate, delay (and so reorder) messages, and that can be split into
-  partitions and healed.  Messages are round-tripped through msgpack by
-  default, as on the real wire, so a machine never shares objects with a peer.
-- ``SetTimer(at)`` schedules a call to the machine's ``tick(now)`` at ``at``
-  (every timer is honoured; identical pending timers are merged).
-- Every other effect (``MembersChanged`` and future ones) is recorded in
-  ``effects_log`` as ``(time, address, effect)``; ``MembersChanged`` is also
-  kept in ``changes``.
+Two levels, one engine (``Simulator``):
 
-A machine is any object with ``receive(message, now) -> effects`` and
-``tick(now) -> effects``, and optionally ``start(now) -> effects``.
+- **Bare machines** (``Simulator.add(node_id, machine, address=...)``): any object
+  with ``receive(sender, message, now)``, ``tick(now)``, ``next_deadline()`` and
+  optionally ``start(now)``; it gets the ``gossip`` channel.  This is what
+  ``tests/test_membership.py`` runs Membership machines with.  Handled effects:
+  ``Send``, ``MembersChanged``, ``Refuted``.
+- **Whole nodes** (``NodeSim``): each node is a ``SimNode`` (Membership + Router +
+  a small agent host with sync counter handlers, wired together like the node's
+  runtime wires them); simulated clients issue calls to random live entry nodes;
+  ``Answer``/``Fail`` effects go back to those clients.  Invariants are checked
+  after every step (see ``NodeSim``); a failure raises ``InvariantViolation`` with
+  the seed and the one command that replays it::
 
-Everything is driven by one ``random.Random(seed)``: a run replays exactly from
-its seed.  Pure: no sockets, no asyncio, no clocks, no module-level random.
+      python -m protocols.sim --seed 123 --nodes 20 --duration-s 60 ...
+
+The network is seeded and faulty on request (``NetworkConfig``): loss,
+duplication, delay (and so reordering); partitions (``partition``/``heal``); nodes
+crash and restart (a fresh machine, state lost) or pause and resume (a SIGSTOP:
+events wait, then arrive in order).  Messages are round-tripped through msgpack by
+default, as on the wire, so machines never share objects.  Timers follow the
+contract: after every step the simulator asks the machine's ``next_deadline()``
+and calls ``tick`` then.
+
+Everything random comes from one ``random.Random(seed)``; nothing iterates a set
+of strings (whose order changes with PYTHONHASHSEED): the same seed gives the same
+run, to the byte (``Simulator.digest()`` hashes the event trace).  Pure: no
+sockets, no asyncio, no clocks, no module-level random.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import heapq
 import random
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable
 
 import msgpack
 
-from .effects import MembersChanged, Send, SetTimer
+from .effects import GOSSIP, Answer, Fail, MembersChanged, Refuted, Send, seed_address
+from .machine import Effects
+from .membership import Member, Membership
+from .routing import Refusal, Router
+from .wire import ErrorCode
 
-_TIMER = 0
-_MESSAGE = 1
-_START = 2
+_START, _TICK, _MESSAGE, _CALL, _ACTION = range(5)
+_KIND_NAMES = ("start", "tick", "message", "call", "action")
+
+# Channels of the simulated node's peer protocol (besides membership's GOSSIP).
+FORWARD = "forward"   # {"origin": node id, "hops": int, "token": bytes, "req": request}
+REPLY = "reply"       # {"token": bytes, "data": any} or {"token", "error", "message"}
+
+
+class SimulationError(Exception):
+    """The simulation itself was misused, or a machine broke the contract."""
 
 
 @dataclass
@@ -54,29 +82,39 @@ class NetworkConfig:
 
 @dataclass
 class SimStats:
+    steps: int = 0         # events run
     sent: int = 0          # Send effects carried out
-    delivered: int = 0     # receive() calls
+    delivered: int = 0     # messages handed to a machine
     dropped: int = 0       # lost to drop_rate
     duplicated: int = 0    # extra copies made
     partitioned: int = 0   # lost to a partition
-    undeliverable: int = 0  # no node at that address (not added yet, or crashed)
-    timers: int = 0        # tick() calls
-    errors: int = 0        # exceptions raised by a machine's receive()
+    undeliverable: int = 0  # no such node, or it was down when the message arrived
+    deferred: int = 0      # events held while their node was paused
+    ticks: int = 0         # tick() calls
+    errors: int = 0        # exceptions raised by a machine's receive() (strict=False)
 
 
 @dataclass
-class _Node:
+class _Slot:
+    node_id: str
     address: str
     machine: Any
+    effects: Effects | None = None
     up: bool = True
-    timers: set = field(default_factory=set)
+    paused: bool = False
+    incarnation: int = 0
+    timer_at: float | None = None
+    backlog: list = field(default_factory=list)  # events held while paused
 
 
 class Simulator:
     """Runs machines against a virtual clock and a seeded faulty network."""
 
     def __init__(self, seed: int, network: NetworkConfig | None = None, *,
-                 wire_roundtrip: bool = True, strict: bool = True):
+                 wire_roundtrip: bool = True, strict: bool = True,
+                 answers: Callable[[str, Any], None] | None = None):
+        """``answers(node_id, effect)``, when given, receives every ``Answer`` and
+        ``Fail`` (whole-node mode); without it those effects are unhandled."""
         self.seed = seed
         self.rng = random.Random(seed)
         self.net = network or NetworkConfig()
@@ -87,60 +125,111 @@ class Simulator:
         self.errors: list[tuple[float, str, Exception]] = []
         self._strict = strict
         self._roundtrip = wire_roundtrip
-        self._nodes: dict[str, _Node] = {}
+        self._answers = answers
+        self._slots: dict[str, _Slot] = {}
+        self._by_address: dict[str, str] = {}
         self._queue: list[tuple] = []
         self._seq = 0
-        self._group_of: dict[str, int] | None = None  # address -> partition group
+        self._group_of: dict[str, int] | None = None  # node id -> partition group
         self._observers: list[Callable[["Simulator", str, list], None]] = []
+        self._trace = hashlib.sha256()
 
     # -- topology ---------------------------------------------------------
-    def add(self, address: str, machine: Any, start_at: float | None = None) -> None:
-        """Add a machine reachable at ``address``; ``start(now)`` runs at ``start_at``
-        (default: now) when the machine has one."""
-        if address in self._nodes:
+    def add(self, node_id: str, machine: Any, address: str | None = None,
+            start_at: float | None = None) -> None:
+        """Add a machine as node ``node_id``, reachable by ``seed_id(address)`` too;
+        ``start(now)`` runs at ``start_at`` (default: now) when it has one."""
+        if node_id in self._slots:
+            raise ValueError(f"node {node_id!r} already in the simulation")
+        address = address or node_id
+        if address in self._by_address:
             raise ValueError(f"address {address!r} already in the simulation")
-        self._nodes[address] = _Node(address, machine)
-        if hasattr(machine, "start"):
-            at = self.now if start_at is None else max(start_at, self.now)
-            self._push(at, _START, address, None)
+        slot = self._slots[node_id] = _Slot(node_id, address, machine)
+        slot.effects = self._effects_table(node_id)
+        self._by_address[address] = node_id
+        self._boot(slot, start_at)
 
-    def machine(self, address: str) -> Any:
-        return self._nodes[address].machine
+    def _boot(self, slot: _Slot, start_at: float | None) -> None:
+        if hasattr(slot.machine, "start"):
+            at = self.now if start_at is None else max(start_at, self.now)
+            self._push(at, _START, slot.node_id, slot.incarnation)
+        else:
+            self._rearm(slot)
+
+    def machine(self, node_id: str) -> Any:
+        return self._slots[node_id].machine
+
+    def address_of(self, node_id: str) -> str:
+        return self._slots[node_id].address
 
     @property
-    def addresses(self) -> list[str]:
-        return list(self._nodes)
+    def node_ids(self) -> list[str]:
+        return list(self._slots)
 
-    def up_addresses(self) -> list[str]:
-        return [a for a, n in self._nodes.items() if n.up]
+    def up_ids(self) -> list[str]:
+        """Nodes not crashed (paused ones included: they are alive, only stopped)."""
+        return [n for n, s in self._slots.items() if s.up]
 
-    def crash(self, address: str) -> None:
-        """Stop a node: it gets no messages and no timers until ``restart``."""
-        node = self._nodes[address]
-        node.up = False
-        node.timers.clear()
+    def is_up(self, node_id: str) -> bool:
+        return self._slots[node_id].up
 
-    def restart(self, address: str, machine: Any) -> None:
-        """Put a fresh machine (e.g. a higher generation) at a crashed node's address."""
-        node = self._nodes[address]
-        node.machine, node.up = machine, True
-        node.timers.clear()
-        if hasattr(machine, "start"):
-            self._push(self.now, _START, address, None)
+    def is_paused(self, node_id: str) -> bool:
+        return self._slots[node_id].paused
+
+    def crash(self, node_id: str) -> None:
+        """Stop a node dead: it loses its state, gets no messages and no timers
+        until ``restart``.  Messages in flight to it are lost when they arrive."""
+        slot = self._slots[node_id]
+        slot.up, slot.paused, slot.timer_at = False, False, None
+        slot.backlog.clear()
+        slot.incarnation += 1
+        self._note("crash", node_id)
+
+    def restart(self, node_id: str, machine: Any, start_at: float | None = None) -> None:
+        """Put a fresh machine (e.g. a higher generation) at a crashed node's place."""
+        slot = self._slots[node_id]
+        if slot.up:
+            raise SimulationError(f"{node_id} is up: crash it before restarting it")
+        slot.machine, slot.up = machine, True
+        self._note("restart", node_id)
+        self._boot(slot, start_at)
+
+    def pause(self, node_id: str) -> None:
+        """SIGSTOP: the node keeps its state; its events wait until ``resume``."""
+        slot = self._slots[node_id]
+        if slot.up:
+            slot.paused = True
+            self._note("pause", node_id)
+
+    def resume(self, node_id: str) -> None:
+        """SIGCONT: every held event runs now, in the order it arrived."""
+        slot = self._slots[node_id]
+        if not (slot.up and slot.paused):
+            return
+        slot.paused = False
+        self._note("resume", node_id)
+        held, slot.backlog = slot.backlog, []
+        for kind, payload in held:
+            if kind != _TICK:  # timers are re-armed below, once
+                self._push(self.now, kind, node_id, payload)
+        slot.timer_at = None
+        self._rearm(slot)
 
     def partition(self, *groups: Iterable[str]) -> None:
-        """Split the network: messages flow only inside a group.  Addresses left out
-        of every group form one more group together."""
+        """Split the network: messages flow only inside a group.  Nodes left out of
+        every group form one more group together."""
         group_of: dict[str, int] = {}
         for index, group in enumerate(groups):
-            for address in group:
-                if address in group_of:
-                    raise ValueError(f"{address!r} is in two partition groups")
-                group_of[address] = index
+            for node_id in group:
+                if node_id in group_of:
+                    raise ValueError(f"{node_id!r} is in two partition groups")
+                group_of[node_id] = index
         self._group_of = group_of
+        self._note("partition", repr([sorted(g) for g in groups]))
 
     def heal(self) -> None:
         self._group_of = None
+        self._note("heal", "")
 
     def connected(self, a: str, b: str) -> bool:
         if self._group_of is None:
@@ -148,52 +237,128 @@ class Simulator:
         return self._group_of.get(a, -1) == self._group_of.get(b, -1)
 
     def observe(self, callback: Callable[["Simulator", str, list], None]) -> None:
-        """``callback(sim, address, effects)`` after every step that ran a machine:
+        """``callback(sim, node_id, effects)`` after every step that ran a machine:
         the place to check invariants."""
         self._observers.append(callback)
+
+    # -- scripting ------------------------------------------------------------
+    def at(self, when: float, action: Callable[["Simulator"], None]) -> None:
+        """Run ``action(sim)`` at virtual time ``when`` (faults, client load)."""
+        self._push(max(when, self.now), _ACTION, "", action)
+
+    def inject(self, node_id: str, call: Callable[[Any, float], list],
+               lost: Callable[[], None] | None = None) -> None:
+        """Run ``call(machine, now) -> effects`` on the node as its next event (a
+        client request arriving); ``lost()`` runs instead if the node is down."""
+        self._push(self.now, _CALL, node_id, (call, lost))
+
+    def run_effects(self, node_id: str, effects: list) -> None:
+        """Carry out ``effects`` as if node ``node_id`` had returned them (the
+        runtime's effect table), then run the observers."""
+        self._slots[node_id].effects.run(effects)
+        for callback in self._observers:
+            callback(self, node_id, effects)
+
+    def digest(self) -> str:
+        """A hash of every event run so far: equal digests, equal runs."""
+        return self._trace.hexdigest()
 
     # -- running ------------------------------------------------------------
     def pending(self) -> int:
         return len(self._queue)
 
+    def next_event_at(self) -> float | None:
+        return self._queue[0][0] if self._queue else None
+
     def step(self) -> bool:
         """Run the next event (advancing virtual time to it).  False when idle."""
         if not self._queue:
             return False
-        at, _, kind, address, payload = heapq.heappop(self._queue)
+        at, seq, kind, node_id, payload = heapq.heappop(self._queue)
         self.now = max(self.now, at)
-        node = self._nodes.get(address)
-        if kind == _TIMER:
-            if node is None or at not in node.timers:
-                return True  # cancelled by a crash/restart
-            node.timers.discard(at)
-            self.stats.timers += 1
-            effects = node.machine.tick(self.now)
-        elif kind == _START:
-            if node is None or not node.up:
-                return True
-            effects = node.machine.start(self.now)
-        else:
-            sender, message = payload
-            if node is None or not node.up:
-                self.stats.undeliverable += 1
-                return True
-            if not self.connected(sender, address):
-                self.stats.partitioned += 1
-                return True
-            self.stats.delivered += 1
-            try:
-                effects = node.machine.receive(message, self.now)
-            except Exception as exc:  # a remote protocol error: the runtime logs it
-                self.stats.errors += 1
-                self.errors.append((self.now, address, exc))
-                if self._strict:
-                    raise
-                effects = []
-        self._apply(address, effects)
+        self.stats.steps += 1
+        if kind == _ACTION:
+            self._trace.update(f"{at!r} a {seq}\n".encode())
+            payload(self)
+            return True
+        slot = self._slots.get(node_id)
+        effects = self._run_event(slot, kind, node_id, payload)
+        if effects is None:
+            return True
+        self._trace.update(f"{self.now!r} {_KIND_NAMES[kind]} {node_id} {len(effects)}\n".encode())
+        slot.effects.run(effects)
+        self._rearm(slot)
         for callback in self._observers:
-            callback(self, address, effects)
+            callback(self, node_id, effects)
         return True
+
+    def _run_event(self, slot: _Slot | None, kind: int, node_id: str, payload: Any) -> list | None:
+        """The machine's effects for one event, or None when the event is void."""
+        now = self.now
+        if kind == _TICK:
+            if slot is None or not slot.up or payload != (slot.incarnation, slot.timer_at):
+                return None  # superseded by a later next_deadline, or a crash
+            if slot.paused:
+                self._hold(slot, kind, payload)
+                return None
+            slot.timer_at = None
+            self.stats.ticks += 1
+            effects = slot.machine.tick(now)
+            deadline = slot.machine.next_deadline()
+            if deadline is not None and deadline <= now and not effects:
+                raise SimulationError(f"{node_id}: tick({now!r}) did nothing but "
+                                      f"next_deadline() is still {deadline!r}")
+            return effects
+        if kind == _START:
+            if slot is None or not slot.up or payload != slot.incarnation:
+                return None
+            if slot.paused:
+                self._hold(slot, kind, payload)
+                return None
+            return slot.machine.start(now)
+        if kind == _CALL:
+            call, lost = payload
+            if slot is None or not slot.up:
+                if lost is not None:
+                    lost()
+                return None
+            if slot.paused:
+                self._hold(slot, kind, payload)
+                return None
+            return call(slot.machine, now)
+        return self._deliver(slot, node_id, payload)
+
+    def _deliver(self, slot: _Slot | None, node_id: str, payload: tuple) -> list | None:
+        sender, channel, message = payload
+        if slot is None or not slot.up:
+            self.stats.undeliverable += 1
+            return None
+        if not self.connected(sender, node_id):
+            self.stats.partitioned += 1
+            return None
+        if slot.paused:
+            self._hold(slot, _MESSAGE, payload)
+            return None
+        self.stats.delivered += 1
+        machine = slot.machine
+        try:
+            if hasattr(machine, "receive_channel"):
+                return machine.receive_channel(sender, channel, message, self.now)
+            if channel != GOSSIP:
+                raise SimulationError(f"{node_id} takes only {GOSSIP!r}, got {channel!r}")
+            return machine.receive(sender, message, self.now)
+        except SimulationError:
+            raise
+        except Exception as exc:  # a remote protocol error: the runtime logs it
+            self.stats.errors += 1
+            self.errors.append((self.now, node_id, exc))
+            if self._strict:
+                raise
+            return []
+
+    def _hold(self, slot: _Slot, kind: int, payload: Any) -> None:
+        self.stats.deferred += 1
+        slot.backlog.append((kind, payload))
 
     def run_until(self, t: float, stop: Callable[["Simulator"], bool] | None = None,
                   max_steps: int | None = None) -> bool:
@@ -203,7 +368,8 @@ class Simulator:
         run early.  ``max_steps`` bounds the work (ValueError when exceeded).
         """
         steps = 0
-        while self._queue and self._queue[0][0] <= t:
+        queue = self._queue
+        while queue and queue[0][0] <= t:
             self.step()
             steps += 1
             if stop is not None and stop(self):
@@ -217,37 +383,696 @@ class Simulator:
         return self.run_until(self.now + duration_s, **kwargs)
 
     # -- effects ------------------------------------------------------------
-    def _push(self, at: float, kind: int, address: str, payload: Any) -> None:
+    def _effects_table(self, node_id: str) -> Effects:
+        """The one table through which this node's effects are carried out."""
+        def send(effect: Send) -> None:
+            self._send(node_id, effect)
+
+        def members_changed(effect: MembersChanged) -> None:
+            self.changes.append((self.now, node_id, effect))
+
+        def log(effect: Any) -> None:
+            self.effects_log.append((self.now, node_id, effect))
+
+        handlers: dict[type, Callable[[Any], None]] = {
+            Send: send, MembersChanged: members_changed, Refuted: log}
+        if self._answers is not None:
+            answers = self._answers
+
+            def answer(effect: Any) -> None:
+                answers(node_id, effect)
+            handlers[Answer] = handlers[Fail] = answer
+        return Effects(handlers)
+
+    def _rearm(self, slot: _Slot) -> None:
+        """Schedule the machine's tick at its ``next_deadline()`` (the contract)."""
+        if not slot.up or slot.paused:
+            return
+        deadline = slot.machine.next_deadline()
+        if deadline == slot.timer_at:
+            return
+        slot.timer_at = deadline
+        if deadline is not None:
+            self._push(max(deadline, self.now), _TICK, slot.node_id,
+                       (slot.incarnation, deadline))
+
+    def _push(self, at: float, kind: int, node_id: str, payload: Any) -> None:
         self._seq += 1
-        heapq.heappush(self._queue, (at, self._seq, kind, address, payload))
+        heapq.heappush(self._queue, (at, self._seq, kind, node_id, payload))
 
-    def _apply(self, address: str, effects: list) -> None:
-        node = self._nodes[address]
-        for effect in effects:
-            if isinstance(effect, Send):
-                self._send(address, effect.address, effect.message)
-            elif isinstance(effect, SetTimer):
-                at = max(effect.at, self.now)
-                if at not in node.timers:
-                    node.timers.add(at)
-                    self._push(at, _TIMER, address, None)
-            else:
-                if isinstance(effect, MembersChanged):
-                    self.changes.append((self.now, address, effect))
-                self.effects_log.append((self.now, address, effect))
+    def _note(self, what: str, detail: str) -> None:
+        self._trace.update(f"{self.now!r} {what} {detail}\n".encode())
 
-    def _send(self, sender: str, to: str, message: Any) -> None:
+    def _send(self, sender: str, effect: Send) -> None:
         self.stats.sent += 1
+        to = effect.to
+        address = seed_address(to)
+        if address is not None:  # a seed: whoever is at that address gets it
+            to = self._by_address.get(address, to)
         rng, net = self.rng, self.net
-        if rng.random() < net.drop_rate:
+        if net.drop_rate and rng.random() < net.drop_rate:
             self.stats.dropped += 1
             return
         copies = 1
-        if rng.random() < net.dup_rate:
+        if net.dup_rate and rng.random() < net.dup_rate:
             copies = 2
             self.stats.duplicated += 1
+        packed = msgpack.packb(effect.message, use_bin_type=True) if self._roundtrip else None
         for _ in range(copies):
-            delivered = msgpack.unpackb(msgpack.packb(message, use_bin_type=True), raw=False) \
-                if self._roundtrip else message
+            message = (msgpack.unpackb(packed, raw=False) if packed is not None
+                       else effect.message)
             delay = rng.uniform(net.delay_min_s, net.delay_max_s)
-            self._push(self.now + delay, _MESSAGE, to, (sender, delivered))
+            self._push(self.now + delay, _MESSAGE, to, (sender, effect.channel, message))
+
+
+# ============================================================== whole nodes
+
+class CounterHost:
+    """A pure agent host with synchronous handlers: counter agents.
+
+    ``counter/<anything>`` is activated on its first message (the node's virtual
+    activation); ``incr`` adds ``data`` (an int) and returns the new value, ``get``
+    returns the value.  ``release`` drops agents (their state is lost: no
+    persistence here).  ``version`` grows with every activation or release, so an
+    observer can tell cheaply whether the active set changed.
+    """
+
+    PREFIX = "counter/"
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+        self.version = 0
+        self.handled = 0
+
+    def handle(self, agent_id: str, mtype: str, data: Any) -> tuple[bool, Any, str]:
+        """(ok, value, error message): value is the result, or an ErrorCode."""
+        if not agent_id.startswith(self.PREFIX):
+            return False, ErrorCode.UNKNOWN_AGENT, f"no agent {agent_id!r}"
+        if mtype not in ("incr", "get"):
+            return False, ErrorCode.UNKNOWN_TYPE, f"counters take incr and get, not {mtype!r}"
+        if mtype == "incr" and type(data) is not int:
+            return False, ErrorCode.BAD_REQUEST, "incr takes an integer"
+        values = self.values
+        if agent_id not in values:
+            values[agent_id] = 0
+            self.version += 1
+        self.handled += 1
+        if mtype == "incr":
+            values[agent_id] += data
+        return True, values[agent_id], ""
+
+    def release(self, agent_ids: Iterable[str]) -> None:
+        for agent_id in agent_ids:
+            del self.values[agent_id]
+            self.version += 1
+
+
+class SimNode:
+    """One whole node: Membership + Router + CounterHost, wired as the runtime
+    wires them, behind the machine contract.
+
+    Its own machines' effects run through its own ``Effects`` table: ``Send`` and
+    ``Refuted`` go out as they are; ``MembersChanged`` updates the router (whose
+    ``Fail`` effects for forwards to departed owners go out as answers) and, with
+    ``release_moved``, drops agents this node no longer owns, then goes out too;
+    ``Answer``/``Fail`` go out to the client behind their handle.
+
+    Routing follows the node: a client call enters with ``call``; ``route`` names
+    the owner.  Local: the host handles it and the node answers.  Refused: the
+    node answers the error.  Remote: ``forward_started`` records the call (its
+    token) and a ``forward`` message (origin, hops + 1, token, request) goes to the
+    owner; the owner routes again and may forward further, keeping origin and
+    token; whoever handles it sends a ``reply`` to the origin, whose
+    ``reply_arrived(token)`` gives back the call to answer (at most once).
+    """
+
+    def __init__(self, me: Member, seeds: Iterable[str], *, key: bytes,
+                 rng: random.Random, gossip_interval_s: float = 1.0, max_hops: int = 2,
+                 forward_timeout_s: float = 2.0, release_moved: bool = True,
+                 wall_offset_ns: int = 0):
+        self.node_id = me.node_id
+        self.membership = Membership(me, seeds, gossip_interval_s, rng=rng,
+                                     wall_offset_ns=wall_offset_ns)
+        self.router = Router(me.node_id, key, max_hops=max_hops,
+                             forward_timeout_s=forward_timeout_s)
+        self.host = CounterHost()
+        self.view: frozenset[str] = frozenset((me.node_id,))
+        self.release_moved = release_moved
+        self.late_replies = 0
+        self._out: list = []
+        out = self._out.append
+        self._effects = Effects({Send: out, Refuted: out, Answer: out, Fail: out,
+                                 MembersChanged: self._on_members})
+
+    # -- the machine contract ----------------------------------------------------
+    def start(self, now: float) -> list:
+        return self._run(self.membership.start(now))
+
+    def next_deadline(self) -> float | None:
+        a, b = self.membership.next_deadline(), self.router.next_deadline()
+        return a if b is None else b if a is None else min(a, b)
+
+    def tick(self, now: float) -> list:
+        self._effects.run(self.membership.tick(now))
+        return self._run(self.router.tick(now))
+
+    def receive(self, sender: str, message: Any, now: float) -> list:
+        return self.receive_channel(sender, GOSSIP, message, now)
+
+    def receive_channel(self, sender: str, channel: str, message: Any, now: float) -> list:
+        if channel == GOSSIP:
+            return self._run(self.membership.receive(sender, message, now))
+        if channel == FORWARD:
+            self._on_forward(message, now)
+        elif channel == REPLY:
+            self._on_reply(message)
+        else:
+            raise SimulationError(f"{self.node_id}: unknown channel {channel!r}")
+        return self._take()
+
+    def stop(self, now: float) -> list:
+        """A graceful stop: every forward still in flight is answered."""
+        return self._run(self.router.stop())
+
+    # -- client calls --------------------------------------------------------------
+    def call(self, handle: Any, request_id: str, mtype: str, subject: str, data: Any,
+             now: float, ttl: int | None = None) -> list:
+        """A client's call entering here."""
+        req = {"id": request_id, "type": mtype, "subject": subject, "data": data, "ttl": ttl}
+        self._dispatch(req, 0, None, handle, now)
+        return self._take()
+
+    # -- routing -----------------------------------------------------------------
+    def _dispatch(self, req: dict, hops: int, origin: str | None, where: Any,
+                  now: float) -> None:
+        """Route ``req``; ``origin`` None: our own client's call (``where`` is its
+        handle); else a forward from ``origin`` (``where`` is its token)."""
+        owner = self.router.route(req["subject"], req["ttl"], hops)
+        if isinstance(owner, Refusal):
+            self._respond(req, origin, where, False, owner.code, owner.message)
+        elif owner == self.node_id:
+            ok, value, message = self.host.handle(req["subject"], req["type"], req["data"])
+            self._respond(req, origin, where, ok, value, message)
+        else:
+            if origin is None:
+                token = self.router.forward_started(where, req["id"], req["type"], owner,
+                                                    now, now)
+                if isinstance(token, Refusal):
+                    self._respond(req, None, where, False, token.code, token.message)
+                    return
+                origin, where = self.node_id, token
+            self._out.append(Send(owner, FORWARD, {"origin": origin, "hops": hops + 1,
+                                                   "token": where, "req": req}))
+
+    def _respond(self, req: dict, origin: str | None, where: Any, ok: bool, value: Any,
+                 message: str) -> None:
+        if origin is None:  # our client, directly
+            self._out.append(Answer(where, req["id"], value) if ok else
+                             Fail(where, req["id"], value, message, req["type"]))
+            return
+        reply = {"token": where, "data": value} if ok else \
+            {"token": where, "error": value, "message": message}
+        if origin == self.node_id:  # a forward that came back to its origin
+            self._on_reply(reply)
+        else:
+            self._out.append(Send(origin, REPLY, reply))
+
+    def _on_forward(self, message: dict, now: float) -> None:
+        self._dispatch(message["req"], message["hops"], message["origin"],
+                       message["token"], now)
+
+    def _on_reply(self, reply: dict) -> None:
+        pending = self.router.reply_arrived(reply["token"])
+        if pending is None:
+            self.late_replies += 1  # a duplicate, or after a timeout: answered already
+            return
+        if "error" in reply:
+            self._out.append(Fail(pending.handle, pending.request_id, reply["error"],
+                                  reply["message"], pending.mtype))
+        else:
+            self._out.append(Answer(pending.handle, pending.request_id, reply["data"]))
+
+    # -- effects -------------------------------------------------------------------
+    def _on_members(self, effect: MembersChanged) -> None:
+        self.view = frozenset(effect.members)
+        self._effects.run(self.router.members_changed(sorted(effect.members)))
+        if self.release_moved:
+            ring, me = self.router.ring, self.node_id
+            moved = [a for a in self.host.values if ring.owner(a) != me]
+            if moved:
+                self.host.release(moved)
+        self._out.append(effect)
+
+    def _run(self, effects: list) -> list:
+        self._effects.run(effects)
+        return self._take()
+
+    def _take(self) -> list:
+        out = self._out[:]
+        self._out.clear()
+        return out
+
+
+class InvariantViolation(AssertionError):
+    """An invariant broke; the message carries the seed and the replay command."""
+
+
+@dataclass
+class Scenario:
+    """Everything a whole-node run depends on: the same scenario, the same run."""
+
+    seed: int
+    nodes: int = 5
+    duration_s: float = 20.0      # clients call until then; then heal, resume, drain
+    calls_per_s: float = 50.0
+    counters: int = 20
+    drop_rate: float = 0.0
+    dup_rate: float = 0.0
+    delay_min_s: float = 0.001
+    delay_max_s: float = 0.010
+    partitions: int = 0           # partition-then-heal episodes
+    crashes: int = 0              # crash-then-restart episodes
+    pauses: int = 0               # pause-then-resume episodes
+    stops: int = 0                # graceful stop-then-restart episodes
+    warmup_s: float = 3.0         # clients start then
+    gossip_interval_s: float = 1.0
+    max_hops: int = 2
+    forward_timeout_s: float = 2.0
+    release_moved: bool = True    # a node drops agents it no longer owns
+    exact: bool = False           # check counter values (needs a fault-free run)
+    steps_max: int = 0            # 0: no bound
+
+    def network(self) -> NetworkConfig:
+        return NetworkConfig(self.drop_rate, self.dup_rate, self.delay_min_s, self.delay_max_s)
+
+    def command(self) -> str:
+        """The one command that replays this run."""
+        default = Scenario(seed=self.seed)
+        args = [f"--seed {self.seed}"]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "seed" or value == getattr(default, f.name):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                args.append(flag if value else f"--no-{flag[2:]}")
+            else:
+                args.append(f"{flag} {value!r}")
+        return "python -m protocols.sim " + " ".join(args)
+
+
+class _Call:
+    __slots__ = ("entry", "mtype", "subject", "n", "issued_at", "answer", "lost",
+                 "acked_before")
+
+    def __init__(self, entry: str, mtype: str, subject: str, n: int, issued_at: float):
+        self.entry, self.mtype, self.subject, self.n = entry, mtype, subject, n
+        self.issued_at = issued_at
+        self.answer: Any = None      # ("data", value) or ("error", code)
+        self.lost = False            # its entry node crashed before answering
+        self.acked_before = 0        # exact mode: acknowledged incr sum when issued
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    calls: int
+    answered: int
+    errors: dict
+    lost_with_entry: int
+    late_replies: int
+    sim_time_s: float
+    stats: SimStats
+    digest: str
+    counters_checked: bool  # (d) held for the whole run
+
+    def summary(self) -> str:
+        return (f"seed={self.scenario.seed} nodes={self.scenario.nodes} "
+                f"sim_time_s={self.sim_time_s:.1f} steps={self.stats.steps} "
+                f"calls={self.calls} answered={self.answered} errors={self.errors} "
+                f"lost_with_entry={self.lost_with_entry} late_replies={self.late_replies} "
+                f"sent={self.stats.sent} dropped={self.stats.dropped} "
+                f"duplicated={self.stats.duplicated} partitioned={self.stats.partitioned} "
+                f"undeliverable={self.stats.undeliverable} deferred={self.stats.deferred} "
+                f"counters_checked={self.counters_checked} digest={self.digest[:16]}")
+
+
+def node_id(k: int) -> str:
+    return f"n{k:03d}"
+
+
+def node_address(k: int) -> str:
+    return f"tcp://10.0.{k // 256}.{k % 256}:7400"
+
+
+class NodeSim:
+    """Whole nodes under simulated clients, invariants checked after every step:
+
+    (a) every call is answered exactly once, by the node it entered (an answer to
+        an unknown or already answered call is a violation; after the end phase,
+        with the network healed and time past every deadline, no call is left
+        unanswered, except those whose entry node crashed: their client saw the
+        connection die);
+    (b) no agent is active on two live nodes whose member views are equal;
+    (c) answers are data of the right shape, or an error code of ErrorCode;
+    (d) counter values: in a run where no counter can move or be applied twice
+        (no duplication, no crash or stop, every view full when clients start),
+        ``get`` sees every incr acknowledged before it was sent and none not yet
+        sent; with ``exact`` (a fault-free run) every call also succeeds and a
+        final get per counter returns the sum of acknowledged incrs.
+    """
+
+    node_class = SimNode  # tests put a subclass with a planted bug here
+
+    def __init__(self, scenario: Scenario):
+        self.scenario = s = scenario
+        if s.exact and (s.drop_rate or s.dup_rate or s.partitions or s.crashes or s.pauses
+                        or s.stops):
+            raise ValueError("exact counter values need a fault-free run")
+        self.sim = Simulator(s.seed, s.network(), answers=self._on_answer)
+        self.calls: dict[int, _Call] = {}
+        self.unanswered = 0
+        self.violations: list[str] = []
+        self._holders: dict[str, list[str]] = {}   # agent -> live nodes holding it
+        self._held: dict[str, set] = {}             # node -> agents it holds (as seen)
+        self._host_version: dict[str, int] = {}
+        self._multi: dict[str, None] = {}           # agents held by two or more nodes
+        # (d) applies when owners cannot move and nothing is applied twice.
+        self.bounded = s.exact or not (s.dup_rate or s.crashes or s.stops)
+        self._acked: dict[str, int] = {}            # (d): acknowledged incr sum
+        self._issued: dict[str, int] = {}           # (d): incr sum sent
+        self._generation_ns = 1
+        self._calling = True
+        self.sim.observe(self._after_step)
+        for k in range(s.nodes):
+            self.sim.add(node_id(k), self.new_node(k), address=node_address(k),
+                         start_at=self.sim.rng.uniform(0.0, 1.0))
+        self._script()
+
+    # -- building ------------------------------------------------------------------
+    def new_node(self, k: int) -> SimNode:
+        """Node k, fresh (at the start and at every restart)."""
+        s, rng = self.scenario, self.sim.rng
+        # Generations as the node makes them: its wall clock in ns at start (here the
+        # virtual clock), so a restart always comes back higher.
+        generation = max(self._generation_ns, int(self.sim.now * 1e9)) + 1
+        self._generation_ns = generation
+        me = Member.of(node_id(k), node_address(k), node_address(k).replace(":7400", ":7401"),
+                       generation)
+        seeds = [node_address(j) for j in (0, 1) if j < s.nodes]
+        return self.node_class(me, seeds, key=rng.getrandbits(64).to_bytes(8, "big"),
+                       rng=random.Random(rng.getrandbits(64)),
+                       gossip_interval_s=s.gossip_interval_s, max_hops=s.max_hops,
+                       forward_timeout_s=s.forward_timeout_s, release_moved=s.release_moved)
+
+    def _script(self) -> None:
+        """The fault schedule and the client load, drawn from the seed."""
+        s, sim, rng = self.scenario, self.sim, self.sim.rng
+        span = max(s.duration_s - s.warmup_s, 1.0)
+        for _ in range(s.partitions):
+            start = s.warmup_s + rng.uniform(0.1, 0.6) * span
+            sim.at(start, self._partition)
+            sim.at(start + rng.uniform(0.05, 0.3) * span, lambda sim: sim.heal())
+        for _ in range(s.crashes):
+            start = s.warmup_s + rng.uniform(0.1, 0.6) * span
+            sim.at(start, self._crash_one(start + rng.uniform(0.02, 0.2) * span))
+        for _ in range(s.stops):
+            start = s.warmup_s + rng.uniform(0.1, 0.6) * span
+            sim.at(start, self._crash_one(start + rng.uniform(0.02, 0.2) * span, graceful=True))
+        for _ in range(s.pauses):
+            start = s.warmup_s + rng.uniform(0.1, 0.7) * span
+            sim.at(start, self._pause_one(start + rng.uniform(0.01, 0.1) * span))
+        if self.bounded:
+            sim.at(s.warmup_s, self._check_converged)
+        if s.calls_per_s > 0:
+            sim.at(s.warmup_s, self._next_call)
+
+    def _check_converged(self, sim: Simulator) -> None:
+        """Exact values need owners that no longer move: every view full by then."""
+        full = frozenset(sim.node_ids)
+        behind = [n for n in sim.node_ids if sim.machine(n).view != full]
+        if behind and not self.scenario.exact:
+            self.bounded = False  # owners may still move: values are not comparable
+        elif behind:
+            self._violate(f"(d) precondition: {behind} have not seen every member by "
+                          f"warmup_s={self.scenario.warmup_s}")
+            self.fail()
+
+    def _partition(self, sim: Simulator) -> None:
+        ids = sim.node_ids
+        side = [n for n in ids if sim.rng.random() < 0.5]
+        sim.partition(side, [n for n in ids if n not in side])
+
+    def _crash_one(self, restart_at: float, graceful: bool = False) -> Callable[[Simulator], None]:
+        def crash(sim: Simulator) -> None:
+            ids = [n for n in sim.up_ids() if not (graceful and sim.is_paused(n))]
+            if len(ids) <= 1:
+                return
+            victim = ids[sim.rng.randrange(len(ids))]
+            if graceful:  # the node answers what it holds, then goes away
+                sim.run_effects(victim, sim.machine(victim).stop(sim.now))
+            self._forget_node(victim)
+            sim.crash(victim)
+            for call_id, call in self.calls.items():
+                if call.entry == victim and call.answer is None and not call.lost:
+                    if graceful and call.issued_at < sim.now:
+                        self._violate(f"(a) call {call_id} entered {victim}, which stopped "
+                                      "gracefully without answering it")
+                    call.lost = True
+                    self.unanswered -= 1
+            if self.violations:
+                self.fail()
+            k = int(victim[1:])
+            sim.at(restart_at, lambda sim: sim.restart(victim, self.new_node(k)))
+        return crash
+
+    def _pause_one(self, resume_at: float) -> Callable[[Simulator], None]:
+        def pause(sim: Simulator) -> None:
+            ids = [n for n in sim.up_ids() if not sim.is_paused(n)]
+            if ids:
+                victim = ids[sim.rng.randrange(len(ids))]
+                sim.pause(victim)
+                sim.at(resume_at, lambda sim: sim.resume(victim))
+        return pause
+
+    # -- clients ---------------------------------------------------------------------
+    def _next_call(self, sim: Simulator) -> None:
+        if not self._calling:
+            return
+        s, rng = self.scenario, sim.rng
+        ids = sim.up_ids()
+        if ids:
+            entry = ids[rng.randrange(len(ids))]
+            subject = f"counter/{rng.randrange(s.counters)}"
+            if rng.random() < 0.6:
+                self.issue(entry, "incr", subject, rng.randint(1, 5))
+            else:
+                self.issue(entry, "get", subject, None)
+        sim.at(sim.now + rng.expovariate(s.calls_per_s), self._next_call)
+
+    def issue(self, entry: str, mtype: str, subject: str, data: Any,
+              ttl: int | None = None) -> int:
+        """A client sends a call to node ``entry``; returns the call id."""
+        call_id = len(self.calls) + 1
+        call = _Call(entry, mtype, subject, data if mtype == "incr" else 0, self.sim.now)
+        if self.bounded:
+            call.acked_before = self._acked.get(subject, 0)
+            if mtype == "incr":
+                self._issued[subject] = self._issued.get(subject, 0) + data
+        self.calls[call_id] = call
+        self.unanswered += 1
+        request_id = f"r{call_id}"
+
+        def lost() -> None:  # the entry crashed as the call arrived
+            if call.answer is None and not call.lost:
+                call.lost = True
+                self.unanswered -= 1
+        self.sim.inject(entry, lambda node, now: node.call(call_id, request_id, mtype,
+                                                          subject, data, now, ttl), lost)
+        return call_id
+
+    # -- invariants --------------------------------------------------------------------
+    def _violate(self, what: str) -> None:
+        self.violations.append(f"t={self.sim.now!r} step={self.sim.stats.steps}: {what}")
+
+    def _on_answer(self, node: str, effect: Any) -> None:
+        """(a), (c), (d) for one Answer or Fail, as it is carried out."""
+        call = self.calls.get(effect.handle) if isinstance(effect.handle, int) else None
+        if call is None or effect.request_id != f"r{effect.handle}":
+            self._violate(f"(a) {node} answered an unknown call: {effect!r:.200}")
+            return
+        if call.answer is not None or call.lost:
+            self._violate(f"(a) {node} answered call {effect.handle} again "
+                          f"(first: {call.answer!r}{', entry crashed' if call.lost else ''}): "
+                          f"{effect!r:.200}")
+            return
+        if node != call.entry:
+            self._violate(f"(a) call {effect.handle} entered {call.entry} but {node} answered")
+        self.unanswered -= 1
+        if isinstance(effect, Fail):
+            call.answer = ("error", effect.code)
+            if effect.code not in ErrorCode.ALL:
+                self._violate(f"(c) error code {effect.code!r} is not an ErrorCode: {effect!r:.200}")
+            elif self.scenario.exact:
+                self._violate(f"(d) call {effect.handle} failed in a fault-free run: {effect!r:.200}")
+            return
+        call.answer = ("data", effect.data)
+        if type(effect.data) is not int:
+            self._violate(f"(c) {call.mtype} answered {effect.data!r:.80}, not an int")
+        elif self.bounded:
+            self._check_counter(effect.handle, call, effect.data)
+
+    def _check_counter(self, call_id: int, call: _Call, value: int) -> None:
+        subject = call.subject
+        if call.mtype == "incr":
+            self._acked[subject] = self._acked.get(subject, 0) + call.n
+        else:
+            low, high = call.acked_before, self._issued.get(subject, 0)
+            if not low <= value <= high:
+                self._violate(f"(d) get {subject} (call {call_id}) returned {value}; "
+                              f"acknowledged incrs before it sum to {low}, all sent to {high}")
+
+    def _after_step(self, sim: Simulator, node: str, effects: list) -> None:
+        self._update_holders(sim, node)
+        for agent in self._multi:
+            holders = self._holders[agent]
+            views = [sim.machine(h).view for h in holders]
+            for i in range(len(views)):
+                if views[i] in views[i + 1:]:
+                    j = views.index(views[i], i + 1)
+                    self._violate(f"(b) {agent} is active on {holders[i]} and {holders[j]}, "
+                                  f"whose views are equal ({len(views[i])} members)")
+        if self.violations:
+            self.fail()
+
+    def _update_holders(self, sim: Simulator, node: str) -> None:
+        machine = sim.machine(node)
+        host = machine.host
+        if self._host_version.get(node) == host.version:
+            return
+        self._host_version[node] = host.version
+        now = host.values.keys()
+        before = self._held.get(node, set())
+        for agent in sorted(before - now):
+            self._drop_holder(agent, node)
+        for agent in sorted(now - before):
+            holders = self._holders.setdefault(agent, [])
+            holders.append(node)
+            if len(holders) == 2:
+                self._multi[agent] = None
+        self._held[node] = set(now)
+
+    def _drop_holder(self, agent: str, node: str) -> None:
+        holders = self._holders[agent]
+        holders.remove(node)
+        if len(holders) < 2:
+            self._multi.pop(agent, None)
+
+    def _forget_node(self, node: str) -> None:
+        """A crashed node holds nothing any more."""
+        for agent in sorted(self._held.pop(node, set())):
+            self._drop_holder(agent, node)
+        self._host_version.pop(node, None)
+
+    def fail(self) -> None:
+        s = self.scenario
+        shown = "\n  ".join(self.violations[:5])
+        raise InvariantViolation(
+            f"seed={s.seed}: {len(self.violations)} invariant violation(s):\n  {shown}\n"
+            f"replay: {s.command()}")
+
+    # -- running -----------------------------------------------------------------------
+    def run(self) -> Result:
+        """Clients call until ``duration_s``; then the network heals, paused nodes
+        resume, crashed ones restart, and time runs past every deadline; then (a)'s
+        end check (and (d)'s final gets)."""
+        s, sim = self.scenario, self.sim
+        sim.run_until(s.duration_s, max_steps=s.steps_max or None)
+        self._calling = False
+        self._settle()
+        if s.exact:
+            self._final_gets()
+        unanswered = [i for i, c in self.calls.items() if c.answer is None and not c.lost]
+        if unanswered:
+            self._violate(f"(a) {len(unanswered)} call(s) never answered, e.g. "
+                          f"{unanswered[:5]} ({self.calls[unanswered[0]].mtype} "
+                          f"{self.calls[unanswered[0]].subject} entered "
+                          f"{self.calls[unanswered[0]].entry})")
+            self.fail()
+        return self.result()
+
+    def _settle(self) -> None:
+        s, sim = self.scenario, self.sim
+        sim.heal()
+        for n in sim.node_ids:
+            sim.resume(n)
+        # Past the last forward's deadline, plus the slowest message, plus a margin.
+        sim.run_for(s.forward_timeout_s + 2 * s.delay_max_s + 1.0,
+                    max_steps=s.steps_max or None)
+
+    def _final_gets(self) -> None:
+        sim = self.sim
+        finals = {}
+        for subject in sorted(self._issued):
+            ids = sim.up_ids()
+            finals[subject] = self.issue(ids[sim.rng.randrange(len(ids))], "get", subject, None)
+        sim.run_for(self.scenario.forward_timeout_s + 1.0)
+        for subject, call_id in finals.items():
+            answer = self.calls[call_id].answer
+            if answer != ("data", self._acked.get(subject, 0)):
+                self._violate(f"(d) final get {subject} answered {answer!r}; acknowledged "
+                              f"incrs sum to {self._acked.get(subject, 0)}")
+        if self.violations:
+            self.fail()
+
+    def result(self) -> Result:
+        errors: dict[str, int] = {}
+        for call in self.calls.values():
+            if call.answer is not None and call.answer[0] == "error":
+                errors[call.answer[1]] = errors.get(call.answer[1], 0) + 1
+        late = sum(self.sim.machine(n).late_replies for n in self.sim.node_ids)
+        return Result(self.scenario, len(self.calls),
+                      sum(1 for c in self.calls.values() if c.answer is not None),
+                      dict(sorted(errors.items())),
+                      sum(1 for c in self.calls.values() if c.lost), late,
+                      self.sim.now, self.sim.stats, self.sim.digest(), self.bounded)
+
+
+def run_scenario(scenario: Scenario) -> Result:
+    """Run one whole-node simulation; raises InvariantViolation on a broken invariant."""
+    return NodeSim(scenario).run()
+
+
+# ============================================================== command line
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m protocols.sim",
+        description="Run (or replay) a whole-node simulation from its seed.")
+    default = Scenario(seed=0)
+    for f in fields(Scenario):
+        flag = "--" + f.name.replace("_", "-")
+        value = getattr(default, f.name)
+        if f.name == "seed":
+            parser.add_argument(flag, type=int, required=True)
+        elif isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(_parser().parse_args(argv))
+    scenario = Scenario(**args)
+    try:
+        result = run_scenario(scenario)
+    except InvariantViolation as exc:
+        print(f"FAILED {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
