@@ -236,7 +236,7 @@ def _requirement(f: dataclasses.Field) -> str:
     if kind == "modules":
         return f"a list of at most {BEHAVIORS_MAX} dotted Python module names"
     if kind == "node_id":
-        return "a string without whitespace, at most 255 characters"
+        return "a printable string without whitespace, at most 255 bytes of UTF-8"
     if m["choices"]:
         return "one of " + "|".join(m["choices"])
     noun = "an integer" if f.type in (int, "int") else "a number"
@@ -311,7 +311,7 @@ def _check_str(f: dataclasses.Field, value: Any) -> str:
         raise _bad(f.name, _requirement(f), value) from None
     if choices and text.lower() not in choices:
         raise _bad(f.name, _requirement(f), value)
-    if kind == "node_id" and (len(text) > 255 or any(c.isspace() for c in text)):
+    if kind == "node_id" and not _node_id_ok(text):
         raise _bad(f.name, _requirement(f), value)
     return text.lower() if choices else text
 
@@ -337,6 +337,15 @@ def _check_list(f: dataclasses.Field, value: Any) -> tuple[str, ...]:
         return tuple(dict.fromkeys("tcp://" + _normal_address(item) for item in items))
     except ValueError:
         raise _bad(f.name, _requirement(f), value) from None
+
+
+def _node_id_ok(text: str) -> bool:
+    """Peer frames carry a node id as 1..255 bytes of UTF-8 (protocols/peer.py)."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return size <= 255 and text.isprintable() and not any(c.isspace() for c in text)
 
 
 def _check_cross_fields(cfg: NodeConfig) -> None:

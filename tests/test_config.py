@@ -243,3 +243,19 @@ def test_cluster_examples_form_a_cluster():
     assert [c.metrics_address[1] for c in cfgs] == [9400, 9410, 9420]
     assert cfgs[0].seeds == ()
     assert cfgs[1].seeds == cfgs[2].seeds == ("tcp://127.0.0.1:7400",)
+
+
+@pytest.mark.parametrize("node_id, ok", [
+    ("é" * 127, True),        # 254 bytes of UTF-8
+    ("é" * 128, False),       # 256 bytes: peer frames could not carry it
+    ("a\ud800", False),       # a lone surrogate is not UTF-8
+    ("tab\there", False),
+    ("bell\x07", False),
+])
+def test_node_id_fits_a_peer_frame(node_id, ok):
+    if ok:
+        assert NodeConfig(node_id=node_id).node_id == node_id
+    else:
+        with pytest.raises(ConfigError) as err:
+            NodeConfig(node_id=node_id)
+        assert err.value.key == "node_id"

@@ -95,8 +95,8 @@ class ZmqTransport(Transport):
         self._metrics = metrics
         self._log = log
         self._linger_ms = linger_ms
-        self._ctx = new_context()
-        self._links = PeerLinks(self._ctx, peer_hwm=peer_hwm, metrics=metrics)
+        self._ctx: zmq.Context | None = None   # made at start: a transport built
+        self._links: PeerLinks | None = None   # but never started holds no sockets
         self._addresses: dict[str, str] = {}   # node id -> ROUTER endpoint
         self._seeds: frozenset[str] = frozenset()
         self._subscribed: set[str] = set()
@@ -119,6 +119,8 @@ class ZmqTransport(Transport):
 
     def start(self, loop: asyncio.AbstractEventLoop, inbound: Inbound) -> None:
         self._loop, self._inbound = loop, inbound
+        self._ctx = new_context()
+        self._links = PeerLinks(self._ctx, peer_hwm=self._peer_hwm, metrics=self._metrics)
         router = self._router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises, not a silent drop
         router.setsockopt(zmq.SNDHWM, self._peer_hwm)
@@ -150,7 +152,7 @@ class ZmqTransport(Transport):
         self._guard_tick()
 
     def stop(self, linger_ms: int = 0) -> None:
-        if self._closed:
+        if self._closed or self._ctx is None:
             return
         self._pump()  # answer what arrived meanwhile, flush replies
         self._closed = True
@@ -215,7 +217,7 @@ class ZmqTransport(Transport):
 
     @property
     def has_queued(self) -> bool:
-        return self._links.has_queued
+        return self._links is not None and self._links.has_queued
 
     # Clients ---------------------------------------------------------------
 
@@ -366,4 +368,4 @@ class ZmqTransport(Transport):
     # Health ----------------------------------------------------------------
 
     def health(self) -> dict:
-        return self._links.health()
+        return self._links.health() if self._links is not None else {}

@@ -1,0 +1,267 @@
+"""Routing, status collection and shutdown as pure machines: no sockets, no clocks.
+
+Each test drives one machine with made-up times and checks what it asks for.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from protocols.effects import STATUS_QUERY, Answer, Fail, Send
+from protocols.machine import Effects, UnhandledEffect
+from protocols.routing import FORWARDS_MAX, Refusal, Router
+from protocols.shutdown import CLOSED, CLOSING, DRAINING, FORWARDS, Phase, Shutdown
+from protocols.status import StatusCollector, StatusError
+
+KEY = b"k" * 8
+TIMEOUT_S = 5.0
+
+
+def router(node_id="a", members=("a", "b", "c"), **kw) -> Router:
+    r = Router(node_id, KEY, max_hops=kw.pop("max_hops", 2), forward_timeout_s=TIMEOUT_S, **kw)
+    r.members_changed(members)
+    return r
+
+
+def subject_owned_by(r: Router, owner: str) -> str:
+    for i in range(10_000):
+        if r.route(f"counter/{i}", None, 0) == owner:
+            return f"counter/{i}"
+    raise AssertionError(f"no subject owned by {owner}")
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def test_route_names_the_ring_owner_and_every_node_agrees():
+    a, b = router("a"), router("b")
+    for i in range(200):
+        assert a.route(f"kv/{i}", None, 0) == b.route(f"kv/{i}", None, 0)
+
+
+def test_hop_limit_and_ttl():
+    r = router()
+    remote = subject_owned_by(r, "b")
+    assert r.route(remote, None, 1) == "b"             # max_hops 2: one more hop allowed
+    assert isinstance(r.route(remote, None, 2), Refusal)
+    refusal = r.route(remote, 0, 0)                    # ttl 0: the entry node must own it
+    assert refusal.code == "unavailable" and "hop limit (0)" in refusal.message
+    assert r.route(remote, 1, 0) == "b"
+    local = subject_owned_by(r, "a")
+    assert r.route(local, 0, 5) == "a"                 # a local agent needs no hop
+
+
+def test_a_forward_is_answered_once_by_its_reply():
+    r = router()
+    token = r.forward_started("client-1", "req-1", "incr", "b", now=10.0, arrived=9.9)
+    assert len(token) == 16 and r.owns_token(token) and r.in_flight == 1
+    pending = r.reply_arrived(token)
+    assert (pending.handle, pending.request_id, pending.arrived) == ("client-1", "req-1", 9.9)
+    assert r.reply_arrived(token) is None and r.late_replies == 1   # a duplicate reply
+    assert r.tick(10.0 + TIMEOUT_S + 1) == []                       # and no timeout later
+    assert r.in_flight == 0 and r.next_deadline() is None
+
+
+def test_a_silent_owner_is_answered_timeout_by_the_entry_node():
+    r = router()
+    t1 = r.forward_started("c1", "r1", "incr", "b", now=0.0, arrived=0.0)
+    r.forward_started("c2", "r2", "incr", "c", now=1.0, arrived=1.0)
+    assert r.next_deadline() == TIMEOUT_S
+    assert r.tick(TIMEOUT_S - 0.001) == []
+    [fail] = r.tick(TIMEOUT_S)
+    assert (fail.handle, fail.request_id, fail.code) == ("c1", "r1", "timeout")
+    assert r.next_deadline() == 1.0 + TIMEOUT_S
+    assert r.reply_arrived(t1) is None  # the owner answering late changes nothing
+
+
+def test_forwards_to_an_owner_that_left_are_answered_unavailable():
+    r = router()
+    r.forward_started("c1", "r1", "get", "b", now=0.0, arrived=0.0)
+    r.forward_started("c2", "r2", "get", "c", now=0.0, arrived=0.0)
+    [fail] = r.members_changed(["a", "c"])
+    assert (fail.request_id, fail.code) == ("r1", "unavailable")
+    assert r.in_flight == 1
+
+
+def test_a_send_the_transport_gave_up_is_answered_with_its_code():
+    r = router()
+    token = r.forward_started("c1", "r1", "get", "b", now=0.0, arrived=0.0)
+    [fail] = r.send_failed(token, "overloaded", "queue to b is full")
+    assert fail.code == "overloaded"
+    assert r.send_failed(token, "unavailable", "again") == []   # once only
+    assert r.tick(100.0) == []
+
+
+def test_stop_answers_everything_in_flight_and_then_nothing_remains():
+    r = router()
+    for i in range(5):
+        r.forward_started(f"c{i}", f"r{i}", "get", "b", now=float(i), arrived=0.0)
+    fails = r.stop()
+    assert sorted(f.request_id for f in fails) == [f"r{i}" for i in range(5)]
+    assert {f.code for f in fails} == {"unavailable"}
+    assert r.in_flight == 0 and r.tick(1e9) == [] and r.next_deadline() is None
+
+
+def test_tokens_are_unique_and_foreign_ones_are_not_ours():
+    r = router()
+    tokens = {r.forward_started("c", str(i), "get", "b", 0.0, 0.0) for i in range(1000)}
+    assert len(tokens) == 1000
+    other = Router("b", b"o" * 8, max_hops=2, forward_timeout_s=1.0)
+    foreign = other.forward_started("c", "x", "get", "a", 0.0, 0.0)
+    assert not r.owns_token(foreign) and r.reply_arrived(foreign) is None
+
+
+def test_the_forward_table_is_bounded():
+    r = router(forwards_max=3)
+    for i in range(3):
+        assert isinstance(r.forward_started("c", str(i), "get", "b", 0.0, 0.0), bytes)
+    refusal = r.forward_started("c", "x", "get", "b", 0.0, 0.0)
+    assert isinstance(refusal, Refusal) and refusal.code == "overloaded"
+    assert FORWARDS_MAX >= 10_000
+
+
+def test_every_forward_ends_exactly_once_whatever_the_interleaving():
+    """Random replies, give-ups, departures, ticks and a final stop: each request id
+    gets exactly one end, and the table is empty afterwards."""
+    for seed in range(30):
+        rng = random.Random(seed)
+        r = router()
+        tokens, ended = {}, []
+        now = 0.0
+        for step in range(300):
+            now += rng.uniform(0, 0.2)
+            roll = rng.random()
+            if roll < 0.4:
+                rid = f"r{step}"
+                tokens[rid] = r.forward_started("c", rid, "get", rng.choice("bc"), now, now)
+            elif roll < 0.6 and tokens:
+                rid = rng.choice(sorted(tokens))
+                pending = r.reply_arrived(tokens[rid])
+                if pending is not None:
+                    ended.append(pending.request_id)
+            elif roll < 0.7 and tokens:
+                rid = rng.choice(sorted(tokens))
+                ended += [f.request_id for f in r.send_failed(tokens[rid], "overloaded", "x")]
+            elif roll < 0.75:
+                ended += [f.request_id for f in r.members_changed(rng.choice([("a", "b"), ("a", "b", "c")]))]
+            else:
+                ended += [f.request_id for f in r.tick(now)]
+        ended += [f.request_id for f in r.stop()]
+        assert sorted(ended) == sorted(tokens), f"seed={seed}"
+        assert r.in_flight == 0
+
+
+# --------------------------------------------------------------------------- status
+
+
+MEMBERS = {"a": "tcp://a:1", "b": "tcp://b:1", "c": "tcp://c:1"}
+
+
+def test_status_asks_every_other_member_and_answers_when_all_did():
+    s = StatusCollector("a", timeout_s=1.0)
+    effects = s.start("client", "q1", {"node": "a"}, MEMBERS, now=0.0)
+    assert effects == [Send("b", STATUS_QUERY, "1"), Send("c", STATUS_QUERY, "1")]
+    assert s.receive("b", {"token": "1", "status": {"node": "b", "agents": 2}}, 0.1) == []
+    [answer] = s.receive("c", {"token": "1", "status": {"node": "c"}}, 0.2)
+    assert isinstance(answer, Answer) and answer.handle == "client"
+    assert [row["node"] for row in answer.data["members"]] == ["a", "b", "c"]
+    assert s.in_flight == 0 and s.next_deadline() is None
+
+
+def test_status_answers_at_its_deadline_with_unreachable_rows():
+    s = StatusCollector("a", timeout_s=1.0)
+    s.start("client", "q1", {"node": "a"}, MEMBERS, now=0.0)
+    s.receive("b", {"token": "1", "status": {"node": "b"}}, 0.5)
+    assert s.next_deadline() == 1.0 and s.tick(0.99) == []
+    [answer] = s.tick(1.0)
+    rows = {row["node"]: row for row in answer.data["members"]}
+    assert rows["c"] == {"node": "c", "address": "tcp://c:1", "reachable": False}
+    assert s.receive("c", {"token": "1", "status": {"node": "c"}}, 1.5) == []  # too late
+
+
+def test_a_lone_node_answers_at_once():
+    [answer] = StatusCollector("a", 1.0).start("h", "q", {"node": "a"}, {"a": "x"}, 0.0)
+    assert answer.data == {"node": "a", "members": [{"node": "a"}]}
+
+
+def test_status_collections_are_bounded():
+    s = StatusCollector("a", timeout_s=1.0, waits_max=2)
+    s.start("h", "1", {}, MEMBERS, 0.0)
+    s.start("h", "2", {}, MEMBERS, 0.0)
+    [fail] = s.start("h", "3", {}, MEMBERS, 0.0)
+    assert isinstance(fail, Fail) and fail.code == "overloaded"
+    s.tick(1.0)  # the deadline frees both slots
+    assert isinstance(s.start("h", "4", {}, MEMBERS, 1.0)[0], Send)
+
+
+@pytest.mark.parametrize("sender, message", [
+    ("b", "not a map"),
+    ("b", {"token": 1, "status": {}}),
+    ("b", {"token": "1", "status": []}),
+    ("b", {"token": "1", "status": {"node": "c"}}),   # b answering as c
+    ("z", {"token": "1", "status": {"node": "z"}}),   # nobody asked z
+])
+def test_bad_status_answers_are_protocol_errors_and_change_nothing(sender, message):
+    s = StatusCollector("a", timeout_s=1.0)
+    s.start("h", "q", {"node": "a"}, MEMBERS, 0.0)
+    with pytest.raises(StatusError):
+        s.receive(sender, message, 0.1)
+    assert s.in_flight == 1
+
+
+def test_stop_answers_open_collections():
+    s = StatusCollector("a", timeout_s=1.0)
+    s.start("h", "q", {"node": "a"}, MEMBERS, 0.0)
+    [answer] = s.stop()
+    assert answer.request_id == "q" and s.in_flight == 0
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+def test_shutdown_runs_its_phases_in_order_as_work_completes():
+    sd = Shutdown(timeout_s=5.0)
+    assert sd.begin(10.0) == [Phase(DRAINING)] and sd.next_deadline() == 15.0
+    assert sd.forwards_settled(11.0) == []       # not before the agents are idle
+    assert sd.agents_idle(11.0) == [Phase(FORWARDS)]
+    assert sd.forwards_settled(12.0) == [Phase(CLOSING)]
+    assert sd.next_deadline() is None
+    assert sd.closed() == [Phase(CLOSED)]
+    assert sd.begin(20.0) == [] and sd.tick(100.0) == []
+
+
+def test_the_deadline_ends_every_waiting_phase():
+    sd = Shutdown(timeout_s=5.0)
+    sd.begin(0.0)
+    assert sd.tick(4.9) == []
+    assert sd.tick(5.0) == [Phase(FORWARDS), Phase(CLOSING)]
+    sd2 = Shutdown(timeout_s=5.0)
+    sd2.begin(0.0)
+    sd2.agents_idle(1.0)
+    assert sd2.tick(5.0) == [Phase(CLOSING)]
+
+
+# --------------------------------------------------------------------------- effects
+
+
+def test_an_effect_nobody_handles_is_an_error():
+    seen = []
+    table = Effects({Send: seen.append})
+    table.run([Send("b", "gossip", {})])
+    with pytest.raises(UnhandledEffect):
+        table.run([Answer("h", "r", 1)])
+    assert seen == [Send("b", "gossip", {})]
+
+
+def test_the_node_handles_every_effect_its_machines_emit():
+    """The runtime's table covers every effect type the machines can return."""
+    from node.config import NodeConfig
+    from node.runtime import Node
+    from protocols import effects, shutdown
+
+    node = Node(NodeConfig(listen="127.0.0.1:7999", metrics="off"))
+    emitted = {effects.Send, effects.MembersChanged, effects.Refuted, effects.Answer,
+               effects.Fail, shutdown.Phase}
+    assert emitted <= node._effects.handles()
