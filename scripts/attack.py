@@ -27,6 +27,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -69,6 +70,27 @@ def rss_mb(pid: int | None) -> float:
         return psutil.Process(pid).memory_info().rss / MiB
     except psutil.Error:
         return float("nan")
+
+
+class PeakRss:
+    """The node's largest resident size, sampled every 50 ms on a thread until stop():
+    a node that frees what an attack cost shows the same size before and after."""
+
+    def __init__(self, pid: int | None):
+        self._pid = pid
+        self._peak = rss_mb(pid)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.05):
+            self._peak = max(self._peak, rss_mb(self._pid))
+
+    def stop(self, last: float) -> float:
+        self._done.set()
+        self._thread.join()
+        return max(self._peak, last)
 
 
 # --------------------------------------------------------------------------- ZMTP
@@ -282,16 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     loopback(args.node)
     pid = node_pid(args.node)
-    peak = before = rss_mb(pid)
+    before = rss_mb(pid)
+    sampler = PeakRss(pid)  # every attack, not only multipart: the peak is the cost
     started = time.monotonic()
     if args.attack == "multipart":
-        import threading
-        result: dict = {}
-        worker = threading.Thread(target=lambda: result.update(multipart(args.node, args.seconds)))
-        worker.start()
-        while worker.is_alive():
-            peak = max(peak, rss_mb(pid))
-            time.sleep(0.1)
+        result = multipart(args.node, args.seconds)
     elif args.attack == "slow-consumer":
         result = slow_consumer(args.node)
     elif args.attack == "forged-gossip":
@@ -307,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = activations(args.node, args.count)
     after = rss_mb(pid)
-    peak = max(peak, after)
+    peak = sampler.stop(after)
     print(f"attack           {args.attack}")
     print(f"took             {time.monotonic() - started:.1f} s")
     for key, value in result.items():
