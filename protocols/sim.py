@@ -12,21 +12,23 @@ Two levels, one engine (``Simulator``):
   ``tests/test_membership.py`` runs Membership machines with.  Handled effects:
   ``Send``, ``MembersChanged``, ``Refuted``.
 - **Whole nodes** (``NodeSim``): each node is a ``SimNode`` (Membership + Router +
-  a small agent host with sync counter handlers, wired together like the node's
-  runtime wires them); simulated clients issue calls to random live entry nodes;
-  ``Answer``/``Fail`` effects go back to those clients.  Invariants are checked
-  after every step (see ``NodeSim``); a failure raises ``InvariantViolation`` with
-  the seed and the one command that replays it::
+  StatusCollector + a small agent host with sync counter handlers, wired together
+  like the node's runtime wires them); simulated clients send request envelopes to
+  random live entry nodes; ``Answer``/``Fail`` effects go back to those clients.
+  Invariants are checked after every step (see ``NodeSim``); a failure raises
+  ``InvariantViolation`` with the seed and the one command that replays it::
 
       python -m protocols.sim --seed 123 --nodes 20 --duration-s 60 ...
 
 The network is seeded and faulty on request (``NetworkConfig``): loss,
 duplication, delay (and so reordering); partitions (``partition``/``heal``); nodes
 crash and restart (a fresh machine, state lost) or pause and resume (a SIGSTOP:
-events wait, then arrive in order).  Messages are round-tripped through msgpack by
-default, as on the wire, so machines never share objects.  Timers follow the
-contract: after every step the simulator asks the machine's ``next_deadline()``
-and calls ``tick`` then.
+events wait, then arrive in order).  Messages travel as peer frames
+(``protocols/peer.py``): a ``Send`` is framed with ``peer.encode`` as the runtime
+frames it and decoded on arrival, so machines never share objects and the codec
+runs too (``wire_roundtrip=False`` hands gossip objects over as they are, for
+speed).  Timers follow the contract: after every step the simulator asks the
+machine's ``next_deadline()`` and calls ``tick`` then.
 
 Everything random comes from one ``random.Random(seed)``; nothing iterates a set
 of strings (whose order changes with PYTHONHASHSEED): the same seed gives the same
@@ -44,20 +46,31 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable
 
-import msgpack
-
-from .effects import GOSSIP, Answer, Fail, MembersChanged, Refuted, Send, seed_address
+from . import peer, wire
+from .effects import (GOSSIP, STATUS_ANSWER, Answer, Fail, MembersChanged, Refuted, Send,
+                      seed_address)
 from .machine import Effects
-from .membership import Member, Membership
+from .membership import Member, Membership, MembershipError
 from .routing import Refusal, Router
-from .wire import ErrorCode
+from .status import StatusCollector, StatusError
+from .wire import ErrorCode, WireError
 
 _START, _TICK, _MESSAGE, _CALL, _ACTION = range(5)
 _KIND_NAMES = ("start", "tick", "message", "call", "action")
 
-# Channels of the simulated node's peer protocol (besides membership's GOSSIP).
-FORWARD = "forward"   # {"origin": node id, "hops": int, "token": bytes, "req": request}
-REPLY = "reply"       # {"token": bytes, "data": any} or {"token", "error", "message"}
+MESSAGE_BYTES_MAX = 1 << 20  # envelopes a simulated node accepts
+
+
+@dataclass(frozen=True, slots=True)
+class SendFrames:
+    """Send already-encoded peer frames (FWD, RPL) to node ``to``.
+
+    The node's runtime sends these straight to its transport on the hot path; the
+    simulated node returns them as an effect, which the simulator's table carries.
+    """
+
+    to: str
+    frames: list
 
 
 class SimulationError(Exception):
@@ -329,7 +342,7 @@ class Simulator:
         return self._deliver(slot, node_id, payload)
 
     def _deliver(self, slot: _Slot | None, node_id: str, payload: tuple) -> list | None:
-        sender, channel, message = payload
+        sender, frames, message = payload
         if slot is None or not slot.up:
             self.stats.undeliverable += 1
             return None
@@ -342,10 +355,14 @@ class Simulator:
         self.stats.delivered += 1
         machine = slot.machine
         try:
-            if hasattr(machine, "receive_channel"):
-                return machine.receive_channel(sender, channel, message, self.now)
-            if channel != GOSSIP:
-                raise SimulationError(f"{node_id} takes only {GOSSIP!r}, got {channel!r}")
+            if hasattr(machine, "receive_frames"):  # a whole node: it decodes, as the runtime
+                return machine.receive_frames(frames, self.now)
+            if frames is not None:  # a bare machine: the sender comes from the frame
+                event = peer.decode(frames)
+                if type(event) is not peer.Gossiped:
+                    raise SimulationError(f"{node_id} is a bare machine: it takes gossip, "
+                                          f"not {type(event).__name__}")
+                sender, message = event.sender, event.message
             return machine.receive(sender, message, self.now)
         except SimulationError:
             raise
@@ -396,12 +413,16 @@ class Simulator:
 
         handlers: dict[type, Callable[[Any], None]] = {
             Send: send, MembersChanged: members_changed, Refuted: log}
-        if self._answers is not None:
+        if self._answers is not None:  # whole nodes: clients, and frames of their own
             answers = self._answers
 
             def answer(effect: Any) -> None:
                 answers(node_id, effect)
+
+            def send_frames(effect: SendFrames) -> None:
+                self._transmit(node_id, effect.to, effect.frames, None)
             handlers[Answer] = handlers[Fail] = answer
+            handlers[SendFrames] = send_frames
         return Effects(handlers)
 
     def _rearm(self, slot: _Slot) -> None:
@@ -424,8 +445,20 @@ class Simulator:
         self._trace.update(f"{self.now!r} {what} {detail}\n".encode())
 
     def _send(self, sender: str, effect: Send) -> None:
+        """A Send effect, framed by the peer codec as the node frames it (or, without
+        the wire round trip, handed over as the object itself)."""
+        if self._roundtrip:
+            self._transmit(sender, effect.to, peer.encode(effect.channel, sender, effect.message),
+                           None)
+        elif effect.channel != GOSSIP:
+            raise SimulationError(f"without the wire round trip only {GOSSIP!r} is carried, "
+                                  f"not {effect.channel!r}")
+        else:
+            self._transmit(sender, effect.to, None, effect.message)
+
+    def _transmit(self, sender: str, to: str, frames: list | None, message: Any) -> None:
+        """Through the faulty network.  Frames are bytes: copies share nothing."""
         self.stats.sent += 1
-        to = effect.to
         address = seed_address(to)
         if address is not None:  # a seed: whoever is at that address gets it
             to = self._by_address.get(address, to)
@@ -437,12 +470,9 @@ class Simulator:
         if net.dup_rate and rng.random() < net.dup_rate:
             copies = 2
             self.stats.duplicated += 1
-        packed = msgpack.packb(effect.message, use_bin_type=True) if self._roundtrip else None
         for _ in range(copies):
-            message = (msgpack.unpackb(packed, raw=False) if packed is not None
-                       else effect.message)
             delay = rng.uniform(net.delay_min_s, net.delay_max_s)
-            self._push(self.now + delay, _MESSAGE, to, (sender, effect.channel, message))
+            self._push(self.now + delay, _MESSAGE, to, (sender, frames, message))
 
 
 # ============================================================== whole nodes
@@ -488,37 +518,46 @@ class CounterHost:
 
 
 class SimNode:
-    """One whole node: Membership + Router + CounterHost, wired as the runtime
-    wires them, behind the machine contract.
+    """One whole node: Membership + Router + StatusCollector + CounterHost, wired as
+    the node's runtime wires them, behind the machine contract.
 
-    Its own machines' effects run through its own ``Effects`` table: ``Send`` and
-    ``Refuted`` go out as they are; ``MembersChanged`` updates the router (whose
-    ``Fail`` effects for forwards to departed owners go out as answers) and, with
+    Peer traffic is peer frames (``protocols/peer.py``), requests and replies are
+    wire envelopes (``protocols/wire.py``): the same codecs as the node.  The
+    machines' effects run through the node's own ``Effects`` table: ``Send`` and
+    ``Refuted`` go out as they are (the simulator frames a ``Send`` with
+    ``peer.encode``, as the runtime does); ``MembersChanged`` updates the router
+    (whose ``Fail`` effects for forwards to departed owners are answers) and, with
     ``release_moved``, drops agents this node no longer owns, then goes out too;
     ``Answer``/``Fail`` go out to the client behind their handle.
 
-    Routing follows the node: a client call enters with ``call``; ``route`` names
-    the owner.  Local: the host handles it and the node answers.  Refused: the
-    node answers the error.  Remote: ``forward_started`` records the call (its
-    token) and a ``forward`` message (origin, hops + 1, token, request) goes to the
-    owner; the owner routes again and may forward further, keeping origin and
-    token; whoever handles it sends a ``reply`` to the origin, whose
-    ``reply_arrived(token)`` gives back the call to answer (at most once).
+    Routing follows the runtime (``node/runtime.py``: ``_dispatch``, ``_forward``,
+    ``_send_reply``, ``_on_reply``): a client's call enters with ``call``; ``route``
+    names the owner.  Local: the host handles it and the node answers.  Refused:
+    the node answers the error.  Remote: ``forward_started`` records the call (its
+    token) and FWD (origin, hops + 1, token, envelope) goes to the owner; the owner
+    routes again and may forward further, keeping origin and token; whoever handles
+    it sends RPL to the origin, whose ``reply_arrived(token)`` gives back the call
+    to answer (at most once).  ``syn.status`` runs a StatusCollector collection.
+    Frames and answers that break a protocol are counted in ``remote_errors`` by
+    reason (the runtime logs and counts them), never raised.
     """
 
     def __init__(self, me: Member, seeds: Iterable[str], *, key: bytes,
                  rng: random.Random, gossip_interval_s: float = 1.0, max_hops: int = 2,
-                 forward_timeout_s: float = 2.0, release_moved: bool = True,
-                 wall_offset_ns: int = 0):
+                 forward_timeout_s: float = 2.0, status_timeout_s: float = 1.0,
+                 release_moved: bool = True, wall_offset_ns: int = 0):
         self.node_id = me.node_id
         self.membership = Membership(me, seeds, gossip_interval_s, rng=rng,
                                      wall_offset_ns=wall_offset_ns)
         self.router = Router(me.node_id, key, max_hops=max_hops,
                              forward_timeout_s=forward_timeout_s)
+        self.status = StatusCollector(me.node_id, status_timeout_s)
         self.host = CounterHost()
         self.view: frozenset[str] = frozenset((me.node_id,))
         self.release_moved = release_moved
         self.late_replies = 0
+        self.remote_errors: dict[str, int] = {}
+        self._addresses: dict[str, str] = {me.node_id: me.address}
         self._out: list = []
         out = self._out.append
         self._effects = Effects({Send: out, Refuted: out, Answer: out, Fail: out,
@@ -529,92 +568,130 @@ class SimNode:
         return self._run(self.membership.start(now))
 
     def next_deadline(self) -> float | None:
-        a, b = self.membership.next_deadline(), self.router.next_deadline()
-        return a if b is None else b if a is None else min(a, b)
+        deadlines = [d for d in (self.membership.next_deadline(), self.router.next_deadline(),
+                                 self.status.next_deadline()) if d is not None]
+        return min(deadlines) if deadlines else None
 
     def tick(self, now: float) -> list:
         self._effects.run(self.membership.tick(now))
-        return self._run(self.router.tick(now))
+        self._effects.run(self.router.tick(now))
+        return self._run(self.status.tick(now))
 
-    def receive(self, sender: str, message: Any, now: float) -> list:
-        return self.receive_channel(sender, GOSSIP, message, now)
-
-    def receive_channel(self, sender: str, channel: str, message: Any, now: float) -> list:
-        if channel == GOSSIP:
-            return self._run(self.membership.receive(sender, message, now))
-        if channel == FORWARD:
-            self._on_forward(message, now)
-        elif channel == REPLY:
-            self._on_reply(message)
+    def receive_frames(self, frames: list, now: float) -> list:
+        """Peer frames from the network (the runtime's ``peer``)."""
+        try:
+            event = peer.decode(frames)
+        except peer.PeerProtocolError as exc:
+            return self._remote_error(f"peer_{exc.reason}")
+        kind = type(event)
+        if kind is peer.Forwarded:
+            self._accept(event.envelope, None, event.origin, event.token, event.hops, now)
+        elif kind is peer.Replied:
+            self._on_reply(event.token, event.envelope)
+        elif kind is peer.Gossiped:
+            try:
+                self._effects.run(self.membership.receive(event.sender, event.message, now))
+            except MembershipError:
+                return self._remote_error("bad_gossip")
+        elif kind is peer.StatusQueried:
+            if event.sender not in self.view:
+                return self._remote_error("status_query_from_stranger")
+            self._out.append(Send(event.sender, STATUS_ANSWER,
+                                  {"token": event.token, "status": self.local_status()}))
         else:
-            raise SimulationError(f"{self.node_id}: unknown channel {channel!r}")
+            try:
+                self._effects.run(self.status.receive(event.sender, event.message, now))
+            except StatusError:
+                return self._remote_error("bad_status_answer")
         return self._take()
 
     def stop(self, now: float) -> list:
-        """A graceful stop: every forward still in flight is answered."""
-        return self._run(self.router.stop())
+        """A graceful stop: every forward and status collection in flight is answered."""
+        self._effects.run(self.router.stop())
+        return self._run(self.status.stop())
 
     # -- client calls --------------------------------------------------------------
-    def call(self, handle: Any, request_id: str, mtype: str, subject: str, data: Any,
-             now: float, ttl: int | None = None) -> list:
-        """A client's call entering here."""
-        req = {"id": request_id, "type": mtype, "subject": subject, "data": data, "ttl": ttl}
-        self._dispatch(req, 0, None, handle, now)
+    def call(self, handle: Any, envelope: bytes, now: float) -> list:
+        """A client's request envelope entering here (the runtime's ``client``)."""
+        self._accept(envelope, handle, None, None, 0, now)
         return self._take()
 
+    def local_status(self) -> dict:
+        return {"node": self.node_id, "address": self._addresses[self.node_id],
+                "members": len(self.view), "agents": len(self.host.values),
+                "forwards_in_flight": self.router.in_flight, "reachable": True}
+
     # -- routing -----------------------------------------------------------------
-    def _dispatch(self, req: dict, hops: int, origin: str | None, where: Any,
-                  now: float) -> None:
-        """Route ``req``; ``origin`` None: our own client's call (``where`` is its
-        handle); else a forward from ``origin`` (``where`` is its token)."""
-        owner = self.router.route(req["subject"], req["ttl"], hops)
-        if isinstance(owner, Refusal):
-            self._respond(req, origin, where, False, owner.code, owner.message)
-        elif owner == self.node_id:
-            ok, value, message = self.host.handle(req["subject"], req["type"], req["data"])
-            self._respond(req, origin, where, ok, value, message)
+    def _accept(self, envelope: bytes, handle: Any, origin: str | None, token: bytes | None,
+                hops: int, now: float) -> None:
+        reply_to = (handle, origin, token)
+        try:
+            req = wire.parse_request(envelope, MESSAGE_BYTES_MAX)
+        except WireError as exc:
+            self._reply(reply_to, exc.request_id or "", False, exc.code, exc.message, "")
+            return
+        if req.type == wire.TYPE_STATUS:
+            members = {n: self._addresses.get(n, "") for n in sorted(self.view)}
+            self._effects.run(self.status.start(handle, req.id, self.local_status(),
+                                                members, now))
+            return
+        target = self.router.route(req.subject, req.ttl, hops)
+        if target == self.node_id:
+            ok, value, message = self.host.handle(req.subject, req.type, req.data)
+            self._reply(reply_to, req.id, ok, value, message, req.type)
+        elif type(target) is Refusal:
+            self._reply(reply_to, req.id, False, target.code, target.message, req.type)
         else:
-            if origin is None:
-                token = self.router.forward_started(where, req["id"], req["type"], owner,
-                                                    now, now)
-                if isinstance(token, Refusal):
-                    self._respond(req, None, where, False, token.code, token.message)
-                    return
-                origin, where = self.node_id, token
-            self._out.append(Send(owner, FORWARD, {"origin": origin, "hops": hops + 1,
-                                                   "token": where, "req": req}))
+            self._forward(target, req, envelope, reply_to, hops, now)
 
-    def _respond(self, req: dict, origin: str | None, where: Any, ok: bool, value: Any,
-                 message: str) -> None:
+    def _forward(self, owner: str, req: wire.Request, envelope: bytes, reply_to: tuple,
+                 hops: int, now: float) -> None:
+        """One hop on.  Our own client's call is recorded in the router; a call
+        forwarded to us keeps its origin and token."""
+        handle, origin, token = reply_to
+        if origin is None:
+            token = self.router.forward_started(handle, req.id, req.type, owner, now, now)
+            if type(token) is Refusal:
+                self._reply(reply_to, req.id, False, token.code, token.message, req.type)
+                return
+            origin = self.node_id
+        self._out.append(SendFrames(owner, peer.forward(self.node_id, origin, hops + 1,
+                                                        token, envelope)))
+
+    def _reply(self, reply_to: tuple, request_id: str, ok: bool, value: Any, message: str,
+               mtype: str) -> None:
+        """The one place results leave (the runtime's ``_reply_data``/``_reply_error``)."""
+        handle, origin, token = reply_to
         if origin is None:  # our client, directly
-            self._out.append(Answer(where, req["id"], value) if ok else
-                             Fail(where, req["id"], value, message, req["type"]))
+            self._out.append(Answer(handle, request_id, value) if ok else
+                             Fail(handle, request_id, value, message, mtype))
             return
-        reply = {"token": where, "data": value} if ok else \
-            {"token": where, "error": value, "message": message}
-        if origin == self.node_id:  # a forward that came back to its origin
-            self._on_reply(reply)
+        envelope = (wire.reply(request_id, value, self.node_id) if ok else
+                    wire.error(request_id, value, message, self.node_id))
+        if origin == self.node_id:  # a forward that came back round to its origin
+            self._on_reply(token, envelope)
         else:
-            self._out.append(Send(origin, REPLY, reply))
+            self._out.append(SendFrames(origin, peer.reply(self.node_id, token, envelope)))
 
-    def _on_forward(self, message: dict, now: float) -> None:
-        self._dispatch(message["req"], message["hops"], message["origin"],
-                       message["token"], now)
-
-    def _on_reply(self, reply: dict) -> None:
-        pending = self.router.reply_arrived(reply["token"])
+    def _on_reply(self, token: bytes, envelope: bytes) -> None:
+        pending = self.router.reply_arrived(token)
         if pending is None:
-            self.late_replies += 1  # a duplicate, or after a timeout: answered already
+            self.late_replies += 1  # a duplicate, or after its timeout: answered already
             return
-        if "error" in reply:
-            self._out.append(Fail(pending.handle, pending.request_id, reply["error"],
-                                  reply["message"], pending.mtype))
+        # The runtime passes the envelope on untouched; the simulated client reads it.
+        reply = wire.decode_map(envelope, MESSAGE_BYTES_MAX)
+        handle = pending.handle
+        if reply.get("type") == wire.TYPE_ERROR:
+            error = reply["data"]
+            self._out.append(Fail(handle, pending.request_id, error["code"], error["message"],
+                                  pending.mtype))
         else:
-            self._out.append(Answer(pending.handle, pending.request_id, reply["data"]))
+            self._out.append(Answer(handle, pending.request_id, reply.get("data")))
 
     # -- effects -------------------------------------------------------------------
     def _on_members(self, effect: MembersChanged) -> None:
         self.view = frozenset(effect.members)
+        self._addresses = {n: m.address for n, m in effect.members.items()}
         self._effects.run(self.router.members_changed(sorted(effect.members)))
         if self.release_moved:
             ring, me = self.router.ring, self.node_id
@@ -622,6 +699,10 @@ class SimNode:
             if moved:
                 self.host.release(moved)
         self._out.append(effect)
+
+    def _remote_error(self, reason: str) -> list:
+        self.remote_errors[reason] = self.remote_errors.get(reason, 0) + 1
+        return self._take()
 
     def _run(self, effects: list) -> list:
         self._effects.run(effects)
@@ -705,6 +786,7 @@ class Result:
     stats: SimStats
     digest: str
     counters_checked: bool  # (d) held for the whole run
+    remote_errors: dict     # frames and answers nodes refused, by reason
 
     def summary(self) -> str:
         return (f"seed={self.scenario.seed} nodes={self.scenario.nodes} "
@@ -714,7 +796,8 @@ class Result:
                 f"sent={self.stats.sent} dropped={self.stats.dropped} "
                 f"duplicated={self.stats.duplicated} partitioned={self.stats.partitioned} "
                 f"undeliverable={self.stats.undeliverable} deferred={self.stats.deferred} "
-                f"counters_checked={self.counters_checked} digest={self.digest[:16]}")
+                f"counters_checked={self.counters_checked} "
+                f"remote_errors={self.remote_errors} digest={self.digest[:16]}")
 
 
 def node_id(k: int) -> str:
@@ -820,8 +903,9 @@ class NodeSim:
 
     def _partition(self, sim: Simulator) -> None:
         ids = sim.node_ids
-        side = [n for n in ids if sim.rng.random() < 0.5]
-        sim.partition(side, [n for n in ids if n not in side])
+        sim.rng.shuffle(ids)
+        cut = sim.rng.randint(1, len(ids) - 1) if len(ids) > 1 else 1
+        sim.partition(sorted(ids[:cut]), sorted(ids[cut:]))
 
     def _crash_one(self, restart_at: float, graceful: bool = False) -> Callable[[Simulator], None]:
         def crash(sim: Simulator) -> None:
@@ -864,13 +948,16 @@ class NodeSim:
         if ids:
             entry = ids[rng.randrange(len(ids))]
             subject = f"counter/{rng.randrange(s.counters)}"
-            if rng.random() < 0.6:
+            kind = rng.random()
+            if kind < 0.6:
                 self.issue(entry, "incr", subject, rng.randint(1, 5))
-            else:
+            elif kind < 0.98:
                 self.issue(entry, "get", subject, None)
+            else:
+                self.issue(entry, wire.TYPE_STATUS, None, None)
         sim.at(sim.now + rng.expovariate(s.calls_per_s), self._next_call)
 
-    def issue(self, entry: str, mtype: str, subject: str, data: Any,
+    def issue(self, entry: str, mtype: str, subject: str | None, data: Any,
               ttl: int | None = None) -> int:
         """A client sends a call to node ``entry``; returns the call id."""
         call_id = len(self.calls) + 1
@@ -887,8 +974,8 @@ class NodeSim:
             if call.answer is None and not call.lost:
                 call.lost = True
                 self.unanswered -= 1
-        self.sim.inject(entry, lambda node, now: node.call(call_id, request_id, mtype,
-                                                          subject, data, now, ttl), lost)
+        envelope = wire.encode(wire.request(request_id, mtype, subject, data, ttl=ttl))
+        self.sim.inject(entry, lambda node, now: node.call(call_id, envelope, now), lost)
         return call_id
 
     # -- invariants --------------------------------------------------------------------
@@ -917,10 +1004,19 @@ class NodeSim:
                 self._violate(f"(d) call {effect.handle} failed in a fault-free run: {effect!r:.200}")
             return
         call.answer = ("data", effect.data)
-        if type(effect.data) is not int:
+        if call.mtype == wire.TYPE_STATUS:
+            self._check_status(node, effect.handle, effect.data)
+        elif type(effect.data) is not int:
             self._violate(f"(c) {call.mtype} answered {effect.data!r:.80}, not an int")
         elif self.bounded:
             self._check_counter(effect.handle, call, effect.data)
+
+    def _check_status(self, node: str, call_id: int, data: Any) -> None:
+        rows = data.get("members") if isinstance(data, dict) else None
+        if (not isinstance(rows, list) or data.get("node") != node
+                or not all(isinstance(r, dict) and type(r.get("node")) is str for r in rows)
+                or node not in [r["node"] for r in rows]):
+            self._violate(f"(c) status call {call_id} answered {data!r:.200}")
 
     def _check_counter(self, call_id: int, call: _Call, value: int) -> None:
         subject = call.subject
@@ -1031,11 +1127,16 @@ class NodeSim:
             if call.answer is not None and call.answer[0] == "error":
                 errors[call.answer[1]] = errors.get(call.answer[1], 0) + 1
         late = sum(self.sim.machine(n).late_replies for n in self.sim.node_ids)
+        remote: dict[str, int] = {}
+        for n in self.sim.node_ids:
+            for reason, count in self.sim.machine(n).remote_errors.items():
+                remote[reason] = remote.get(reason, 0) + count
         return Result(self.scenario, len(self.calls),
                       sum(1 for c in self.calls.values() if c.answer is not None),
                       dict(sorted(errors.items())),
                       sum(1 for c in self.calls.values() if c.lost), late,
-                      self.sim.now, self.sim.stats, self.sim.digest(), self.bounded)
+                      self.sim.now, self.sim.stats, self.sim.digest(), self.bounded,
+                      dict(sorted(remote.items())))
 
 
 def run_scenario(scenario: Scenario) -> Result:

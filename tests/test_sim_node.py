@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from protocols.effects import GOSSIP, Answer, Fail, Send
+from protocols import peer, wire
+from protocols.effects import Answer, Fail, Send
 from protocols.machine import UnhandledEffect
 from protocols.membership import Member
 from protocols.shutdown import Phase
-from protocols.sim import (FORWARD, REPLY, InvariantViolation, NodeSim, Scenario, SimNode,
+from protocols.status import StatusError
+from protocols.sim import (InvariantViolation, NodeSim, Scenario, SendFrames, SimNode,
                            node_address, node_id, run_scenario)
 from protocols.wire import ErrorCode
 
@@ -43,6 +45,11 @@ def test_faulty_runs_keep_the_invariants(seed):
         result.summary()
     assert result.errors.get(ErrorCode.TIMEOUT), result.summary()
     assert result.late_replies, result.summary()  # duplicates and late replies: absorbed
+    # Refused peer traffic, each for a known reason: a status query reaching a node that
+    # restarted and does not know the asker yet; a repeated status answer (see
+    # test_a_repeated_status_answer_is_not_a_protocol_error).
+    assert set(result.remote_errors) <= {"status_query_from_stranger", "bad_status_answer"}, \
+        result.summary()
 
 
 @pytest.mark.parametrize("seed", [7, 8])
@@ -56,7 +63,8 @@ def test_lossy_runs_keep_counter_bounds(seed):
 @pytest.mark.parametrize("seed", [10, 11])
 def test_fault_free_counters_are_exact(seed):
     result = run_scenario(Scenario(seed=seed, nodes=5, duration_s=15.0, exact=True))
-    assert result.counters_checked and result.errors == {}, result.summary()
+    assert result.counters_checked and result.errors == {} and result.remote_errors == {}, \
+        result.summary()
     assert result.answered == result.calls > 500, result.summary()
 
 
@@ -87,10 +95,10 @@ def test_replay_is_the_same_in_another_process():
 class AnswersTwice(SimNode):
     """Planted bug: every local answer to a client goes out twice."""
 
-    def _respond(self, req, origin, where, ok, value, message):
-        super()._respond(req, origin, where, ok, value, message)
-        if origin is None and ok:
-            self._out.append(Answer(where, req["id"], value))
+    def _reply(self, reply_to, request_id, ok, value, message, mtype):
+        super()._reply(reply_to, request_id, ok, value, message, mtype)
+        if reply_to[1] is None and ok:
+            self._out.append(Answer(reply_to[0], request_id, value))
 
 
 class ForgetsTimeouts(SimNode):
@@ -104,19 +112,24 @@ class ForgetsTimeouts(SimNode):
 
 
 class InventsCodes(SimNode):
-    def _respond(self, req, origin, where, ok, value, message):
-        if not ok:
-            value = "oops"
-        super()._respond(req, origin, where, ok, value, message)
+    """Planted bug: errors carry a code no client knows."""
+
+    def _reply(self, reply_to, request_id, ok, value, message, mtype):
+        super()._reply(reply_to, request_id, ok, value if ok else "oops", message, mtype)
 
 
 class CountsTwice(SimNode):
     """Planted bug: incr is applied twice."""
 
-    def _dispatch(self, req, hops, origin, where, now):
-        if req["type"] == "incr" and self.router.route(req["subject"], None, 0) == self.node_id:
-            self.host.handle(req["subject"], "incr", req["data"])
-        super()._dispatch(req, hops, origin, where, now)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        handle = self.host.handle
+
+        def twice(agent_id, mtype, data):
+            if mtype == "incr":
+                handle(agent_id, mtype, data)
+            return handle(agent_id, mtype, data)
+        self.host.handle = twice
 
 
 def planted(node_class):
@@ -205,28 +218,34 @@ def make_node(k: int, **options) -> SimNode:
 def know(node: SimNode, *others: SimNode) -> None:
     message = {"v": 1, "kind": "members",
                "members": [o.membership.me.to_wire() for o in others]}
-    node.receive_channel("x", GOSSIP, message, 0.0)
+    node.receive_frames(peer.gossip("x", message), 0.0)
 
 
 def subject_where(predicate) -> str:
     return next(s for s in (f"counter/{i}" for i in range(10_000)) if predicate(s))
 
 
-def only(effects, kind):
-    return [e for e in effects if isinstance(e, kind)]
+def request(rid: str, mtype: str, subject: str | None, data=None, ttl=None) -> bytes:
+    return wire.encode(wire.request(rid, mtype, subject, data, ttl=ttl))
+
+
+def frames_to(effects, to: str) -> list:
+    [sent] = [e for e in effects if isinstance(e, SendFrames)]
+    assert sent.to == to
+    return sent.frames
 
 
 def test_forward_reply_and_a_duplicate_reply():
     a, b = make_node(0), make_node(1)
     know(a, b), know(b, a)
     subject = subject_where(lambda s: a.router.route(s, None, 0) == b.node_id)
-    [forward] = only(a.call("h", "r1", "incr", subject, 3, 0.0), Send)
-    assert (forward.to, forward.channel) == (b.node_id, FORWARD)
-    assert forward.message["origin"] == a.node_id and forward.message["hops"] == 1
-    [reply] = only(b.receive_channel(a.node_id, FORWARD, forward.message, 0.01), Send)
-    assert (reply.to, reply.channel) == (a.node_id, REPLY)
-    assert a.receive_channel(b.node_id, REPLY, reply.message, 0.02) == [Answer("h", "r1", 3)]
-    assert a.receive_channel(b.node_id, REPLY, reply.message, 0.03) == []
+    forward = frames_to(a.call("h", request("r1", "incr", subject, 3), 0.0), b.node_id)
+    event = peer.decode(forward)
+    assert type(event) is peer.Forwarded and (event.origin, event.hops) == (a.node_id, 1)
+    reply = frames_to(b.receive_frames(forward, 0.01), a.node_id)
+    assert type(peer.decode(reply)) is peer.Replied
+    assert a.receive_frames(reply, 0.02) == [Answer("h", "r1", 3)]
+    assert a.receive_frames(reply, 0.03) == []
     assert a.late_replies == 1 and a.router.in_flight == 0
 
 
@@ -234,7 +253,7 @@ def test_silent_owner_is_answered_timeout_by_the_entry_node():
     a, b = make_node(0, forward_timeout_s=2.0), make_node(1)
     know(a, b)
     subject = subject_where(lambda s: a.router.route(s, None, 0) == b.node_id)
-    a.call("h", "r1", "get", subject, None, 10.0)  # the forward is lost
+    a.call("h", request("r1", "get", subject), 10.0)  # the forward is lost
     assert a.next_deadline() <= 12.0
     assert a.tick(11.9) == []
     [fail] = a.tick(12.0)
@@ -247,24 +266,58 @@ def test_refusal_on_the_way_goes_back_to_the_origin():
     know(a, b), know(b, a, c)
     subject = subject_where(lambda s: a.router.route(s, None, 0) == b.node_id
                             and b.router.route(s, None, 0) == c.node_id)
-    [forward] = only(a.call("h", "r1", "get", subject, None, 0.0, ttl=1), Send)
-    [reply] = only(b.receive_channel(a.node_id, FORWARD, forward.message, 0.0), Send)
-    assert reply.channel == REPLY and reply.message["error"] == ErrorCode.UNAVAILABLE
-    [fail] = a.receive_channel(b.node_id, REPLY, reply.message, 0.0)
+    forward = frames_to(a.call("h", request("r1", "get", subject, ttl=1), 0.0), b.node_id)
+    reply = frames_to(b.receive_frames(forward, 0.0), a.node_id)
+    [fail] = a.receive_frames(reply, 0.0)
     assert (fail.code, fail.mtype) == (ErrorCode.UNAVAILABLE, "get")
     # With room for the hop, b forwards on, keeping the origin and its token.
-    [forward] = only(a.call("h", "r2", "get", subject, None, 0.0), Send)
-    [onward] = only(b.receive_channel(a.node_id, FORWARD, forward.message, 0.0), Send)
-    assert (onward.to, onward.channel) == (c.node_id, FORWARD)
-    assert onward.message["origin"] == a.node_id and onward.message["hops"] == 2
-    assert onward.message["token"] == forward.message["token"]
+    forward = frames_to(a.call("h", request("r2", "get", subject), 0.0), b.node_id)
+    onward = peer.decode(frames_to(b.receive_frames(forward, 0.0), c.node_id))
+    assert (onward.origin, onward.hops) == (a.node_id, 2)
+    assert onward.token == peer.decode(forward).token
+
+
+def test_bad_envelopes_and_frames_are_answered_or_counted():
+    a = make_node(0)
+    [fail] = a.call("h", b"\xc1", 0.0)
+    assert fail.code == ErrorCode.BAD_REQUEST
+    assert a.receive_frames([b"nonsense"], 0.0) == []
+    assert a.remote_errors == {"peer_bad_magic": 1}
+
+
+def test_status_collects_every_member():
+    a, b = make_node(0), make_node(1)
+    know(a, b), know(b, a)
+    [query] = [e for e in a.call("h", request("r1", wire.TYPE_STATUS, None), 0.0)
+               if isinstance(e, Send)]
+    [answer] = b.receive_frames(peer.encode(query.channel, a.node_id, query.message), 0.01)
+    [done] = a.receive_frames(peer.encode(answer.channel, b.node_id, answer.message), 0.02)
+    assert [row["node"] for row in done.data["members"]] == [a.node_id, b.node_id]
+
+
+@pytest.mark.xfail(strict=True, raises=StatusError, reason="reported to the lead: StatusCollector takes a repeated "
+                                       "answer for an unasked one (protocols/status.py)")
+def test_a_repeated_status_answer_is_not_a_protocol_error():
+    """Found by the simulator with dup_rate > 0 (remote_errors 'bad_status_answer'):
+    a member's answer arriving twice while the collection still waits for others
+    raises StatusError('... was not asked for'), which the runtime logs as a bad
+    peer answer and counts as bad_request.  A repeat should be ignored, as the router
+    ignores a repeated reply (counted late, never an error)."""
+    a, b, c = make_node(0), make_node(1), make_node(2)
+    know(a, b, c)
+    queries = [e for e in a.call("h", request("r1", wire.TYPE_STATUS, None), 0.0)
+               if isinstance(e, Send)]
+    token = queries[0].message
+    answer = {"token": token, "status": b.local_status()}
+    assert a.status.receive(b.node_id, answer, 0.01) == []
+    assert a.status.receive(b.node_id, answer, 0.02) == []  # raises StatusError today
 
 
 def test_graceful_stop_answers_forwards_in_flight():
     a, b = make_node(0), make_node(1)
     know(a, b)
     subject = subject_where(lambda s: a.router.route(s, None, 0) == b.node_id)
-    a.call("h", "r1", "incr", subject, 1, 0.0)
+    a.call("h", request("r1", "incr", subject, 1), 0.0)
     [fail] = a.stop(0.1)
     assert (fail.request_id, fail.code) == ("r1", ErrorCode.UNAVAILABLE)
 
@@ -273,7 +326,7 @@ def test_agents_a_node_no_longer_owns_are_released():
     a, b = make_node(0), make_node(1)
     subjects = [f"counter/{i}" for i in range(20)]
     for s in subjects:
-        a.call("h", s, "incr", s, 1, 0.0)
+        a.call("h", request(s, "incr", s, 1), 0.0)
     assert sorted(a.host.values) == sorted(subjects)
     know(a, b)
     assert a.host.values and all(a.router.route(s, None, 0) == a.node_id for s in a.host.values)
