@@ -348,3 +348,23 @@ def test_fifty_nodes_ten_simulated_minutes():
           f"{result.stats.steps} steps in {wall_s:.1f} s wall "
           f"({result.stats.steps / wall_s:,.0f} steps/s)")
     assert result.calls > 20_000 and result.stats.partitioned and result.stats.deferred
+
+
+def swarm_scenario(seed: int) -> Scenario:
+    """A random mix of faults and settings, drawn from the seed (swarm testing)."""
+    rng = random.Random(seed)
+    return Scenario(seed=seed, nodes=rng.randint(2, 12), duration_s=12.0,
+                    drop_rate=rng.choice([0.0, 0.05, 0.3]), dup_rate=rng.choice([0.0, 0.1, 0.5]),
+                    delay_max_s=rng.choice([0.01, 0.3, 1.5]), partitions=rng.randint(0, 3),
+                    crashes=rng.randint(0, 3), pauses=rng.randint(0, 3), stops=rng.randint(0, 2),
+                    warmup_s=rng.choice([0.0, 3.0]), forward_timeout_s=rng.choice([0.05, 0.5, 2.0]),
+                    max_hops=rng.choice([1, 2, 3]), gossip_interval_s=rng.choice([0.2, 1.0]))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_swarm_of_random_fault_mixes():
+    """Timeouts shorter than delays, one hop, fast gossip, heavy duplication...: the
+    invariants hold under every mix.  A failure names its seed and replay command."""
+    for seed in range(1000, 1150):
+        run_scenario(swarm_scenario(seed))
