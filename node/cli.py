@@ -17,7 +17,7 @@ import msgpack
 import zmq
 
 from . import config as config_mod
-from . import logs
+from . import logs, ready
 from .agents import BehaviorError
 from .client import CallTimeout, Client, RemoteError
 
@@ -34,9 +34,15 @@ Behavior modules (--behavior) are imported with the working directory first on t
 import path, as `python -m` does: `synthesis-node --behavior mybehaviors` finds
 ./mybehaviors.py.
 
+Once serving, the node prints one line on stdout (logs go to stderr):
+  synthesis-node serving NODE_ID at tcp://HOST:PORT
+and, with --ready-file, writes NODE_ID, the bound addresses and its pid there as JSON;
+with --listen HOST:0 that is how a caller learns the port it got.
+
 exit codes:
   0  stopped cleanly (SIGTERM or SIGINT)
-  1  cannot start: an address or the metrics port is taken, ...
+  1  cannot start: an address or the metrics port is taken, the ready file cannot be
+     written, ...
   2  bad argument, config value or behavior module
 """
 
@@ -89,6 +95,8 @@ def node_main(argv: list[str] | None = None) -> int:
 
     _working_dir_on_path()
     try:
+        if cfg.ready_file:
+            ready.remove_stale(cfg.ready_file)
         asyncio.run(Node(cfg).serve())
     except BehaviorError as exc:
         print(f"synthesis-node: {exc}", file=sys.stderr)

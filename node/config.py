@@ -66,16 +66,24 @@ class NodeConfig:
 
     Address fields hold normalised ``HOST:PORT`` strings (``seeds`` hold
     ``tcp://HOST:PORT``); empty strings mean "derive from listen", see the properties.
+    Port 0 in listen, pub or metrics binds a free port; :meth:`bound` gives the config
+    with the ports the sockets got.
     """
 
-    node_id: str = _opt("", "Node identity; empty derives HOST:PORT of advertise.", kind="node_id")
-    listen: str = _opt("127.0.0.1:7400", "ROUTER bind address HOST:PORT.", kind="address")
-    advertise: str = _opt("", "Address peers and clients dial; empty uses listen.",
-                          kind="address?")
-    pub: str = _opt("", "PUB bind address; empty uses listen host, listen port + 1.",
-                    kind="address?")
+    node_id: str = _opt("", "Node identity; empty derives HOST:PORT of advertise (the "
+                        "bound port when that is 0).", kind="node_id")
+    listen: str = _opt("127.0.0.1:7400", "ROUTER bind address HOST:PORT; port 0 binds a "
+                       "free port (see ready_file).", kind="address0")
+    advertise: str = _opt("", "Address peers and clients dial; empty uses listen; port 0 "
+                          "uses the port listen bound.", kind="address0?")
+    pub: str = _opt("", "PUB bind address; empty uses listen host, listen port + 1 (port "
+                    "0 when listen's port is 0).", kind="address0?")
     metrics: str = _opt("", "HTTP /metrics and /health address; empty uses listen host, "
-                        "listen port + 2000; 'off' disables.", kind="metrics")
+                        "listen port + 2000 (port 0 when listen's port is 0); 'off' "
+                        "disables.", kind="metrics")
+    ready_file: str = _opt("", "Once serving, write this JSON file (atomically): node_id, "
+                           "address, pub, metrics, pid; the bound ports of a port-0 node. "
+                           "Empty writes none.", kind="path")
     seeds: tuple[str, ...] = _opt((), "Addresses of nodes to join through (comma-separated "
                                   "in env).", kind="addresses")
     behaviors: tuple[str, ...] = _opt((), "Python modules to import for agent behaviors; "
@@ -165,7 +173,7 @@ class NodeConfig:
     @property
     def pub_endpoint(self) -> str:
         """ZeroMQ endpoint subscribers dial: advertised host, PUB port."""
-        host, _ = split_address(self.advertise or self.listen)
+        host, _ = split_address(self.advertise or self.listen, port_min=0)
         return f"tcp://{host}:{self._pub_host_port()[1]}"
 
     @property
@@ -174,9 +182,9 @@ class NodeConfig:
         if self.metrics == "off":
             return None
         if self.metrics:
-            return split_address(self.metrics)
-        host, port = split_address(self.listen)
-        return host, port + 2000
+            return split_address(self.metrics, port_min=0)
+        host, port = split_address(self.listen, port_min=0)
+        return host, _derived_port(port, 2000)
 
     @property
     def resolved_node_id(self) -> str:
@@ -185,18 +193,37 @@ class NodeConfig:
 
     def _pub_host_port(self) -> tuple[str, int]:
         if self.pub:
-            return split_address(self.pub)
-        host, port = split_address(self.listen)
-        return host, port + 1
+            return split_address(self.pub, port_min=0)
+        host, port = split_address(self.listen, port_min=0)
+        return host, _derived_port(port, 1)
+
+    def bound(self, router_endpoint: str, pub_endpoint: str) -> NodeConfig:
+        """This config once the sockets are bound: ``router_endpoint`` and
+        ``pub_endpoint`` are what the transport advertises, with the ports it got.
+
+        Advertise and pub become explicit, so the advertised endpoints and a node id
+        derived from advertise carry the bound ports instead of 0.  Listen keeps its
+        port (0 stays 0), so a derived metrics address still binds a free port.
+        """
+        host, port = split_address(router_endpoint)
+        pub_host, _ = split_address(self.pub_bind, port_min=0)
+        _, pub_port = split_address(pub_endpoint)
+        return dataclasses.replace(self, advertise=f"{host}:{port}",
+                                   pub=f"{pub_host}:{pub_port}")
+
+
+def _derived_port(base: int, offset: int) -> int:
+    """A port derived from listen's: 0 stays 0 (a free port of its own)."""
+    return base + offset if base else 0
 
 
 # --- validation ---------------------------------------------------------------------------
 
-def split_address(text: str) -> tuple[str, int]:
+def split_address(text: str, port_min: int = 1) -> tuple[str, int]:
     """Parse ``HOST:PORT`` or ``tcp://HOST:PORT`` into (host, port); ValueError if bad.
 
     IPv6 hosts keep their brackets (``[::1]:7400``) so they can be put back into a
-    ZeroMQ endpoint unchanged.
+    ZeroMQ endpoint unchanged.  ``port_min=0`` accepts port 0 (bind a free port).
     """
     rest = text.strip()
     if rest.startswith("tcp://"):
@@ -207,13 +234,13 @@ def split_address(text: str) -> tuple[str, int]:
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
         raise ValueError(text)
     port = int(port_text)
-    if not 1 <= port <= _PORT_MAX:
+    if not port_min <= port <= _PORT_MAX:
         raise ValueError(text)
     return host, port
 
 
-def _normal_address(value: Any) -> str:
-    host, port = split_address(value)
+def _normal_address(value: Any, port_min: int = 1) -> str:
+    host, port = split_address(value, port_min)
     return f"{host}:{port}"
 
 
@@ -225,12 +252,14 @@ def _requirement(f: dataclasses.Field) -> str:
     """Human wording of what a field accepts, reused in errors and docs."""
     m = f.metadata
     kind = m["kind"]
-    if kind == "address":
-        return "HOST:PORT with port 1..65535"
-    if kind == "address?":
-        return "empty or HOST:PORT with port 1..65535"
+    if kind == "address0":
+        return "HOST:PORT with port 0..65535"
+    if kind == "address0?":
+        return "empty or HOST:PORT with port 0..65535"
     if kind == "metrics":
-        return "empty, 'off' or HOST:PORT with port 1..65535"
+        return "empty, 'off' or HOST:PORT with port 0..65535"
+    if kind == "path":
+        return "empty or a file path"
     if kind == "addresses":
         return f"a list of at most {SEEDS_MAX} HOST:PORT addresses"
     if kind == "modules":
@@ -303,12 +332,14 @@ def _check_str(f: dataclasses.Field, value: Any) -> str:
     text = value.strip()
     kind, choices = f.metadata["kind"], f.metadata["choices"]
     try:
-        if kind == "address" or (kind == "address?" and text):
-            return _normal_address(text)
+        if kind == "address0" or (kind == "address0?" and text):
+            return _normal_address(text, port_min=0)
         if kind == "metrics" and text and text != "off":
-            return _normal_address(text)
+            return _normal_address(text, port_min=0)
     except ValueError:
         raise _bad(f.name, _requirement(f), value) from None
+    if kind == "path" and "\0" in text:
+        raise _bad(f.name, _requirement(f), value)
     if choices and text.lower() not in choices:
         raise _bad(f.name, _requirement(f), value)
     if kind == "node_id" and not _node_id_ok(text):
@@ -351,7 +382,7 @@ def _node_id_ok(text: str) -> bool:
 def _check_cross_fields(cfg: NodeConfig) -> None:
     """Rules that involve more than one field: derived ports exist, sockets don't
     collide, a wildcard listen has a dialable advertise address."""
-    host, port = split_address(cfg.listen)
+    host, port = split_address(cfg.listen, port_min=0)
     if not cfg.pub and port + 1 > _PORT_MAX:
         raise ConfigError("pub", f"listen port {port} leaves no room for the derived "
                           "PUB port (listen port + 1); set pub explicitly")
@@ -359,10 +390,10 @@ def _check_cross_fields(cfg: NodeConfig) -> None:
         raise ConfigError("metrics", f"listen port {port} leaves no room for the derived "
                           "metrics port (listen port + 2000); set metrics or 'off'")
     pub_port = cfg._pub_host_port()[1]
-    if pub_port == port:
+    if pub_port and pub_port == port:  # port 0 binds a free port each: never the same
         raise ConfigError("pub", f"PUB port {pub_port} is the listen port")
     metrics = cfg.metrics_address
-    if metrics and metrics[1] in (port, pub_port):
+    if metrics and metrics[1] and metrics[1] in (port, pub_port):
         raise ConfigError("metrics", f"metrics port {metrics[1]} collides with the "
                           "listen or PUB port")
     if not cfg.advertise and host in _WILDCARD_HOSTS:

@@ -134,10 +134,21 @@ def suppressed_totals() -> dict[str, int]:
     return dict(_limiter.totals) if _limiter is not None else {}
 
 
+_node_id = [""]  # the id stamped on records; set_node_id changes it after configure
+
+
+def set_node_id(node_id: str) -> None:
+    """Stamp ``node_id`` from now on, on every logger, even one made before: a node
+    listening on port 0 learns its derived id only once its socket is bound."""
+    _node_id[0] = node_id
+
+
 def _add_node_id(node_id: str) -> structlog.types.Processor:
     """Processor stamping the node id on every record (a bound value wins)."""
+    set_node_id(node_id)
+
     def add(_logger: Any, _method: str, event_dict: dict) -> dict:
-        event_dict.setdefault("node_id", node_id)
+        event_dict.setdefault("node_id", _node_id[0])
         return event_dict
     return add
 

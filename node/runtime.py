@@ -30,13 +30,13 @@ import core_cy
 from protocols import peer, wire
 from protocols.effects import Answer, Fail, MembersChanged, Refuted, Send
 from protocols.machine import Effects
-from protocols.membership import Member, Membership, MembershipError
+from protocols.membership import ZMQ, ZMQ_PUB, Member, Membership, MembershipError
 from protocols.routing import Refusal, Router
 from protocols.shutdown import Phase, Shutdown
 from protocols.status import StatusCollector, StatusError
 from protocols.wire import ErrorCode, Request, WireError
 
-from . import logs, systemd, transports
+from . import logs, ready, systemd, transports
 from .agents import AgentError, AgentHost, Supervision, load_behavior_modules
 from .config import NodeConfig
 from .guard import rss_bytes
@@ -75,13 +75,13 @@ class Node:
             mailbox_total_max=config.mailbox_total_max,
             mailbox_bytes_max=config.mailbox_bytes_max,
         )
-        self.router = Router(self.node_id, os.urandom(8), max_hops=config.max_hops,
-                             forward_timeout_s=config.handler_timeout_s + config.forward_margin_s)
+        self.router = self._new_router()
         self.status = StatusCollector(self.node_id, config.status_timeout_s)
         self.shutdown = Shutdown(config.shutdown_timeout_s)
         self.membership: Membership | None = None
         self.transport = transports.create(
-            "zmq", node_id=self.node_id, router_bind=config.router_bind,
+            # An empty node id: the transport derives it once bound, as the config does.
+            "zmq", node_id=config.node_id, router_bind=config.router_bind,
             router_endpoint=config.router_endpoint, pub_bind=config.pub_bind,
             pub_endpoint=config.pub_endpoint, max_message_bytes=config.max_message_bytes,
             peer_hwm=config.peer_hwm, pub_hwm=config.pub_hwm, metrics=self.metrics,
@@ -115,6 +115,7 @@ class Node:
         self._forwards_settled = asyncio.Event()
         load_behavior_modules(self.config.behaviors)
         self.transport.start(self._loop, self)
+        self._use_bound_addresses()
         self._start_metrics()
         self._install_signal_handlers()
         self._start_membership()
@@ -122,8 +123,11 @@ class Node:
         self._start_idle_sweeps()
         systemd.ready()
         self._start_watchdog()
-        self.log.info("node_serving", address=self.config.router_endpoint,
-                      pub=self.config.pub_endpoint, seeds=list(self.config.seeds))
+        info = ready.serving_info(self.node_id, self.config.router_endpoint,
+                                  self.config.pub_endpoint, self._metrics_bound(), os.getpid())
+        self.log.info("node_serving", address=info["address"], pub=info["pub"],
+                      metrics=info["metrics"], seeds=list(self.config.seeds))
+        ready.announce(self.config.ready_file, info)
         try:
             await self._stop_event.wait()
         finally:
@@ -133,6 +137,31 @@ class Node:
         if self._stop_event is not None and not self._stopping:
             self._stopping = True
             self._stop_event.set()
+
+    def _new_router(self) -> Router:
+        cfg = self.config
+        return Router(self.node_id, os.urandom(8), max_hops=cfg.max_hops,
+                      forward_timeout_s=cfg.handler_timeout_s + cfg.forward_margin_s)
+
+    def _use_bound_addresses(self) -> None:
+        """A port 0 in listen, pub or advertise is known only now, bound: the config
+        takes the advertised endpoints with the real ports, and a node id derived from
+        advertise takes the bound port.  The machines made with the provisional id
+        have not run yet, so they are made again."""
+        endpoints = self.transport.endpoints()
+        self.config = self.config.bound(endpoints[ZMQ], endpoints[ZMQ_PUB])
+        node_id = self.config.resolved_node_id
+        if node_id != self.node_id:
+            self.node_id = self._me = self.metrics.node_id = node_id
+            self.router = self._new_router()
+            self.status = StatusCollector(node_id, self.config.status_timeout_s)
+            logs.set_node_id(node_id)
+
+    def _metrics_bound(self) -> tuple[str, int] | None:
+        """(host, port) the metrics server listens on (port 0 resolved), or None."""
+        if self._metrics_server is None:
+            return None
+        return self.config.metrics_address[0], self._metrics_server.port
 
     def _start_metrics(self) -> None:
         self.metrics.set_gauges(self._gauges)

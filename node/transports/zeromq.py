@@ -76,6 +76,18 @@ def _raise_file_limit(wanted: int) -> None:
             pass  # the limits stay as they were; sockets beyond them are refused, not fatal
 
 
+def _with_bound_port(endpoint: str, sock: zmq.Socket) -> str:
+    """``endpoint`` (advertised) with port 0 replaced by the port ``sock`` bound.
+
+    A bind to port 0 takes a free port; libzmq reports it in LAST_ENDPOINT
+    (``tcp://127.0.0.1:54321``).  An advertised port other than 0 is kept (NAT)."""
+    head, _, port = endpoint.rpartition(":")
+    if port != "0":
+        return endpoint
+    bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return f"{head}:{bound.rpartition(':')[2]}"
+
+
 class ZmqTransport(Transport):
     name = "zmq"
 
@@ -131,6 +143,7 @@ class ZmqTransport(Transport):
         router.setsockopt(zmq.MAXMSGSIZE, 4 * self._max_bytes + 65536)
         router.setsockopt(zmq.LINGER, self._linger_ms)
         router.bind(self._router_bind)
+        self._router_endpoint = _with_bound_port(self._router_endpoint, router)
         limits = self._limits
         self._guard = ConnectionGuard(
             router, metrics=self._metrics, log=self._log,
@@ -142,6 +155,9 @@ class ZmqTransport(Transport):
         self._pub.setsockopt(zmq.SNDHWM, self._pub_hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.bind(self._pub_bind)
+        self._pub_endpoint = _with_bound_port(self._pub_endpoint, self._pub)
+        if not self._node_id:  # a derived node id is HOST:PORT of the advertised ROUTER
+            self._node_id = self._router_endpoint[len("tcp://"):].encode()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.RCVHWM, self._pub_hwm)
         self._sub.setsockopt(zmq.LINGER, 0)
@@ -168,6 +184,7 @@ class ZmqTransport(Transport):
         self._ctx.term()
 
     def endpoints(self) -> dict[str, str]:
+        """The advertised endpoints; after ``start`` a port 0 in them is the bound one."""
         return {ZMQ: self._router_endpoint, ZMQ_PUB: self._pub_endpoint}
 
     # Peers -----------------------------------------------------------------
