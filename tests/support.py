@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -32,34 +33,73 @@ def child_env(**extra: str) -> dict:
 
 
 class NodeProcess:
-    """One ``synthesis-node`` process on loopback ports of its own."""
+    """One ``synthesis-node`` process on loopback ports of its own.
+
+    The node binds port 0 for its ROUTER, PUB and metrics server and reports the
+    ports it got in a ready file, so no other process can take a port between
+    choosing it and binding it.  ``address``, ``port`` and ``metrics_port`` come
+    from that file: reading one waits until the node has written it.
+    """
 
     def __init__(self, name: str, log_dir: Path, seeds: tuple[str, ...] = (),
                  args: tuple[str, ...] = (), metrics: bool = False,
                  env: dict[str, str] | None = None):
         self.name = name
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.metrics_port = free_port() if metrics else None
         self.log_path = log_dir / f"{name}.log"
-        cmd = [sys.executable, "-m", "node.cli", "--node-id", name, "--listen", self.address,
-               "--pub", f"127.0.0.1:{free_port()}",
-               "--metrics", f"127.0.0.1:{self.metrics_port}" if metrics else "off",
+        self.ready_path = log_dir / f"{name}.ready.json"
+        self._ready: dict | None = None
+        self._metrics = metrics
+        cmd = [sys.executable, "-m", "node.cli", "--node-id", name,
+               "--listen", "127.0.0.1:0", "--pub", "127.0.0.1:0",
+               "--metrics", "127.0.0.1:0" if metrics else "off",
+               "--ready-file", str(self.ready_path),
                # A generous status deadline: a member stalled on a busy machine
                # would otherwise show up as unreachable, without its counts.
                "--gossip-interval-s", "0.2", "--status-timeout-s", "3.0",
                "--behavior", "synthesis_test_behaviors", *args]
         for seed in seeds:
             cmd += ["--seed", seed]
+        self.ready_path.unlink(missing_ok=True)   # a restarted name must not read the old one
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=child_env(**(env or {})), cwd=str(REPO))
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT of the node's ROUTER, as it reported it."""
+        return self.wait_ready()["address"].removeprefix("tcp://")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+    @property
+    def metrics_port(self) -> int | None:
+        if not self._metrics:
+            return None
+        return int(self.wait_ready()["metrics"].rpartition(":")[2])
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> dict:
+        """The node's ready file, once it has written it (it then serves)."""
+        if self._ready is not None:
+            return self._ready
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.ready_path.exists():   # written atomically: whole when it exists
+                self._ready = json.loads(self.ready_path.read_text())
+                return self._ready
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.02)
+        raise TimeoutError(f"{self.name} wrote no ready file within {timeout_s}s:\n{self.log()}")
 
     def client(self, timeout_s: float = 5.0) -> Client:
         return Client(self.address, timeout_s=timeout_s)
 
     def wait_serving(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Until the ready file is written and the node answers a ping."""
         deadline = time.monotonic() + timeout_s
+        self.wait_ready(timeout_s)
         with self.client(timeout_s=0.5) as c:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -107,6 +147,7 @@ class Cluster:
         try:
             first = NodeProcess("n0", log_dir, args=args, metrics=metrics)
             self.nodes.append(first)
+            first.wait_serving()   # its address, the others' seed, is known once it serves
             for i in range(1, size):
                 self.nodes.append(NodeProcess(f"n{i}", log_dir, seeds=(first.address,),
                                               args=args, metrics=metrics))

@@ -67,8 +67,9 @@ def test_empty_environment_variable_counts_as_unset():
     ("handler_timeout_s", "0"), ("handler_timeout_s", "nan"), ("gossip_interval_s", "x"),
     ("restart_backoff_s", "-0.1"), ("executor_workers", "0"), ("pub_hwm", "0"),
     ("supervision", "reboot"), ("log_level", "verbose"), ("log_format", "xml"),
-    ("listen", "localhost"), ("listen", "h:0"), ("listen", ":7400"), ("listen", "h:70000"),
+    ("listen", "localhost"), ("listen", "h:65536"), ("listen", ":7400"), ("listen", "h:70000"),
     ("advertise", "h:x"), ("pub", "h:-1"), ("metrics", "on"), ("seeds", "a:1,b"),
+    ("seeds", "a:0"),
     ("behaviors", "my-module"), ("node_id", "has space"),
 ])
 def test_each_bad_environment_value_names_key_and_source(key, raw):
@@ -157,6 +158,37 @@ def test_derived_addresses_with_advertise_pub_and_metrics():
     assert cfg.resolved_node_id == "n1"
     assert NodeConfig(metrics="off").metrics_address is None
     assert NodeConfig(advertise="h:1").resolved_node_id == "h:1"
+
+
+def test_listen_port_0_derives_port_0_pub_and_metrics():
+    """Port 0 binds a free port; "listen port + 1" of 0 would be port 1, so the
+    derived PUB and metrics addresses take port 0 (a free port each) too."""
+    cfg = load(parse("--listen", "127.0.0.1:0", "--ready-file", "/run/n.json"), environ={})
+    assert cfg.router_bind == "tcp://127.0.0.1:0"
+    assert cfg.pub_bind == "tcp://127.0.0.1:0"
+    assert cfg.metrics_address == ("127.0.0.1", 0)
+    assert cfg.ready_file == "/run/n.json"
+    assert NodeConfig(listen="127.0.0.1:0", metrics="off").metrics_address is None
+    explicit = NodeConfig(listen="127.0.0.1:0", pub="127.0.0.1:7001", metrics="h:9000")
+    assert explicit.pub_bind == "tcp://127.0.0.1:7001"
+    assert explicit.metrics_address == ("h", 9000)
+
+
+def test_bound_config_carries_the_bound_ports():
+    """Once bound, the advertised endpoints and a derived node id have real ports;
+    an explicit node id stays, and a derived metrics address still binds port 0."""
+    cfg = NodeConfig(listen="127.0.0.1:0")
+    assert cfg.resolved_node_id == "127.0.0.1:0"   # provisional, until bound
+    bound = cfg.bound("tcp://127.0.0.1:41000", "tcp://127.0.0.1:41007")
+    assert bound.router_endpoint == "tcp://127.0.0.1:41000"
+    assert bound.pub_endpoint == "tcp://127.0.0.1:41007"
+    assert bound.resolved_node_id == "127.0.0.1:41000"
+    assert bound.metrics_address == ("127.0.0.1", 0)
+    named = NodeConfig(listen="0.0.0.0:0", advertise="node1.example:0", node_id="n1")
+    bound = named.bound("tcp://node1.example:41000", "tcp://node1.example:41001")
+    assert bound.resolved_node_id == "n1"
+    assert bound.pub_bind == "tcp://0.0.0.0:41001"
+    assert bound.router_endpoint == "tcp://node1.example:41000"
 
 
 def test_ipv6_addresses_keep_brackets():
