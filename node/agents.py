@@ -323,13 +323,17 @@ class AgentHost:
             self._refuse_all(act, ErrorCode.UNAVAILABLE, "agent stopped")
         if act.task is not None:
             act.task.cancel()  # its caller is answered 'unavailable' by the task
+        self._stop_instance(agent_id, act)
+        return True
+
+    def _stop_instance(self, agent_id: str, act: Activation) -> None:
+        """Run on_stop (its failure is logged, never raised) and forget the agent."""
         try:
             if act.agent is not None:
                 act.agent.on_stop()
         except Exception as exc:
             self._log.warning("on_stop_failed", agent_id=agent_id, error=repr(exc))
         self._remove(agent_id, act)
-        return True
 
     # Passivation ---------------------------------------------------------------
     #
@@ -365,12 +369,7 @@ class AgentHost:
         return True
 
     def passivate(self, agent_id: str, act: Activation, reason: str) -> None:
-        try:
-            if act.agent is not None:
-                act.agent.on_stop()
-        except Exception as exc:
-            self._log.warning("on_stop_failed", agent_id=agent_id, error=repr(exc))
-        self._remove(agent_id, act)
+        self._stop_instance(agent_id, act)
         self._metrics.limited(f"agent_passivated_{reason}")
 
     def sweep_idle(self, looks_max: int) -> int:

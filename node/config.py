@@ -135,8 +135,9 @@ class NodeConfig:
     mailbox_bytes_max: int = _opt(256 << 20, "Bytes of messages queued in all mailboxes "
                                   "before 'overloaded'.", lo=1 << 16)
     memory_bytes_max: int = _opt(
-        2 << 30, "Resident memory budget; past it new activations and large requests "
-        "answer 'overloaded' and idle agents are passivated. 0 disables.", lo=0)
+        2 << 30, "Resident memory budget; while over it new activations and requests "
+        "above 64 KiB answer 'overloaded' (stopping agents or deleting kv entries frees "
+        "memory; the node hands freed memory back to the system). 0 disables.", lo=0)
     agent_idle_s: float = _opt(
         0.0, "Passivate agents idle this long (their in-memory state is dropped); "
         "0 keeps them until stopped or evicted under pressure.", lo=0)

@@ -93,15 +93,21 @@ class ConnectionGuard:
 
     # --- the hot path: plain dict work ---------------------------------------------
 
-    def read(self, fd: int, frames: list[bytes]) -> None:
-        """The node read one message (routing id first) from connection ``fd``."""
-        conn = self._conns.get(fd)
-        if conn is None:
-            return  # accepted before the monitor told us; the next scan adds it
+    def read(self, fd: int, frames: list[bytes]) -> int:
+        """The node read one message (routing id first) from connection ``fd``;
+        returns its size on the wire."""
         total = 0
         for frame in frames[1:]:  # the routing id is added by the ROUTER, not sent
             size = len(frame)
             total += size + (2 if size <= 255 else 9)
+        conn = self._conns.get(fd)
+        if conn is None:
+            # The monitor's accept event may still be on its way: take it now, so
+            # the connection's first messages already name its routing id.
+            self._take_events()
+            conn = self._conns.get(fd)
+            if conn is None:
+                return total
         conn.read += total
         identity = frames[0]
         if conn.identity != identity:
@@ -109,6 +115,7 @@ class ConnectionGuard:
             if len(self._by_identity) >= 4 * self._connections_max:
                 self._by_identity.clear()  # stale ids of gone connections; rebuilt as used
             self._by_identity[identity] = fd
+        return total
 
     def wrote(self, identity: bytes, nbytes: int) -> None:
         """The node queued ``nbytes`` on the wire for the client with this routing id."""
@@ -126,7 +133,7 @@ class ConnectionGuard:
         self._take_events()
         if self._trims_due:
             self._trims_due -= 1
-            _trim_malloc()
+            trim_malloc()
         self.rss = rss_bytes()
         if self.rss - self._last_rss >= rss_jump_bytes:
             return self.scan()
@@ -257,6 +264,7 @@ def _load_malloc_trim():
 _MALLOC_TRIM = _load_malloc_trim()
 
 
-def _trim_malloc() -> None:
+def trim_malloc() -> None:
+    """Give freed heap memory back to the system (glibc's malloc_trim), if we can."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)

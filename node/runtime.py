@@ -39,13 +39,14 @@ from protocols.wire import ErrorCode, Request, WireError
 from . import logs, ready, systemd, transports
 from .agents import AgentError, AgentHost, Supervision, load_behavior_modules
 from .config import NodeConfig
-from .guard import rss_bytes
+from .guard import rss_bytes, trim_malloc
 from .metrics import MetricsServer, NodeMetrics
 from .parked import ParkedReplies
 
 RETRY_INTERVAL_S = 0.02    # how often queued peer sends are retried
 SHUTDOWN_LINGER_MS = 500   # time given to last replies on close
 MEMORY_CHECK_S = 0.05      # how often resident memory is compared with its budget
+MEMORY_TRIM_EVERY = 20     # checks over budget between two malloc_trim calls (1 s)
 IDLE_SWEEP_LOOKS = 10_000  # agents the idle sweep looks at per step
 IDLE_SWEEP_STEP_S = 0.1
 LARGE_REQUEST_BYTES = 64 << 10  # refused while the node is over its memory budget
@@ -657,10 +658,15 @@ class Node:
                 return
             rss = rss_bytes()
             tight = rss > budget
+            if tight:
+                checks[0] += 1
+                if checks[0] % MEMORY_TRIM_EVERY == 1:  # memory freed since comes back
+                    trim_malloc()
             if tight != self.host.memory_tight:
                 self.host.memory_tight = tight
                 self.log.warning("memory_budget", over=tight, rss=rss, budget=budget)
             self._loop.call_later(MEMORY_CHECK_S, check)
+        checks = [0]
         check()
 
     def _start_idle_sweeps(self) -> None:

@@ -83,8 +83,10 @@ class StatusCollector:
         wait = self._waits.get(token)
         if wait is None:
             return []  # answered after the deadline, or never asked
-        if sender not in wait.expected or status.get("node") != sender:
+        if status.get("node") != sender or sender not in wait.members:
             raise StatusError(f"status from {sender!r:.40} was not asked for")
+        if sender not in wait.expected:
+            return []  # a repeated answer (the network duplicated it): nothing new
         wait.results[sender] = status
         wait.expected.discard(sender)
         if wait.expected:

@@ -161,6 +161,10 @@ def slow_consumer(address: str, calls: int = 3000, size: int = MiB - 1024,
             sent += 1
         except zmq.Again:
             time.sleep(0.01)
+        if i % 8 == 7:
+            # Paced: a client that floods requests trips the inbound budget first;
+            # this one only ever fails to read its replies.
+            time.sleep(0.02)
     time.sleep(hold_s)
     sock.close()
     ctx.term()

@@ -7,6 +7,7 @@ memory, sockets, the member view, an answer to every call, a counted metric.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import threading
@@ -48,14 +49,22 @@ def wait_for(condition, timeout_s: float = 10.0, what: str = "condition") -> Non
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@contextlib.contextmanager
+def running(tmp_path, name: str, *args: str):
+    """A node of its own for one test, with metrics, killed at the end."""
+    n = NodeProcess(name, tmp_path, metrics=True, args=args)
+    try:
+        n.wait_serving()
+        yield n
+    finally:
+        n.kill()
+
+
 @pytest.fixture
 def node(tmp_path):
-    n = NodeProcess("victim", tmp_path, metrics=True,
-                    args=("--conn-inbound-bytes-max", str(16 * MiB),
-                          "--client-reply-bytes-max", str(8 * MiB)))
-    n.wait_serving()
-    yield n
-    n.kill()
+    with running(tmp_path, "victim", "--conn-inbound-bytes-max", str(16 * MiB),
+                 "--client-reply-bytes-max", str(8 * MiB)) as n:
+        yield n
 
 
 def test_a_multipart_message_that_never_ends_is_cut_off(node):
@@ -95,9 +104,7 @@ def test_a_client_that_never_reads_its_replies_is_cut_off(node):
 
 
 def test_connections_beyond_the_limit_are_closed(tmp_path):
-    n = NodeProcess("few", tmp_path, metrics=True, args=("--connections-max", "20"))
-    try:
-        n.wait_serving()
+    with running(tmp_path, "few", "--connections-max", "20") as n:
         socks = [attack.zmtp_connect(n.address) for _ in range(40)]
         try:
             wait_for(lambda: limited(n, "connections") >= 15, what="extra connections closed")
@@ -107,8 +114,6 @@ def test_connections_beyond_the_limit_are_closed(tmp_path):
                 s.close()
         with n.client() as c:  # room again once the attacker left
             wait_for(lambda: _pings(c), what="a ping after the attacker left")
-    finally:
-        n.kill()
 
 
 def _pings(client) -> bool:
@@ -170,14 +175,16 @@ def test_fake_members_cannot_exhaust_sockets(trio):
     n0 = trio.nodes[0]
     attack.fake_members(n0.address, count=1020)
     wait_for(lambda: len(members_of(n0)) > 1000, timeout_s=20, what="fake members listed")
-    with n0.client(timeout_s=10) as c:
-        for i in range(20):  # every call answered: data, or a clear error
+    # Each call to a fake owner waits out the 1 s peer queue deadline, and each status
+    # the 3 s status deadline (the fake members never answer): keep the counts small.
+    with n0.client(timeout_s=15) as c:
+        for i in range(6):  # every call answered: data, or a clear error
             try:
                 c.call(f"echo/x{i}", "say", i)
             except RemoteError as err:
                 assert err.code in ("unavailable", "overloaded"), err
         # Status is answered (rows for unreachable members), never stuck 'overloaded'.
-        for _ in range(3):
+        for _ in range(2):
             assert len(c.status()["members"]) > 1000
     assert "Too many open files" not in n0.log()
 
@@ -217,10 +224,7 @@ def test_one_kv_agent_holds_a_bounded_number_of_bytes(node):
 
 
 def test_memory_budget_refuses_large_requests_and_new_agents(tmp_path):
-    n = NodeProcess("budget", tmp_path, metrics=True,
-                    args=("--memory-bytes-max", str(160 * MiB)))
-    try:
-        n.wait_serving()
+    with running(tmp_path, "budget", "--memory-bytes-max", str(160 * MiB)) as n:
         result = attack.kv_fill(n.address, puts_max=400, agents=64)
         assert result["refused_with"] == "overloaded", result
         assert rss_mb(n) < 160 + 100, "the budget held within a few requests' worth"
@@ -230,28 +234,20 @@ def test_memory_budget_refuses_large_requests_and_new_agents(tmp_path):
                 c.call("counter/brand-new", "incr")  # no new agents while over budget
             assert err.value.code == "overloaded"
             assert c.call("kv/fill0", "get", {"key": "nope"})["found"] is False  # small: served
-    finally:
-        n.kill()
 
 
 def test_a_flood_of_one_way_sends_is_bounded_node_wide(tmp_path):
     """Per-agent mailboxes held, yet 1,000 slow agents queued 228k messages (865 MB)."""
-    n = NodeProcess("flood", tmp_path, metrics=True, args=("--mailbox-total-max", "5000"))
-    try:
-        n.wait_serving()
+    with running(tmp_path, "flood", "--mailbox-total-max", "5000") as n:
         attack.flood(n.address, agents=1000, messages=30_000, nap_s=30.0)
         wait_for(lambda: limited(n, "node_mailboxes_full") >= 1, what="node-wide bound hit")
         assert gauge(n, "mailbox_depth") <= 5000
         with n.client() as c:  # other agents still answer
             assert c.call("echo/ok", "say", 1) == 1
-    finally:
-        n.kill()
 
 
 def test_idle_agents_are_passivated(tmp_path):
-    n = NodeProcess("idle", tmp_path, metrics=True, args=("--agent-idle-s", "0.3"))
-    try:
-        n.wait_serving()
+    with running(tmp_path, "idle", "--agent-idle-s", "0.3") as n:
         with n.client() as c:
             for i in range(50):
                 c.call(f"counter/i{i}", "incr")
@@ -259,23 +255,17 @@ def test_idle_agents_are_passivated(tmp_path):
                      what="idle agents passivated")
             assert c.call("counter/i0", "get") == {"value": 0}  # state went with it
         assert limited(n, "agent_passivated_idle") >= 50
-    finally:
-        n.kill()
 
 
 def test_activations_beyond_agents_max_evict_the_least_recently_used(tmp_path):
     """A million activations filled a node until restart; now the idle ones make room."""
-    n = NodeProcess("full", tmp_path, metrics=True, args=("--agents-max", "500"))
-    try:
-        n.wait_serving()
+    with running(tmp_path, "full", "--agents-max", "500") as n:
         with n.client() as c:
             c.call("counter/keep", "incr")
             result = attack.activations(n.address, 3000, window=200)
             assert result["replies"] == {"ok": 3000}, result
             assert c.status()["members"][0]["agents"] <= 500
         assert limited(n, "agent_passivated_pressure") >= 2500
-    finally:
-        n.kill()
 
 
 def test_a_forged_reply_never_reaches_a_client(node):

@@ -34,6 +34,9 @@ PEER_PREFIX = b"SYNP"   # every peer protocol version's magic starts so
 GROUP_PREFIX = b"G"
 _SEQ = struct.Struct(">Q")
 BATCH_MAX = 512            # messages read per socket per wake-up, for fairness
+# Bytes read from the ROUTER per wake-up: 512 messages of 1 MiB held the loop for
+# seconds, and with it the connection guard's timer, while libzmq read on unbounded.
+BATCH_BYTES_MAX = 4 << 20
 # ZeroMQ sockets this transport may hold: links, strangers, ROUTER, PUB, SUB, monitor.
 # The context's MAX_SOCKETS is set above this on purpose (libzmq's default is 1023).
 SOCKETS_MAX = LINKS_MAX + STRANGER_LINKS_MAX + 4
@@ -314,7 +317,10 @@ class ZmqTransport(Transport):
         recv = self._router.recv
         inbound = self._inbound
         account = self._guard.read
+        budget = BATCH_BYTES_MAX
         for _ in range(BATCH_MAX):
+            if budget <= 0:
+                return  # the pump runs again soon; timers (the guard's) get their turn
             try:
                 frame = recv(_NOBLOCK, copy=False)
             except zmq.Again:
@@ -324,7 +330,7 @@ class ZmqTransport(Transport):
             while frame.more:  # the rest of a multipart message is already here
                 frame = recv(_NOBLOCK, copy=False)
                 frames.append(frame.bytes)
-            account(first.get(_SRCFD), frames)  # which connection, for its byte budget
+            budget -= account(first.get(_SRCFD), frames)  # which connection: its budget
             n = len(frames)
             try:
                 if n == 2:
