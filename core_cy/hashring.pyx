@@ -178,6 +178,46 @@ cdef inline int _cmp_entry(uint64_t pa, uint32_t sa, uint64_t pb, uint32_t sb, l
     return -1 if nx < ny else (1 if nx > ny else 0)
 
 
+cdef tuple _merge_runs(tuple a, tuple b, list names_b):
+    """Merge two sorted runs (points, slots, length), freeing both; returns the merged run."""
+    cdef size_t addr_pa = a[0], addr_sa = a[1], addr_pb = b[0], addr_sb = b[1]
+    cdef uint64_t* pa = <uint64_t*>addr_pa
+    cdef uint32_t* sa = <uint32_t*>addr_sa
+    cdef Py_ssize_t na = a[2]
+    cdef uint64_t* pb = <uint64_t*>addr_pb
+    cdef uint32_t* sb = <uint32_t*>addr_sb
+    cdef Py_ssize_t nb = b[2]
+    cdef Py_ssize_t total = na + nb
+    cdef uint64_t* op = <uint64_t*>malloc(max(total, 1) * sizeof(uint64_t))
+    cdef uint32_t* os = <uint32_t*>malloc(max(total, 1) * sizeof(uint32_t))
+    cdef Py_ssize_t i = 0, j = 0, k = 0
+    if op == NULL or os == NULL:
+        free(op); free(os); free(pa); free(sa); free(pb); free(sb)
+        raise MemoryError()
+    try:
+        while i < na and j < nb:
+            if _cmp_entry(pa[i], sa[i], pb[j], sb[j], names_b) <= 0:
+                op[k] = pa[i]; os[k] = sa[i]; i += 1
+            else:
+                op[k] = pb[j]; os[k] = sb[j]; j += 1
+            k += 1
+        while i < na:
+            op[k] = pa[i]; os[k] = sa[i]; i += 1; k += 1
+        while j < nb:
+            op[k] = pb[j]; os[k] = sb[j]; j += 1; k += 1
+    finally:
+        free(pa); free(sa); free(pb); free(sb)
+    return (<size_t>op, <size_t>os, total)
+
+
+cdef void _free_runs(list runs):
+    cdef size_t points, slots
+    for run in runs:
+        points, slots = run[0], run[1]
+        free(<uint64_t*>points)
+        free(<uint32_t*>slots)
+
+
 cdef class HashRing:
     """Consistent hash ring with virtual nodes and weights (compiled)."""
 
@@ -205,12 +245,59 @@ cdef class HashRing:
 
     def __init__(self, nodes=(), vnodes=160):
         self._vnodes = check_vnodes(vnodes)
-        if isinstance(nodes, Mapping):
-            for node, weight in nodes.items():
+        items = list(nodes.items()) if isinstance(nodes, Mapping) else [(n, 1.0) for n in nodes]
+        names = [node_bytes(node) for node, _ in items]
+        if len(set(names)) != len(names):  # a name twice: the later one wins, as add does
+            for node, weight in items:
                 self.add(node, weight)
-        else:
-            for node in nodes:
-                self.add(node)
+            return
+        self._build(items)
+
+    cdef _build(self, list items):
+        """All nodes at once: each node's points sorted, then the runs merged pairwise,
+        O(points x log nodes).  (Adding them one by one merges the whole ring each
+        time: 1,020 nodes took 2.4 s.)"""
+        cdef list runs = []
+        cdef Py_ssize_t count
+        cdef uint32_t s
+        cdef uint64_t seed
+        cdef uint64_t* pts
+        cdef uint32_t* sl
+        cdef Py_ssize_t t
+        for node, weight in items:
+            nb = node_bytes(node)
+            count = vnode_count(self._vnodes, weight) * PPV
+            s = <uint32_t>len(self._names)
+            seed = syn_xxh64(PyBytes_AS_STRING(nb), <size_t>PyBytes_GET_SIZE(nb), HASH_SEED_C)
+            pts = <uint64_t*>malloc(max(count, 1) * sizeof(uint64_t))
+            sl = <uint32_t*>malloc(max(count, 1) * sizeof(uint32_t))
+            if pts == NULL or sl == NULL:
+                free(pts); free(sl)
+                _free_runs(runs)
+                raise MemoryError()
+            for t in range(count):
+                pts[t] = syn_index_point(<uint64_t>t, seed)
+                sl[t] = s
+            _sort_u64(pts, count)
+            self._names.append(node)
+            self._names_b.append(nb)
+            self._slots[nb] = s
+            self._weights[nb] = float(weight)
+            runs.append((<size_t>pts, <size_t>sl, count))
+        while len(runs) > 1:
+            merged = []
+            for i in range(0, len(runs) - 1, 2):
+                merged.append(_merge_runs(runs[i], runs[i + 1], self._names_b))
+            if len(runs) % 2:
+                merged.append(runs[len(runs) - 1])  # (compiled with wraparound off)
+            runs = merged
+        cdef size_t points, slots
+        if runs:
+            points, slots = runs[0][0], runs[0][1]
+            free(self._points); free(self._slot)
+            self._points = <uint64_t*>points
+            self._slot = <uint32_t*>slots
+            self._n = runs[0][2]
 
     # -- membership ---------------------------------------------------------------
     @property

@@ -39,6 +39,7 @@ from .wire import ErrorCode
 
 OWNER_CACHE_MAX = 65_536   # ring lookups kept; bounded (a cache per agent would not be)
 FORWARDS_MAX = 100_000     # forwards in flight at once
+RING_REBUILD_CHANGES = 8   # more members changing at once than this: build the ring anew
 TOKEN_BYTES = 16
 _TOKEN = struct.Struct(">8sQ")
 
@@ -113,10 +114,15 @@ class Router:
         """Rebuild the ring; forwards to owners that left are answered ``unavailable``."""
         wanted = frozenset(node_ids) | {self.node_id}
         current = set(self._ring.nodes)
-        for node_id in sorted(current - wanted):
-            self._ring.remove(node_id)
-        for node_id in sorted(wanted - current):
-            self._ring.add(node_id)
+        if len(wanted ^ current) > RING_REBUILD_CHANGES:
+            # Many at once (a join of a large cluster): one build merges every node's
+            # points together; adding them one by one re-merges the ring each time.
+            self._ring = HashRing(tuple(sorted(wanted)), vnodes=self._ring.vnodes)
+        else:
+            for node_id in sorted(current - wanted):
+                self._ring.remove(node_id)
+            for node_id in sorted(wanted - current):
+                self._ring.add(node_id)
         self._cache = {}
         self._members = wanted
         gone = [p for p in self._pending.values() if p.owner not in wanted]

@@ -266,3 +266,25 @@ def test_large_ring_agrees(both):
     assert rp.owners(keys) == rc.owners(keys)
     assert [rp.preference_list(k, 5) for k in KEYS[:300]] == \
            [rc.preference_list(k, 5) for k in KEYS[:300]]
+
+
+@SETTINGS
+@given(nodes=st.lists(st.tuples(names_st, st.sampled_from([0.5, 1.0, 2.0])), min_size=0, max_size=12),
+       keys=keys_st)
+def test_building_at_once_equals_adding_one_by_one(impl, nodes, keys):
+    """The constructor builds all nodes in one merge (fast for a thousand members);
+    adding them one at a time must give the same ring, a repeated name included."""
+    at_once = impl.HashRing(dict(nodes), vnodes=20) if nodes else impl.HashRing(vnodes=20)
+    one_by_one = impl.HashRing(vnodes=20)
+    for name, weight in dict(nodes).items():
+        one_by_one.add(name, weight)
+    assert at_once.nodes == one_by_one.nodes
+    if nodes:
+        assert at_once.owners(keys) == one_by_one.owners(keys)
+        assert [at_once.preference_list(k, 3) for k in keys] == \
+            [one_by_one.preference_list(k, 3) for k in keys]
+    names = [name for name, _ in nodes] * 2  # every name twice: the later one wins
+    added = impl.HashRing(vnodes=20)
+    for name in names:
+        added.add(name)
+    assert impl.HashRing(names, vnodes=20).nodes == added.nodes
