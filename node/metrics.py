@@ -81,9 +81,12 @@ GAUGE_HELP = {
                        "not a count of live connections.",
     "peer_queue_depth": "Sends waiting for a peer link to come up.",
     "members": "Members in this node's view, itself and dead members included.",
+    "mailbox_bytes": "Envelope bytes of the messages waiting in all agent mailboxes.",
+    "forwards_in_flight": "Calls of this node's clients forwarded to their owners and "
+                          "not answered yet (each ends by reply, deadline or departure).",
 }
 
-_ELAPSED_MAX_S = 86400.0          # a sane stamp is never older than this
+_ELAPSED_MAX_S = 86400.0          # a sane elapsed time is never longer than this
 
 
 class _Labels:
