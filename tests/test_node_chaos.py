@@ -109,3 +109,42 @@ def test_sigterm_answers_calls_still_waiting_for_a_dead_owner(tmp_path):
         assert n0.proc.wait(10) == 0
     finally:
         c2.close()
+
+
+def test_a_frozen_owner_is_answered_timeout_by_the_entry_node(tmp_path):
+    """Before the router kept forwards with deadlines, a call to a SIGSTOPped owner
+    heard nothing until the client's own timeout (60 s with a 60 s client).  Now the
+    entry node answers 'timeout' at handler_timeout_s + forward_margin_s, and a reply
+    the owner sends after thawing is dropped as late, never delivered twice."""
+    c2 = Cluster(2, tmp_path, metrics=True,
+                 args=("--handler-timeout-s", "1.0", "--forward-margin-s", "0.5"))
+    try:
+        n0, n1 = c2.nodes
+        with n0.client(timeout_s=30) as c:
+            on_n1 = _agent_owned_by(c, "n1", "stopped")
+            n1.signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(RemoteError) as err:
+                    c.call(on_n1, "incr")
+                waited = time.monotonic() - started
+            finally:
+                n1.signal(signal.SIGCONT)
+            assert err.value.code == "timeout" and "did not answer" in err.value.message
+            assert waited < 20, waited  # the entry node's deadline, not the client's 30 s
+            # Thawed, n1 handles the incr that waited and replies: n0 counts it late.
+            deadline = time.monotonic() + 10
+            while c.call(on_n1, "get")["value"] != 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        import urllib.request
+        url = f"http://127.0.0.1:{n0.metrics_port}/metrics"
+        wait_until = time.monotonic() + 10
+        while True:
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            if 'synthesis_limited_total{reason="late_reply"} 1.0' in text:
+                break
+            assert time.monotonic() < wait_until, "late reply not counted"
+            time.sleep(0.05)
+    finally:
+        c2.close()
