@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 
+
 class AgentError(Exception):
     """Raised by a handler to answer with a chosen error code.
 
@@ -62,6 +63,7 @@ _HANDLER_ATTR = "_synthesis_handles"
 GROUPS_PER_AGENT_MAX = 64
 GROUPS_MAX = 100_000       # distinct groups with members on one node
 BLOCKING_QUEUE_PER_WORKER = 16
+CANCELLED_TURNS_WAIT_S = 1.0  # how long shutdown waits for cancelled turns to answer
 _ANY = "*"
 
 
@@ -693,8 +695,10 @@ class AgentHost:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        # Let the cancelled turns answer their callers before the sockets close.
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Let the cancelled turns answer their callers before the sockets close; a
+        # handler that swallows its cancellation does not hold the shutdown.
+        if tasks:
+            await asyncio.wait(tasks, timeout=CANCELLED_TURNS_WAIT_S)
         refused += len(tasks)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)

@@ -108,8 +108,15 @@ class ConnectionGuard:
             conn = self._conns.get(fd)
             if conn is None:
                 return total
-        conn.read += total
         identity = frames[0]
+        if conn.identity is not None and conn.identity != identity:
+            # Another routing id on this descriptor: the old connection closed and a
+            # new one took its number; the monitor's events say so before we count.
+            self._take_events()
+            conn = self._conns.get(fd)
+            if conn is None:
+                return total
+        conn.read += total
         if conn.identity != identity:
             conn.identity = identity
             if len(self._by_identity) >= 4 * self._connections_max:

@@ -28,7 +28,7 @@ from typing import Any
 
 import core_cy
 from protocols import peer, wire
-from protocols.effects import Answer, Fail, MembersChanged, Refuted, Send
+from protocols.effects import Answer, Fail, MembersChanged, Refuted, Send, Unresponsive
 from protocols.machine import Effects
 from protocols.membership import ZMQ, ZMQ_PUB, Member, Membership, MembershipError
 from protocols.routing import Refusal, Router
@@ -77,7 +77,8 @@ class Node:
             mailbox_bytes_max=config.mailbox_bytes_max,
         )
         self.router = self._new_router()
-        self.status = StatusCollector(self.node_id, config.status_timeout_s)
+        self.status = StatusCollector(self.node_id, config.status_timeout_s,
+                                      key=os.urandom(8))
         self.shutdown = Shutdown(config.shutdown_timeout_s)
         self.membership: Membership | None = None
         self.transport = transports.create(
@@ -94,6 +95,7 @@ class Node:
         self._effects = Effects({
             Send: self._do_send, MembersChanged: self._on_members, Refuted: self._on_refuted,
             Answer: self._do_answer, Fail: self._do_fail, Phase: self._on_phase,
+            Unresponsive: self._on_unresponsive,
         })
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -155,7 +157,8 @@ class Node:
         if node_id != self.node_id:
             self.node_id = self._me = self.metrics.node_id = node_id
             self.router = self._new_router()
-            self.status = StatusCollector(node_id, self.config.status_timeout_s)
+            self.status = StatusCollector(node_id, self.config.status_timeout_s,
+                                          key=os.urandom(8))
             logs.set_node_id(node_id)
 
     def _metrics_bound(self) -> tuple[str, int] | None:
@@ -258,6 +261,12 @@ class Node:
         if self.transport.send(effect.to, frames, None, _now()):
             self.metrics.sent(effect.channel)
         self._ensure_retry()
+
+    def _on_unresponsive(self, effect: Unresponsive) -> None:
+        """Calls to this owner timed out: what the transport still holds for it (a
+        frozen process reads nothing) is dropped rather than left to pile up."""
+        self.transport.drop_queued(effect.node_id)
+        self.metrics.limited("unresponsive_owner")
 
     def _do_answer(self, effect: Answer) -> None:
         self._reply_data(effect.handle, effect.request_id, effect.data)
@@ -389,7 +398,8 @@ class Node:
                 self.metrics.sent("error")
             return
         self.metrics.received(req.type)
-        reply_to = (None if req.mode != wire.MODE_CALL
+        # A forwarded call without a token has nobody to answer: one-way, like a send.
+        reply_to = (None if req.mode != wire.MODE_CALL or (origin is not None and token is None)
                     else (handle, origin, token, req.raw.get("traceparent"), arrived))
         if self._stopping:
             self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE, "node is shutting down",
@@ -405,6 +415,13 @@ class Node:
             self._node_request(req, reply_to)
         elif req.mode == wire.MODE_PUBLISH:
             self._publish(req, payload)
+        elif self.host.memory_tight and req.nbytes > LARGE_REQUEST_BYTES:
+            # Over the memory budget, large requests are refused whether they would be
+            # handled here or forwarded (a frozen owner's forwards pile up here too).
+            self.metrics.limited("memory_budget")
+            self._reply_error(reply_to, req.id, ErrorCode.OVERLOADED,
+                              f"node is over its memory budget: requests above "
+                              f"{LARGE_REQUEST_BYTES} bytes are refused for now", req.type)
         else:
             target = self.router.route(req.subject, req.ttl, hops)
             if target == self._me:
@@ -424,7 +441,7 @@ class Node:
             give_up = None
         elif reply_to[1] is None:
             token = self.router.forward_started(reply_to, req.id, req.type, owner, _now(),
-                                                reply_to[4])
+                                                reply_to[4], req.nbytes)
             if type(token) is Refusal:
                 self._reply_error(reply_to, req.id, token.code, token.message, req.type)
                 return
@@ -464,12 +481,6 @@ class Node:
 
     def _handle_local(self, req: Request, reply_to: Any) -> None:
         agent_id = req.subject
-        if self.host.memory_tight and req.nbytes > LARGE_REQUEST_BYTES:
-            self.metrics.limited("memory_budget")
-            self._reply_error(reply_to, req.id, ErrorCode.OVERLOADED,
-                              f"node is over its memory budget: requests above "
-                              f"{LARGE_REQUEST_BYTES} bytes are refused for now", req.type)
-            return
         try:
             if wire.is_system_type(req.type):
                 self._system_request(req, reply_to)
@@ -590,6 +601,12 @@ class Node:
             self._reply_error(reply_to, request_id, ErrorCode.INTERNAL,
                               f"reply is not msgpack-serialisable: {exc}", "")
             return
+        if len(payload) > self._max_bytes:
+            # The same limit as requests, both ways: a larger reply would cost the
+            # link between two nodes (the entry node's guard drops such frames).
+            self._reply_error(reply_to, request_id, ErrorCode.TOO_LARGE,
+                              f"reply of {len(payload)} bytes exceeds {self._max_bytes}", "")
+            return
         if self._send_reply(reply_to, payload):
             self.metrics.sent("reply")
 
@@ -656,6 +673,7 @@ class Node:
         def check() -> None:
             if self._closed:
                 return
+            self._loop.call_later(MEMORY_CHECK_S, check)  # first: an error cannot end it
             rss = rss_bytes()
             tight = rss > budget
             if tight:
@@ -665,7 +683,6 @@ class Node:
             if tight != self.host.memory_tight:
                 self.host.memory_tight = tight
                 self.log.warning("memory_budget", over=tight, rss=rss, budget=budget)
-            self._loop.call_later(MEMORY_CHECK_S, check)
         checks = [0]
         check()
 
@@ -678,13 +695,13 @@ class Node:
 
         def start() -> None:
             if not self._closed:
+                self._loop.call_later(idle_s, start)  # first: an error cannot end it
                 self.host.start_sweep()
-                self._loop.call_later(idle_s, start)
 
         def step() -> None:
             if not self._closed:
-                self.host.sweep_idle(IDLE_SWEEP_LOOKS)
                 self._loop.call_later(IDLE_SWEEP_STEP_S, step)
+                self.host.sweep_idle(IDLE_SWEEP_LOOKS)
 
         self._loop.call_later(idle_s, start)
         step()

@@ -77,3 +77,11 @@ class Fail:
     code: str
     message: str
     mtype: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Unresponsive:
+    """Forwards to ``node_id`` went unanswered past their deadline: whatever still
+    waits on the way to it (in a transport's queues) can be dropped."""
+
+    node_id: str

@@ -16,29 +16,33 @@ or late.  Every recorded forward ends exactly once, by the first of:
 - ``send_failed(token, code, message)``: the transport gave the send up;
 - ``tick(now)`` past its deadline (``forward_timeout_s``: the handler timeout plus
   a margin for the hops): answered ``timeout``, so a call whose owner went silent
-  is answered by the entry node, not left to the client's clock;
+  is answered by the entry node, not left to the client's clock; the owner is named
+  in an ``Unresponsive`` effect, so the node can drop what still waits for it;
 - ``members_changed(ids)`` without its owner: answered ``unavailable``;
 - ``stop()``: answered ``unavailable`` (the node is shutting down).
 
 Each of those returns ``Fail`` effects for the forwards it ends; the table keeps no
 entry afterwards, so a late reply finds nothing and is counted, not delivered twice.
+The table is bounded in count (``forwards_max``) and in envelope bytes
+(``forward_bytes_max``); past either a new forward is refused ``overloaded``.
 """
 
 from __future__ import annotations
 
 import itertools
 import struct
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from core_cy import HashRing
 
-from .effects import Fail
+from .effects import Fail, Unresponsive
 from .wire import ErrorCode
 
 OWNER_CACHE_MAX = 65_536   # ring lookups kept; bounded (a cache per agent would not be)
 FORWARDS_MAX = 100_000     # forwards in flight at once
+FORWARD_BYTES_MAX = 256 << 20  # envelope bytes of forwards in flight at once
 RING_REBUILD_CHANGES = 8   # more members changing at once than this: build the ring anew
 TOKEN_BYTES = 16
 _TOKEN = struct.Struct(">8sQ")
@@ -54,10 +58,11 @@ class Pending:
     """One forward in flight (slotted: one per forwarded call)."""
 
     __slots__ = ("token", "handle", "request_id", "mtype", "owner", "deadline",
-                 "arrived", "forwarded_at")
+                 "arrived", "forwarded_at", "nbytes")
 
     def __init__(self, token: bytes, handle: Any, request_id: str, mtype: str, owner: str,
-                 deadline: float, arrived: float, forwarded_at: float):
+                 deadline: float, arrived: float, forwarded_at: float, nbytes: int = 0):
+        self.nbytes = nbytes
         self.token = token
         self.handle = handle
         self.request_id = request_id
@@ -72,7 +77,8 @@ class Router:
     """The routing machine of one node (see the module docstring)."""
 
     def __init__(self, node_id: str, key: bytes, *, max_hops: int, forward_timeout_s: float,
-                 vnodes: int = 160, forwards_max: int = FORWARDS_MAX):
+                 vnodes: int = 160, forwards_max: int = FORWARDS_MAX,
+                 forward_bytes_max: int = FORWARD_BYTES_MAX):
         if len(key) != 8:
             raise ValueError("the token key is 8 bytes (random, from the node)")
         self.node_id = node_id
@@ -80,11 +86,13 @@ class Router:
         self._max_hops = max_hops
         self._timeout_s = forward_timeout_s
         self._forwards_max = forwards_max
+        self._bytes_max = forward_bytes_max
+        self._bytes = 0  # envelope bytes of the forwards in flight
         self._ring = HashRing((node_id,), vnodes=vnodes)
         self._members: frozenset[str] = frozenset((node_id,))
         self._cache: dict[str, str] = {}
-        self._pending: dict[bytes, Pending] = {}
-        self._deadlines: deque[Pending] = deque()  # in deadline order: one timeout for all
+        # One timeout for all, so insertion order is deadline order: the oldest is first.
+        self._pending: OrderedDict[bytes, Pending] = OrderedDict()
         self._counter = itertools.count(1)
         self.late_replies = 0  # replies whose forward had already ended (or never was)
 
@@ -139,16 +147,19 @@ class Router:
     # --- forwards in flight -----------------------------------------------------------
 
     def forward_started(self, handle: Any, request_id: str, mtype: str, owner: str,
-                        now: float, arrived: float) -> bytes | Refusal:
-        """Record a forwarded call; its token, or a Refusal when the table is full."""
+                        now: float, arrived: float, nbytes: int = 0) -> bytes | Refusal:
+        """Record a forwarded call of ``nbytes``; its token, or a Refusal when the
+        table is full (in count or in bytes)."""
         if len(self._pending) >= self._forwards_max:
             return Refusal(ErrorCode.OVERLOADED,
                            f"{self._forwards_max} forwards in flight on this node")
+        if self._bytes + nbytes > self._bytes_max:
+            return Refusal(ErrorCode.OVERLOADED,
+                           f"{self._bytes} bytes of forwards in flight on this node")
         token = _TOKEN.pack(self._key, next(self._counter))
-        pending = Pending(token, handle, request_id, mtype, owner, now + self._timeout_s,
-                          arrived, now)
-        self._pending[token] = pending
-        self._deadlines.append(pending)
+        self._pending[token] = Pending(token, handle, request_id, mtype, owner,
+                                       now + self._timeout_s, arrived, now, nbytes)
+        self._bytes += nbytes
         return token
 
     def reply_arrived(self, token: bytes) -> Pending | None:
@@ -157,6 +168,8 @@ class Router:
         pending = self._pending.pop(token, None)
         if pending is None:
             self.late_replies += 1
+        else:
+            self._bytes -= pending.nbytes
         return pending
 
     def send_failed(self, token: bytes, code: str, message: str) -> list:
@@ -174,20 +187,25 @@ class Router:
     # --- the machine contract -----------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        self._skip_ended()
-        return self._deadlines[0].deadline if self._deadlines else None
+        if not self._pending:
+            return None
+        return next(iter(self._pending.values())).deadline
 
     def tick(self, now: float) -> list:
-        """Answer ``timeout`` for every forward past its deadline."""
-        effects = []
-        deadlines = self._deadlines
-        while deadlines and deadlines[0].deadline <= now:
-            pending = deadlines.popleft()
-            if self._pending.get(pending.token) is pending:
-                effects.append(self._end(pending, ErrorCode.TIMEOUT,
-                                         f"owner {pending.owner!r} did not answer within "
-                                         f"{self._timeout_s:g} s"))
-        return effects
+        """Answer ``timeout`` for every forward past its deadline (the oldest first),
+        and name each owner that let one time out (``Unresponsive``)."""
+        effects, silent = [], []
+        pending = self._pending
+        while pending:
+            oldest = next(iter(pending.values()))
+            if oldest.deadline > now:
+                break
+            effects.append(self._end(oldest, ErrorCode.TIMEOUT,
+                                     f"owner {oldest.owner!r} did not answer within "
+                                     f"{self._timeout_s:g} s"))
+            if oldest.owner not in silent:
+                silent.append(oldest.owner)
+        return effects + [Unresponsive(owner) for owner in silent]
 
     def receive(self, sender: str, message: Any, now: float) -> list:
         """Routing takes no peer messages of its own (replies come through
@@ -196,16 +214,14 @@ class Router:
 
     def stop(self) -> list:
         """The node is shutting down: every forward still in flight is answered."""
-        effects = [self._end(p, ErrorCode.UNAVAILABLE, "node is shutting down")
-                   for p in list(self._pending.values())]
-        self._deadlines.clear()
-        return effects
+        return [self._end(p, ErrorCode.UNAVAILABLE, "node is shutting down")
+                for p in list(self._pending.values())]
+
+    @property
+    def bytes_in_flight(self) -> int:
+        return self._bytes
 
     def _end(self, pending: Pending, code: str, message: str) -> Fail:
         del self._pending[pending.token]
+        self._bytes -= pending.nbytes
         return Fail(pending.handle, pending.request_id, code, message, pending.mtype)
-
-    def _skip_ended(self) -> None:
-        deadlines = self._deadlines
-        while deadlines and self._pending.get(deadlines[0].token) is not deadlines[0]:
-            deadlines.popleft()

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable
 
 from . import peer, wire
 from .effects import (GOSSIP, STATUS_ANSWER, Answer, Fail, MembersChanged, Refuted, Send,
-                      seed_address)
+                      Unresponsive, seed_address)
 from .machine import Effects
 from .membership import Member, Membership, MembershipError
 from .routing import Refusal, Router
@@ -556,12 +556,14 @@ class SimNode:
         self.view: frozenset[str] = frozenset((me.node_id,))
         self.release_moved = release_moved
         self.late_replies = 0
+        self.unresponsive: dict[str, int] = {}   # owner -> forwards it let time out
         self.remote_errors: dict[str, int] = {}
         self._addresses: dict[str, str] = {me.node_id: me.address}
         self._out: list = []
         out = self._out.append
         self._effects = Effects({Send: out, Refuted: out, Answer: out, Fail: out,
-                                 MembersChanged: self._on_members})
+                                 MembersChanged: self._on_members,
+                                 Unresponsive: self._on_unresponsive})
 
     # -- the machine contract ----------------------------------------------------
     def start(self, now: float) -> list:
@@ -703,6 +705,10 @@ class SimNode:
     def _remote_error(self, reason: str) -> list:
         self.remote_errors[reason] = self.remote_errors.get(reason, 0) + 1
         return self._take()
+
+    def _on_unresponsive(self, effect: Unresponsive) -> None:
+        # The simulated network keeps no per-peer queue to drop: count it only.
+        self.unresponsive[effect.node_id] = self.unresponsive.get(effect.node_id, 0) + 1
 
     def _run(self, effects: list) -> list:
         self._effects.run(effects)

@@ -43,8 +43,12 @@ class _Wait:
 class StatusCollector:
     """Status collections of one node (see the module docstring)."""
 
-    def __init__(self, node_id: str, timeout_s: float, waits_max: int = WAITS_MAX):
+    def __init__(self, node_id: str, timeout_s: float, waits_max: int = WAITS_MAX,
+                 key: bytes = b""):
         self.node_id = node_id
+        # Tokens are the node's random key (given, hex) and a counter: a peer cannot
+        # guess one to slip a made-up status row into a collection.
+        self._prefix = key[:8].hex()
         self._timeout_s = timeout_s
         self._waits_max = waits_max
         self._waits: dict[str, _Wait] = {}
@@ -64,7 +68,7 @@ class StatusCollector:
             return [Fail(handle, request_id, ErrorCode.OVERLOADED,
                          "too many status requests in flight", TYPE_STATUS)]
         self._serial += 1
-        token = str(self._serial)
+        token = f"{self._prefix}{self._serial}"[:TOKEN_LEN_MAX]
         others = {n for n in members if n != self.node_id}
         wait = _Wait(token, handle, request_id, now + self._timeout_s,
                      {self.node_id: local_status}, others, dict(members))

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from protocols.effects import STATUS_QUERY, Answer, Fail, Send
+from protocols.effects import STATUS_QUERY, Answer, Fail, Send, Unresponsive
 from protocols.machine import Effects, UnhandledEffect
 from protocols.routing import FORWARDS_MAX, Refusal, Router
 from protocols.shutdown import CLOSED, CLOSING, DRAINING, FORWARDS, Phase, Shutdown
@@ -70,8 +70,9 @@ def test_a_silent_owner_is_answered_timeout_by_the_entry_node():
     r.forward_started("c2", "r2", "incr", "c", now=1.0, arrived=1.0)
     assert r.next_deadline() == TIMEOUT_S
     assert r.tick(TIMEOUT_S - 0.001) == []
-    [fail] = r.tick(TIMEOUT_S)
+    [fail, silent] = r.tick(TIMEOUT_S)
     assert (fail.handle, fail.request_id, fail.code) == ("c1", "r1", "timeout")
+    assert silent == Unresponsive("b")  # what waits on the way to b can be dropped
     assert r.next_deadline() == 1.0 + TIMEOUT_S
     assert r.reply_arrived(t1) is None  # the owner answering late changes nothing
 
@@ -113,6 +114,29 @@ def test_tokens_are_unique_and_foreign_ones_are_not_ours():
     assert not r.owns_token(foreign) and r.reply_arrived(foreign) is None
 
 
+def test_answered_forwards_behind_a_slow_one_are_not_kept():
+    """One forward waiting on a frozen owner must not pin every later, answered one
+    (a deadline queue separate from the table did, by the thousands per second)."""
+    r = router()
+    r.forward_started("slow", "s", "get", "b", now=0.0, arrived=0.0)
+    for i in range(10_000):
+        r.reply_arrived(r.forward_started("c", str(i), "get", "c", now=1.0, arrived=1.0))
+    assert r.in_flight == 1 and len(r._pending) == 1
+    assert r.next_deadline() == TIMEOUT_S
+
+
+def test_forwards_in_flight_are_bounded_in_bytes():
+    r = router(forward_bytes_max=3 << 20)
+    t1 = r.forward_started("c", "1", "put", "b", 0.0, 0.0, nbytes=1 << 20)
+    r.forward_started("c", "2", "put", "b", 0.0, 0.0, nbytes=2 << 20)
+    refusal = r.forward_started("c", "3", "put", "b", 0.0, 0.0, nbytes=1)
+    assert isinstance(refusal, Refusal) and refusal.code == "overloaded"
+    r.reply_arrived(t1)                    # an answer frees its bytes
+    assert isinstance(r.forward_started("c", "4", "put", "b", 0.0, 0.0, nbytes=1 << 20), bytes)
+    r.tick(TIMEOUT_S)                      # and so does a timeout
+    assert r.bytes_in_flight == 0 and r.in_flight == 0
+
+
 def test_the_forward_table_is_bounded():
     r = router(forwards_max=3)
     for i in range(3):
@@ -147,7 +171,7 @@ def test_every_forward_ends_exactly_once_whatever_the_interleaving():
             elif roll < 0.75:
                 ended += [f.request_id for f in r.members_changed(rng.choice([("a", "b"), ("a", "b", "c")]))]
             else:
-                ended += [f.request_id for f in r.tick(now)]
+                ended += [f.request_id for f in r.tick(now) if isinstance(f, Fail)]
         ended += [f.request_id for f in r.stop()]
         assert sorted(ended) == sorted(tokens), f"seed={seed}"
         assert r.in_flight == 0

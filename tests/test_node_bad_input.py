@@ -390,3 +390,16 @@ def test_a_node_bug_is_answered_internal_with_the_id_unless_one_way():
         thread.join(15)
         loop.close()
     assert not thread.is_alive()
+
+
+def test_a_reply_over_the_size_limit_is_refused_too_large(node, raw):
+    """Replies obey max_message_bytes as requests do: a larger one would cost the link
+    between two nodes (the entry node's hard guard drops such frames)."""
+    with node.client() as c:
+        for i in range(300):  # each request small; the list of keys is not
+            c.call("kv/many-keys", "put", {"key": f"key-number-{i:06d}", "value": 1})
+    reply = _exchange(raw, msgpack.packb({"v": 1, "id": "big", "type": "keys",
+                                          "subject": "kv/many-keys", "mode": "call"}))
+    _assert_error(reply, "too_large", re="big")
+    assert "reply of" in reply["data"]["message"]
+    _good(raw)

@@ -13,7 +13,9 @@ Inbound traffic reaches the runtime through the ``Inbound`` it is started with:
 - ``peer(frames)``: peer protocol frames, starting at the protocol's magic;
 - ``multicast(group, payload)``: an envelope published to a group by a peer;
 - ``malformed(handle, nframes)``: a client message of the wrong shape (the runtime
-  answers it ``bad_request`` through ``reply``).
+  answers it ``bad_request`` through ``reply``);
+- ``failed(handle, payload, exc)``: handling a message raised (a bug); the runtime
+  counts it and answers the client, when there is one, ``internal``.
 
 Peers are named by node id.  ``set_peers`` tells the transport each member's
 advertised endpoints (one per transport a member serves) and the seeds; links to
@@ -72,6 +74,11 @@ class Transport(abc.ABC):
         """Send peer frames to node ``peer`` now, or queue them (bounded in count and
         time) until its link is up.  False when they could be neither sent nor
         queued; ``on_give_up(code, reason)`` is called, once, for any send that fails."""
+
+    @abc.abstractmethod
+    def drop_queued(self, peer: str) -> None:
+        """Drop whatever waits to go to ``peer`` (its callers are told); the link is
+        made again by the next send.  For a peer that stopped reading."""
 
     @abc.abstractmethod
     def reply(self, handle: Any, payload: bytes) -> bool:

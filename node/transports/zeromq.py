@@ -26,7 +26,7 @@ import zmq
 from protocols.effects import seed_address
 from protocols.membership import ZMQ, ZMQ_PUB
 
-from ..guard import ConnectionGuard
+from ..guard import ConnectionGuard, frame_wire_bytes
 from .base import Inbound, OnGiveUp, Transport
 from .zmq_links import LINKS_MAX, STRANGER_LINKS_MAX, PeerLinks
 
@@ -232,6 +232,11 @@ class ZmqTransport(Transport):
             stranger = address not in self._seeds and address not in self._addresses.values()
         return self._links.send(address, frames, on_give_up, now, stranger)
 
+    def drop_queued(self, peer: str) -> None:
+        address = self._addresses.get(peer)
+        if address is not None and self._links is not None:
+            self._links.drop(address, f"peer {peer!r} stopped answering")
+
     def retry(self, now: float) -> None:
         self._links.retry(now)
 
@@ -256,7 +261,7 @@ class ZmqTransport(Transport):
             self._metrics.client_send_failed()
             sent = False
         else:  # counted against the client's reply budget until its peer acknowledges
-            self._guard.wrote(handle[0], len(payload) + 9 + 2 * (len(handle) - 1))
+            self._guard.wrote(handle[0], frame_wire_bytes(len(payload)) + 2 * (len(handle) - 1))
         if not self._in_pump:
             # A send outside the pump can consume the FD's edge: look again.
             self._schedule_pump()

@@ -99,6 +99,13 @@ class PeerLinks:
         for address in [a for a in self._links if a not in addresses]:
             self._close_link(self._links[address], f"peer {address} left the member view")
 
+    def drop(self, address: str, reason: str) -> None:
+        """Close the link to ``address`` with what it holds (libzmq's pipe and our
+        queue); a later send to the address opens a fresh one."""
+        link = self._links.get(address)
+        if link is not None:
+            self._close_link(link, reason)
+
     def _close_link(self, link: _PeerLink, reason: str) -> None:
         del self._links[link.address]
         self._strangers -= link.stranger
