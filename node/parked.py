@@ -1,7 +1,7 @@
 """Replies waiting for their origin to become a member.
 
-A forwarded request names the entry node's endpoint (its ``origin``), and the reply
-goes back over the link to that endpoint.  The node dials members only, so a FWD
+A forwarded request names the entry node's id (its ``origin``), and the reply goes
+back over the link to that member.  The node dials members only, so a FWD
 naming a made-up origin cannot make it open links; but an origin that joined a
 moment ago may forward to us before gossip has told us about it.  Its replies wait
 here, bounded in count, bytes and time, and leave as soon as a member view names

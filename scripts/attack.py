@@ -22,6 +22,7 @@ Attacks (issue "Bounded under abuse"; see docs/OPERATIONS.md, Limits):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import socket
@@ -171,6 +172,20 @@ def slow_consumer(address: str, calls: int = 3000, size: int = MiB - 1024,
     return {"calls_sent": sent}
 
 
+@contextlib.contextmanager
+def peer_connection(address: str, settle_s: float = 0.3):
+    """A DEALER to the node, as a peer's; waits ``settle_s`` for what was sent to
+    arrive before closing (LINGER 0 would drop it)."""
+    ctx = zmq.Context()
+    sock = peer_socket(ctx, address)
+    try:
+        yield sock
+        time.sleep(settle_s)
+    finally:
+        sock.close()
+        ctx.term()
+
+
 def peer_socket(ctx: zmq.Context, address: str) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -190,39 +205,27 @@ def gossip(sock: zmq.Socket, members: list[dict], sender: str = "attacker") -> N
 def forged_gossip(address: str, victim: str, at: str, generation: int = 2**64 - 1,
                   sender: str = "attacker") -> dict:
     """Claim ``victim``'s node id at address ``at`` (tcp://HOST:PORT)."""
-    ctx = zmq.Context()
-    sock = peer_socket(ctx, address)
     pub = at.rsplit(":", 1)[0] + ":1"
-    gossip(sock, [member_entry(victim, at, pub, generation)], sender=sender)
-    time.sleep(0.3)
-    sock.close()
-    ctx.term()
+    with peer_connection(address) as sock:
+        gossip(sock, [member_entry(victim, at, pub, generation)], sender=sender)
     return {"claimed": victim, "at": at, "generation": generation}
 
 
 def fake_members(address: str, count: int = 1020) -> dict:
     """Members at addresses where nothing listens (ports on 127.0.0.1 nobody uses)."""
-    ctx = zmq.Context()
-    sock = peer_socket(ctx, address)
     members = [member_entry(f"fake-{i}", f"tcp://127.0.0.1:{20000 + i}",
                             f"tcp://127.0.0.1:{40000 + i}", 1) for i in range(count)]
-    gossip(sock, members, sender="fake-0")
-    time.sleep(0.5)
-    sock.close()
-    ctx.term()
+    with peer_connection(address, settle_s=0.5) as sock:
+        gossip(sock, members, sender="fake-0")
     return {"fake_members": count}
 
 
 def fake_origins(address: str, agent: str, count: int = 1100) -> dict:
     """FWD frames naming made-up origin nodes, each carrying a real call."""
-    ctx = zmq.Context()
-    sock = peer_socket(ctx, address)
-    for i in range(count):
-        sock.send_multipart(peer.forward(f"ghost-{i}", f"ghost-{i}", 1, os.urandom(16),
-                                         _call_env(f"o{i}", "echo", agent, i)))
-    time.sleep(0.5)
-    sock.close()
-    ctx.term()
+    with peer_connection(address, settle_s=0.5) as sock:
+        for i in range(count):
+            sock.send_multipart(peer.forward(f"ghost-{i}", f"ghost-{i}", 1, os.urandom(16),
+                                             _call_env(f"o{i}", "echo", agent, i)))
     return {"fake_origins": count}
 
 

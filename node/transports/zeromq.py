@@ -24,13 +24,13 @@ from typing import Any, Mapping, Sequence
 import zmq
 
 from protocols.effects import seed_address
+from protocols.peer import MAGIC_FAMILY  # every peer version's magic starts so
 from protocols.membership import ZMQ, ZMQ_PUB
 
 from ..guard import ConnectionGuard, frame_wire_bytes
 from .base import Inbound, OnGiveUp, Transport
 from .zmq_links import LINKS_MAX, STRANGER_LINKS_MAX, PeerLinks
 
-PEER_PREFIX = b"SYNP"   # every peer protocol version's magic starts so
 GROUP_PREFIX = b"G"
 _SEQ = struct.Struct(">Q")
 BATCH_MAX = 512            # messages read per socket per wake-up, for fairness
@@ -340,7 +340,7 @@ class ZmqTransport(Transport):
             try:
                 if n == 2:
                     inbound.client((frames[0],), frames[1])
-                elif n >= 3 and frames[1][:4] == PEER_PREFIX:
+                elif n >= 3 and frames[1][:4] == MAGIC_FAMILY:
                     inbound.peer(frames[1:])
                 elif n == 3 and frames[1] == b"":
                     inbound.client((frames[0], b""), frames[2])  # REQ framing
