@@ -103,7 +103,55 @@ class NodeConfig:
                                    lo=0, lo_open=True)
     restart_backoff_s: float = _opt(0.05, "First restart delay; doubles per restart.", lo=0)
     restart_backoff_max_s: float = _opt(5.0, "Upper bound of the restart delay.", lo=0)
-    gossip_interval_s: float = _opt(1.0, "Period of membership gossip.", lo=0, lo_open=True)
+    probe_interval_s: float = _opt(
+        0.5, "Membership (SWIM) protocol period: each member probes one other per "
+        "period.", lo=0, lo_open=True)
+    probe_timeout_s: float = _opt(
+        0.2, "Wait for a direct probe's ack before asking others to probe "
+        "(indirect_probes); at most probe_interval_s.", lo=0, lo_open=True)
+    indirect_probes: int = _opt(3, "Members asked to probe a member that missed a "
+                                "direct probe.", lo=0, hi=16)
+    suspicion_mult: float = _opt(
+        3.0, "A suspected member is declared dead after suspicion_mult * max(1, "
+        "log10(members)) * probe_interval_s once enough others confirm it (up to "
+        "suspicion_max_mult times that with no confirmation).", lo=0, lo_open=True)
+    suspicion_max_mult: float = _opt(2.0, "See suspicion_mult.", lo=1)
+    gossip_retransmit_mult: int = _opt(
+        3, "Each membership update is piggybacked gossip_retransmit_mult * "
+        "ceil(log10(members + 1)) times.", lo=1, hi=64)
+    gossip_interval_s: float = _opt(
+        2.0, "Period of the state exchange with one random member (one bounded page of "
+        "the member list); joins exchange the whole list.", lo=0, lo_open=True)
+    dead_reap_s: float = _opt(
+        60.0, "Dead and left members are forgotten this long after; until then they are "
+        "still contacted now and then so that a healed partition merges.", lo=0,
+        lo_open=True)
+    health_max: int = _opt(
+        8, "Local health score ceiling: a node that misses its own deadlines or probes "
+        "stretches its probe timeouts up to (1 + health_max) times.", lo=0, hi=64)
+    downing: str = _opt(
+        "keep-majority", "Split-brain strategy: which side may own agents once members "
+        "are unreachable. keep-majority: the side with more than half of the last "
+        "members (a tie keeps the side with the lowest node id); static-quorum: a side "
+        "of at least quorum_size alive members.", choices=("keep-majority",
+                                                         "static-quorum"))
+    quorum_size: int = _opt(0, "Alive members a side needs to own agents under "
+                            "downing = static-quorum (set it to a majority of the "
+                            "cluster size).", lo=0, hi=1 << 20)
+    stable_after_s: float = _opt(
+        1.0, "Dead members leave the ring once no member has been suspect and the "
+        "view has not changed for this long (and this side may own agents).", lo=0)
+    handoff_timeout_s: float = _opt(
+        2.0, "An agent's state sent to its new owner is resent until acknowledged; a "
+        "new owner waits this long for the state of an agent that moved to it before "
+        "activating it fresh.", lo=0, lo_open=True)
+    handoff_window_s: float = _opt(
+        10.0, "After the ring changes, an agent missing here is first asked of its "
+        "previous owner for this long.", lo=0)
+    faults_file: str = _opt(
+        "", "Testing only: a JSON file of faults to inject into peer traffic (drop, "
+        "delay, duplicate, corrupt, cut, per named peer), re-read when it changes. "
+        "Never set it in production.", kind="path")
     forward_margin_s: float = _opt(
         2.0, "Added to handler_timeout_s for a forwarded call: past the sum the entry node "
         "answers 'timeout' itself (the owner went silent).", lo=0, lo_open=True)
@@ -397,6 +445,12 @@ def _check_cross_fields(cfg: NodeConfig) -> None:
     if metrics and metrics[1] and metrics[1] in (port, pub_port):
         raise ConfigError("metrics", f"metrics port {metrics[1]} collides with the "
                           "listen or PUB port")
+    if cfg.probe_timeout_s > cfg.probe_interval_s:
+        raise ConfigError("probe_timeout_s", f"{cfg.probe_timeout_s} exceeds "
+                          f"probe_interval_s ({cfg.probe_interval_s})")
+    if cfg.downing == "static-quorum" and cfg.quorum_size < 1:
+        raise ConfigError("quorum_size", "downing = static-quorum needs quorum_size >= 1 "
+                          "(a majority of the cluster size)")
     if not cfg.advertise and host in _WILDCARD_HOSTS:
         raise ConfigError("advertise", f"must be set when listen binds the wildcard "
                           f"host {host!r}: peers cannot dial it")
