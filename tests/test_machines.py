@@ -289,3 +289,147 @@ def test_the_node_handles_every_effect_its_machines_emit():
     emitted = {effects.Send, effects.MembersChanged, effects.Refuted, effects.Answer,
                effects.Fail, shutdown.Phase}
     assert emitted <= node._effects.handles()
+
+
+# --------------------------------------------------------------------------- exact answers
+# What each machine hands back is checked whole: the client reads the code and the
+# message of a Fail, and the node reads the rest.
+
+
+def test_every_way_a_forward_ends_is_one_whole_fail():
+    r = router()
+    t1 = r.forward_started("c1", "r1", "incr", "b", now=0.0, arrived=0.0)
+    r.forward_started("c2", "r2", "get", "c", now=0.0, arrived=0.0)
+    r.forward_started("c3", "r3", "put", "b", now=1.0, arrived=1.0)
+    assert r.send_failed(t1, "overloaded", "queue to b is full") == [
+        Fail("c1", "r1", "overloaded", "queue to b is full", "incr")]
+    assert r.members_changed(["a", "b"]) == [
+        Fail("c2", "r2", "unavailable", "owner 'c' left the member view", "get")]
+    assert r.tick(1.0 + TIMEOUT_S) == [
+        Fail("c3", "r3", "timeout", "owner 'b' did not answer within 5 s", "put"),
+        Unresponsive("b")]
+    r.forward_started("c4", "r4", "get", "b", now=2.0, arrived=2.0)
+    assert r.stop() == [Fail("c4", "r4", "unavailable", "node is shutting down", "get")]
+
+
+def test_a_reply_hands_back_the_whole_pending_forward():
+    r = router()
+    token = r.forward_started("c1", "r1", "incr", "b", now=10.0, arrived=9.5)
+    pending = r.reply_arrived(token)
+    assert (pending.token, pending.handle, pending.request_id, pending.mtype, pending.owner,
+            pending.deadline, pending.arrived, pending.forwarded_at, pending.nbytes) == (
+        token, "c1", "r1", "incr", "b", 10.0 + TIMEOUT_S, 9.5, 10.0, 0)
+    assert r.bytes_in_flight == 0
+
+
+def test_full_forward_tables_say_which_bound_was_reached():
+    r = router(forwards_max=1, forward_bytes_max=100)
+    assert r.forward_started("c", "1", "get", "b", 0.0, 0.0, nbytes=60) != b""
+    assert r.forward_started("c", "2", "get", "b", 0.0, 0.0) == Refusal(
+        "overloaded", "1 forwards in flight on this node")
+    r2 = router(forward_bytes_max=100)
+    r2.forward_started("c", "1", "get", "b", 0.0, 0.0, nbytes=60)
+    assert r2.forward_started("c", "2", "get", "b", 0.0, 0.0, nbytes=41) == Refusal(
+        "overloaded", "60 bytes of forwards in flight on this node")
+
+
+def test_every_late_reply_is_counted():
+    r = router()
+    for _ in range(3):
+        assert r.reply_arrived(b"x" * 16) is None
+    assert r.late_replies == 3
+
+
+def test_a_new_router_owns_every_subject_before_it_hears_of_members():
+    r = Router("a", KEY, max_hops=2, forward_timeout_s=1.0)
+    assert [r.route(f"kv/{i}", 0, 0) for i in range(20)] == ["a"] * 20
+    assert r.ring.vnodes == 160 and r.is_member("a") and not r.is_member("b")
+
+
+def test_the_ring_keeps_its_vnodes_and_agrees_with_a_ring_of_the_members():
+    from core_cy import HashRing
+
+    many = [f"n{i}" for i in range(12)]  # more changes at once than RING_REBUILD_CHANGES
+    for members in (many, ["b", "c"]):   # one rebuild, and one change at a time
+        r = router("a", members=members, vnodes=7)
+        expected = HashRing(tuple(sorted({"a", *members})), vnodes=7)
+        assert r.ring.vnodes == 7
+        assert [r.route(f"kv/{i}", None, 0) for i in range(300)] == [
+            expected.owner(f"kv/{i}") for i in range(300)]
+        assert all(r.is_member(m) for m in members) and not r.is_member("zz")
+
+
+def test_the_owner_cache_is_bounded():
+    from protocols.routing import OWNER_CACHE_MAX
+
+    r = router()
+    for i in range(OWNER_CACHE_MAX + 1):
+        r.route(f"kv/{i}", None, 0)
+    assert len(r._cache) <= OWNER_CACHE_MAX
+    assert r.route("kv/0", None, 0) == router().route("kv/0", None, 0)
+
+
+def test_the_token_key_must_be_8_bytes():
+    with pytest.raises(ValueError, match="the token key is 8 bytes"):
+        Router("a", b"short", max_hops=2, forward_timeout_s=1.0)
+
+
+def test_routing_and_shutdown_take_no_peer_messages():
+    with pytest.raises(TypeError, match="the router receives no peer messages"):
+        router().receive("b", {}, 0.0)
+    with pytest.raises(TypeError, match="the shutdown sequence receives no peer messages"):
+        Shutdown(1.0).receive("b", {}, 0.0)
+
+
+def test_status_tokens_start_with_the_node_key_and_every_answer_is_kept():
+    s = StatusCollector("a", timeout_s=1.0, key=b"0123456789")
+    effects = s.start("client", "q1", {"node": "a"}, MEMBERS, now=0.0)
+    token = b"01234567".hex() + "1"
+    assert effects == [Send("b", STATUS_QUERY, token), Send("c", STATUS_QUERY, token)]
+    s.receive("b", {"token": token, "status": {"node": "b", "agents": 2}}, 0.1)
+    [answer] = s.receive("c", {"token": token, "status": {"node": "c", "agents": 0}}, 0.2)
+    assert answer == Answer("client", "q1", {"node": "a", "members": [
+        {"node": "a"}, {"node": "b", "agents": 2}, {"node": "c", "agents": 0}]})
+
+
+def test_a_full_status_table_answers_overloaded():
+    s = StatusCollector("a", timeout_s=1.0, waits_max=1)
+    s.start("h", "1", {}, MEMBERS, 0.0)
+    assert s.start("h2", "2", {}, MEMBERS, 0.0) == [
+        Fail("h2", "2", "overloaded", "too many status requests in flight", "syn.status")]
+
+
+@pytest.mark.parametrize("sender, message, why", [
+    ("b", "not a map", "a status answer is a map"),
+    ("b", {"token": 1, "status": {}}, "a status answer needs 'token' (str) and 'status' (map)"),
+    ("b", {"token": "1", "status": {"node": "c"}}, "status from 'b' was not asked for"),
+])
+def test_bad_status_answers_say_what_is_wrong(sender, message, why):
+    s = StatusCollector("a", timeout_s=1.0)
+    s.start("h", "q", {"node": "a"}, MEMBERS, 0.0)
+    with pytest.raises(StatusError) as info:
+        s.receive(sender, message, 0.1)
+    assert str(info.value) == why
+
+
+def test_status_tokens_up_to_their_bound_are_read():
+    from protocols.status import TOKEN_LEN_MAX
+
+    s = StatusCollector("a", timeout_s=1.0)
+    assert s.receive("b", {"token": "t" * TOKEN_LEN_MAX, "status": {"node": "b"}}, 0.0) == []
+    with pytest.raises(StatusError):
+        s.receive("b", {"token": "t" * (TOKEN_LEN_MAX + 1), "status": {"node": "b"}}, 0.0)
+
+
+def test_shutdown_steps_before_their_phase_do_nothing():
+    sd = Shutdown(timeout_s=5.0)
+    assert sd.next_deadline() is None and sd.tick(1e9) == []   # not begun: no deadline
+    assert sd.agents_idle(0.0) == [] and sd.forwards_settled(0.0) == [] and sd.closed() == []
+    assert sd.phase == "serving"
+    assert sd.begin(0.0) == [Phase(DRAINING)]
+    assert sd.closed() == [] and sd.phase == DRAINING
+
+
+def test_an_unhandled_effect_is_named_in_the_error():
+    with pytest.raises(UnhandledEffect, match=r"no handler for effect Answer\(handle='h'"):
+        Effects({}).run([Answer("h", "r", 1)])
