@@ -118,3 +118,70 @@ def test_a_client_computes_owners_from_status_alone(cluster3):
         for i in range(30):
             agent = f"placed-{i}"
             assert c.spawn("counter", agent)["node"] == ring.owner(agent)
+
+
+def test_counter_decr_counts_down_by_n(node):
+    with node.client() as c:
+        c.call("counter/down", "incr", {"n": 10})
+        assert c.call("counter/down", "decr") == {"value": 9}
+        assert c.call("counter/down", "decr", {"n": 12}) == {"value": -3}
+        assert c.call("counter/down", "get") == {"value": -3}
+
+
+def test_kv_delete_removes_one_key_and_says_whether_it_was_there(node):
+    with node.client() as c:
+        c.call("kv/del", "put", {"key": "a", "value": 1})
+        c.call("kv/del", "put", {"key": "b", "value": 2})
+        assert c.call("kv/del", "delete", {"key": "a"}) == {"deleted": True}
+        assert c.call("kv/del", "delete", {"key": "a"}) == {"deleted": False}
+        assert c.call("kv/del", "get", {"key": "a"}) == {"found": False, "value": None}
+        assert c.call("kv/del", "keys") == {"keys": ["b"]}
+        assert c.call("kv/never-written", "delete", {"key": "x"}) == {"deleted": False}
+
+
+def test_kv_holds_at_most_10000_keys(node):
+    """PROTOCOL/README: a kv agent is a small map; a new key past 10,000 is overloaded,
+    an existing key can still change, and a delete makes room."""
+    full = {f"k{i}": i for i in range(10_000)}
+    with node.client(timeout_s=20.0) as c:
+        c.spawn("kv", "kv-full", init=full)
+        assert len(c.call("kv-full", "keys")["keys"]) == 10_000
+        with pytest.raises(RemoteError) as err:
+            c.call("kv-full", "put", {"key": "one-more", "value": 0})
+        assert err.value.code == "overloaded" and "10000 keys" in err.value.message
+        assert c.call("kv-full", "put", {"key": "k0", "value": "changed"}) == {"ok": True}
+        c.call("kv-full", "delete", {"key": "k1"})
+        assert c.call("kv-full", "put", {"key": "one-more", "value": 0}) == {"ok": True}
+
+
+def test_send_mode_gets_no_reply_valid_or_not(node):
+    """PROTOCOL section 3: a request in mode send is never answered, not even with an
+    error; the call sent after them is the only thing that comes back."""
+    import zmq
+
+    from protocols import wire
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{node.address}")
+    try:
+        for env in (wire.request("s1", "incr", "counter/sent", mode="send"),          # valid
+                    wire.request("s2", "no-such-handler", "counter/sent", mode="send"),
+                    wire.request("s3", "get", "", mode="send"),                          # bad
+                    {"v": 2, "id": "s4", "type": "get", "mode": "send"}):
+            sock.send(wire.encode(env))
+        sock.send(wire.encode(wire.request("c1", "get", "counter/sent")))
+        replies = []
+        while sock.poll(2000, zmq.POLLIN):
+            replies.append(msgpack_unpack(sock.recv()))
+            if not sock.poll(300, zmq.POLLIN):  # a late reply to a send would follow
+                break
+        assert [(r["re"], r["type"], r["data"]) for r in replies] == [
+            ("c1", "syn.reply", {"value": 1})]
+    finally:
+        sock.close()
+
+
+def msgpack_unpack(frame: bytes):
+    import msgpack
+    return msgpack.unpackb(frame, raw=False)
