@@ -24,6 +24,9 @@ import time
 from collections import deque
 from typing import Any, Callable
 
+import msgpack
+
+from protocols.peer import HANDOFF_BODY_BYTES_MAX
 from protocols.wire import ErrorCode, trace_id
 
 __all__ = [
@@ -109,6 +112,15 @@ class Agent:
     (and again after a supervised restart) with the spawn ``init`` data or None;
     ``on_stop()`` runs when the agent is stopped.  Declare ``__slots__`` to keep
     idle agents small.
+
+    When the ring gives an agent a new owner its state moves there:
+    ``snapshot()`` on the old node, ``restore(state)`` on the new one, after
+    ``on_start(None)``.  The defaults carry every attribute the subclasses
+    declare in ``__slots__`` (and the instance ``__dict__``, if it has one), so
+    they suit state that is plain data msgpack can carry: None, bools, numbers,
+    str, bytes, lists and maps (tuples arrive as lists).  Override both for
+    anything else (objects, sets, handles), and override ``restore`` to check or
+    recompute what must not be taken on trust from a peer.
     """
 
     __slots__ = ("id", "_host")
@@ -135,6 +147,35 @@ class Agent:
     def on_stop(self) -> None:
         """Called when the agent is stopped."""
 
+    def snapshot(self) -> Any:
+        """The agent's state, as msgpack-serialisable data (see the class docstring).
+
+        Default: ``{attribute: value}`` of every slot the subclasses declare that
+        is set, plus the instance ``__dict__`` if there is one.
+        """
+        state = {name: getattr(self, name) for name in _state_slots(type(self))
+                 if hasattr(self, name)}
+        state.update(getattr(self, "__dict__", {}))
+        return state
+
+    def restore(self, state: Any) -> None:
+        """Take back a ``snapshot()`` taken on another node (it came from a peer).
+
+        Default: set the attributes of the map ``state``.  A name must be a slot a
+        subclass declares, or (for an instance with a ``__dict__``) a name the class
+        does not define; anything else raises ValueError.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"a state to restore is a map, got {type(state).__name__}")
+        slots = _state_slots(type(self))
+        has_dict = hasattr(self, "__dict__")
+        for name in state:
+            if not (name in slots or (has_dict and type(name) is str
+                                      and not hasattr(type(self), name))):
+                raise ValueError(f"{type(self).__name__} has no state attribute {name!r}")
+        for name, value in state.items():
+            setattr(self, name, value)
+
     # Services for handlers -------------------------------------------------
 
     def join(self, group: str) -> None:
@@ -147,6 +188,21 @@ class Agent:
     async def run_blocking(self, fn: Callable, *args: Any) -> Any:
         """Run blocking work in the node's bounded executor (the bulkhead)."""
         return await self._host.run_blocking(fn, *args)
+
+
+@functools.cache
+def _state_slots(cls: type[Agent]) -> frozenset[str]:
+    """The slots ``cls`` and its bases below ``Agent`` declare: an agent's state."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is Agent or klass is object:
+            continue
+        slots = vars(klass).get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name.startswith("__") and not name.endswith("__"):
+                name = f"_{klass.__name__.lstrip('_')}{name}"  # a private (mangled) slot
+            names.add(name)
+    return frozenset(names - {"__dict__", "__weakref__", "id", "_host"})
 
 
 _BEHAVIORS: dict[str, type[Agent]] = {}
@@ -188,6 +244,21 @@ def load_behavior_modules(modules: tuple[str, ...] | list[str]) -> None:
 # The node-side host of activations.
 
 
+class _Busy:
+    """The type of ``BUSY``: what ``AgentHost.take_out`` returns for a busy agent."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "BUSY"
+
+
+BUSY = _Busy()
+# An agent's snapshot as msgpack bytes, at most: what a HANDOFF body can carry
+# with room left for the rest of the handoff message.
+STATE_BYTES_MAX = HANDOFF_BODY_BYTES_MAX - (64 << 10)
+
+
 class Activation:
     """The node's record of one live agent; kept small (slots, lazy mailbox)."""
 
@@ -218,6 +289,16 @@ class Supervision:
         self.window_s = window_s
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
+
+
+def _unpack_state(data: bytes) -> Any:
+    """A snapshot from a peer, decoded with every container bounded by its size."""
+    size = len(data)
+    if size > STATE_BYTES_MAX:
+        raise ValueError(f"state of {size} bytes, over {STATE_BYTES_MAX}")
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, max_str_len=size,
+                           max_bin_len=size, max_array_len=size, max_map_len=size,
+                           max_ext_len=size)
 
 
 # reply(reply_to, request_id, data) and fail(reply_to, request_id, code, message, mtype)
@@ -315,6 +396,73 @@ class AgentHost:
             raise
         except Exception as exc:
             raise AgentError(ErrorCode.INTERNAL, f"on_start failed: {exc!r}") from exc
+
+    # Handoff: an agent moving to its new owner (protocols/handoff.py) ------------
+
+    BUSY = BUSY
+
+    def take_out(self, agent_id: str) -> tuple[str, bytes | None, list[str]] | _Busy | None:
+        """Take the idle agent ``agent_id`` off this node to move it elsewhere.
+
+        Returns ``(behavior name, state, sorted groups)``, where ``state`` is the
+        msgpack of ``snapshot()``, or None (and a warning) if the snapshot failed,
+        could not be packed or is over STATE_BYTES_MAX.  The agent leaves the
+        directory and its groups as a passivated one does, but ``on_stop`` does not
+        run: it is not stopping, it is moving.  None if the agent is not here;
+        ``BUSY`` (nothing changed) while a turn runs or messages wait, or while it
+        is starting or waiting out a restart backoff.
+        """
+        act = self.directory.get(agent_id)
+        if act is None:
+            return None
+        if (act.task is not None or act.mailbox
+                or act.lifecycle not in (Lifecycle.ACTIVE, Lifecycle.FAILED)):
+            return BUSY
+        state = self._pack_snapshot(agent_id, act)
+        groups = sorted(act.groups or ())
+        act.lifecycle = Lifecycle.MIGRATING
+        self._remove(agent_id, act)
+        return act.cls.behavior_name, state, groups
+
+    def _pack_snapshot(self, agent_id: str, act: Activation) -> bytes | None:
+        try:
+            data = msgpack.packb(act.agent.snapshot(), use_bin_type=True)
+            if len(data) > STATE_BYTES_MAX:
+                raise ValueError(f"{len(data)} bytes, over {STATE_BYTES_MAX}")
+        except Exception as exc:  # the agent's own code, or data msgpack cannot carry
+            self._log.warning("agent_state_not_moved", agent_id=agent_id,
+                              error=f"snapshot failed: {exc!r}"[:500])
+            return None
+        return data
+
+    def install(self, agent_id: str, behavior_name: str, state: bytes | None,
+                groups: list[str] | tuple[str, ...]) -> Activation:
+        """Activate ``agent_id``, moved here, with its state and groups.
+
+        Spawned as ``spawn`` does (``on_start(None)``), then ``restore`` with the
+        decoded ``state`` (unless None), then joined to ``groups``.  An agent
+        already active here is left as it is and returned (the caller counts it).
+        AgentError: UNKNOWN_AGENT for an unknown behavior, OVERLOADED when no agent
+        can start now, INTERNAL when on_start or restore failed (the agent is then
+        not left here).
+        """
+        act = self.directory.get(agent_id)
+        if act is not None:
+            return act
+        act = self.spawn(agent_id, behavior_name, None)
+        if state is not None:
+            try:
+                act.agent.restore(_unpack_state(state))
+            except Exception as exc:
+                self._stop_instance(agent_id, act)
+                raise AgentError(ErrorCode.INTERNAL, f"restore failed: {exc!r}"[:500]) from exc
+        for group in groups:
+            try:
+                self.join(agent_id, group)
+            except AgentError as exc:  # a group limit on this node: the rest still join
+                self._log.warning("agent_group_not_joined", agent_id=agent_id, group=group,
+                                  error=exc.message)
+        return act
 
     def stop(self, agent_id: str) -> bool:
         act = self.directory.get(agent_id)

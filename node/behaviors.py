@@ -92,6 +92,23 @@ class KeyValue(Agent):
             self.items = dict(init)
             self.nbytes = sum(_size(k, v) for k, v in self.items.items())
 
+    def restore(self, state: Any) -> None:
+        """Take a snapshot from the agent's previous owner: its items, checked
+        against this node's limits; ``nbytes`` is recomputed, never taken on trust."""
+        if not isinstance(state, dict):
+            raise ValueError(f"a kv state is a map, got {type(state).__name__}")
+        items = state.get("items")
+        if items is not None and (not isinstance(items, dict)
+                                  or not all(type(key) is str for key in items)):
+            raise ValueError("a kv state's items are a map with string keys")
+        if items is not None and len(items) > KV_KEYS_MAX:
+            raise ValueError(f"a kv state of {len(items)} keys, over {KV_KEYS_MAX}")
+        nbytes = sum(_size(k, v) for k, v in items.items()) if items else 0
+        if nbytes > KV_BYTES_MAX:
+            raise ValueError(f"a kv state of {nbytes} bytes, over {KV_BYTES_MAX}")
+        super().restore({"items": items or None})
+        self.nbytes = nbytes
+
     @handler("put")
     def put(self, data: Any) -> dict:
         key = _str_arg(data, "key")

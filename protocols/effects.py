@@ -21,6 +21,7 @@ SEED_PREFIX = "seed:"
 GOSSIP = "gossip"
 STATUS_QUERY = "status_query"
 STATUS_ANSWER = "status_answer"
+HANDOFF = "handoff"  # agent state moving to its new owner (protocols/handoff.py)
 
 
 def seed_id(address: str) -> str:
@@ -85,3 +86,27 @@ class Unresponsive:
     waits on the way to it (in a transport's queues) can be dropped."""
 
     node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Surrender:
+    """Take the agent ``agent_id`` out of this node's host and hand its state to the
+    peer ``to`` (``Handoff.send_state``), or tell ``to`` there is none
+    (``Handoff.none``).  An agent busy right now stays; the peer asks again."""
+
+    agent_id: str
+    to: str
+
+
+@dataclass(frozen=True, slots=True)
+class Install:
+    """Activate ``agent_id`` here with ``behavior`` and restore ``state`` into it
+    (``behavior`` None: activate it the usual way, fresh; ``state`` None: no state
+    to restore), join it to ``groups``, then deliver the ``held`` requests to it in
+    order.  If the agent is already active here, keep that one (and count it)."""
+
+    agent_id: str
+    behavior: str | None
+    state: bytes | None
+    groups: tuple
+    held: tuple

@@ -7,6 +7,7 @@ sender's node id::
     FWD    [MAGIC, b"FWD",    sender, origin, hops, token, envelope]
     RPL    [MAGIC, b"RPL",    sender, token, envelope]
     GOSSIP [MAGIC, b"GOSSIP", sender, body]      body: msgpack map (membership message)
+    HANDOFF [MAGIC, b"HANDOFF", sender, body]    body: msgpack map (handoff message)
     STATQ  [MAGIC, b"STATQ",  sender, token]     token: ASCII, 1..32 bytes
     STATR  [MAGIC, b"STATR",  sender, body]      body: msgpack {"token": str, "status": map}
 
@@ -15,7 +16,7 @@ into one event (a frozen dataclass) or raises ``PeerProtocolError`` whose
 ``reason`` is a short stable string for a metric label.  The decode side is one
 module-level table, op -> (frame count, decoder), h11 style: a frame list that
 matches no row is a protocol error, never a guess.  The encoders (``forward``,
-``reply``, ``gossip``, ``status_query``, ``status_answer`` and ``encode`` for
+``reply``, ``gossip``, ``handoff``, ``status_query``, ``status_answer`` and ``encode`` for
 ``Send`` effects) build frame lists that ``decode`` accepts; handed values the
 protocol cannot carry they raise ``ValueError`` (a local error: a bug in the
 caller, not input from a peer).
@@ -35,13 +36,14 @@ from typing import Any, Callable
 
 import msgpack
 
-from .effects import GOSSIP, STATUS_ANSWER, STATUS_QUERY
+from .effects import GOSSIP, HANDOFF, STATUS_ANSWER, STATUS_QUERY
 
 MAGIC = b"SYNP2"          # peer protocol version 2; any change of frame shapes takes a new one
 MAGIC_FAMILY = b"SYNP"    # every version's magic starts with this (older: b"SYNP1")
 OP_FWD = b"FWD"
 OP_RPL = b"RPL"
 OP_GOSSIP = b"GOSSIP"
+OP_HANDOFF = b"HANDOFF"
 OP_STATQ = b"STATQ"
 OP_STATR = b"STATR"
 
@@ -50,6 +52,7 @@ HOPS_MAX = 16
 CALL_TOKEN_BYTES = 16           # FWD/RPL correlation token (opaque to the receiver)
 STATUS_TOKEN_BYTES_MAX = 32
 BODY_BYTES_MAX = 1 << 20        # GOSSIP and STATR bodies: 1 MiB
+HANDOFF_BODY_BYTES_MAX = 32 << 20  # HANDOFF bodies carry agent state (a kv agent: 16 MiB)
 CONTAINER_LEN_MAX = 65_536      # elements of any one array or map in a body
 ID_CACHE_MAX = 4096             # node ids kept encoded / decoded (each cache)
 
@@ -102,6 +105,14 @@ class Replied:
 @dataclass(frozen=True, slots=True)
 class Gossiped:
     """A membership message (a map; ``protocols/membership.py`` validates it)."""
+
+    sender: str
+    message: dict
+
+
+@dataclass(frozen=True, slots=True)
+class HandedOff:
+    """A handoff message (a map; ``protocols/handoff.py`` validates it)."""
 
     sender: str
     message: dict
@@ -187,13 +198,13 @@ def _decode_id(frame: bytes, reason: str) -> str:
 
 # --- bodies -----------------------------------------------------------------------------
 
-def _pack_body(body: dict, what: str) -> bytes:
+def _pack_body(body: dict, what: str, limit: int = BODY_BYTES_MAX) -> bytes:
     try:
         data = msgpack.packb(body)  # a Packer per call: safe from any thread
     except (TypeError, ValueError, OverflowError) as exc:  # a value msgpack cannot carry
         raise ValueError(f"{what} body cannot be packed: {exc}") from None
-    if len(data) > BODY_BYTES_MAX:
-        raise ValueError(f"{what} body of {len(data)} bytes exceeds {BODY_BYTES_MAX}")
+    if len(data) > limit:
+        raise ValueError(f"{what} body of {len(data)} bytes exceeds {limit}")
     return data
 
 
@@ -206,15 +217,15 @@ def _str_keys(pairs: dict) -> dict:
     return pairs
 
 
-def _unpack_body(frame: bytes) -> dict:
-    """A body map, size-checked before decoding, containers bounded.
+def _unpack_body(frame: bytes, limit: int = BODY_BYTES_MAX) -> dict:
+    """A body map, size-checked (against ``limit``) before decoding, containers bounded.
 
     (``unpackb`` takes no ``max_buffer_size``: the size check before it bounds the
     buffer, and each ``max_*_len`` bounds what one header may claim.)
     """
     size = len(frame)
-    if size > BODY_BYTES_MAX:
-        raise PeerProtocolError("too_large", f"body of {size} bytes exceeds {BODY_BYTES_MAX}")
+    if size > limit:
+        raise PeerProtocolError("too_large", f"body of {size} bytes exceeds {limit}")
     bound = min(size, CONTAINER_LEN_MAX)
     try:
         body = msgpack.unpackb(frame, raw=False, strict_map_key=True, object_hook=_str_keys,
@@ -267,6 +278,14 @@ def gossip(sender: str, message: dict) -> list[bytes]:
             _pack_body(message, "gossip")]
 
 
+def handoff(sender: str, message: dict) -> list[bytes]:
+    """HANDOFF: a handoff message (a map; its body may reach HANDOFF_BODY_BYTES_MAX)."""
+    if not isinstance(message, dict):
+        raise ValueError("a handoff message is a map")
+    return [MAGIC, OP_HANDOFF, _id_bytes.get(sender) or _encode_id(sender, "sender"),
+            _pack_body(message, "handoff", HANDOFF_BODY_BYTES_MAX)]
+
+
 def status_query(sender: str, token: str) -> list[bytes]:
     """STATQ: ask a member for its status; it answers with the same ``token``."""
     if not _is_status_token(token):
@@ -294,6 +313,7 @@ def _encode_status_answer(sender: str, message: Any) -> list[bytes]:
 # Send effect channel (protocols/effects.py) -> encoder of (sender, message).
 _CHANNELS: dict[str, Callable[[str, Any], list[bytes]]] = {
     GOSSIP: gossip,
+    HANDOFF: handoff,
     STATUS_QUERY: status_query,
     STATUS_ANSWER: _encode_status_answer,
 }
@@ -338,6 +358,11 @@ def _decode_gossip(frames: list[bytes]) -> Gossiped:
     return Gossiped(sender, _unpack_body(frames[3]))
 
 
+def _decode_handoff(frames: list[bytes]) -> HandedOff:
+    sender = _id_text.get(frames[2]) or _decode_id(frames[2], "bad_sender")
+    return HandedOff(sender, _unpack_body(frames[3], HANDOFF_BODY_BYTES_MAX))
+
+
 def _decode_statq(frames: list[bytes]) -> StatusQueried:
     sender = _id_text.get(frames[2]) or _decode_id(frames[2], "bad_sender")
     token = frames[3]
@@ -363,6 +388,7 @@ ROWS: dict[bytes, tuple[int, Callable[[list[bytes]], Any]]] = {
     OP_FWD: (7, _decode_fwd),
     OP_RPL: (5, _decode_rpl),
     OP_GOSSIP: (4, _decode_gossip),
+    OP_HANDOFF: (4, _decode_handoff),
     OP_STATQ: (4, _decode_statq),
     OP_STATR: (4, _decode_statr),
 }
@@ -380,7 +406,8 @@ def is_peer(frames: list[bytes]) -> bool:
     return first == MAGIC or first[:4] == MAGIC_FAMILY
 
 
-def decode(frames: list[bytes]) -> Forwarded | Replied | Gossiped | StatusQueried | StatusAnswered:
+def decode(frames: list[bytes]) -> (Forwarded | Replied | Gossiped | HandedOff | StatusQueried
+                                   | StatusAnswered):
     """The event a peer frame list carries, or PeerProtocolError with a stable reason."""
     if not frames or frames[0] != MAGIC:
         raise _magic_error(frames)

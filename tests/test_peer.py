@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from protocols import peer
-from protocols.effects import GOSSIP, STATUS_ANSWER, STATUS_QUERY, Send
-from protocols.peer import (MAGIC, Forwarded, Gossiped, PeerProtocolError, Replied,
+from protocols.effects import GOSSIP, HANDOFF, STATUS_ANSWER, STATUS_QUERY, Send
+from protocols.peer import (MAGIC, Forwarded, Gossiped, HandedOff, PeerProtocolError, Replied,
                             StatusAnswered, StatusQueried)
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -60,6 +60,7 @@ def valid_frames() -> dict[str, list[bytes]]:
         "FWD": peer.forward("node-a", "node-b", 1, TOKEN, b"\x80"),
         "RPL": peer.reply("node-a", TOKEN, b"\x80"),
         "GOSSIP": peer.gossip("node-a", {"v": 1, "kind": "members", "members": []}),
+        "HANDOFF": peer.handoff("node-a", {"v": 1, "kind": "want", "agent": "kv/a"}),
         "STATQ": peer.status_query("node-a", "7"),
         "STATR": peer.status_answer("node-a", "7", {"node": "node-a"}),
     }
@@ -95,6 +96,14 @@ def test_gossip_round_trip(sender, message):
 
 
 @FAST
+@given(node_ids, bodies)
+def test_handoff_round_trip(sender, message):
+    frames = peer.handoff(sender, message)
+    assert frames[:2] == [MAGIC, b"HANDOFF"] and len(frames) == 4
+    assert peer.decode(frames) == HandedOff(sender, message)
+
+
+@FAST
 @given(node_ids, status_tokens)
 def test_status_query_round_trip(sender, token):
     assert peer.decode(peer.status_query(sender, token)) == StatusQueried(sender, token)
@@ -120,9 +129,27 @@ def test_body_of_exactly_one_mib_is_accepted():
     assert peer.decode(frames).message == message
 
 
+def test_handoff_bodies_are_bounded_by_their_own_larger_limit():
+    """A handoff carries an agent's state (a kv agent's reaches 16 MiB): its body may
+    reach HANDOFF_BODY_BYTES_MAX; every other body keeps BODY_BYTES_MAX."""
+    limit = peer.HANDOFF_BODY_BYTES_MAX
+    message = {"state": bytes(limit - 12)}  # map header 1, "state" 6, bin 32 header 5
+    frames = peer.handoff("a", message)
+    assert len(frames[3]) == limit
+    assert peer.decode(frames).message == message
+    frames[3] = b"\xc1" * (limit + 1)  # not msgpack either: the size is checked first
+    assert reason(frames) == "too_large"
+    with pytest.raises(ValueError):
+        peer.handoff("a", {"state": bytes(limit)})
+    gossip = valid_frames()["GOSSIP"]
+    gossip[3] = frames[3][:MIB + 1]
+    assert reason(gossip) == "too_large"
+
+
 def test_send_effects_encode_by_channel():
     sender = "node-a"
     assert peer.encode(GOSSIP, sender, {"v": 1}) == peer.gossip(sender, {"v": 1})
+    assert peer.encode(HANDOFF, sender, {"v": 1}) == peer.handoff(sender, {"v": 1})
     assert peer.encode(STATUS_QUERY, sender, "12") == peer.status_query(sender, "12")
     answer = {"token": "12", "status": {"node": sender}}
     assert peer.encode(STATUS_ANSWER, sender, answer) == \
@@ -195,12 +222,13 @@ def test_empty_and_short_lists():
     assert reason([MAGIC, b"RPL"]) == "bad_shape"  # no sender
 
 
-@pytest.mark.parametrize("op", [b"NOP", b"fwd", b"FWD ", b"", b"STAT", b"GOSSIPS", b"\xff"])
+@pytest.mark.parametrize("op", [b"NOP", b"fwd", b"FWD ", b"", b"STAT", b"GOSSIPS", b"HANDOF",
+                                b"\xff"])
 def test_unknown_op(op):
     assert reason([MAGIC, op, b"node-a", TOKEN, b"x"]) == "unknown_op"
 
 
-@pytest.mark.parametrize("op", ["FWD", "RPL", "GOSSIP", "STATQ", "STATR"])
+@pytest.mark.parametrize("op", ["FWD", "RPL", "GOSSIP", "HANDOFF", "STATQ", "STATR"])
 def test_wrong_frame_count(op):
     frames = valid_frames()[op]
     assert reason(frames[:-1]) == "bad_shape"
@@ -211,7 +239,7 @@ def test_wrong_frame_count(op):
 BAD_IDS = [b"", b"n" * 256, b"\xff\xfe", b"node-\xc3", b"\xed\xa0\x80"]  # last: a surrogate
 
 
-@pytest.mark.parametrize("op", ["FWD", "RPL", "GOSSIP", "STATQ", "STATR"])
+@pytest.mark.parametrize("op", ["FWD", "RPL", "GOSSIP", "HANDOFF", "STATQ", "STATR"])
 @pytest.mark.parametrize("sender", BAD_IDS)
 def test_bad_sender(op, sender):
     frames = valid_frames()[op]
@@ -277,7 +305,7 @@ BAD_BODIES = {
 }
 
 
-@pytest.mark.parametrize("op", ["GOSSIP", "STATR"])
+@pytest.mark.parametrize("op", ["GOSSIP", "HANDOFF", "STATR"])
 @pytest.mark.parametrize("name", sorted(BAD_BODIES))
 def test_bad_body(op, name):
     frames = valid_frames()[op]
@@ -318,7 +346,7 @@ def test_status_answer_with_unknown_keys_is_accepted():
 
 # ------------------------------------------------------------------ random input
 
-known_ops = st.sampled_from([b"FWD", b"RPL", b"GOSSIP", b"STATQ", b"STATR"])
+known_ops = st.sampled_from([b"FWD", b"RPL", b"GOSSIP", b"HANDOFF", b"STATQ", b"STATR"])
 firsts = st.sampled_from([MAGIC, b"SYNP1", b"SYNP"]) | st.binary(max_size=8)
 frame_values = (st.binary(max_size=64) | st.sampled_from([b"", b"\x01", b"\x10", b"\x11", TOKEN])
                 | st.builds(msgpack.packb, values))
@@ -332,11 +360,12 @@ def test_decode_raises_only_peer_protocol_errors(first, op, rest):
     except PeerProtocolError as exc:
         assert exc.reason in peer.REASONS
     else:
-        assert type(event) in (Forwarded, Replied, Gossiped, StatusQueried, StatusAnswered)
+        assert type(event) in (Forwarded, Replied, Gossiped, HandedOff, StatusQueried,
+                               StatusAnswered)
 
 
 @MANY
-@given(st.sampled_from(["FWD", "RPL", "GOSSIP", "STATQ", "STATR"]), st.data())
+@given(st.sampled_from(["FWD", "RPL", "GOSSIP", "HANDOFF", "STATQ", "STATR"]), st.data())
 def test_decode_of_a_mutated_valid_list_raises_only_peer_protocol_errors(op, data):
     frames = valid_frames()[op]
     index = data.draw(st.integers(min_value=2, max_value=len(frames) - 1))
@@ -395,6 +424,9 @@ def test_no_client_envelope_looks_like_a_peer_frame(envelope, extra):
     lambda: peer.gossip("a", [1]),
     lambda: peer.gossip("a", {"pad": bytes(MIB)}),
     lambda: peer.gossip("a", {"x": object()}),
+    lambda: peer.handoff("a", [1]),
+    lambda: peer.handoff("", {}),
+    lambda: peer.handoff("a", {"x": object()}),
     lambda: peer.status_query("a", ""),
     lambda: peer.status_query("a", "x" * 33),
     lambda: peer.status_query("a", "é"),
@@ -441,6 +473,7 @@ def test_protocol_md_states_the_codec_s_frames_and_numbers():
         assert 2 + len(rows[op.decode()].split(",")) == count, op
     assert f'magic `{MAGIC.decode()}`' in section
     assert f"at most **{peer.BODY_BYTES_MAX}** bytes" in section
+    assert f"at most **{peer.HANDOFF_BODY_BYTES_MAX}** bytes" in section
     assert f"an unsigned integer 1..{peer.HOPS_MAX}" in section
     assert f"exactly {peer.CALL_TOKEN_BYTES} bytes for a call" in section
     assert f"1..{peer.STATUS_TOKEN_BYTES_MAX} ASCII bytes" in section
