@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Awaitable, Callable
 
 from node.client import CallTimeout, Client
 
@@ -181,3 +183,36 @@ class Cluster:
     def close(self) -> None:
         for node in self.nodes:
             node.kill()
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float = 10.0, what: str = "",
+               poll_s: float = 0.02) -> Any:
+    """Poll ``condition`` until it returns something true, and return that; fail
+    naming ``what`` at the deadline.  Tests wait on the condition they need, never
+    on a fixed sleep that only usually suffices."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what or condition}")
+        time.sleep(poll_s)
+
+
+async def wait_until_async(condition: Callable[[], Awaitable[Any]], timeout_s: float = 10.0,
+                           what: str = "", poll_s: float = 0.02) -> Any:
+    """``wait_until`` for a condition that must be awaited (an AsyncClient call)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = await condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what or condition}")
+        await asyncio.sleep(poll_s)
+
+
+def agent_states(status: dict) -> dict[str, int]:
+    """Agents by lifecycle state on the node that answered ``status`` (a lone node)."""
+    return status["members"][0]["agents_by_state"]
