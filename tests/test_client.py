@@ -282,3 +282,70 @@ def test_call_errors_surface_when_awaited():
 
     with FakeNode(lambda node: None) as node:
         asyncio.run(main(node.address))
+
+
+# ---------------------------------------------------------------------------- exact counts
+
+
+def test_sync_client_sends_the_envelope_asked_for_and_times_out_on_its_own_clock():
+    def script(node: FakeNode) -> None:
+        [(_, env)] = node.requests(1)
+        node.sent.append(env)  # what arrived, for the test to read
+
+    with FakeNode(script) as node, Client(node.address, timeout_s=5) as c:
+        with pytest.raises(CallTimeout) as info:
+            c.call("counter/a", "incr", {"n": 2}, timeout_s=0.2)
+        assert str(info.value) == "no reply to incr for 'counter/a' within 200 ms"
+    assert node.sent[0] == {"v": 1, "id": "1", "type": "incr", "subject": "counter/a",
+                            "mode": "call", "data": {"n": 2}}
+
+
+def test_every_late_and_unmatched_reply_is_counted_once():
+    """Two late replies count two; "01" is not the id "1" (ids have no leading zero);
+    a non-str ``re`` of an unhashable type is unmatched, not a crash."""
+    def script(node: FakeNode) -> None:
+        [(ident, first)] = node.requests(1)
+        [(ident, second)] = node.requests(1)
+        [(ident, third)] = node.requests(1)
+        node.reply(ident, first["id"], "late-1")
+        node.reply(ident, second["id"], "late-2")
+        node.reply(ident, "0" + third["id"], "leading zero")
+        node.reply(ident, [third["id"]], "re is a list")
+        node.reply(ident, third["id"], "value-3")
+
+    async def main(node: FakeNode) -> AsyncClient:
+        async with AsyncClient(node.address, timeout_s=5) as c:
+            for i in (1, 2):
+                with pytest.raises(CallTimeout):
+                    await c.call("echo/x", "ping", i, timeout_s=0.1)
+            assert await c.call("echo/x", "ping", 3) == "value-3"
+            return c
+
+    with FakeNode(script) as node:
+        client = asyncio.run(main(node))
+    assert (client.late_replies, client.unmatched_replies) == (2, 2)
+
+    with FakeNode(script) as node, Client(node.address, timeout_s=5) as c:
+        for i in (1, 2):
+            with pytest.raises(CallTimeout):
+                c.call("echo/x", "ping", i, timeout_s=0.1)
+        assert c.call("echo/x", "ping", 3) == "value-3"
+        assert (c.late_replies, c.unmatched_replies) == (2, 2)
+
+
+def test_more_replies_than_one_read_batch_are_all_delivered():
+    from node.client import READ_BATCH_MAX
+
+    calls = READ_BATCH_MAX + 50
+
+    def script(node: FakeNode) -> None:
+        requests = node.requests(calls)
+        for ident, env in requests:  # all at once: the client reads them in batches
+            node.reply(ident, env["id"], env["data"])
+
+    async def main(node: FakeNode) -> list[Any]:
+        async with AsyncClient(node.address, timeout_s=10) as c:
+            return await asyncio.gather(*(c.call("echo/x", "ping", i) for i in range(calls)))
+
+    with FakeNode(script) as node:
+        assert asyncio.run(main(node)) == list(range(calls))
