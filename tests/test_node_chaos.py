@@ -8,7 +8,7 @@ import time
 import pytest
 
 from node.client import CallTimeout, RemoteError
-from support import Cluster
+from support import Cluster, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -88,7 +88,7 @@ def test_restarted_node_rejoins_at_a_new_address(cluster, tmp_path):
 def test_sigterm_answers_calls_still_waiting_for_a_dead_owner(tmp_path):
     import asyncio
     from node.client import AsyncClient
-    c2 = Cluster(2, tmp_path, args=("--shutdown-timeout-s", "0.3"))
+    c2 = Cluster(2, tmp_path, metrics=True, args=("--shutdown-timeout-s", "0.3"))
     try:
         n0, n1 = c2.nodes
         with n0.client() as c:
@@ -98,7 +98,10 @@ def test_sigterm_answers_calls_still_waiting_for_a_dead_owner(tmp_path):
         async def main():
             async with AsyncClient(n0.address, timeout_s=10) as c:
                 call = asyncio.ensure_future(c.call(on_n1, "incr"))
-                await asyncio.sleep(0.05)  # the forward now waits in n0's peer queue
+                # Until the forward waits in n0's table (the metrics read runs in a
+                # thread: the client's loop must go on sending the call meanwhile).
+                await asyncio.to_thread(wait_until, lambda: _forwards_in_flight(n0) == 1,
+                                        what="the call forwarded to the dead owner")
                 n0.signal(signal.SIGTERM)
                 return await asyncio.gather(call, return_exceptions=True)
 
@@ -133,18 +136,22 @@ def test_a_frozen_owner_is_answered_timeout_by_the_entry_node(tmp_path):
             assert err.value.code == "timeout" and "did not answer" in err.value.message
             assert waited < 20, waited  # the entry node's deadline, not the client's 30 s
             # Thawed, n1 handles the incr that waited and replies: n0 counts it late.
-            deadline = time.monotonic() + 10
-            while c.call(on_n1, "get")["value"] != 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-        import urllib.request
-        url = f"http://127.0.0.1:{n0.metrics_port}/metrics"
-        wait_until = time.monotonic() + 10
-        while True:
-            text = urllib.request.urlopen(url, timeout=5).read().decode()
-            if 'synthesis_limited_total{reason="late_reply"} 1.0' in text:
-                break
-            assert time.monotonic() < wait_until, "late reply not counted"
-            time.sleep(0.05)
+            wait_until(lambda: c.call(on_n1, "get")["value"] == 1, what="n1 handled the incr")
+        wait_until(lambda: 'synthesis_limited_total{reason="late_reply"} 1.0' in _metrics(n0),
+                   what="the late reply counted")
     finally:
         c2.close()
+
+
+def _metrics(node) -> str:
+    import urllib.request
+    url = f"http://127.0.0.1:{node.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.read().decode()
+
+
+def _forwards_in_flight(node) -> float:
+    for line in _metrics(node).splitlines():
+        if line.startswith("synthesis_forwards_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("no synthesis_forwards_in_flight gauge")
