@@ -753,6 +753,23 @@ def test_peek_reads_an_empty_string_that_ends_the_frame(form):
     assert wire.peek(_frame((_s("id"), _str_as("", form)))) == {"id": ""}
 
 
+def test_peek_reads_the_longest_fixstr():
+    longest = "i" * 31  # 0xbf: the last fixstr header
+    assert wire.peek(_frame((_s("id"), _s(longest))) + b"\x00") == {"id": longest}
+
+
+def test_a_valid_spawn_is_accepted_with_its_data():
+    data = {"behavior": "counter", "init": {"value": 3}}
+    assert parse(base(type=wire.TYPE_SPAWN, data=data)).data == data
+
+
+def test_peek_does_not_read_an_int_as_a_string_whatever_follows():
+    # The bytes after the int would make a valid empty str 16 body if the int's
+    # header byte were taken for a str 16 header.
+    frame = _frame((_s("id"), b"\x05"), (b"\x00", b"\x00"), (_s("mode"), _s("call")))
+    assert wire.peek(frame) == {"mode": "call"}
+
+
 def test_peek_reads_values_up_to_its_string_bound_and_no_longer():
     at_bound = "t" * wire.PEEK_STR_BYTES_MAX
     assert wire.peek(_frame((_s("traceparent"), _s(at_bound)))) == {"traceparent": at_bound}
