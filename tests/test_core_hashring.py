@@ -288,3 +288,46 @@ def test_building_at_once_equals_adding_one_by_one(impl, nodes, keys):
     for name in names:
         added.add(name)
     assert impl.HashRing(names, vnodes=20).nodes == added.nodes
+
+
+class _Name(str):
+    """A str subclass: keys of such types take the kernels' slower branch."""
+
+
+class _Raw(bytes):
+    """A bytes subclass, likewise."""
+
+
+def test_subclassed_str_and_bytes_keys_hash_as_their_value(impl):
+    ring = impl.HashRing(("a", "b", "c"), vnodes=8)
+    for key in KEYS[:200]:
+        assert ring.owner(_Name(key)) == ring.owner(key)
+        assert ring.owner(_Raw(key.encode())) == ring.owner(key)
+    assert ring.owners([_Name("k1"), _Raw(b"k2")]) == [ring.owner("k1"), ring.owner("k2")]
+    assert impl.key_hash(_Name("k1")) == impl.key_hash("k1") == xxhash.xxh64_intdigest(b"k1", 0)
+
+
+def test_defaults_of_the_helpers(impl):
+    assert impl.xxh64(b"data") == xxhash.xxh64_intdigest(b"data", 0)  # seed 0
+    assert impl.node_points("node-a") == impl.node_points("node-a", 160, 1.0)
+    assert len(impl.node_points("node-a")) == 160 * core_cy.POINTS_PER_VNODE
+
+
+def _message(call) -> str:
+    with pytest.raises(Exception) as info:
+        call()
+    return f"{type(info.value).__name__}: {info.value}"
+
+
+def test_errors_name_what_is_wrong(impl):
+    empty = impl.HashRing(vnodes=8)
+    ring = impl.HashRing(("a",), vnodes=8)
+    assert _message(lambda: empty.owner("x")) == "EmptyRingError: hash ring has no nodes"
+    assert _message(lambda: empty.owners(["x"])) == "EmptyRingError: hash ring has no nodes"
+    for call in (lambda: ring.owner(12), lambda: ring.owners(["a", 12]),
+                 lambda: impl.key_hash(12)):
+        assert _message(call) == "TypeError: keys must be str or bytes, got int"
+    assert _message(lambda: ring.preference_list("k", 1.5)) == "TypeError: n must be an int"
+    assert _message(lambda: ring.preference_list("k", True)) == "TypeError: n must be an int"
+    assert _message(lambda: ring.preference_list("k", -1)) == "ValueError: n must be >= 0"
+    assert _message(lambda: ring.remove("missing")) == "KeyError: 'missing'"
