@@ -45,9 +45,25 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class MembersChanged:
-    """The member set changed; ``members`` maps node id -> Member."""
+    """The member view changed: ``members`` maps node id -> Member (every state);
+    ``ring`` is the set of node ids that own agents (None: every member)."""
 
     members: dict
+    ring: frozenset | None = None
+
+    @property
+    def ring_ids(self) -> frozenset:
+        return frozenset(self.members) if self.ring is None else self.ring
+
+
+@dataclass(frozen=True, slots=True)
+class QuorumChanged:
+    """The downing strategy now lets this node own agents (``quorate``) or not:
+    ``reachable`` alive members of ``reference`` that count."""
+
+    quorate: bool
+    reachable: int
+    reference: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,48 +1,69 @@
-"""Cluster membership: a grow-only member set spread by push gossip.
+"""Cluster membership: SWIM with Lifeguard's refinements, as a pure machine.
 
-This is the simple, consistent membership the first node binary needs: a node
-joins through any seed address, learns the whole member list, and every node
-converges on the same set (the union of all views), so every node's hash ring
-holds the same members and an agent has one owner whichever node a client
-enters by.
+Every member probes one other per protocol period (``probe_interval_s``): a direct
+``ping``; without an ``ack`` within ``probe_timeout_s``, a ``ping-req`` through
+``indirect_probes`` others, who ping the target for us and relay its ack (or a
+``nack`` when it stays silent, which tells us our own links work).  A member that
+misses a whole period becomes *suspect*; unless it refutes in time it is declared
+*dead*.  Updates about members ride on the probes (piggybacked, each retransmitted
+``retransmit_mult * ceil(log10(n + 1))`` times, least-sent first), and every
+``sync_interval_s`` a member exchanges one bounded page of its member list with a
+random other (a joining node exchanges the whole list, page by page).  So a message
+is bounded in size however large the cluster, and so is a member's traffic per
+period.
 
-Merge rule: members are keyed by node id; for the same id the higher
-``generation`` wins (a restarted node comes back with a higher one), ties broken
-by address so that every node keeps the same entry.  Union
-with that rule is commutative, associative and idempotent, so views converge
-whatever the order or duplication of gossip.
+States and merge rule.  A member is ``alive``, ``suspect``, ``dead`` or ``left``
+(a graceful leave) at an *incarnation* (``gen`` on the wire: a node starts at its
+start time in ns, so a restart comes back higher, and adds one to refute).  For one
+member an update wins if its incarnation is higher, or equal with a stronger state
+(alive < suspect < dead < left).  Only ``alive`` news creates a member we did not
+know.  A node that hears itself suspected or declared dead at its incarnation or
+above refutes: it takes a higher incarnation and gossips itself alive.
 
-Hardening until peers authenticate (see docs/OPERATIONS.md, "Trust"):
+Lifeguard (Dadgar et al., 2018): the suspicion timeout starts at
+``suspicion_max_mult`` times its floor (``suspicion_mult * max(1, log10(n)) *
+probe_interval_s``) and shrinks towards the floor as independent members confirm
+the suspicion (the ``by`` of a suspect entry); and a *local health* score, raised
+when our probes fail without the nacks that would prove our own links, when we are
+suspected, and when our own timers fire late (a paused or overloaded process),
+stretches our probe interval and timeout, so a slow node does not accuse healthy
+ones.  A node that finds its timer more than a period late also drops the probe in
+flight and pushes its suspicion deadlines back by the lateness: what arrived while
+it was stopped may be the refutation.
 
-- a generation may run at most ``generation_ahead_max_ns`` ahead of our own wall
-  clock (which the node passes in as an offset to ``now``: the machine reads no
-  clock), so a forged entry cannot claim a node id for ever with 2**64-1;
-- the address of a known member changes only through a message from that member
-  itself (``from`` is its id); a relayed address change is refused;
-- a node that hears its own id with another address, or with a generation at or
-  above its own, refutes it: it takes a higher generation, tells every member at
-  once (at most once per gossip interval) and emits ``Refuted`` so the node logs
-  it loudly.  A member that announces itself with an address we hold under a
-  newer generation is sent our view, so a node whose id was taken while it was
-  away learns of it and refutes.
+Split brain (``downing``).  The ring holds alive and suspect members and dead ones
+not yet *downed*.  Whether this node may own agents (``quorate``) is decided by the
+strategy over the *reference* (alive, suspect and undowned dead members) and the
+*reachable* part of it (alive ones): ``keep-majority`` needs more than half (a tie
+keeps the side holding the lowest node id), ``static-quorum`` at least
+``quorum_size``.  A quorate node downs its dead members (they leave its ring) once
+no member has been suspect and its view has not changed for ``stable_after_s``; a
+node that is not quorate downs nobody, so its reference keeps the members it lost,
+and it stays unquorate until they come back.  Accusations (suspect, dead) are taken
+only from members we hold alive or suspect: a node coming back from the other side
+of a partition carries stale ones.  Dead members are still sent a sync page now and
+then, and so are seeds no alive member answers for, until ``dead_reap_s`` forgets
+them: that is how two sides find each other again, and, each hearing itself
+declared dead, refute, so one view forms again.
 
-Without authentication a sender can still claim any id in ``from``: these rules
-stop relayed and replayed forgeries and give the real node the last word, they
-do not stop a live attacker who keeps sending.  CURVE (the security work) does.
+Hardening until peers authenticate (see docs/OPERATIONS.md, "Trust"): an
+incarnation may run at most ``generation_ahead_max_ns`` ahead of our own wall clock
+(the node passes the offset; the machine reads no clock); the address of a member
+changes only through a message from that member itself, or, relayed, when we hold
+it dead or left (a restart at a new address); a node that hears its own id at
+another address refutes at once to every member and emits ``Refuted`` so the node
+logs it loudly.  Without authentication a sender can still claim any id: CURVE
+(the security work) stops that.
 
-Wire format (versioned maps, so fields can be added without a flag day; unknown
-keys are ignored): a message is ``{"v": 1, "kind": "members", "members": [entry]}``
-and an entry ``{"id": str, "gen": int, "ep": {transport: endpoint}}``, one endpoint
-per transport the member serves (``zmq`` for its ROUTER, ``zmq-pub`` for its PUB).
-The sender's node id comes from the peer frame, not from the message.
+Wire format (docs/PROTOCOL.md, section 9): every message is a map ``{"v": 2,
+"kind": K, ...}``; ``u`` carries piggybacked entries ``{"id", "gen", "ep"[, "st",
+"by"]}`` (``st``: ``a``/``s``/``d``/``l``, absent for alive; ``by``: who suspected or
+declared it).  Kinds: ``ping {seq, u, ag}``, ``ack {seq, u, ag}``, ``ping-req {seq,
+target, u}``, ``nack {seq}``, ``sync {u, want, full}``.  The sender's node id comes
+from the peer frame.
 
-The machine contract (``protocols/machine.py``): ``receive(sender, message, now)``,
-``tick(now)``, ``next_deadline()``; peers are named by node id, seeds whose id is
-not known yet by ``seed_id(address)``.
-
-Not here yet: failure detection, leave and removal.  A SWIM machine with the
-same verbs will replace this one; until then a dead node stays a member and
-requests it owns answer ``unavailable`` or time out.
+The machine contract (``protocols/machine.py``): ``start``, ``receive``, ``tick``,
+``next_deadline``; plus ``leave(now)`` for a graceful leave.
 """
 
 from __future__ import annotations
@@ -51,31 +72,77 @@ import math
 import random
 import re
 import zlib
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from typing import Iterable
 
-from .effects import GOSSIP, MembersChanged, Refuted, Send, seed_id
+from .effects import GOSSIP, MembersChanged, QuorumChanged, Refuted, Send, seed_id
 
-VERSION = 1          # of the gossip message map; see docs/PROTOCOL.md for the rule
-MEMBERS_MAX = 1024  # a bound on what one gossip message may make us hold
-FIELD_LEN_MAX = 255  # node ids and endpoints
-ENDPOINTS_MAX = 8    # transports one member may advertise
+VERSION = 2            # of the membership message map; v1 (grow-only gossip) is refused
+MEMBERS_MAX = 2048     # members one node holds; news of more is refused, entry by entry
+FIELD_LEN_MAX = 255    # node ids and endpoints
+ENDPOINTS_MAX = 8      # transports one member may advertise
 TRANSPORT_NAME_MAX = 32
+ENTRIES_MAX = 16       # piggybacked entries per message
+SYNC_PAGE_MAX = 128    # entries per sync message
+BUCKETS = 64           # digest buckets of a sync (ids by crc32 % BUCKETS)
+RELAYS_MAX = 256       # ping-reqs relayed for others at once
+CONFIRMATIONS = 2      # independent suspicions that bring the timeout to its floor
 ZMQ, ZMQ_PUB = "zmq", "zmq-pub"
+ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
+STATES = (ALIVE, SUSPECT, DEAD, LEFT)
+KEEP_MAJORITY, STATIC_QUORUM = "keep-majority", "static-quorum"
+GENERATION_AHEAD_MAX_NS = 60 * 10**9  # how far an incarnation may lead our clock
+PAUSE_FACTOR = 2.0     # a timer this many probe periods late means we were stopped
+
+_CODE = {ALIVE: "a", SUSPECT: "s", DEAD: "d", LEFT: "l"}
+_STATE_OF = {code: state for state, code in _CODE.items()}
+_STRENGTH = {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 3}
+_KINDS = frozenset(("ping", "ack", "ping-req", "nack", "sync"))
 _ENDPOINT = re.compile(r"tcp://[^\s/:]+:[0-9]{1,5}|tcp://\[[0-9A-Fa-f:.]+\]:[0-9]{1,5}")
-FANOUT = 3          # peers each gossip round (and each change) is pushed to
-GENERATION_AHEAD_MAX_NS = 60 * 10**9  # how far a generation may lead our clock
+
+
+def _entry_hash(member: "Member") -> int:
+    return zlib.crc32(f"{member.node_id}\0{member.generation}\0{member.state}".encode())
 
 
 class MembershipError(Exception):
-    """A gossip message from a peer that breaks the protocol (remote error)."""
+    """A membership message from a peer that breaks the protocol (remote error)."""
+
+
+@dataclass(frozen=True)
+class SwimConfig:
+    """Every timing of the protocol (the node fills it from its config)."""
+
+    probe_interval_s: float = 0.5
+    probe_timeout_s: float = 0.2
+    indirect_probes: int = 3
+    suspicion_mult: float = 2.0
+    suspicion_max_mult: float = 2.0
+    retransmit_mult: int = 3
+    sync_interval_s: float = 1.0
+    dead_reap_s: float = 60.0
+    health_max: int = 8
+    downing: str = KEEP_MAJORITY
+    quorum_size: int = 0
+    stable_after_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.probe_timeout_s <= self.probe_interval_s:
+            raise ValueError("need 0 < probe_timeout_s <= probe_interval_s")
+        if self.downing not in (KEEP_MAJORITY, STATIC_QUORUM):
+            raise ValueError(f"downing is {KEEP_MAJORITY} or {STATIC_QUORUM}")
+        if self.downing == STATIC_QUORUM and self.quorum_size < 1:
+            raise ValueError("static-quorum needs quorum_size >= 1")
 
 
 @dataclass(frozen=True, slots=True)
 class Member:
     node_id: str
-    generation: int                       # larger after a restart with the same id
+    generation: int                         # the incarnation: larger after a restart
     endpoints: tuple[tuple[str, str], ...]  # (transport, endpoint), sorted by transport
+    state: str = ALIVE
+    by: str = ""                            # who suspected or declared it (suspect, dead)
 
     @classmethod
     def of(cls, node_id: str, address: str, pub_address: str, generation: int,
@@ -84,6 +151,10 @@ class Member:
         plus any other transports named in ``more``."""
         endpoints = {ZMQ: address, ZMQ_PUB: pub_address, **more}
         return cls(node_id, generation, tuple(sorted(endpoints.items())))
+
+    @property
+    def incarnation(self) -> int:
+        return self.generation
 
     def endpoint(self, transport: str) -> str | None:
         for name, endpoint in self.endpoints:
@@ -101,13 +172,19 @@ class Member:
         """The ZeroMQ PUB endpoint for multicast."""
         return self.endpoint(ZMQ_PUB) or ""
 
-    def rank(self) -> tuple:
-        """Merge order for entries with the same id: generation first, then a
-        deterministic tie-break so every node keeps the same entry."""
-        return (self.generation, self.endpoints)
+    def beats(self, other: "Member") -> bool:
+        """SWIM's order for two entries about one member."""
+        if self.generation != other.generation:
+            return self.generation > other.generation
+        return _STRENGTH[self.state] > _STRENGTH[other.state]
 
     def to_wire(self) -> dict:
-        return {"id": self.node_id, "gen": self.generation, "ep": dict(self.endpoints)}
+        entry = {"id": self.node_id, "gen": self.generation, "ep": dict(self.endpoints)}
+        if self.state != ALIVE:
+            entry["st"] = _CODE[self.state]
+            if self.by:
+                entry["by"] = self.by
+        return entry
 
     @classmethod
     def from_wire(cls, item: object) -> "Member":
@@ -124,7 +201,14 @@ class Member:
             _check_endpoint(name, endpoint)
         if ZMQ not in endpoints or ZMQ_PUB not in endpoints:
             raise MembershipError(f"member {node_id!r:.40} lacks a '{ZMQ}' or '{ZMQ_PUB}' endpoint")
-        return cls(node_id, generation, tuple(sorted(endpoints.items())))
+        state = _STATE_OF.get(item.get("st", "a"))
+        if state is None:
+            raise MembershipError(f"member 'st' must be one of a, s, d, l ({node_id!r:.40})")
+        by = item.get("by", "")
+        if not (isinstance(by, str) and len(by) <= FIELD_LEN_MAX):
+            raise MembershipError(f"member 'by' must be a node id ({node_id!r:.40})")
+        return cls(node_id, generation, tuple(sorted(endpoints.items())), state,
+                   by if state in (SUSPECT, DEAD) else "")
 
 
 def _check_endpoint(name: object, endpoint: object) -> None:
@@ -137,154 +221,699 @@ def _check_endpoint(name: object, endpoint: object) -> None:
         raise MembershipError(f"member endpoint must be tcp://HOST:PORT, got {endpoint!r:.80}")
 
 
-class Membership:
-    """Push-gossip member set: ``receive`` and ``tick`` return effects."""
+class _Probe:
+    """The probe of this period: one target, direct then indirect."""
 
-    def __init__(self, me: Member, seeds: Iterable[str], gossip_interval_s: float,
-                 rng: random.Random | None = None, fanout: int = FANOUT, *,
-                 wall_offset_ns: int = 0,
+    __slots__ = ("target", "seq", "indirect_at", "ends_at", "acked", "indirect", "asked",
+                 "nacks")
+
+    def __init__(self, target: str, seq: int, indirect_at: float, ends_at: float):
+        self.target, self.seq = target, seq
+        self.indirect_at, self.ends_at = indirect_at, ends_at
+        self.acked = False
+        self.indirect = False  # the indirect stage has begun
+        self.asked = 0         # ping-reqs sent
+        self.nacks = 0         # intermediaries that answered "no ack from the target"
+
+
+class _Suspicion:
+    """Lifeguard's shrinking suspicion timer for one member at one incarnation."""
+
+    __slots__ = ("generation", "started", "confirmers", "expected", "min_s", "max_s",
+                 "deadline")
+
+    def __init__(self, generation: int, by: str, now: float, expected: int, min_s: float,
+                 max_s: float):
+        self.generation, self.started = generation, now
+        self.confirmers = {by}
+        self.expected, self.min_s, self.max_s = expected, min_s, max_s
+        self.deadline = now + self._timeout()
+
+    def confirm(self, by: str) -> bool:
+        if by in self.confirmers or len(self.confirmers) - 1 >= self.expected:
+            return False
+        self.confirmers.add(by)
+        self.deadline = self.started + self._timeout()
+        return True
+
+    def _timeout(self) -> float:
+        if self.expected < 1:
+            return self.min_s
+        fraction = math.log(len(self.confirmers)) / math.log(self.expected + 1)
+        return max(self.min_s, self.max_s - (self.max_s - self.min_s) * fraction)
+
+
+class _Broadcasts:
+    """Updates waiting to be piggybacked: least-sent first, newest first among equals.
+
+    One slot per member (its latest entry is what goes out), kept in buckets by
+    transmit count so picking is O(picked), not a sort of the whole queue.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: list[OrderedDict[str, None]] = []
+        self._count: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._count)
+
+    def push(self, node_id: str) -> None:
+        self.discard(node_id)
+        if not self._buckets:
+            self._buckets.append(OrderedDict())
+        self._buckets[0][node_id] = None
+        self._count[node_id] = 0
+
+    def discard(self, node_id: str) -> None:
+        count = self._count.pop(node_id, None)
+        if count is not None:
+            del self._buckets[count][node_id]
+
+    def take(self, limit: int, transmits_max: int) -> list[str]:
+        """Up to ``limit`` ids to send now; each counts one transmission."""
+        picked: list[str] = []
+        for count, bucket in enumerate(self._buckets):
+            for node_id in reversed(bucket):
+                picked.append(node_id)
+                if len(picked) == limit:
+                    break
+            if len(picked) == limit:
+                break
+        for node_id in picked:
+            count = self._count[node_id]
+            del self._buckets[count][node_id]
+            if count + 1 >= transmits_max:
+                del self._count[node_id]
+                continue
+            if len(self._buckets) <= count + 1:
+                self._buckets.append(OrderedDict())
+            self._buckets[count + 1][node_id] = None
+            self._count[node_id] = count + 1
+        return picked
+
+
+class Membership:
+    """A SWIM member: ``receive`` and ``tick`` return effects (see the module doc)."""
+
+    def __init__(self, me: Member, seeds: Iterable[str], config: SwimConfig | None = None,
+                 rng: random.Random | None = None, *, wall_offset_ns: int = 0,
                  generation_ahead_max_ns: int = GENERATION_AHEAD_MAX_NS):
         self.me = me
+        self.config = cfg = config or SwimConfig()
         self._members: dict[str, Member] = {me.node_id: me}
+        self._since: dict[str, float] = {}     # dead/left member -> when it became so
+        # Indexes kept by _index as entries change, so no input costs O(members):
+        self._alive: set[str] = {me.node_id}    # members alive (us, until we leave)
+        self._on_ring: set[str] = {me.node_id}  # alive, suspect, dead not downed
+        self._dead_up: set[str] = set()         # dead, not downed yet
+        self._dirty = False                     # the view changed since _settle
+        self._digest = [0] * BUCKETS            # per bucket: sum of entry hashes
+        self._bucket_ids: list[set[str]] = [set() for _ in range(BUCKETS)]
         self._seeds = tuple(s for s in seeds if s != me.address)
-        self._interval_s = gossip_interval_s
-        self._next_tick: float | None = None
-        self._fanout = fanout
         # Seeded, never the module-level random: a run replays from its seed.
         self._rng = rng or random.Random(zlib.crc32(me.node_id.encode()))
-        # Wall clock = wall_offset_ns + now (s) * 1e9: the node measures the offset
-        # once; the machine itself never reads a clock.
         self._wall_offset_ns = wall_offset_ns
         self._ahead_max_ns = generation_ahead_max_ns
-        self._refute_after = -math.inf   # refutations are rate-limited to one per interval
-        self._told_at: dict[str, float] = {}  # member id -> when we last sent it our view
-        self.refused_entries = 0         # entries refused by the rules above (a metric)
+        self._broadcasts = _Broadcasts()
+        self._suspicions: dict[str, _Suspicion] = {}
+        self._relays: dict[int, tuple[str, int, float]] = {}  # our seq -> (asker, its seq, deadline)
+        self._probe: _Probe | None = None
+        self._probe_order: list[str] = []
+        self._seq = 0
+        self._health = 0
+        self._next_probe: float | None = None
+        self._next_sync: float | None = None
+        self._cursor = 0                      # where the next sync page starts
+        self._changed_at = -math.inf          # last change of any member's state
+        self._refute_after = -math.inf        # loud refutations: one per probe period
+        self._left = False
+        self._quorate = True
+        self._ring: frozenset[str] = frozenset((me.node_id,))
+        self._ids: list[str] | None = None    # sorted member ids, while unchanged
+        self._agents: dict[str, int] = {}     # member -> agents it said it holds
+        self.local_agents = 0                 # set by the node; sent on pings and acks
+        self.stats = {"probes": 0, "probes_failed": 0, "indirect": 0, "suspected": 0,
+                      "declared_dead": 0, "refuted": 0, "refused": 0, "downed": 0,
+                      "pauses": 0}
+        self._index(me.node_id, ALIVE, None, me)
+        self._dirty = False
+
+    # --- views --------------------------------------------------------------------------
 
     @property
     def members(self) -> dict[str, Member]:
+        """Every member known, in every state (dead and left until reaped)."""
         return dict(self._members)
 
-    # The machine contract ----------------------------------------------------
+    @property
+    def ring(self) -> frozenset[str]:
+        """Members that own agents: alive, suspect, and dead ones not downed yet."""
+        return self._ring
+
+    @property
+    def quorate(self) -> bool:
+        """True while the downing strategy lets this node own agents."""
+        return self._quorate
+
+    @property
+    def health(self) -> int:
+        return self._health
+
+    @property
+    def refused_entries(self) -> int:
+        return self.stats["refused"]
+
+    def rows(self) -> list[dict]:
+        """One row per member for ``synthesis-ctl members``."""
+        rows = []
+        for node_id in sorted(self._members):
+            member = self._members[node_id]
+            agents = self.local_agents if node_id == self.me.node_id else self._agents.get(node_id)
+            rows.append({"node_id": node_id, "address": member.address, "state": member.state,
+                         "incarnation": member.generation, "agents": agents})
+        return rows
+
+    def counts(self) -> dict[str, int]:
+        """Members by state (a gauge)."""
+        counts = dict.fromkeys(STATES, 0)
+        for member in self._members.values():
+            counts[member.state] += 1
+        return counts
+
+    # --- the machine contract ---------------------------------------------------------
 
     def start(self, now: float) -> list:
-        """First effects: announce ourselves to seeds; the first round is due."""
-        self._next_tick = now + self._interval_s
-        return [MembersChanged(self.members), *self._push()]
+        """Join: exchange the whole member list with every seed; probing starts."""
+        self._next_probe = now + self._interval()
+        self._next_sync = now + self.config.sync_interval_s
+        self._broadcasts.push(self.me.node_id)
+        join = self._join_message()
+        joins = [Send(seed_id(s), GOSSIP, join) for s in self._seeds]
+        return [MembersChanged(self.members, self._ring), *joins]
 
     def next_deadline(self) -> float | None:
-        return self._next_tick
+        if self._next_probe is None:
+            return None
+        deadlines = [self._next_probe, self._next_sync]
+        probe = self._probe
+        if probe is not None and not probe.acked:
+            deadlines.append(probe.ends_at if probe.indirect else probe.indirect_at)
+        deadlines += [s.deadline for s in self._suspicions.values()]
+        deadlines += [r[2] for r in self._relays.values()]
+        if self._dead_up and self._quorate and not self._suspicions:
+            deadlines.append(self._changed_at + self.config.stable_after_s)
+        return min(d for d in deadlines if d is not None)
 
     def tick(self, now: float) -> list:
-        if self._next_tick is None or now < self._next_tick:
+        if self._next_probe is None:
             return []
-        self._next_tick = now + self._interval_s
-        return self._push()
+        out: list = []
+        self._check_pause(now)
+        self._expire_relays(now, out)
+        self._probe_timers(now, out)
+        self._suspicion_timers(now)
+        if now >= self._next_probe:
+            self._next_probe = now + self._interval()
+            if not self._left:
+                self._start_probe(now, out)
+        if now >= self._next_sync:
+            self._next_sync = now + self.config.sync_interval_s
+            self._reap(now)
+            out += self._periodic_sync()
+        return self._settle(now, out)
 
     def receive(self, sender: str, message: object, now: float) -> list:
-        """Merge a peer's gossip; on change, tell the node and push the news on."""
-        entries = self._parse(message)
-        new_ids = {m.node_id for m in entries} - self._members.keys()
-        if len(self._members) + len(new_ids) > MEMBERS_MAX:
-            # Checked before any change, so a refused message changes nothing.
-            raise MembershipError(f"member limit {MEMBERS_MAX} reached")
-        limit_ns = self._wall_offset_ns + int(now * 1e9) + self._ahead_max_ns
-        changed, notes, tell = False, [], []
-        for member in entries:
-            if member.generation > limit_ns:
-                self.refused_entries += 1  # from the future: forged, or a clock far off
-            elif member.node_id == self.me.node_id:
-                notes += self._about_me(member, now)
-            else:
-                changed |= self._merge(member, sender, now, tell)
-        if not (changed or notes or tell):
-            return []
-        # One message, built after every change, to each distinct target.
-        if notes:  # we refuted: every member must hear it at once, not a random few
-            targets = [m for m in self._members if m != self.me.node_id]
+        kind = self._check(message)
+        out: list = []
+        if kind == "nack":
+            self._on_nack(message)
+            return out
+        self._merge_all(sender, self._entries(message, "u"), now, out)
+        if kind == "ping":
+            self._note_agents(sender, message)
+            out.append(Send(sender, GOSSIP, self._message("ack", seq=self._seq_of(message),
+                                                          about=sender)))
+        elif kind == "ack":
+            self._note_agents(sender, message)
+            self._on_ack(self._seq_of(message), out)
+        elif kind == "ping-req":
+            self._on_ping_req(sender, message, now, out)
         else:
-            targets = self._push_targets() if changed else []
-        targets += [t for t in tell if t not in targets]
-        message = self.gossip_message()
-        effects = [*notes, MembersChanged(self.members)] if changed or notes else []
-        return effects + [Send(to, GOSSIP, message) for to in targets]
+            out += self._on_sync(sender, message)
+        return self._settle(now, out)
 
-    # Merging -----------------------------------------------------------------
-
-    def _merge(self, member: Member, sender: str, now: float, tell: list) -> bool:
-        """Apply one entry about another node; True if the view changed."""
-        known = self._members.get(member.node_id)
-        if known is None:
-            self._members[member.node_id] = member
-            return True
-        moved = member.endpoints != known.endpoints
-        if moved and sender != member.node_id:
-            self.refused_entries += 1  # an address changes only through its member
-            return False
-        if member.rank() > known.rank():
-            self._members[member.node_id] = member
-            return True
-        if moved and self._told_at.get(member.node_id, -math.inf) + self._interval_s <= now:
-            # The member itself claims an address we hold under a newer generation:
-            # tell it what we hold (at the address it claims), so it can refute.
-            if len(self._told_at) >= MEMBERS_MAX:
-                self._told_at.clear()
-            self._told_at[member.node_id] = now
-            tell.append(seed_id(member.address))
-        return False
-
-    def _about_me(self, member: Member, now: float) -> list:
-        """Someone gossips our own id: refute anything that could win over us."""
-        me = self.me
-        if member.generation < me.generation or member == me or now < self._refute_after:
+    def leave(self, now: float) -> list:
+        """A graceful leave: every alive member hears it at once; probing stops."""
+        if self._left:
             return []
-        self._refute_after = now + self._interval_s
-        self.me = Member(me.node_id, max(me.generation, member.generation) + 1, me.endpoints)
-        self._members[me.node_id] = self.me
-        return [Refuted(member.address, member.generation, self.me.generation)]
+        self._left = True
+        before, self.me = self.me, replace(self.me, state=LEFT)
+        self._members[self.me.node_id] = self.me
+        self._index(self.me.node_id, LEFT, before, self.me)
+        self._broadcasts.push(self.me.node_id)
+        message = self._announcement()
+        out = [Send(n, GOSSIP, message) for n, m in sorted(self._members.items())
+               if n != self.me.node_id and m.state in (ALIVE, SUSPECT)]
+        return self._settle(now, out, changed=True)
 
-    # Gossip ------------------------------------------------------------------
+    # --- messages in ----------------------------------------------------------------
 
-    def gossip_message(self) -> dict:
-        return {"v": VERSION, "kind": "members",
-                "members": [m.to_wire() for m in self._members.values()]}
-
-    def _push(self) -> list:
-        message = self.gossip_message()
-        return [Send(to, GOSSIP, message) for to in self._push_targets()]
-
-    def _push_targets(self) -> list[str]:
-        """``fanout`` random members, and seeds no member answers for.
-
-        A bounded fanout keeps a round O(fanout) messages, so the cluster spreads
-        news in O(log n) rounds instead of O(n^2) messages per change.
-        """
-        others = sorted(m for m in self._members if m != self.me.node_id)
-        targets = others if len(others) <= self._fanout else self._rng.sample(others, self._fanout)
-        known = {self._members[m].address for m in others}
-        return targets + [seed_id(s) for s in self._seeds if s not in known]
-
-    def _parse(self, message: object) -> list[Member]:
-        """The entries that differ from our view, validated.
-
-        Entries equal to what we hold are skipped before validation: in a
-        converged cluster that is nearly all of them, every round.
-        """
-        if not isinstance(message, dict) or message.get("kind") != "members":
-            raise MembershipError("gossip must be a map with kind='members'")
+    def _check(self, message: object) -> str:
+        if not isinstance(message, dict):
+            raise MembershipError("a membership message must be a map")
         version = message.get("v")
-        if type(version) is not int or version < 1:
-            raise MembershipError("gossip needs an integer version 'v' >= 1")
-        entries = message.get("members")
-        if not isinstance(entries, list) or len(entries) > MEMBERS_MAX:
-            raise MembershipError("gossip 'members' must be a list within the member limit")
-        members = self._members
-        fresh = []
-        for item in entries:
+        if type(version) is not int or version < VERSION:
+            raise MembershipError(f"membership messages need an integer 'v' >= {VERSION} "
+                                  f"(got {version!r:.20}: a node of an older version?)")
+        kind = message.get("kind")
+        if kind not in _KINDS:
+            raise MembershipError(f"unknown membership message kind {kind!r:.40}")
+        return kind
+
+    @staticmethod
+    def _seq_of(message: dict) -> int:
+        seq = message.get("seq")
+        if type(seq) is not int or not 0 <= seq < 2**63:
+            raise MembershipError("'seq' must be a non-negative integer")
+        return seq
+
+    def _entries(self, message: dict, key: str) -> list[Member]:
+        """Validated entries that differ from what we hold (most don't: skipped
+        before validation)."""
+        items = message.get(key, [])
+        if not isinstance(items, list) or len(items) > max(ENTRIES_MAX, SYNC_PAGE_MAX):
+            raise MembershipError(f"'{key}' must be a list of at most {SYNC_PAGE_MAX} entries")
+        members, fresh = self._members, []
+        for item in items:
             if isinstance(item, dict) and type(item.get("id")) is str:
                 known = members.get(item["id"])
-                if (known is not None and type(item.get("gen")) is int
-                        and known.generation == item["gen"]
-                        and dict(known.endpoints) == item.get("ep")):
+                if (known is not None and known.generation == item.get("gen")
+                        and _CODE[known.state] == item.get("st", "a")
+                        and known.state == ALIVE and dict(known.endpoints) == item.get("ep")):
                     continue
             fresh.append(Member.from_wire(item))
         return fresh
+
+    def _note_agents(self, sender: str, message: dict) -> None:
+        agents = message.get("ag")
+        if type(agents) is int and agents >= 0 and sender in self._members:
+            self._agents[sender] = agents
+
+    def _on_ack(self, seq: int, out: list) -> None:
+        probe = self._probe
+        if probe is not None and probe.seq == seq:
+            probe.acked = True
+            return
+        relay = self._relays.pop(seq, None)
+        if relay is not None:  # the target answered the ping we sent for someone else
+            asker, asker_seq, _ = relay
+            out.append(Send(asker, GOSSIP, self._message("ack", seq=asker_seq, about=asker)))
+
+    def _on_nack(self, message: dict) -> None:
+        probe = self._probe
+        if probe is not None and probe.seq == self._seq_of(message):
+            probe.nacks += 1
+
+    def _on_ping_req(self, sender: str, message: dict, now: float, out: list) -> None:
+        target, seq = message.get("target"), self._seq_of(message)
+        known = self._members.get(target) if type(target) is str else None
+        if known is None or known.state in (DEAD, LEFT) or len(self._relays) >= RELAYS_MAX:
+            out.append(Send(sender, GOSSIP, {"v": VERSION, "kind": "nack", "seq": seq}))
+            return
+        self._seq += 1
+        self._relays[self._seq] = (sender, seq, now + self._timeout())
+        out.append(Send(target, GOSSIP, self._message("ping", seq=self._seq, about=target)))
+
+    def _on_sync(self, sender: str, message: dict) -> list:
+        """A join gets our whole list, page by page; a digest exchange (three steps:
+        digest, entries + digest, entries) moves only the buckets that differ."""
+        if message.get("full") is True:
+            ids = self._sorted_ids()
+            return [Send(sender, GOSSIP, {"v": VERSION, "kind": "sync",
+                                          "u": [self._members[n].to_wire()
+                                                for n in ids[i:i + SYNC_PAGE_MAX]]})
+                    for i in range(0, len(ids), SYNC_PAGE_MAX)]
+        digest, step = message.get("dg"), message.get("r")
+        if digest is None:
+            return []
+        if (not isinstance(digest, list) or len(digest) != BUCKETS
+                or not all(type(x) is int and 0 <= x < 2**32 for x in digest)
+                or step not in (1, 2)):
+            raise MembershipError(f"a sync digest is {BUCKETS} integers of 32 bits, r 1 or 2")
+        differ = [b for b in range(BUCKETS) if digest[b] != self._digest[b]]
+        if step == 1:
+            return [Send(sender, GOSSIP, {"v": VERSION, "kind": "sync", "r": 2,
+                                          "u": self._bucket_entries(differ),
+                                          "dg": list(self._digest)})]
+        if differ:
+            return [Send(sender, GOSSIP, {"v": VERSION, "kind": "sync",
+                                          "u": self._bucket_entries(differ)})]
+        return []
+
+    def _bucket_entries(self, buckets: list[int]) -> list[dict]:
+        """Our entries in ``buckets``, at most a page, starting at a rotating bucket
+        so that repeated exchanges cover every one."""
+        entries: list[dict] = []
+        if not buckets:
+            return entries
+        self._cursor += 1
+        start = self._cursor % len(buckets)
+        for bucket in buckets[start:] + buckets[:start]:
+            for node_id in sorted(self._bucket_ids[bucket]):
+                entries.append(self._members[node_id].to_wire())
+                if len(entries) == SYNC_PAGE_MAX:
+                    return entries
+        return entries
+
+    # --- merging ----------------------------------------------------------------------
+
+    def _merge_all(self, sender: str, entries: list[Member], now: float, out: list) -> None:
+        limit_ns = self._wall_offset_ns + int(now * 1e9) + self._ahead_max_ns
+        sender_known = self._members.get(sender)
+        accuser = sender_known is not None and sender_known.state in (ALIVE, SUSPECT)
+        for member in entries:
+            if member.generation > limit_ns:
+                self.stats["refused"] += 1  # from the future: forged, or a clock far off
+            elif member.node_id == self.me.node_id:
+                self._about_me(member, now, out)
+            elif member.state in (SUSPECT, DEAD) and not accuser:
+                continue  # stale accusations from a node we hold dead (or a stranger)
+            else:
+                self._merge(member, sender, now)
+
+    def _merge(self, member: Member, sender: str, now: float) -> None:
+        known = self._members.get(member.node_id)
+        if known is None:
+            if member.state != ALIVE:
+                return  # only alive news makes a member
+            if len(self._members) >= MEMBERS_MAX:
+                self.stats["refused"] += 1
+                return
+            self._set(member, now)
+            return
+        if member.endpoints != known.endpoints and not (
+                sender == member.node_id
+                or (known.state in (DEAD, LEFT) and member.state == ALIVE)):
+            self.stats["refused"] += 1  # an address changes only through its member
+            return
+        if member.beats(known):
+            self._set(member, now)
+        elif (member.state == SUSPECT and known.state == SUSPECT
+              and member.generation == known.generation):
+            suspicion = self._suspicions.get(member.node_id)
+            if suspicion is not None and suspicion.confirm(member.by):
+                self._broadcasts.push(member.node_id)  # confirmations spread too
+
+    def _set(self, member: Member, now: float) -> None:
+        """Take ``member`` as our entry; start or end timers; queue it for gossip."""
+        node_id = member.node_id
+        before = self._members.get(node_id)
+        self._members[node_id] = member
+        self._index(node_id, member.state, before, member)
+        self._broadcasts.push(node_id)
+        if before is None or before.state != member.state:
+            self._changed_at = now
+        if member.state == SUSPECT:
+            self._suspect_timer(member, now)
+        else:
+            self._suspicions.pop(node_id, None)
+        if member.state in (DEAD, LEFT):
+            self._since[node_id] = now
+        else:
+            self._since.pop(node_id, None)
+        if member.state == DEAD and before is not None and before.state != DEAD:
+            self.stats["declared_dead"] += 1
+
+    def _index(self, node_id: str, state: str | None, before: Member | None = None,
+               after: Member | None = None) -> None:
+        """Keep the state indexes and the sync digest for one member whose entry
+        went from ``before`` to ``after`` (``state`` None: forgotten)."""
+        self._dirty = True
+        self._ids = None
+        bucket = zlib.crc32(node_id.encode()) % BUCKETS
+        if before is not None:
+            self._digest[bucket] = (self._digest[bucket] - _entry_hash(before)) % 2**32
+        if after is not None:
+            self._digest[bucket] = (self._digest[bucket] + _entry_hash(after)) % 2**32
+            self._bucket_ids[bucket].add(node_id)
+        else:
+            self._bucket_ids[bucket].discard(node_id)
+        for index in (self._alive, self._on_ring, self._dead_up):
+            index.discard(node_id)
+        if state == ALIVE:
+            self._alive.add(node_id)
+        if state in (ALIVE, SUSPECT, DEAD):
+            self._on_ring.add(node_id)
+        if state == DEAD:
+            self._dead_up.add(node_id)
+
+    def _about_me(self, member: Member, now: float, out: list) -> None:
+        """Someone gossips our own id: refute whatever could win over us."""
+        me = self.me
+        if self._left or not (member.beats(me) or (
+                member.generation == me.generation and member.endpoints != me.endpoints)):
+            return
+        if member.endpoints != me.endpoints:
+            if now < self._refute_after:
+                return
+            self._refute_after = now + self.config.probe_interval_s
+            out.append(Refuted(member.address, member.generation, member.generation + 1))
+        else:
+            self._health = min(self.config.health_max, self._health + 1)
+        self.stats["refuted"] += 1
+        self.me = Member(me.node_id, max(me.generation, member.generation) + 1, me.endpoints)
+        self._members[me.node_id] = self.me
+        self._index(me.node_id, ALIVE, me, self.me)
+        self._broadcasts.push(me.node_id)
+        if member.endpoints != me.endpoints:  # a claim on our id: every member hears at once
+            message = self._announcement()
+            out += [Send(n, GOSSIP, message) for n, m in sorted(self._members.items())
+                    if n != me.node_id and m.state in (ALIVE, SUSPECT)]
+
+    # --- probing --------------------------------------------------------------------
+
+    def _interval(self) -> float:
+        return self.config.probe_interval_s * (1 + self._health)
+
+    def _timeout(self) -> float:
+        return self.config.probe_timeout_s * (1 + self._health)
+
+    def _start_probe(self, now: float, out: list) -> None:
+        self._end_probe(now)
+        target = self._next_target()
+        if target is None:
+            return
+        self._seq += 1
+        self.stats["probes"] += 1
+        self._probe = _Probe(target, self._seq, now + self._timeout(), now + self._interval())
+        out.append(Send(target, GOSSIP, self._message("ping", seq=self._seq, about=target)))
+
+    def _next_target(self) -> str | None:
+        """Round robin over a shuffled list (every member probed within n periods)."""
+        for _ in range(2):
+            while self._probe_order:
+                node_id = self._probe_order.pop()
+                member = self._members.get(node_id)
+                if member is not None and member.state in (ALIVE, SUSPECT):
+                    return node_id
+            self._probe_order = sorted(n for n, m in self._members.items()
+                                       if n != self.me.node_id and m.state in (ALIVE, SUSPECT))
+            self._rng.shuffle(self._probe_order)
+        return None
+
+    def _probe_timers(self, now: float, out: list) -> None:
+        probe = self._probe
+        if probe is None or probe.acked:
+            return
+        if not probe.indirect and now >= probe.indirect_at:
+            self._ask_others(probe, out)
+        if probe.indirect and now >= probe.ends_at:
+            self._end_probe(now)
+
+    def _ask_others(self, probe: _Probe, out: list) -> None:
+        others = sorted(n for n, m in self._members.items()
+                        if m.state == ALIVE and n not in (self.me.node_id, probe.target))
+        helpers = self._rng.sample(others, min(self.config.indirect_probes, len(others)))
+        probe.indirect, probe.asked = True, len(helpers)
+        self.stats["indirect"] += len(helpers)
+        message = {"v": VERSION, "kind": "ping-req", "seq": probe.seq, "target": probe.target,
+                   "u": self._piggyback(None)}
+        out += [Send(n, GOSSIP, message) for n in helpers]
+
+    def _end_probe(self, now: float) -> None:
+        """The period is over: an unanswered probe makes its target suspect."""
+        probe, self._probe = self._probe, None
+        if probe is None:
+            return
+        if probe.acked:
+            self._health = max(0, self._health - 1)
+            return
+        self.stats["probes_failed"] += 1
+        if probe.nacks < probe.asked:  # silence from our helpers too: maybe it is us
+            self._health = min(self.config.health_max, self._health + 1)
+        target = self._members.get(probe.target)
+        if target is None:
+            return
+        me = self.me.node_id
+        if target.state == ALIVE:
+            self.stats["suspected"] += 1
+            self._set(replace(target, state=SUSPECT, by=me), now)
+        elif target.state == SUSPECT:  # our own failed probe confirms the suspicion
+            suspicion = self._suspicions.get(target.node_id)
+            if suspicion is not None and suspicion.confirm(me):
+                self._members[target.node_id] = replace(target, by=me)
+                self._broadcasts.push(target.node_id)
+
+    def _check_pause(self, now: float) -> None:
+        """A timer far too late: we were stopped (SIGSTOP, swap, a long GC).  What we
+        sent before may have been answered while we could not read: no accusation
+        from the probe in flight, and suspicions get the lost time back."""
+        late = now - self._next_probe
+        if late <= PAUSE_FACTOR * self._interval():
+            return
+        self.stats["pauses"] += 1
+        self._health = min(self.config.health_max, self._health + 1)
+        self._probe = None
+        self._relays.clear()
+        for suspicion in self._suspicions.values():
+            suspicion.started += late
+            suspicion.deadline += late
+
+    def _expire_relays(self, now: float, out: list) -> None:
+        for seq, (asker, asker_seq, deadline) in list(self._relays.items()):
+            if deadline <= now:
+                del self._relays[seq]
+                out.append(Send(asker, GOSSIP, {"v": VERSION, "kind": "nack", "seq": asker_seq}))
+
+    # --- suspicion ------------------------------------------------------------------
+
+    def _suspect_timer(self, member: Member, now: float) -> None:
+        current = self._suspicions.get(member.node_id)
+        if current is not None and current.generation == member.generation:
+            current.confirm(member.by)
+            return
+        cfg = self.config
+        alive = sum(1 for m in self._members.values() if m.state == ALIVE)
+        n = len(self._ring)
+        min_s = cfg.suspicion_mult * max(1.0, math.log10(max(n, 1))) * cfg.probe_interval_s
+        expected = min(CONFIRMATIONS, max(alive - 1, 0))  # others alive, not us
+        self._suspicions[member.node_id] = _Suspicion(
+            member.generation, member.by or self.me.node_id, now, expected, min_s,
+            min_s * cfg.suspicion_max_mult)
+
+    def _suspicion_timers(self, now: float) -> None:
+        for node_id, suspicion in sorted(self._suspicions.items()):
+            if suspicion.deadline > now:
+                continue
+            member = self._members[node_id]
+            del self._suspicions[node_id]
+            if member.state == SUSPECT and member.generation == suspicion.generation:
+                self._set(replace(member, state=DEAD, by=self.me.node_id), now)
+
+    # --- gossip out -----------------------------------------------------------------
+
+    def _transmits_max(self) -> int:
+        return self.config.retransmit_mult * max(1, math.ceil(math.log10(len(self._members) + 1)))
+
+    def _piggyback(self, about: str | None) -> list[dict]:
+        """Queued updates; our own entry (a receiver that forgot us learns us
+        back); our entry about the receiver when it is not plain alive (a suspect
+        hears it at once and can refute)."""
+        members, me = self._members, self.me.node_id
+        ids = self._broadcasts.take(ENTRIES_MAX, self._transmits_max())
+        entries = [members[n].to_wire() for n in ids if n in members]
+        if me not in ids:
+            entries.append(self.me.to_wire())
+        if about is not None and about not in ids:
+            known = members.get(about)
+            if known is not None and known.state != ALIVE:
+                entries.append(known.to_wire())
+        return entries
+
+    def _message(self, kind: str, *, seq: int, about: str | None) -> dict:
+        return {"v": VERSION, "kind": kind, "seq": seq, "u": self._piggyback(about),
+                "ag": self.local_agents}
+
+    def _join_message(self) -> dict:
+        """To a seed: here we are, send us your whole list."""
+        return {"v": VERSION, "kind": "sync", "u": [self.me.to_wire()], "full": True}
+
+    def _announcement(self) -> dict:
+        """Our own entry, to every member at once (a leave, a claim refuted)."""
+        return {"v": VERSION, "kind": "sync", "u": [self.me.to_wire()]}
+
+    def _digest_message(self, about: str) -> dict:
+        """The first step of a digest exchange: our bucket digest, us, and what we
+        hold about the receiver (a member we hold dead hears it and refutes)."""
+        entries = [self.me.to_wire()]
+        known = self._members.get(about)
+        if known is not None and known.state != ALIVE:
+            entries.append(known.to_wire())
+        return {"v": VERSION, "kind": "sync", "r": 1, "u": entries, "dg": list(self._digest)}
+
+    def _periodic_sync(self) -> list:
+        """One random alive member; one member we hold dead (they may only be cut
+        off); seeds no alive member answers for (a lone node finds its way back)."""
+        if self._left:
+            return []
+        me = self.me.node_id
+        alive = sorted(n for n, m in self._members.items() if n != me and m.state == ALIVE)
+        dead = sorted(n for n, m in self._members.items() if m.state == DEAD)
+        targets = [self._rng.choice(pool) for pool in (alive, dead) if pool]
+        out = [Send(t, GOSSIP, self._digest_message(t)) for t in targets]
+        answered = {self._members[n].address for n in alive}
+        join = self._join_message()
+        out += [Send(seed_id(s), GOSSIP, join) for s in self._seeds if s not in answered]
+        return out
+
+    def _reap(self, now: float) -> None:
+        for node_id, since in sorted(self._since.items()):
+            if since + self.config.dead_reap_s <= now:
+                del self._since[node_id]
+                self._index(node_id, None, self._members.pop(node_id))
+                self._agents.pop(node_id, None)
+                self._broadcasts.discard(node_id)
+                self._changed_at = now
+
+    # --- ring and downing -------------------------------------------------------------
+
+    def _sorted_ids(self) -> list[str]:
+        if self._ids is None:
+            self._ids = sorted(self._members)
+        return self._ids
+
+    def _decide(self, now: float) -> None:
+        """Apply the downing strategy: may we own agents; may dead members go.
+
+        The reference is the ring (alive, suspect, dead not downed); the reachable
+        part is the alive members (suspects count as unreachable)."""
+        reference, reachable = len(self._on_ring), len(self._alive)
+        if self.config.downing == STATIC_QUORUM:
+            quorate = reachable >= self.config.quorum_size
+        else:
+            quorate = (2 * reachable > reference
+                       or (2 * reachable == reference and min(self._on_ring) in self._alive))
+        self._quorate = quorate
+        stable = (not self._suspicions
+                  and now >= self._changed_at + self.config.stable_after_s)
+        if quorate and stable and self._dead_up:
+            self.stats["downed"] += len(self._dead_up)
+            self._on_ring -= self._dead_up
+            self._dead_up.clear()
+            self._dirty = True
+
+    def _settle(self, now: float, out: list, changed: bool = False) -> list:
+        """After any input: decide, and tell the node what changed."""
+        due = (self._dead_up and not self._suspicions
+               and now >= self._changed_at + self.config.stable_after_s)
+        if not (self._dirty or due or changed):
+            return out
+        was_quorate = self._quorate
+        self._decide(now)
+        if self._dirty or changed:
+            self._dirty = False
+            self._ring = frozenset(self._on_ring)
+            out.insert(0, MembersChanged(self.members, self._ring))
+        if self._quorate != was_quorate:
+            out.insert(0, QuorumChanged(self._quorate, len(self._alive), len(self._on_ring)))
+        return out

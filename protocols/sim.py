@@ -47,8 +47,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable
 
 from . import peer, wire
-from .effects import (GOSSIP, STATUS_ANSWER, Answer, Fail, MembersChanged, Refuted, Send,
-                      Unresponsive, seed_address)
+from .effects import (GOSSIP, STATUS_ANSWER, Answer, Fail, MembersChanged, QuorumChanged,
+                      Refuted, Send, Unresponsive, seed_address)
 from .machine import Effects
 from .membership import Member, Membership, MembershipError
 from .routing import Refusal, Router
@@ -134,6 +134,7 @@ class Simulator:
         self.now = 0.0
         self.stats = SimStats()
         self.changes: list[tuple[float, str, MembersChanged]] = []
+        self.record_changes = True  # False at scale: each change holds a copy of the view
         self.effects_log: list[tuple[float, str, Any]] = []
         self.errors: list[tuple[float, str, Exception]] = []
         self._strict = strict
@@ -406,13 +407,14 @@ class Simulator:
             self._send(node_id, effect)
 
         def members_changed(effect: MembersChanged) -> None:
-            self.changes.append((self.now, node_id, effect))
+            if self.record_changes:
+                self.changes.append((self.now, node_id, effect))
 
         def log(effect: Any) -> None:
             self.effects_log.append((self.now, node_id, effect))
 
         handlers: dict[type, Callable[[Any], None]] = {
-            Send: send, MembersChanged: members_changed, Refuted: log}
+            Send: send, MembersChanged: members_changed, Refuted: log, QuorumChanged: log}
         if self._answers is not None:  # whole nodes: clients, and frames of their own
             answers = self._answers
 
