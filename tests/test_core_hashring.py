@@ -331,3 +331,24 @@ def test_errors_name_what_is_wrong(impl):
     assert _message(lambda: ring.preference_list("k", True)) == "TypeError: n must be an int"
     assert _message(lambda: ring.preference_list("k", -1)) == "ValueError: n must be >= 0"
     assert _message(lambda: ring.remove("missing")) == "KeyError: 'missing'"
+
+
+def test_shared_helpers_of_both_kernels():
+    """core_cy/_common.py: replica ids, vnode counts and their bounds, node names."""
+    from core_cy import _common
+
+    assert _common.replica_id("n1") == _common.replica_id(b"n1") == xxhash.xxh64_intdigest(
+        b"n1", _common.REPLICA_SEED)
+    assert _common.vnode_count(160, 0.001) == 1      # never fewer than one vnode
+    assert _common.vnode_count(10, 0.25) == 3        # floor(2.5 + 0.5)
+    assert _common.check_vnodes(1_000_000) == 1_000_000
+    for bad, text in ((1_000_001, "vnodes must be <= 1000000, got 1000001"),
+                      (0, "vnodes must be an int >= 1, got 0"),
+                      (2.0, "vnodes must be an int >= 1, got 2.0"),
+                      (True, "vnodes must be an int >= 1, got True")):
+        assert _message(lambda: _common.check_vnodes(bad)) == f"ValueError: {text}"
+    assert _message(lambda: _common.vnode_count(8, 0)) == \
+        "ValueError: node weight must be a finite number > 0, got 0"
+    assert _message(lambda: _common.node_bytes(5)) == \
+        "TypeError: node names must be str or bytes, got int"
+    assert _common.node_bytes(b"n") == b"n" and _common.node_bytes("é") == "é".encode()
