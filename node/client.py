@@ -197,6 +197,11 @@ class Client:
     def ping(self, timeout_s: float | None = None) -> dict:
         return self._call(wire.TYPE_PING, None, None, timeout_s, {})
 
+    def members(self, timeout_s: float | None = None) -> dict:
+        """The entry node's member view: ``{"node", "quorate", "members": [{"node_id",
+        "address", "state", "incarnation", "agents"}]}``."""
+        return self._call(wire.TYPE_MEMBERS, None, None, timeout_s, {})
+
     def close(self) -> None:
         """Close the socket; unsent one-way messages get CLOSE_LINGER_MS to leave."""
         self._sock.close(linger=CLOSE_LINGER_MS)
@@ -340,6 +345,10 @@ class AsyncClient:
 
     async def ping(self, timeout_s: float | None = None) -> dict:
         return await self._call(wire.TYPE_PING, None, None, timeout_s, {})
+
+    async def members(self, timeout_s: float | None = None) -> dict:
+        """As ``Client.members``."""
+        return await self._call(wire.TYPE_MEMBERS, None, None, timeout_s, {})
 
     async def close(self) -> None:
         self._shutdown()

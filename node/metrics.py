@@ -71,6 +71,10 @@ _PLAIN_COUNTERS = (
     ("peer_send_failures", "peer_send_failures_total", "Sends to peers that failed."),
     ("client_send_failures", "client_send_failures_total",
      "Replies to clients that could not be sent (client gone, or its queue full)."),
+    ("gossip_bytes", "gossip_bytes_sent_total",
+     "Bytes of membership messages (probes, acks, syncs) this node sent."),
+    ("agents_moved_out", "agents_moved_out_total",
+     "Agents whose state this node handed to their new owner."),
 )
 
 # What each gauge the runtime reports means (its HELP text); unknown ones get a generic text.
@@ -84,6 +88,24 @@ GAUGE_HELP = {
     "mailbox_bytes": "Envelope bytes of the messages waiting in all agent mailboxes.",
     "forwards_in_flight": "Calls of this node's clients forwarded to their owners and "
                           "not answered yet (each ends by reply, deadline or departure).",
+    "members_alive": "Members this node holds alive (itself included).",
+    "members_suspect": "Members this node suspects (missed a probe; not declared dead yet).",
+    "members_dead": "Members this node holds dead and has not forgotten yet.",
+    "members_left": "Members that left gracefully and are not forgotten yet.",
+    "quorate": "1 while the downing strategy lets this node own agents, 0 on the "
+               "minority side of a split.",
+    "local_health": "Lifeguard local health score: 0 is healthy; each point stretches "
+                    "this node's probe interval and timeout.",
+    "handoff_held": "Requests held for agents whose state is moving to this node.",
+    "handoff_kept": "Agent states sent to a new owner and not acknowledged yet.",
+}
+
+EVENT_HELP = {
+    "membership": "Membership protocol events: probes, probes_failed, indirect (ping-reqs "
+                  "sent), suspected, declared_dead, refuted, refused (entries), downed, "
+                  "pauses (this node found itself stopped).",
+    "handoff": "Agent handoff events: sent, acked, resent, returned, installed, duplicates, "
+               "timed_out (started fresh: state may be lost), owner_lost, refused, conflicts.",
 }
 
 _ELAPSED_MAX_S = 86400.0          # a sane elapsed time is never longer than this
@@ -138,6 +160,7 @@ class NodeMetrics:
         self._forward = [0] * _ROW_LEN
         self._plain = {attr: 0 for attr, _, _ in _PLAIN_COUNTERS}
         self._gauges: Callable[[], dict[str, float]] | None = None
+        self._events: Callable[[], dict[str, dict[str, int]]] | None = None
         self.http_connections: Callable[[], int] | None = None  # set by MetricsServer
         self._process = psutil.Process()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -245,6 +268,18 @@ class NodeMetrics:
     def gossip_refused(self, n: int) -> None:
         self.limited("gossip_entry_refused", n)
 
+    def gossip_sent(self, nbytes: int) -> None:
+        self._plain["gossip_bytes"] += nbytes
+
+    def agent_moved_out(self) -> None:
+        self._plain["agents_moved_out"] += 1
+
+    def set_events(self, fn: Callable[[], dict[str, dict[str, int]]]) -> None:
+        """Register the function read at scrape time for protocol event counters:
+        ``{family: {event: count}}``, e.g. ``{"membership": {"probes": 10, ...}}``
+        becomes ``synthesis_membership_events_total{event="probes"} 10``."""
+        self._events = fn
+
     def set_gauges(self, fn: Callable[[], dict[str, float]]) -> None:
         """Register the function read at scrape time for gauges (agents_active, ...).
 
@@ -265,6 +300,16 @@ class NodeMetrics:
         }
         totals.update(self._plain.copy())
         return totals
+
+    def read_events(self) -> dict[str, dict[str, int]]:
+        if self._events is None:
+            return {}
+        try:
+            families = dict(self._events())
+        except Exception:  # noqa: BLE001 - as read_gauges
+            return {}
+        return {family: {str(k): int(v) for k, v in counts.items()}
+                for family, counts in families.items() if _GAUGE_NAME_RE.match(family)}
 
     def read_gauges(self) -> dict[str, float]:
         """Call the gauge function; a failing or malformed one yields no gauges rather
@@ -320,6 +365,9 @@ class _Collector:
         yield _by_label("log_events_suppressed_total",
                         "Log records dropped by the per-event rate limit, by event name.",
                         "event", logs.suppressed_totals())
+        for family, counts in m.read_events().items():
+            yield _by_label(f"{family}_events_total", EVENT_HELP.get(family, family),
+                            "event", counts)
         for name, value in m.read_gauges().items():
             yield GaugeMetricFamily(PREFIX + name, GAUGE_HELP.get(name, f"Current {name}."),
                                     value=value)

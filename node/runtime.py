@@ -28,20 +28,24 @@ from typing import Any
 
 import core_cy
 from protocols import peer, wire
-from protocols.effects import Answer, Fail, MembersChanged, Refuted, Send, Unresponsive
+from protocols.effects import (Answer, Fail, Install, MembersChanged, QuorumChanged, Refuted,
+                               Send, Surrender, Unresponsive, GOSSIP)
+from protocols.handoff import Handoff, HandoffError
 from protocols.machine import Effects
-from protocols.membership import ZMQ, ZMQ_PUB, Member, Membership, MembershipError
+from protocols.membership import (LEFT, ZMQ, ZMQ_PUB, Member, Membership, MembershipError,
+                                  SwimConfig)
 from protocols.routing import Refusal, Router
 from protocols.shutdown import Phase, Shutdown
 from protocols.status import StatusCollector, StatusError
 from protocols.wire import ErrorCode, Request, WireError
 
 from . import logs, ready, systemd, transports
-from .agents import AgentError, AgentHost, Supervision, load_behavior_modules
+from .agents import BUSY, AgentError, AgentHost, Supervision, load_behavior_modules
 from .config import NodeConfig
 from .guard import rss_bytes, trim_malloc
 from .metrics import MetricsServer, NodeMetrics
 from .parked import ParkedReplies
+from .transports import faults
 
 RETRY_INTERVAL_S = 0.02    # how often queued peer sends are retried
 SHUTDOWN_LINGER_MS = 500   # time given to last replies on close
@@ -50,6 +54,8 @@ MEMORY_TRIM_EVERY = 20     # checks over budget between two malloc_trim calls (1
 IDLE_SWEEP_LOOKS = 10_000  # agents the idle sweep looks at per step
 IDLE_SWEEP_STEP_S = 0.1
 LARGE_REQUEST_BYTES = 64 << 10  # refused while the node is over its memory budget
+MOVE_RETRY_S = 0.05        # agents busy when their ownership moved are tried again after
+LEAVE_POLL_S = 0.02        # a graceful leave waits for handoffs to be acknowledged
 
 _now = time.monotonic  # the loop's clock (asyncio's default), without a method lookup
 
@@ -92,10 +98,18 @@ class Node:
                     "conn_inbound_bytes_max": config.conn_inbound_bytes_max,
                     "inbound_bytes_max": config.inbound_bytes_max,
                     "client_reply_bytes_max": config.client_reply_bytes_max})
+        if config.faults_file:  # testing only (docs/OPERATIONS.md, "Fault injection")
+            self.transport = faults.wrap(self.transport, config.faults_file, self.log,
+                                         self.metrics)
+        self.handoff: Handoff | None = None
+        self._moving: set[str] = set()   # agents to hand on once their turn ends
+        self._move_timer: asyncio.TimerHandle | None = None
+        self._refusing = False           # past the leave: new requests are refused
         self._effects = Effects({
             Send: self._do_send, MembersChanged: self._on_members, Refuted: self._on_refuted,
             Answer: self._do_answer, Fail: self._do_fail, Phase: self._on_phase,
-            Unresponsive: self._on_unresponsive,
+            Unresponsive: self._on_unresponsive, QuorumChanged: self._on_quorum,
+            Surrender: self._on_surrender, Install: self._on_install,
         })
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -200,7 +214,9 @@ class Node:
         systemd.stopping()
         now = _now()
         self._run(self.shutdown.begin(now))
-        refused = await self.host.drain(self.shutdown.deadline - now)
+        await self._leave_cluster()
+        self._refusing = True
+        refused = await self.host.drain(self.shutdown.deadline - _now())
         self._run(self.shutdown.agents_idle(_now()))
         if self.router.in_flight:
             try:
@@ -214,8 +230,9 @@ class Node:
         self.transport.retry(math.inf)  # sends still queued: now or never (callers told)
         for _, timer in self._timers.values():
             timer.cancel()
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
+        for timer in (self._retry_timer, self._move_timer):
+            if timer is not None:
+                timer.cancel()
         self._closed = True
         self.transport.stop(linger_ms=SHUTDOWN_LINGER_MS)
         if self._metrics_server is not None:
@@ -258,6 +275,8 @@ class Node:
 
     def _do_send(self, effect: Send) -> None:
         frames = peer.encode(effect.channel, self._me, effect.message)
+        if effect.channel == GOSSIP:
+            self.metrics.gossip_sent(sum(map(len, frames)))
         if self.transport.send(effect.to, frames, None, _now()):
             self.metrics.sent(effect.channel)
         self._ensure_retry()
@@ -283,21 +302,153 @@ class Node:
         endpoints = self.transport.endpoints()
         me = Member(self.node_id, time.time_ns(), tuple(sorted(endpoints.items())))
         wall_offset_ns = time.time_ns() - int(_now() * 1e9)
+        self.handoff = Handoff(self.node_id, timeout_s=cfg.handoff_timeout_s,
+                               window_s=cfg.handoff_window_s, seq_start=me.generation)
         self.membership = Membership(
-            me, cfg.seeds, cfg.gossip_interval_s, wall_offset_ns=wall_offset_ns,
+            me, cfg.seeds, swim_config(cfg), wall_offset_ns=wall_offset_ns,
             generation_ahead_max_ns=int(cfg.generation_ahead_max_s * 1e9))
+        self.metrics.set_events(self._events)
         self._run(self.membership.start(_now()))
         self._arm("membership", self.membership)
 
     def _on_members(self, effect: MembersChanged) -> None:
+        """The view changed: peers to reach, the ring, and agents that move.
+
+        Peers are every member but us, dead ones too (they are sent a sync page now
+        and then, which is how a healed partition merges) and left ones (they may
+        still be handing agents off).  The ring holds what membership says owns."""
         members = effect.members
-        self.members = members
-        self._run(self.router.members_changed(members))
+        self.members = {n: m for n, m in members.items() if m.state != LEFT}
         others = {n: dict(m.endpoints) for n, m in members.items() if n != self.node_id}
         self.transport.set_peers(others, self.config.seeds)
         self._parked.flush(set(others), self._send_parked)
+        reachable = [n for n, m in members.items() if m.state in ("alive", "suspect", LEFT)]
+        self._run(self.handoff.members_changed(reachable))
+        ring = effect.ring_ids
+        if ring != frozenset(self.router.ring.nodes):
+            old = self.router.ring
+            previous = core_cy.HashRing(tuple(sorted(old.nodes)), vnodes=old.vnodes)
+            self._run(self.router.members_changed(ring))
+            self._run(self.handoff.ring_changed(previous.owner, _now()))
+            self._move_out(list(self.host.directory))
+            self.log.info("ring_changed", ring=sorted(ring))
         self._arm("router", self.router)
-        self.log.info("members_changed", members=sorted(members))
+        self._arm("handoff", self.handoff)
+        self.log.info("members_changed",
+                      members={n: m.state for n, m in sorted(members.items())})
+
+    def _on_quorum(self, effect: QuorumChanged) -> None:
+        self.router.set_quorate(effect.quorate, effect.reachable, effect.reference)
+        log = self.log.info if effect.quorate else self.log.error
+        log("quorum_changed", quorate=effect.quorate, reachable=effect.reachable,
+            reference=effect.reference, strategy=self.config.downing,
+            hint=None if effect.quorate else "this side of a split serves no agents "
+                                            "until enough members are reachable again")
+
+    # ------------------------------------------------------------------ handoff
+
+    def _move_out(self, agent_ids: list[str]) -> None:
+        """Hand every agent in ``agent_ids`` that another node owns now to its owner;
+        one busy in a turn is tried again once the turn is over (MOVE_RETRY_S)."""
+        route, me, now = self.router.ring.owner, self._me, _now()
+        for agent_id in agent_ids:
+            owner = route(agent_id)
+            if owner == me:
+                self._moving.discard(agent_id)
+                continue
+            taken = self.host.take_out(agent_id)
+            if taken is BUSY:
+                self._moving.add(agent_id)
+                continue
+            self._moving.discard(agent_id)
+            if taken is not None:
+                self.metrics.agent_moved_out()
+                self._run(self.handoff.send_state(agent_id, owner, *taken, now))
+        if self._moving and self._move_timer is None and not self._closed:
+            self._move_timer = self._loop.call_later(MOVE_RETRY_S, self._move_again)
+        self._arm("handoff", self.handoff)
+
+    def _move_again(self) -> None:
+        self._move_timer = None
+        if not self._closed:
+            self._move_out(sorted(self._moving))
+
+    def _on_surrender(self, effect: Surrender) -> None:
+        """A node that owns the agent now asks for it."""
+        taken = self.host.take_out(effect.agent_id)
+        if taken is None:
+            self._run(self.handoff.none(effect.agent_id, effect.to))
+        elif taken is not BUSY:  # busy: the want is sent again
+            self.metrics.agent_moved_out()
+            self._run(self.handoff.send_state(effect.agent_id, effect.to, *taken, _now()))
+
+    def _on_install(self, effect: Install) -> None:
+        """An agent's state arrived (or will not): install it, then run what waited."""
+        agent_id = effect.agent_id
+        if effect.behavior is not None:
+            if agent_id in self.host.directory:
+                self.metrics.limited("handoff_conflict")
+                self.log.warning("handoff_conflict", agent_id=agent_id,
+                                 hint="the agent was activated here before its state "
+                                      "arrived; the arriving state is dropped")
+            else:
+                try:
+                    self.host.install(agent_id, effect.behavior, effect.state, effect.groups)
+                except AgentError as exc:
+                    self.log.error("handoff_install_failed", agent_id=agent_id,
+                                   error=exc.message)
+        for req, reply_to in effect.held:
+            self._handle_local(req, reply_to, hold=False)
+        if agent_id in self.host.directory and self.router.ring.owner(agent_id) != self._me:
+            self._move_out([agent_id])  # given back, or moved again meanwhile: pass it on
+
+    def _hold_for_handoff(self, req: Request, reply_to: Any) -> bool:
+        """A miss for an agent whose state may be on its way here: hold the request
+        and ask the previous owner (True), or activate fresh (False)."""
+        now = _now()
+        if self.handoff.expecting(req.subject, now) is None:
+            return False
+        held = self.handoff.hold(req.subject, (req, reply_to), req.nbytes, now)
+        if type(held) is Refusal:
+            self._reply_error(reply_to, req.id, held.code, held.message, req.type)
+        else:
+            self._run(held)
+            self._arm("handoff", self.handoff)
+        return True
+
+    def _on_handoff(self, event: peer.HandedOff) -> None:
+        try:
+            effects = self.handoff.receive(event.sender, event.message, _now())
+        except HandoffError as exc:
+            self.metrics.errored(ErrorCode.BAD_REQUEST, "syn.handoff")
+            self.metrics.limited(f"handoff_{exc.reason}")
+            self.log.warning("bad_handoff", error=str(exc))
+            return
+        self._run(effects)
+        self._arm("handoff", self.handoff)
+
+    async def _leave_cluster(self) -> None:
+        """A graceful leave: every member hears it, the ring moves on without us, and
+        our agents go to their new owners with their state (bounded by the
+        shutdown deadline).  Requests that arrive meanwhile are forwarded."""
+        if self.membership is None:
+            return
+        self._run(self.membership.leave(_now()))
+        self._arm("membership", self.membership)
+        while ((self.handoff.kept_now or self._moving) and self.router.ring.nodes
+               and _now() < self.shutdown.deadline):
+            await asyncio.sleep(LEAVE_POLL_S)
+        if self.handoff.kept_now or self._moving:
+            self.log.warning("leave_handoff_incomplete", unacknowledged=self.handoff.kept_now,
+                             busy=len(self._moving))
+
+    def _events(self) -> dict[str, dict[str, int]]:
+        h = self.handoff
+        return {"membership": dict(self.membership.stats),
+                "handoff": {"sent": h.sent, "acked": h.acked, "resent": h.resent,
+                            "returned": h.returned, "installed": h.installed,
+                            "duplicates": h.duplicates, "timed_out": h.timed_out,
+                            "owner_lost": h.owner_lost, "refused": h.refused}}
 
     def _on_refuted(self, effect: Refuted) -> None:
         self.metrics.refuted()
@@ -320,8 +471,8 @@ class Node:
         if refused:
             self.metrics.gossip_refused(refused)
             self.log.warning("gossip_entries_refused", count=refused,
-                             reason="generation too far ahead, or an address change "
-                                    "not sent by the member itself")
+                             reason="incarnation too far ahead, an address change not "
+                                    "sent by the member itself, or the member limit")
         self._run(effects)
         self._arm("membership", membership)
 
@@ -348,6 +499,8 @@ class Node:
             self._on_reply(event)
         elif kind is peer.Gossiped:
             self._on_gossip(event)
+        elif kind is peer.HandedOff:
+            self._on_handoff(event)
         elif kind is peer.StatusQueried:
             self._answer_status_query(event)
         else:
@@ -401,7 +554,7 @@ class Node:
         # A forwarded call without a token has nobody to answer: one-way, like a send.
         reply_to = (None if req.mode != wire.MODE_CALL or (origin is not None and token is None)
                     else (handle, origin, token, req.raw.get("traceparent"), arrived))
-        if self._stopping:
+        if self._refusing:
             self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE, "node is shutting down",
                               req.type)
             return
@@ -479,13 +632,17 @@ class Node:
         if self._stopping and not self.router.in_flight:
             self._forwards_settled.set()
 
-    def _handle_local(self, req: Request, reply_to: Any) -> None:
+    def _handle_local(self, req: Request, reply_to: Any, hold: bool = True) -> None:
         agent_id = req.subject
         try:
             if wire.is_system_type(req.type):
                 self._system_request(req, reply_to)
                 return
-            act = self.host.resolve(agent_id)
+            act = self.host.directory.get(agent_id)
+            if act is None:
+                if hold and self._hold_for_handoff(req, reply_to):
+                    return
+                act = self.host.resolve(agent_id)
         except AgentError as exc:
             self._reply_error(reply_to, req.id, exc.code, exc.message, req.type)
             return
@@ -543,6 +700,11 @@ class Node:
     def _node_request(self, req: Request, reply_to: Any) -> None:
         if req.type == wire.TYPE_PING:
             self._reply_data(reply_to, req.id, {"node": self.node_id})
+        elif req.type == wire.TYPE_MEMBERS:
+            self.membership.local_agents = len(self.host.directory)
+            self._reply_data(reply_to, req.id, {"node": self.node_id,
+                                                "quorate": self.router.quorate,
+                                                "members": self.membership.rows()})
         elif reply_to is not None:
             members = {n: m.address for n, m in self.members.items()}
             self._run(self.status.start(reply_to, req.id, self.local_status(), members, _now()))
@@ -708,7 +870,13 @@ class Node:
 
     def _gauges(self) -> dict[str, float]:
         transport = self.transport.health()
+        states = self.membership.counts() if self.membership is not None else {}
         return {
+            **{f"members_{state}": count for state, count in states.items()},
+            "quorate": int(self.router.quorate),
+            "local_health": self.membership.health if self.membership is not None else 0,
+            "handoff_held": self.handoff.held_now if self.handoff is not None else 0,
+            "handoff_kept": self.handoff.kept_now if self.handoff is not None else 0,
             "agents_active": len(self.host.directory),
             "mailbox_depth": self.host.mailbox_depth(),
             "mailbox_bytes": self.host.mailbox_bytes(),
@@ -723,3 +891,14 @@ class Node:
         return ok, {"status": "serving" if ok else "stopping", "node": self.node_id,
                     "members": len(self.members), "agents": len(self.host.directory)}
 
+
+
+def swim_config(cfg: NodeConfig) -> SwimConfig:
+    """The membership machine's timings, from the node's config."""
+    return SwimConfig(
+        probe_interval_s=cfg.probe_interval_s, probe_timeout_s=cfg.probe_timeout_s,
+        indirect_probes=cfg.indirect_probes, suspicion_mult=cfg.suspicion_mult,
+        suspicion_max_mult=cfg.suspicion_max_mult, retransmit_mult=cfg.gossip_retransmit_mult,
+        sync_interval_s=cfg.gossip_interval_s, dead_reap_s=cfg.dead_reap_s,
+        health_max=cfg.health_max, downing=cfg.downing, quorum_size=cfg.quorum_size,
+        stable_after_s=cfg.stable_after_s)

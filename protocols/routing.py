@@ -94,12 +94,16 @@ class Router:
         # One timeout for all, so insertion order is deadline order: the oldest is first.
         self._pending: OrderedDict[bytes, Pending] = OrderedDict()
         self._counter = itertools.count(1)
+        self._quorate = True
+        self._minority = Refusal(ErrorCode.UNAVAILABLE, "")
         self.late_replies = 0  # replies whose forward had already ended (or never was)
 
     # --- the hot path ---------------------------------------------------------------
 
     def route(self, subject: str, ttl: int | None, hops: int) -> str | Refusal:
         """The owner's node id for ``subject``, or why the request cannot go there."""
+        if not self._quorate:
+            return self._minority
         owner = self._cache.get(subject)
         if owner is None:
             owner = self._owner(subject)
@@ -119,8 +123,11 @@ class Router:
     # --- members ---------------------------------------------------------------------
 
     def members_changed(self, node_ids: Iterable[str]) -> list:
-        """Rebuild the ring; forwards to owners that left are answered ``unavailable``."""
-        wanted = frozenset(node_ids) | {self.node_id}
+        """Rebuild the ring; forwards to owners that left are answered ``unavailable``.
+
+        The ring is ``node_ids``: this node too, unless it is leaving (then every
+        request is forwarded to the new owners); never empty."""
+        wanted = frozenset(node_ids) or frozenset((self.node_id,))
         current = set(self._ring.nodes)
         if len(wanted ^ current) > RING_REBUILD_CHANGES:
             # Many at once (a join of a large cluster): one build merges every node's
@@ -136,6 +143,20 @@ class Router:
         gone = [p for p in self._pending.values() if p.owner not in wanted]
         return [self._end(p, ErrorCode.UNAVAILABLE, f"owner {p.owner!r} left the member view")
                 for p in gone]
+
+    def set_quorate(self, quorate: bool, reachable: int = 0, reference: int = 0) -> None:
+        """The downing strategy's verdict (membership's ``QuorumChanged``): a node
+        that may not own agents refuses every agent request ``unavailable`` rather
+        than let two sides of a split own one agent."""
+        self._quorate = quorate
+        self._minority = Refusal(
+            ErrorCode.UNAVAILABLE,
+            f"this node is on the minority side of a split ({reachable} of {reference} "
+            f"members reachable): it serves no agents until the cluster heals")
+
+    @property
+    def quorate(self) -> bool:
+        return self._quorate
 
     @property
     def ring(self) -> HashRing:

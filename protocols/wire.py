@@ -35,9 +35,11 @@ TYPE_STATUS = "syn.status"  # no subject: cluster status as seen from the entry 
 TYPE_JOIN = "syn.join"      # subject: agent id, data: {"group": str}
 TYPE_LEAVE = "syn.leave"    # subject: agent id, data: {"group": str}
 TYPE_PING = "syn.ping"      # no subject: replies {"node": id}; a cheap liveness check
-SYSTEM_TYPES = frozenset((TYPE_SPAWN, TYPE_STOP, TYPE_STATUS, TYPE_JOIN, TYPE_LEAVE, TYPE_PING))
+TYPE_MEMBERS = "syn.members"  # no subject: the entry node's member view (PROTOCOL.md)
+SYSTEM_TYPES = frozenset((TYPE_SPAWN, TYPE_STOP, TYPE_STATUS, TYPE_JOIN, TYPE_LEAVE, TYPE_PING,
+                          TYPE_MEMBERS))
 # System requests addressed to the node itself rather than routed to an agent's owner.
-NODE_TYPES = frozenset((TYPE_STATUS, TYPE_PING))
+NODE_TYPES = frozenset((TYPE_STATUS, TYPE_PING, TYPE_MEMBERS))
 
 ID_LEN_MAX = 128
 TYPE_LEN_MAX = 128
