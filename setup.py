@@ -75,6 +75,9 @@ setup(
     extras_require={
         "test": ["pytest>=7.4", "pytest-timeout>=2.2", "hypothesis>=6.80", "pyyaml>=6.0"],
         "bench": ["uhashring>=2.1"],
+        # scripts/mutation.sh (docs/TESTING.md); pinned: mutant names and results change
+        # between mutmut releases, and docs/TESTING.md lists equivalent mutants by name.
+        "mutation": ["mutmut==3.8.1"],
     },
     entry_points={
         "console_scripts": [
