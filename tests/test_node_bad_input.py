@@ -7,6 +7,7 @@ import pytest
 import zmq
 
 from node.client import RemoteError
+from protocols import peer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -144,23 +145,28 @@ def test_errors_are_counted_in_metrics(node, raw):
     assert bad_requests_counted() == before + 1
 
 
-M = b"SYNP2"
+M = peer.MAGIC
+S = peer.seal  # a checksum that matches, so each message reaches the check it is for
 
 
 @pytest.mark.parametrize("frames", [
-    [M, b"GOSSIP", b"evil", msgpack.packb({"v": 1, "kind": "members", "members": [
-        {"id": "evil", "gen": 1, "ep": {"zmq": "zzz", "zmq-pub": "zzz"}}]})],
-    [M, b"GOSSIP", b"evil", msgpack.packb({"v": 1, "kind": "members", "members": [[1, 2, 3, 4]]})],
-    [M, b"GOSSIP", b"evil", msgpack.packb({"kind": "members", "members": []})],  # no version
-    [M, b"GOSSIP", b"evil", b"\xc1"],
-    [M, b"STATR", b"evil", msgpack.packb({"token": "1", "status": {"node": [1]}})],
-    [M, b"STATR", b"evil", b"\xc1"],
-    [M, b"STATQ", b"nobody", b"1"],
-    [M, b"RPL", b"evil"],
-    [M, b"RPL", b"evil", b"\0" * 16, b"\xc1"],                  # a token never issued
-    [M, b"FWD", b"evil", b"evil", b"\x01", b"\0" * 16, b"\xc1"],
-    [M, b"FWD", b"evil", b"evil", b"\x00", b"", b"x"],           # hops 0
-    [M, b"NOPE", b"evil", b"x"],
+    S([M, b"GOSSIP", b"evil", msgpack.packb({"v": 1, "kind": "members", "members": [
+        {"id": "evil", "gen": 1, "ep": {"zmq": "zzz", "zmq-pub": "zzz"}}]})]),
+    S([M, b"GOSSIP", b"evil", msgpack.packb({"v": 1, "kind": "members",
+                                             "members": [[1, 2, 3, 4]]})]),
+    S([M, b"GOSSIP", b"evil", msgpack.packb({"kind": "members", "members": []})]),  # no v
+    S([M, b"GOSSIP", b"evil", b"\xc1"]),
+    S([M, b"STATR", b"evil", msgpack.packb({"token": "1", "status": {"node": [1]}})]),
+    S([M, b"STATR", b"evil", b"\xc1"]),
+    S([M, b"STATQ", b"nobody", b"1"]),
+    S([M, b"RPL", b"evil"]),
+    S([M, b"RPL", b"evil", b"\0" * 16, b"\xc1"]),                  # a token never issued
+    S([M, b"FWD", b"evil", b"evil", b"\x01", b"\0" * 16, b"\xc1"]),
+    S([M, b"FWD", b"evil", b"evil", b"\x00", b"", b"x"]),           # hops 0
+    [M, b"FWD", b"evil", b"evil", b"\x01", b"", b"x", b"\0" * 4],   # a wrong checksum
+    S([M, b"NOPE", b"evil", b"x"]),
+    [b"SYNP2", b"GOSSIP", b"evil", msgpack.packb({"v": 1, "kind": "members",
+                                                  "members": []})],  # the previous version
     [b"SYNP1", b"GOSSIP", msgpack.packb({"kind": "members", "members": []})],  # old version
 ])
 def test_malformed_peer_frames_are_dropped_and_the_node_keeps_serving(node, raw, frames):

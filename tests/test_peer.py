@@ -1,7 +1,9 @@
-"""Peer protocol v2 frames: the pure codec of protocols/peer.py (docs/PROTOCOL.md section 9).
+"""Peer protocol v3 frames: the pure codec of protocols/peer.py (docs/PROTOCOL.md section 9).
 
-Round trips of every op, every malformed shape refused with its stable reason, and
-decode raising nothing but PeerProtocolError whatever frames arrive.
+Round trips of every op, every malformed shape refused with its stable reason,
+every corruption (a flipped bit, frames lost, added or swapped) refused by the
+checksum before anything is decoded, and decode raising nothing but
+PeerProtocolError whatever frames arrive.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ def reason(frames: list) -> str:
     return info.value.reason
 
 
+def replaced(op: str, index: int, frame: bytes) -> list[bytes]:
+    """The valid ``op`` message with frame ``index`` replaced and sealed again: a
+    message that passes the checksum and reaches the op's decoder."""
+    frames = valid_frames()[op][:-1]
+    frames[index] = frame
+    return peer.seal(frames)
+
+
 def valid_frames() -> dict[str, list[bytes]]:
     """One valid frame list per op."""
     return {
@@ -73,7 +83,7 @@ def valid_frames() -> dict[str, list[bytes]]:
 @example("n" * 255, "é" * 127, 16, b"", b"")
 def test_forward_round_trip(sender, origin, hop_count, token, envelope):
     frames = peer.forward(sender, origin, hop_count, token, envelope)
-    assert frames[:2] == [MAGIC, b"FWD"] and len(frames) == 7
+    assert frames[:2] == [MAGIC, b"FWD"] and len(frames) == 8
     event = peer.decode(frames)
     assert event == Forwarded(sender, origin, hop_count, token, envelope)
     assert event.envelope is envelope  # carried, never copied or re-encoded
@@ -83,7 +93,7 @@ def test_forward_round_trip(sender, origin, hop_count, token, envelope):
 @given(node_ids, call_tokens, envelopes)
 def test_reply_round_trip(sender, token, envelope):
     frames = peer.reply(sender, token, envelope)
-    assert frames[:2] == [MAGIC, b"RPL"] and len(frames) == 5
+    assert frames[:2] == [MAGIC, b"RPL"] and len(frames) == 6
     event = peer.decode(frames)
     assert event == Replied(sender, token, envelope)
     assert event.envelope is envelope
@@ -99,7 +109,7 @@ def test_gossip_round_trip(sender, message):
 @given(node_ids, bodies)
 def test_handoff_round_trip(sender, message):
     frames = peer.handoff(sender, message)
-    assert frames[:2] == [MAGIC, b"HANDOFF"] and len(frames) == 4
+    assert frames[:2] == [MAGIC, b"HANDOFF"] and len(frames) == 5
     assert peer.decode(frames) == HandedOff(sender, message)
 
 
@@ -137,13 +147,11 @@ def test_handoff_bodies_are_bounded_by_their_own_larger_limit():
     frames = peer.handoff("a", message)
     assert len(frames[3]) == limit
     assert peer.decode(frames).message == message
-    frames[3] = b"\xc1" * (limit + 1)  # not msgpack either: the size is checked first
-    assert reason(frames) == "too_large"
+    too_large = b"\xc1" * (limit + 1)  # not msgpack either: the size is checked first
+    assert reason(replaced("HANDOFF", 3, too_large)) == "too_large"
     with pytest.raises(ValueError):
         peer.handoff("a", {"state": bytes(limit)})
-    gossip = valid_frames()["GOSSIP"]
-    gossip[3] = frames[3][:MIB + 1]
-    assert reason(gossip) == "too_large"
+    assert reason(replaced("GOSSIP", 3, too_large[:MIB + 1])) == "too_large"
 
 
 def test_send_effects_encode_by_channel():
@@ -208,12 +216,21 @@ def test_fast_built_events_are_ordinary_frozen_dataclasses():
 # ------------------------------------------------------------------ malformed shapes
 
 @pytest.mark.parametrize("first, expected", [
-    (b"SYNP1", "bad_version"), (b"SYNP3", "bad_version"), (b"SYNP", "bad_version"),
+    (b"SYNP1", "bad_version"), (b"SYNP2", "bad_version"), (b"SYNP4", "bad_version"),
+    (b"SYNP", "bad_version"),
     (b"SYNQ2", "bad_magic"), (b"", "bad_magic"), (b"\x84\xa1v\x01", "bad_magic"),
 ])
 def test_wrong_magic(first, expected):
     frames = valid_frames()["RPL"]
     assert reason([first, *frames[1:]]) == expected
+
+
+def test_a_version_2_message_is_bad_version():
+    """What a node of the previous version sends: no checksum, magic SYNP2."""
+    assert reason([b"SYNP2", b"RPL", b"node-a", TOKEN, b"\x80"]) == "bad_version"
+    assert reason([b"SYNP2", b"FWD", b"node-a", b"node-a", b"\x01", TOKEN, b"\x80"]) == \
+        "bad_version"
+    assert reason(peer.seal([b"SYNP2", b"RPL", b"node-a", TOKEN, b"\x80"])) == "bad_version"
 
 
 def test_empty_and_short_lists():
@@ -242,46 +259,34 @@ BAD_IDS = [b"", b"n" * 256, b"\xff\xfe", b"node-\xc3", b"\xed\xa0\x80"]  # last:
 @pytest.mark.parametrize("op", ["FWD", "RPL", "GOSSIP", "HANDOFF", "STATQ", "STATR"])
 @pytest.mark.parametrize("sender", BAD_IDS)
 def test_bad_sender(op, sender):
-    frames = valid_frames()[op]
-    frames[2] = sender
-    assert reason(frames) == "bad_sender"
+    assert reason(replaced(op, 2, sender)) == "bad_sender"
 
 
 @pytest.mark.parametrize("origin", BAD_IDS)
 def test_bad_origin(origin):
-    frames = valid_frames()["FWD"]
-    frames[3] = origin
-    assert reason(frames) == "bad_origin"
+    assert reason(replaced("FWD", 3, origin)) == "bad_origin"
 
 
 @pytest.mark.parametrize("hops_frame", [b"\x00", b"\x11", b"\xff", b"\x01\x00", b"\x00\x01", b"",
                                         b"1"])
 def test_bad_hops(hops_frame):
-    frames = valid_frames()["FWD"]
-    frames[4] = hops_frame
-    assert reason(frames) == "bad_hops"
+    assert reason(replaced("FWD", 4, hops_frame)) == "bad_hops"
 
 
 @pytest.mark.parametrize("size", [1, 8, 15, 17, 32])
 def test_bad_call_token(size):
-    fwd, rpl = valid_frames()["FWD"], valid_frames()["RPL"]
-    fwd[5] = rpl[3] = bytes(size)
-    assert reason(fwd) == "bad_token"
-    assert reason(rpl) == "bad_token"
+    assert reason(replaced("FWD", 5, bytes(size))) == "bad_token"
+    assert reason(replaced("RPL", 3, bytes(size))) == "bad_token"
 
 
 def test_empty_token_is_a_one_way_forward_but_no_reply():
-    fwd, rpl = valid_frames()["FWD"], valid_frames()["RPL"]
-    fwd[5] = rpl[3] = b""
-    assert peer.decode(fwd).token == b""
-    assert reason(rpl) == "bad_token"
+    assert peer.decode(replaced("FWD", 5, b"")).token == b""
+    assert reason(replaced("RPL", 3, b"")) == "bad_token"
 
 
 @pytest.mark.parametrize("token", [b"", b"x" * 33, b"t\xc3\xa9", b"\x80"])
 def test_bad_status_query_token(token):
-    frames = valid_frames()["STATQ"]
-    frames[3] = token
-    assert reason(frames) == "bad_token"
+    assert reason(replaced("STATQ", 3, token)) == "bad_token"
 
 
 BAD_BODIES = {
@@ -308,18 +313,14 @@ BAD_BODIES = {
 @pytest.mark.parametrize("op", ["GOSSIP", "HANDOFF", "STATR"])
 @pytest.mark.parametrize("name", sorted(BAD_BODIES))
 def test_bad_body(op, name):
-    frames = valid_frames()[op]
-    frames[3] = BAD_BODIES[name]
-    assert reason(frames) == "bad_body"
+    assert reason(replaced(op, 3, BAD_BODIES[name])) == "bad_body"
 
 
 @pytest.mark.parametrize("op", ["GOSSIP", "STATR"])
 def test_body_over_one_mib_is_refused_before_decoding(op):
-    frames = valid_frames()[op]
-    frames[3] = b"\xc1" * (MIB + 1)  # not msgpack either: the size is checked first
-    assert reason(frames) == "too_large"
-    frames[3] = b"\xc1" * MIB
-    assert reason(frames) == "bad_body"
+    # not msgpack either: the size is checked first
+    assert reason(replaced(op, 3, b"\xc1" * (MIB + 1))) == "too_large"
+    assert reason(replaced(op, 3, b"\xc1" * MIB)) == "bad_body"
 
 
 @pytest.mark.parametrize("body, expected", [
@@ -333,30 +334,144 @@ def test_body_over_one_mib_is_refused_before_decoding(op):
     ({"token": "1", "status": None}, "bad_body"),
 ])
 def test_bad_status_answer_body(body, expected):
-    frames = valid_frames()["STATR"]
-    frames[3] = msgpack.packb(body)
-    assert reason(frames) == expected
+    assert reason(replaced("STATR", 3, msgpack.packb(body))) == expected
 
 
 def test_status_answer_with_unknown_keys_is_accepted():
-    frames = valid_frames()["STATR"]
-    frames[3] = msgpack.packb({"token": "1", "status": {}, "later": [1, 2]})
+    frames = replaced("STATR", 3, msgpack.packb({"token": "1", "status": {}, "later": [1, 2]}))
     assert peer.decode(frames).message["later"] == [1, 2]
+
+
+# ------------------------------------------------------------------ corruption
+
+OPS = ["FWD", "RPL", "GOSSIP", "HANDOFF", "STATQ", "STATR"]
+
+
+def realistic_messages() -> dict[str, list[bytes]]:
+    """One message per op with the content a node sends (envelopes, member lists,
+    agent state), so corruption lands in what matters."""
+    request = msgpack.packb({"v": 1, "id": "42", "type": "call", "subject": "counter/alice",
+                             "mode": "call", "message": "incr", "args": {"n": 3}})
+    members = [{"id": f"node-{k}", "gen": 1_700_000_000_000_000_000 + k,
+                "ep": {"zmq": f"tcp://10.0.0.{k}:7400", "zmq-pub": f"tcp://10.0.0.{k}:7401"}}
+               for k in range(3)]
+    return {
+        "FWD": peer.forward("node-a", "node-b", 2, TOKEN, request),
+        "RPL": peer.reply("node-b", TOKEN, msgpack.packb({"v": 1, "id": "42", "ok": 4})),
+        "GOSSIP": peer.gossip("node-a", {"v": 1, "kind": "members", "members": members}),
+        "HANDOFF": peer.handoff("node-a", {"v": 1, "kind": "state", "agent": "counter/alice",
+                                           "seq": 7, "behavior": "counter",
+                                           "state": msgpack.packb({"value": 4}),
+                                           "groups": ["g1"]}),
+        "STATQ": peer.status_query("node-a", "1234"),
+        "STATR": peer.status_answer("node-b", "1234", {"node": "node-b", "agents": 3}),
+    }
+
+
+def refused_where(index: int) -> set[str]:
+    """The reasons a message corrupted in frame ``index`` may be refused with: the
+    magic and the op are read before the checksum, everything else is covered by it."""
+    return {0: {"bad_magic", "bad_version"}, 1: {"unknown_op"}}.get(index, {"bad_checksum"})
+
+
+def flipped(frames: list[bytes], index: int, byte: int, bit: int) -> list[bytes]:
+    frame = bytearray(frames[index])
+    frame[byte] ^= 1 << bit
+    return [*frames[:index], bytes(frame), *frames[index + 1:]]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_single_bit_flip_is_refused(op):
+    """Each bit of each frame, one at a time: refused, never decoded."""
+    frames = realistic_messages()[op]
+    for index, frame in enumerate(frames):
+        for byte in range(len(frame)):
+            for bit in range(8):
+                assert reason(flipped(frames, index, byte, bit)) in refused_where(index), \
+                    (index, byte, bit)
+
+
+messages = st.one_of(
+    st.builds(peer.forward, node_ids, node_ids, hops, fwd_tokens, envelopes),
+    st.builds(peer.reply, node_ids, call_tokens, envelopes),
+    st.builds(peer.gossip, node_ids, bodies),
+    st.builds(peer.handoff, node_ids, bodies),
+    st.builds(peer.status_query, node_ids, status_tokens),
+    st.builds(peer.status_answer, node_ids, status_tokens, bodies))
+
+
+@MANY
+@given(messages, st.data())
+def test_a_bit_flipped_anywhere_in_any_message_is_refused(frames, data):
+    index = data.draw(st.sampled_from([i for i, frame in enumerate(frames) if frame]))
+    byte = data.draw(st.integers(min_value=0, max_value=len(frames[index]) - 1))
+    bit = data.draw(st.integers(min_value=0, max_value=7))
+    assert reason(flipped(frames, index, byte, bit)) in refused_where(index)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_lost_added_or_swapped_frames_are_refused(op):
+    frames = realistic_messages()[op]
+    for i in range(2, len(frames)):
+        assert reason(frames[:i] + frames[i + 1:]) == "bad_shape"
+        assert reason(frames[:i] + [b"x"] + frames[i:]) == "bad_shape"
+        for j in range(i + 1, len(frames)):
+            swapped = list(frames)
+            swapped[i], swapped[j] = frames[j], frames[i]
+            assert reason(swapped) == "bad_checksum", (i, j)
+    assert reason(frames[1:]) == "bad_magic"
+    assert reason([frames[0], *frames[2:]]) == "unknown_op"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bytes_moved_across_a_frame_boundary_are_refused(op):
+    """The frames' lengths are in the checksum: the same bytes cut at another place
+    (``node-a``, ``node-b`` -> ``node-an``, ``ode-b``) are another message."""
+    frames = realistic_messages()[op]
+    for i in range(2, len(frames) - 2):  # each pair of covered frames
+        moved = list(frames)
+        moved[i], moved[i + 1] = frames[i] + frames[i + 1][:1], frames[i + 1][1:]
+        assert b"".join(moved) == b"".join(frames)
+        assert reason(moved) == "bad_checksum", i
+
+
+def test_randomly_corrupted_messages_are_never_decoded():
+    """The fault-injection experiment that found version 2 wanting: 2000 copies of
+    each op, each with 1..3 random bytes of one random frame flipped (what the
+    ``corrupt`` fault does on the wire).  Version 2 decoded most of them with
+    changed content; none may be decoded now."""
+    import random
+
+    from node.transports.faults import corrupt_frames
+
+    rng = random.Random(3)
+    for op, frames in realistic_messages().items():
+        for _ in range(2000):
+            corrupted = corrupt_frames(frames, rng)
+            try:
+                peer.decode(corrupted)
+            except PeerProtocolError as exc:
+                assert exc.reason in {"bad_magic", "bad_version", "unknown_op", "bad_checksum"}
+            else:  # corrupt_frames may flip a byte and flip it back: nothing changed
+                assert corrupted == frames, op
 
 
 # ------------------------------------------------------------------ random input
 
 known_ops = st.sampled_from([b"FWD", b"RPL", b"GOSSIP", b"HANDOFF", b"STATQ", b"STATR"])
-firsts = st.sampled_from([MAGIC, b"SYNP1", b"SYNP"]) | st.binary(max_size=8)
+firsts = st.sampled_from([MAGIC, b"SYNP1", b"SYNP2", b"SYNP"]) | st.binary(max_size=8)
 frame_values = (st.binary(max_size=64) | st.sampled_from([b"", b"\x01", b"\x10", b"\x11", TOKEN])
                 | st.builds(msgpack.packb, values))
 
 
 @MANY
-@given(firsts, known_ops | st.binary(max_size=8), st.lists(frame_values, max_size=8))
-def test_decode_raises_only_peer_protocol_errors(first, op, rest):
+@given(firsts, known_ops | st.binary(max_size=8), st.lists(frame_values, max_size=8),
+       st.booleans())
+def test_decode_raises_only_peer_protocol_errors(first, op, rest, sealed):
+    """``sealed``: with a matching checksum, so the op's decoder sees the frames."""
+    frames = [first, op, *rest]
     try:
-        event = peer.decode([first, op, *rest])
+        event = peer.decode(peer.seal(frames) if sealed else frames)
     except PeerProtocolError as exc:
         assert exc.reason in peer.REASONS
     else:
@@ -367,11 +482,11 @@ def test_decode_raises_only_peer_protocol_errors(first, op, rest):
 @MANY
 @given(st.sampled_from(["FWD", "RPL", "GOSSIP", "HANDOFF", "STATQ", "STATR"]), st.data())
 def test_decode_of_a_mutated_valid_list_raises_only_peer_protocol_errors(op, data):
-    frames = valid_frames()[op]
+    frames = valid_frames()[op][:-1]
     index = data.draw(st.integers(min_value=2, max_value=len(frames) - 1))
     frames[index] = data.draw(frame_values)
     try:
-        peer.decode(frames)
+        peer.decode(peer.seal(frames))  # sealed again: the op's decoder sees it
     except PeerProtocolError as exc:
         assert exc.reason in peer.REASONS
 
@@ -451,8 +566,7 @@ def test_id_caches_are_bounded():
 def test_cached_ids_are_still_checked():
     """A cached id frame decodes from the cache; an invalid one never enters it."""
     peer.decode(peer.reply("node-a", TOKEN, b""))
-    frames = valid_frames()["RPL"]
-    frames[2] = b"\xff"
+    frames = replaced("RPL", 2, b"\xff")
     assert reason(frames) == "bad_sender"
     assert reason(frames) == "bad_sender"
     assert b"\xff" not in peer._id_text
@@ -467,7 +581,8 @@ def test_protocol_md_states_the_codec_s_frames_and_numbers():
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
     section = text[text.index("## 9. Node-to-node"):text.index("## 11. ")]
-    rows = dict(re.findall(r'\| `(\w+)` +\| `\[b"SYNP2", b"\w+", ([^\]]*)\]`', section))
+    rows = dict(re.findall(r'\| `(\w+)` +\| `\[b"' + MAGIC.decode() + r'", b"\w+", ([^\]]*)\]`',
+                           section))
     assert set(rows) == {op.decode() for op in peer.ROWS}
     for op, (count, _) in peer.ROWS.items():
         assert 2 + len(rows[op.decode()].split(",")) == count, op
@@ -479,5 +594,6 @@ def test_protocol_md_states_the_codec_s_frames_and_numbers():
     assert f"1..{peer.STATUS_TOKEN_BYTES_MAX} ASCII bytes" in section
     assert f"1..{peer.NODE_ID_BYTES_MAX} bytes of UTF-8" in section
     assert f"more than {peer.CONTAINER_LEN_MAX} elements" in section
+    assert f"`crc`: {peer.CHECKSUM_BYTES} bytes" in section
     for name in peer.REASONS:
         assert f"`{name}`" in section, name
