@@ -172,7 +172,7 @@ def test_machines_messages_survive_the_codec():
     from protocols.status import StatusCollector
 
     me = Member.of("node-a", "tcp://127.0.0.1:7400", "tcp://127.0.0.1:7401", 5)
-    effects = Membership(me, ["tcp://127.0.0.1:7500"], 1.0).start(0.0)
+    effects = Membership(me, ["tcp://127.0.0.1:7500"]).start(0.0)
     sends = [e for e in effects if isinstance(e, Send)]
     assert sends
     for effect in sends:
