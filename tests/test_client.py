@@ -294,8 +294,8 @@ def test_sync_client_sends_the_envelope_asked_for_and_times_out_on_its_own_clock
 
     with FakeNode(script) as node, Client(node.address, timeout_s=5) as c:
         with pytest.raises(CallTimeout) as info:
-            c.call("counter/a", "incr", {"n": 2}, timeout_s=0.2)
-        assert str(info.value) == "no reply to incr for 'counter/a' within 200 ms"
+            c.call("counter/a", "incr", {"n": 2}, timeout_s=1.0)  # whole seconds: s -> ms exactly
+        assert str(info.value) == "no reply to incr for 'counter/a' within 1000 ms"
     assert node.sent[0] == {"v": 1, "id": "1", "type": "incr", "subject": "counter/a",
                             "mode": "call", "data": {"n": 2}}
 
