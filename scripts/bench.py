@@ -17,8 +17,13 @@ Rows (each with its ratio to the raw pyzmq baseline of the same run):
                       gather on a client with in_flight_max=256, and 256 worker
                       coroutines; each as a ratio to the worker pattern
   memory / idle agent RSS growth of a node after activating N agents, / N
+  membership          (scripts/bench_membership.py) join seen by all, kill -9 to
+                      all-agree-dead, the handoff pause a client sees, against SWIM's
+                      prediction and the issue's bounds; the simulator's traffic per
+                      node per probe period and periods to agree as N grows
 
-Usage: scripts/bench.py [--quick] [--only patterns]
+Usage: scripts/bench.py [--quick] [--only patterns|membership|membership-sim]
+                        [--repeat R] [--large]
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import zmq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import bench_membership  # noqa: E402  (scripts/, this file's directory)
 from node.client import AsyncClient, Client  # noqa: E402
 
 TRIALS = 3
@@ -379,9 +385,16 @@ def us(seconds: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
-    parser.add_argument("--only", choices=("all", "patterns"), default="all",
-                        help="'patterns': only the client-pattern rows, against one node "
+    parser.add_argument("--only", choices=("all", "patterns", "membership", "membership-sim"),
+                        default="all",
+                        help="'patterns': only the client-pattern rows, against one node; "
+                             "'membership': only the membership rows (processes and "
+                             "simulator); 'membership-sim': only the simulator's "
                              "(default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=5, metavar="R",
+                        help="repetitions of each membership measurement (default: 5)")
+    parser.add_argument("--large", action="store_true",
+                        help="simulate membership at n = 500 and 1000 too (about a minute)")
     args = parser.parse_args()
     n_patterns = 20_000 if args.quick else 100_000
     n_oneway = 20_000 if args.quick else 200_000
@@ -391,6 +404,9 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}")
+    if args.only.startswith("membership"):
+        bench_membership.main(args.repeat, args.large, processes=args.only == "membership")
+        return
     if args.only == "patterns":
         one = Nodes(1)
         try:
@@ -438,6 +454,8 @@ def main() -> None:
         (f"memory per idle agent ({n_idle:,} agents)", f"{idle:,.0f} bytes", "-", "<= 1,024 B"),
     ]
     print_rows(rows)
+    print()
+    bench_membership.main(args.repeat, args.large)
 
 
 def print_rows(rows: list[tuple[str, str, str, str]]) -> None:
