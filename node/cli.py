@@ -259,6 +259,8 @@ def _ctl_parser() -> argparse.ArgumentParser:
     p.add_argument("group", help="group name")
     sub.add_parser("status", help="cluster status: nodes, agents per node, messages")
     sub.add_parser("ping", help="check that the node answers")
+    sub.add_parser("members", help="the member list as the node sees it: id, address, "
+                                   "state (alive, suspect, dead, left), incarnation, agents")
     return parser
 
 
@@ -284,6 +286,8 @@ def _run_command(client: Client, args: argparse.Namespace) -> Any:
         return client.leave(args.agent, args.group)
     if cmd == "ping":
         return client.ping()
+    if cmd == "members":
+        return client.members()
     return client.status()
 
 
@@ -305,6 +309,30 @@ def format_status(status: dict) -> str:
     return "\n".join(lines)
 
 
+MEMBER_COLUMNS = ("node_id", "address", "state", "incarnation", "agents")
+
+
+def format_members(view: dict) -> str:
+    """The node's member view as a table, one row per member.  ``agents`` is what the
+    member last reported (``-`` before it has); the last line says who answered and
+    whether its side of the cluster may serve agents."""
+    rows = [tuple(column.upper() for column in MEMBER_COLUMNS)]
+    for member in view.get("members", []):
+        rows.append(tuple("-" if member.get(column) is None else str(member[column])
+                          for column in MEMBER_COLUMNS))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(MEMBER_COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    quorate = "quorate" if view.get("quorate") else "NOT quorate (serves no agents)"
+    lines.append(f"{len(rows) - 1} member(s); answered by {view.get('node', '?')}, {quorate}")
+    return "\n".join(lines)
+
+
+def members_json(view: dict) -> dict:
+    """``--json``: exactly ``{"members": [...]}``, each row with the table's columns."""
+    return {"members": [{column: member.get(column) for column in MEMBER_COLUMNS}
+                        for member in view.get("members", [])]}
+
+
 def _timeout_message(client: Client, args: argparse.Namespace) -> str:
     """Say whether nothing answered at the address or only this request went unanswered.
 
@@ -312,7 +340,7 @@ def _timeout_message(client: Client, args: argparse.Namespace) -> str:
     commands a short ping tells a stopped node from a slow agent."""
     nothing = (f"error timeout: nothing answered at {args.node} within {args.timeout:g} s "
                "(is a node running there?)")
-    if args.command in ("send", "publish", "ping"):
+    if args.command in ("send", "publish", "ping", "members"):
         return nothing
     try:
         client.ping(timeout_s=min(args.timeout, PROBE_TIMEOUT_S))
@@ -327,6 +355,9 @@ def _timeout_message(client: Client, args: argparse.Namespace) -> str:
 def _print_result(args: argparse.Namespace, result: Any) -> None:
     if args.command == "status" and not args.json:
         print(format_status(result))
+    elif args.command == "members":
+        print(json.dumps(members_json(result), sort_keys=True) if args.json
+              else format_members(result))
     elif args.command in ("send", "publish"):
         target = args.agent if args.command == "send" else f"group {args.group}"
         verb = "sent" if args.command == "send" else "published"

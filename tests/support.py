@@ -10,8 +10,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Awaitable, Callable
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from node.client import CallTimeout, Client
 
@@ -141,24 +144,44 @@ class NodeProcess:
 
 
 class Cluster:
-    """N nodes, the first one the seed of the others."""
+    """N nodes, the first one the seed of the others.
+
+    ``node_args(name)`` gives extra flags for one node (after ``args``), e.g. its own
+    ``--faults-file``; ``add`` starts one more node later, seeded like the others.
+    """
 
     def __init__(self, size: int, log_dir: Path, args: tuple[str, ...] = (),
-                 metrics: bool = False):
+                 metrics: bool = False,
+                 node_args: Callable[[str], tuple[str, ...]] | None = None):
         self.nodes: list[NodeProcess] = []
+        self._log_dir = log_dir
+        self._args = args
+        self._metrics = metrics
+        self._node_args = node_args or (lambda name: ())
         try:
-            first = NodeProcess("n0", log_dir, args=args, metrics=metrics)
-            self.nodes.append(first)
+            first = self._start("n0", seeds=())
             first.wait_serving()   # its address, the others' seed, is known once it serves
             for i in range(1, size):
-                self.nodes.append(NodeProcess(f"n{i}", log_dir, seeds=(first.address,),
-                                              args=args, metrics=metrics))
+                self._start(f"n{i}", seeds=(first.address,))
             for node in self.nodes:
                 node.wait_serving()
             self.wait_converged()
         except BaseException:
             self.close()
             raise
+
+    def _start(self, name: str, seeds: tuple[str, ...]) -> NodeProcess:
+        node = NodeProcess(name, self._log_dir, seeds=seeds,
+                           args=(*self._args, *self._node_args(name)), metrics=self._metrics)
+        self.nodes.append(node)
+        return node
+
+    def add(self, name: str) -> NodeProcess:
+        """Start one more node seeded with the first; it is killed by ``close``.
+        Returns once it serves (not once the others know it)."""
+        node = self._start(name, seeds=(self.nodes[0].address,))
+        node.wait_serving()
+        return node
 
     def wait_converged(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Until every node's status lists every node as a reachable member."""
@@ -216,3 +239,27 @@ async def wait_until_async(condition: Callable[[], Awaitable[Any]], timeout_s: f
 def agent_states(status: dict) -> dict[str, int]:
     """Agents by lifecycle state on the node that answered ``status`` (a lone node)."""
     return status["members"][0]["agents_by_state"]
+
+
+def member_view(node: NodeProcess, timeout_s: float = 1.0) -> dict | None:
+    """The node's ``members`` reply (``{"node", "quorate", "members": [...]}``), or
+    None when it does not answer in time (stopped, killed, overloaded)."""
+    try:
+        with node.client(timeout_s=timeout_s) as c:
+            return c.members()
+    except CallTimeout:
+        return None
+
+
+def member_states(view: dict | None) -> dict[str, str]:
+    """node_id -> state in a ``members`` reply ({} for no reply)."""
+    return {} if view is None else {m["node_id"]: m["state"] for m in view["members"]}
+
+
+def metric_samples(node: NodeProcess) -> dict[tuple[str, tuple], float]:
+    """Every sample the node's /metrics serves, keyed by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics",
+                                timeout=5) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

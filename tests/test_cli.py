@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from support import REPO, child_env, free_port
+from support import REPO, child_env, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -129,6 +129,41 @@ def test_slow_reply_is_a_timeout_at_a_node_that_answers(node_factory):
     line = proc.stderr.strip()
     assert "\n" not in line and "nothing answered" not in line
     assert f"the node at {node.address} answers" in line and "None" not in line
+
+
+def test_members_table_and_json_against_two_live_nodes(node_factory):
+    """`members` lists every member with its state and incarnation; --json prints
+    exactly {"members": [rows]} with the five columns."""
+    first = node_factory()
+    second = node_factory(seeds=(first.address,))
+    at = ("--node", first.address)
+
+    def both_alive() -> dict | None:
+        proc = ctl(*at, "--json", "members")
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)
+        states = {row["node_id"]: row["state"] for row in doc["members"]}
+        return doc if states == {"n0": "alive", "n1": "alive"} else None
+
+    doc = wait_until(both_alive, timeout_s=15, what="both nodes alive in `members --json`")
+    assert list(doc) == ["members"]
+    rows = {row["node_id"]: row for row in doc["members"]}
+    for name, node in (("n0", first), ("n1", second)):
+        assert set(rows[name]) == {"node_id", "address", "state", "incarnation", "agents"}
+        assert rows[name]["address"] == f"tcp://{node.address}"
+        assert type(rows[name]["incarnation"]) is int and rows[name]["incarnation"] > 0
+
+    table = ctl(*at, "members")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["NODE_ID", "ADDRESS", "STATE", "INCARNATION", "AGENTS"]
+    cells = {line.split()[0]: line.split() for line in lines[1:3]}
+    assert cells["n0"][1:4] == [f"tcp://{first.address}", "alive", str(rows["n0"]["incarnation"])]
+    assert cells["n1"][1:4] == [f"tcp://{second.address}", "alive", str(rows["n1"]["incarnation"])]
+    assert lines[3] == "2 member(s); answered by n0, quorate"
+
+    nothing = ctl("--node", dead_address(), "--timeout", "0.3", "members")
+    assert nothing.returncode == 3 and "nothing answered" in nothing.stderr
 
 
 # --- --version and --help ---------------------------------------------------------------
