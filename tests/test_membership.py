@@ -15,7 +15,8 @@ import zlib
 import pytest
 
 from protocols.effects import GOSSIP, MembersChanged, QuorumChanged, Refuted, Send, seed_id
-from protocols.membership import (ALIVE, BUCKETS, DEAD, GENERATION_AHEAD_MAX_NS, LEFT, MEMBERS_MAX, STATIC_QUORUM,
+from protocols.membership import (ALIVE, BUCKETS, DEAD, GENERATION_AHEAD_MAX_NS, LEFT,
+                                  MEMBERS_MAX, STATIC_QUORUM,
                                   SUSPECT, SYNC_PAGE_MAX, Member, Membership,
                                   MembershipError, SwimConfig)
 
@@ -66,6 +67,13 @@ def knowing(*others: int, k: int = 0, **config) -> Membership:
     return m
 
 
+def learn(m: Membership, others: range) -> None:
+    """Tell ``m`` of many alive members, a sync page at a time."""
+    for start in range(0, len(others), SYNC_PAGE_MAX):
+        page = others[start:start + SYNC_PAGE_MAX]
+        m.receive(nid(page[0]), sync(*(entry(k) for k in page)), 0.0)
+
+
 def sends(effects) -> list[Send]:
     return [e for e in effects if isinstance(e, Send)]
 
@@ -79,6 +87,10 @@ def state(m: Membership, k: int) -> str | None:
     return None if known is None else known.state
 
 
+def ack_of(ping: Send) -> dict:
+    return {"v": 2, "kind": "ack", "seq": ping.message["seq"], "u": []}
+
+
 def run(m: Membership, until: float, silent=()) -> list:
     """Tick ``m`` at each of its deadlines up to ``until``; every member not in
     ``silent`` acks its pings at once.  Returns [(time, effect)] of every tick."""
@@ -88,8 +100,7 @@ def run(m: Membership, until: float, silent=()) -> list:
             seen.append((now, effect))
             if (isinstance(effect, Send) and effect.message.get("kind") == "ping"
                     and effect.to not in silent):
-                ack = {"v": 2, "kind": "ack", "seq": effect.message["seq"], "u": []}
-                seen += [(now, e) for e in m.receive(effect.to, ack, now)]
+                seen += [(now, e) for e in m.receive(effect.to, ack_of(effect), now)]
     return seen
 
 
@@ -114,12 +125,11 @@ def test_start_sends_a_full_join_sync_to_the_seeds_but_not_to_our_own_address():
 
 def test_a_join_gets_every_page_and_no_page_is_larger_than_the_limit():
     seed = machine(0)
-    for start in range(1, 300, SYNC_PAGE_MAX):
-        seed.receive(nid(start), sync(*(entry(k) for k in range(start, min(start + SYNC_PAGE_MAX, 300)))), 0.0)
+    learn(seed, range(1, 301))
     joiner = Membership(member(500), [addr(0)], rng=random.Random(5))
     [join] = sends(joiner.start(0.1))
     pages = sends(seed.receive(nid(500), join.message, 0.1))
-    assert len(pages) == math.ceil(301 / SYNC_PAGE_MAX)
+    assert len(pages) == math.ceil(len(seed.members) / SYNC_PAGE_MAX)
     assert all(p.to == nid(500) and len(p.message["u"]) <= SYNC_PAGE_MAX for p in pages)
     for page in pages:
         joiner.receive(nid(0), page.message, 0.2)
@@ -408,8 +418,7 @@ def test_a_digest_exchange_moves_only_differing_buckets_and_converges():
 
 def test_the_member_limit_refuses_entry_by_entry_not_whole_messages():
     m = machine(0)
-    for start in range(1, MEMBERS_MAX - 1, SYNC_PAGE_MAX):
-        m.receive(nid(1), sync(*(entry(k) for k in range(start, min(start + SYNC_PAGE_MAX, MEMBERS_MAX - 1)))), 0.0)
+    learn(m, range(1, MEMBERS_MAX - 1))
     assert len(m.members) == MEMBERS_MAX - 1
     m.receive(nid(1), sync(entry(5000), entry(5001), entry(5002), entry(1, GEN + 1)), 0.1)
     assert len(m.members) == MEMBERS_MAX and m.refused_entries == 2
@@ -429,7 +438,7 @@ MALFORMED = {
     "ack without seq": {"v": 2, "kind": "ack", "u": []},
     "ping-req seq float": {"v": 2, "kind": "ping-req", "seq": 1.0, "target": "n0001", "u": []},
     "u not a list": {"v": 2, "kind": "sync", "u": {"id": "x"}},
-    "u too long": {"v": 2, "kind": "sync", "u": [entry(k) for k in range(SYNC_PAGE_MAX + 1)]},
+    "u too long": sync(*(entry(k) for k in range(SYNC_PAGE_MAX + 1))),
     "entry not a map": sync("n0001"),
     "entry without id": sync({"gen": 1, "ep": entry(1)["ep"]}),
     "entry gen negative": sync({**entry(1), "gen": -1}),
@@ -474,8 +483,7 @@ def test_a_pause_drops_the_probe_in_flight_and_pushes_suspicions_back():
     assert m.stats["probes_failed"] == 0 and state(m, int(ping.to[1:])) in (ALIVE, SUSPECT)
     assert state(m, 2) == SUSPECT
     for probe in [s for s in sends(effects) if s.message["kind"] == "ping"]:
-        m.receive(probe.to, {"v": 2, "kind": "ack", "seq": probe.message["seq"], "u": []},
-                  resumed_at)  # else our own failed probe would confirm the suspicion
+        m.receive(probe.to, ack_of(probe), resumed_at)  # else our failed probe confirms it
     run(m, FIRST_DEADLINE + late - 0.01)
     assert state(m, 2) == SUSPECT
     run(m, FIRST_DEADLINE + late + 0.01)
@@ -567,5 +575,5 @@ def test_next_deadline_always_advances_after_a_tick():
             now += 20.0  # a pause
         for effect in sends(m.tick(now)):
             if effect.message.get("kind") == "ping" and effect.to != nid(5) and rng.random() < 0.7:
-                m.receive(effect.to, {"v": 2, "kind": "ack", "seq": effect.message["seq"], "u": []}, now)
+                m.receive(effect.to, ack_of(effect), now)
         assert m.next_deadline() > now, (step, now)

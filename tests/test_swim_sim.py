@@ -26,9 +26,11 @@ from protocols.sim import NetworkConfig, Simulator
 GEN = 10**9
 PERIOD = SwimConfig().probe_interval_s
 # Join convergence bound: periods after the last join <= C * log2(n).  Measured
-# (8 seeds at 50, 100, 200; 2 at 500; 1 at 1000): at most 0.69, 0.79, 0.89, 0.86 and
-# 1.6 * log2(n).  Without the digest sync it takes 3.6, 6.5 and 24 * log2(n) at 50,
-# 100 and 200 (test_join_without_digest_sync_is_much_slower keeps that in view).
+# (8 seeds at 50, 100, 200; 2 at 500; 1 at 1000): at most 0.69, 0.79, 0.89, 0.89 and
+# 1.93 * log2(n) (at 1000 the joins, 50 a second, outrun the piggyback capacity and the
+# digest sync pages carry the rest).  Without the digest sync it takes 3.6, 6.5 to
+# 10 and 24 * log2(n) at 50, 100 and 200 (test_join_without_digest_sync_is_much_slower
+# keeps that in view).
 C_JOIN = 2.5
 
 
@@ -348,10 +350,14 @@ def rejoined(sim: Simulator, seed: int, what: str, limit_s: float = 20.0) -> flo
 def test_a_crashed_node_restarted_with_a_higher_incarnation_rejoins(seed):
     sim = converged(5, seed)
     sim.crash(nid(4))
-    wait_for(sim, lambda s: all(m.members[nid(4)].state == DEAD for m in machines(s, s.node_ids[:4])), 20.0)
+    survivors = sim.node_ids[:4]
+    detected = wait_for(sim, lambda s: all(m.members[nid(4)].state == DEAD
+                                           for m in machines(s, survivors)), 20.0)
+    assert detected is not None, replay(seed, "n0004 never dead on every survivor")
     sim.restart(nid(4), node(4, seed, SwimConfig(), gen=GEN + 10**9))
     rejoined(sim, seed, "restart after detection")
-    assert all(m.members[nid(4)].generation >= GEN + 10**9 for m in machines(sim)), replay(seed, "old incarnation")
+    generations = {m.members[nid(4)].generation for m in machines(sim)}
+    assert min(generations) >= GEN + 10**9, replay(seed, f"incarnations held: {generations}")
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
