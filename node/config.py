@@ -112,7 +112,7 @@ class NodeConfig:
     indirect_probes: int = _opt(3, "Members asked to probe a member that missed a "
                                 "direct probe.", lo=0, hi=16)
     suspicion_mult: float = _opt(
-        3.0, "A suspected member is declared dead after suspicion_mult * max(1, "
+        2.0, "A suspected member is declared dead after suspicion_mult * max(1, "
         "log10(members)) * probe_interval_s once enough others confirm it (up to "
         "suspicion_max_mult times that with no confirmation).", lo=0, lo_open=True)
     suspicion_max_mult: float = _opt(2.0, "See suspicion_mult.", lo=1)

@@ -30,7 +30,7 @@ import core_cy
 from protocols import peer, wire
 from protocols.effects import (Answer, Fail, Install, MembersChanged, QuorumChanged, Refuted,
                                Send, Surrender, Unresponsive, GOSSIP)
-from protocols.handoff import Handoff, HandoffError
+from protocols.handoff import Handoff, HandoffError, previous_ring
 from protocols.machine import Effects
 from protocols.membership import (LEFT, ZMQ, ZMQ_PUB, Member, Membership, MembershipError,
                                   SwimConfig)
@@ -56,6 +56,7 @@ IDLE_SWEEP_STEP_S = 0.1
 LARGE_REQUEST_BYTES = 64 << 10  # refused while the node is over its memory budget
 MOVE_RETRY_S = 0.05        # agents busy when their ownership moved are tried again after
 LEAVE_POLL_S = 0.02        # a graceful leave waits for handoffs to be acknowledged
+LEAVE_QUIET_S = 0.5        # ... and then for none to be in flight for this long
 
 _now = time.monotonic  # the loop's clock (asyncio's default), without a method lookup
 
@@ -103,8 +104,10 @@ class Node:
                                          self.metrics)
         self.handoff: Handoff | None = None
         self._moving: set[str] = set()   # agents to hand on once their turn ends
+        self._moved_to: dict[str, str] = {}  # agent handed away -> to whom
         self._move_timer: asyncio.TimerHandle | None = None
         self._refusing = False           # past the leave: new requests are refused
+        self._serving = not config.seeds  # owned agents under the ring we hold
         self._effects = Effects({
             Send: self._do_send, MembersChanged: self._on_members, Refuted: self._on_refuted,
             Answer: self._do_answer, Fail: self._do_fail, Phase: self._on_phase,
@@ -226,6 +229,10 @@ class Node:
                 pass
         self._run(self.shutdown.forwards_settled(_now()) or self.shutdown.tick(math.inf))
         self._run(self.router.stop())   # whatever is left is answered 'unavailable'
+        if self.handoff is not None:
+            for req, reply_to, _ in self.handoff.stop():
+                self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE,
+                                  "node is shutting down", req.type)
         self._run(self.status.stop())   # collections answer with what they have
         self.transport.retry(math.inf)  # sends still queued: now or never (callers told)
         for _, timer in self._timers.values():
@@ -324,14 +331,18 @@ class Node:
         self._parked.flush(set(others), self._send_parked)
         reachable = [n for n, m in members.items() if m.state in ("alive", "suspect", LEFT)]
         self._run(self.handoff.members_changed(reachable))
+        gone = set(self._moved_to.values()) - set(reachable)
+        if gone:
+            self._moved_to = {a: n for a, n in self._moved_to.items() if n not in gone}
         ring = effect.ring_ids
         if ring != frozenset(self.router.ring.nodes):
-            old = self.router.ring
-            previous = core_cy.HashRing(tuple(sorted(old.nodes)), vnodes=old.vnodes)
-            self._run(self.router.members_changed(ring))
-            self._run(self.handoff.ring_changed(previous.owner, _now()))
+            previous = previous_ring(self.router.ring, ring, self._me, self._serving)
+            self._run(self.router.members_changed(ring, reachable))
+            self._run(self.handoff.ring_changed(previous.owner, _now(),
+                                                self.router.ring.owner))
             self._move_out(list(self.host.directory))
             self.log.info("ring_changed", ring=sorted(ring))
+        self._serving = self.router.quorate
         self._arm("router", self.router)
         self._arm("handoff", self.handoff)
         self.log.info("members_changed",
@@ -350,7 +361,7 @@ class Node:
     def _move_out(self, agent_ids: list[str]) -> None:
         """Hand every agent in ``agent_ids`` that another node owns now to its owner;
         one busy in a turn is tried again once the turn is over (MOVE_RETRY_S)."""
-        route, me, now = self.router.ring.owner, self._me, _now()
+        route, me = self.router.ring.owner, self._me
         for agent_id in agent_ids:
             owner = route(agent_id)
             if owner == me:
@@ -362,11 +373,27 @@ class Node:
                 continue
             self._moving.discard(agent_id)
             if taken is not None:
-                self.metrics.agent_moved_out()
-                self._run(self.handoff.send_state(agent_id, owner, *taken, now))
+                self._hand_to(agent_id, owner, taken)
         if self._moving and self._move_timer is None and not self._closed:
             self._move_timer = self._loop.call_later(MOVE_RETRY_S, self._move_again)
         self._arm("handoff", self.handoff)
+
+    def _hand_to(self, agent_id: str, owner: str, taken: tuple) -> None:
+        self.metrics.agent_moved_out()
+        self._moved_to[agent_id] = owner
+        self._run(self.handoff.send_state(agent_id, owner, *taken, _now()))
+
+    def _after_move(self, agent_id: str, ttl: int | None, hops: int) -> Any:
+        """We own it by our ring but handed it to a node whose ring is ahead of
+        ours: the request follows the agent (a forward, within the hop limit)."""
+        moved = self._moved_to.get(agent_id)
+        if moved is None or agent_id in self.host.directory:
+            return self._me
+        limit = self.router.max_hops if ttl is None else ttl
+        if hops >= limit:
+            return Refusal(ErrorCode.UNAVAILABLE, f"{agent_id!r} is moving to {moved!r}, "
+                                                  f"beyond the hop limit ({limit})")
+        return moved
 
     def _move_again(self) -> None:
         self._move_timer = None
@@ -379,12 +406,12 @@ class Node:
         if taken is None:
             self._run(self.handoff.none(effect.agent_id, effect.to))
         elif taken is not BUSY:  # busy: the want is sent again
-            self.metrics.agent_moved_out()
-            self._run(self.handoff.send_state(effect.agent_id, effect.to, *taken, _now()))
+            self._hand_to(effect.agent_id, effect.to, taken)
 
     def _on_install(self, effect: Install) -> None:
         """An agent's state arrived (or will not): install it, then run what waited."""
         agent_id = effect.agent_id
+        self._moved_to.pop(agent_id, None)
         if effect.behavior is not None:
             if agent_id in self.host.directory:
                 self.metrics.limited("handoff_conflict")
@@ -397,18 +424,18 @@ class Node:
                 except AgentError as exc:
                     self.log.error("handoff_install_failed", agent_id=agent_id,
                                    error=exc.message)
-        for req, reply_to in effect.held:
-            self._handle_local(req, reply_to, hold=False)
+        for req, reply_to, (payload, hops, origin) in effect.held:
+            self._dispatch(req, payload, reply_to, hops, origin, hold=False)  # owners move
         if agent_id in self.host.directory and self.router.ring.owner(agent_id) != self._me:
-            self._move_out([agent_id])  # given back, or moved again meanwhile: pass it on
+            self._move_out([agent_id])  # given back, or moved on meanwhile: pass it on
 
-    def _hold_for_handoff(self, req: Request, reply_to: Any) -> bool:
+    def _hold_for_handoff(self, req: Request, reply_to: Any, route: tuple) -> bool:
         """A miss for an agent whose state may be on its way here: hold the request
         and ask the previous owner (True), or activate fresh (False)."""
         now = _now()
         if self.handoff.expecting(req.subject, now) is None:
             return False
-        held = self.handoff.hold(req.subject, (req, reply_to), req.nbytes, now)
+        held = self.handoff.hold(req.subject, (req, reply_to, route), req.nbytes, now)
         if type(held) is Refusal:
             self._reply_error(reply_to, req.id, held.code, held.message, req.type)
         else:
@@ -435,8 +462,13 @@ class Node:
             return
         self._run(self.membership.leave(_now()))
         self._arm("membership", self.membership)
-        while ((self.handoff.kept_now or self._moving) and self.router.ring.nodes
-               and _now() < self.shutdown.deadline):
+        quiet_until = _now() + LEAVE_QUIET_S
+        while _now() < self.shutdown.deadline and (
+                self.handoff.kept_now or self._moving or _now() < quiet_until):
+            if self.handoff.kept_now or self._moving:
+                # Quiet for a while before going: a node whose ring is behind may
+                # still pass a state back to us, and we must hand it on.
+                quiet_until = _now() + LEAVE_QUIET_S
             await asyncio.sleep(LEAVE_POLL_S)
         if self.handoff.kept_now or self._moving:
             self.log.warning("leave_handoff_incomplete", unacknowledged=self.handoff.kept_now,
@@ -448,7 +480,8 @@ class Node:
                 "handoff": {"sent": h.sent, "acked": h.acked, "resent": h.resent,
                             "returned": h.returned, "installed": h.installed,
                             "duplicates": h.duplicates, "timed_out": h.timed_out,
-                            "owner_lost": h.owner_lost, "refused": h.refused}}
+                            "owner_lost": h.owner_lost, "refused": h.refused,
+                            "rerouted": h.rerouted}}
 
     def _on_refuted(self, effect: Refuted) -> None:
         self.metrics.refuted()
@@ -563,7 +596,7 @@ class Node:
     # ------------------------------------------------------------------ routing
 
     def _dispatch(self, req: Request, payload: bytes, reply_to: Any, hops: int,
-                  origin: str | None) -> None:
+                  origin: str | None, hold: bool = True) -> None:
         if req.type in wire.NODE_TYPES:
             self._node_request(req, reply_to)
         elif req.mode == wire.MODE_PUBLISH:
@@ -577,8 +610,10 @@ class Node:
                               f"{LARGE_REQUEST_BYTES} bytes are refused for now", req.type)
         else:
             target = self.router.route(req.subject, req.ttl, hops)
+            if target == self._me and self._moved_to:
+                target = self._after_move(req.subject, req.ttl, hops)
             if target == self._me:
-                self._handle_local(req, reply_to)
+                self._handle_local(req, reply_to, (payload, hops, origin) if hold else None)
             elif type(target) is Refusal:
                 self._reply_error(reply_to, req.id, target.code, target.message, req.type)
             else:
@@ -632,7 +667,10 @@ class Node:
         if self._stopping and not self.router.in_flight:
             self._forwards_settled.set()
 
-    def _handle_local(self, req: Request, reply_to: Any, hold: bool = True) -> None:
+    def _handle_local(self, req: Request, reply_to: Any, hold: tuple | None = None) -> None:
+        """Run a request for an agent this node owns.  ``hold`` (payload, hops,
+        origin): on a miss the request may wait for the agent's state to arrive
+        and is then routed again with those."""
         agent_id = req.subject
         try:
             if wire.is_system_type(req.type):
@@ -640,7 +678,7 @@ class Node:
                 return
             act = self.host.directory.get(agent_id)
             if act is None:
-                if hold and self._hold_for_handoff(req, reply_to):
+                if hold is not None and self._hold_for_handoff(req, reply_to, hold):
                     return
                 act = self.host.resolve(agent_id)
         except AgentError as exc:

@@ -49,6 +49,8 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 
+from core_cy import HashRing
+
 from .effects import HANDOFF, Install, Send, Surrender
 from .routing import Refusal
 from .wire import SUBJECT_LEN_MAX, ErrorCode
@@ -160,6 +162,7 @@ class Handoff:
         self.timed_out = 0     # waits that ended without a state: activated fresh
         self.owner_lost = 0    # waits whose previous owner left: activated fresh
         self.refused = 0       # holds refused (held_max or held_bytes_max)
+        self.rerouted = 0      # waits ended because the agent's owner moved on
 
     @property
     def held_now(self) -> int:
@@ -244,14 +247,30 @@ class Handoff:
 
     # --- new owner ------------------------------------------------------------------
 
-    def ring_changed(self, previous_owner: Callable[[str], str], now: float) -> list:
+    def ring_changed(self, previous_owner: Callable[[str], str], now: float,
+                     owner: Callable[[str], str] | None = None) -> list:
         """The ring changed: ``previous_owner(agent_id)`` names an agent's owner before
         the change.  It is asked on misses until ``now + window_s`` (the latest
-        change wins; waits under way keep the owner they asked)."""
+        change wins; waits under way keep the owner they asked).  With ``owner``
+        (the owner now), a wait for an agent this node no longer owns ends: its
+        requests come back (``Install`` with behavior None) for the node to route
+        again, and no ``want`` goes on asking for an agent that belongs elsewhere."""
         self._previous = previous_owner
         self._window_until = now + self._window_s
         self._ring += 1
-        return []
+        if owner is None:
+            return []
+        gone = [a for a in self._held if owner(a) != self.node_id]
+        self.rerouted += len(gone)
+        return [Install(a, None, None, (), self._take_held(a)) for a in gone]
+
+    def stop(self) -> list[tuple]:
+        """The node is shutting down: every request still held, to be answered
+        (``unavailable``) by the node; the waits end."""
+        items: list[tuple] = []
+        for agent_id in list(self._held):
+            items += self._take_held(agent_id)
+        return items
 
     def members_changed(self, member_ids: Iterable[str]) -> list:
         """The member set is now ``member_ids``: waits on an owner that left end
@@ -469,3 +488,13 @@ def _is_text(value: Any, chars_max: int) -> bool:
 
 REASONS = frozenset(("bad_message", "bad_version", "bad_kind", "bad_agent", "bad_seq",
                      "bad_behavior", "bad_state", "bad_groups"))
+
+
+def previous_ring(old: HashRing, ring: frozenset, me: str, serving: bool) -> HashRing:
+    """The ring whose owners held agents before this change (the runtime uses it
+    too).  A node that owned nothing before it (joining, or on the minority side)
+    held no agent: they were with the owners the cluster picks without it."""
+    nodes = set(old.nodes)
+    if not serving and len(ring) > 1:
+        nodes = set(ring) - {me}
+    return HashRing(tuple(sorted(nodes)), vnodes=old.vnodes)

@@ -319,7 +319,7 @@ class Membership:
                  rng: random.Random | None = None, *, wall_offset_ns: int = 0,
                  generation_ahead_max_ns: int = GENERATION_AHEAD_MAX_NS):
         self.me = me
-        self.config = cfg = config or SwimConfig()
+        self.config = config or SwimConfig()
         self._members: dict[str, Member] = {me.node_id: me}
         self._since: dict[str, float] = {}     # dead/left member -> when it became so
         # Indexes kept by _index as entries change, so no input costs O(members):
@@ -347,6 +347,8 @@ class Membership:
         self._changed_at = -math.inf          # last change of any member's state
         self._refute_after = -math.inf        # loud refutations: one per probe period
         self._left = False
+        self._joined = not self._seeds        # a node with seeds joins before it owns
+        self._join_pages: dict[str, set[int]] = {}
         self._quorate = True
         self._ring: frozenset[str] = frozenset((me.node_id,))
         self._ids: list[str] | None = None    # sorted member ids, while unchanged
@@ -409,7 +411,11 @@ class Membership:
         self._broadcasts.push(self.me.node_id)
         join = self._join_message()
         joins = [Send(seed_id(s), GOSSIP, join) for s in self._seeds]
-        return [MembersChanged(self.members, self._ring), *joins]
+        self._decide(now)
+        first = [MembersChanged(self.members, self._ring)]
+        if not self._quorate:
+            first.append(QuorumChanged(False, 1, 1))
+        return first + joins
 
     def next_deadline(self) -> float | None:
         if self._next_probe is None:
@@ -549,10 +555,15 @@ class Membership:
         digest, entries + digest, entries) moves only the buckets that differ."""
         if message.get("full") is True:
             ids = self._sorted_ids()
-            return [Send(sender, GOSSIP, {"v": VERSION, "kind": "sync",
+            pages = range(0, len(ids), SYNC_PAGE_MAX)
+            return [Send(sender, GOSSIP, {"v": VERSION, "kind": "sync", "page": k,
+                                          "pages": len(pages),
                                           "u": [self._members[n].to_wire()
                                                 for n in ids[i:i + SYNC_PAGE_MAX]]})
-                    for i in range(0, len(ids), SYNC_PAGE_MAX)]
+                    for k, i in enumerate(pages)]
+        if "page" in message:
+            self._join_page(sender, message)
+            return []
         digest, step = message.get("dg"), message.get("r")
         if digest is None:
             return []
@@ -569,6 +580,23 @@ class Membership:
             return [Send(sender, GOSSIP, {"v": VERSION, "kind": "sync",
                                           "u": self._bucket_entries(differ)})]
         return []
+
+    def _join_page(self, sender: str, message: dict) -> None:
+        """A page of a member's whole list, answering our join: once every page of
+        one answer is in, we have joined (and may own agents: a node that serves
+        with half a view would take agents whose owner it has not heard of)."""
+        page, pages = message.get("page"), message.get("pages")
+        if not (type(pages) is int and type(page) is int and 0 <= page < pages <= 64):
+            raise MembershipError("a join page needs integers 0 <= page < pages <= 64")
+        if self._joined:
+            return
+        got = self._join_pages.setdefault(sender, set())
+        if len(self._join_pages) > RELAYS_MAX:
+            self._join_pages = {sender: got}
+        got.add(page)
+        if len(got) == pages:
+            self._joined, self._join_pages = True, {}
+            self._dirty = True  # decide again
 
     def _bucket_entries(self, buckets: list[int]) -> list[dict]:
         """Our entries in ``buckets``, at most a page, starting at a rotating bucket
@@ -888,7 +916,9 @@ class Membership:
         The reference is the ring (alive, suspect, dead not downed); the reachable
         part is the alive members (suspects count as unreachable)."""
         reference, reachable = len(self._on_ring), len(self._alive)
-        if self.config.downing == STATIC_QUORUM:
+        if not self._joined or (self._seeds and len(self._members) == 1):
+            quorate = False  # joining (or alone again): a node with seeds does not own alone
+        elif self.config.downing == STATIC_QUORUM:
             quorate = reachable >= self.config.quorum_size
         else:
             quorate = (2 * reachable > reference

@@ -122,11 +122,14 @@ class Router:
 
     # --- members ---------------------------------------------------------------------
 
-    def members_changed(self, node_ids: Iterable[str]) -> list:
+    def members_changed(self, node_ids: Iterable[str],
+                        reachable: Iterable[str] | None = None) -> list:
         """Rebuild the ring; forwards to owners that left are answered ``unavailable``.
 
         The ring is ``node_ids``: this node too, unless it is leaving (then every
-        request is forwarded to the new owners); never empty."""
+        request is forwarded to the new owners); never empty.  ``reachable`` (default
+        the ring) are the nodes that still answer forwards: one leaving gracefully
+        is off the ring but answers what it was sent (it forwards it on)."""
         wanted = frozenset(node_ids) or frozenset((self.node_id,))
         current = set(self._ring.nodes)
         if len(wanted ^ current) > RING_REBUILD_CHANGES:
@@ -140,7 +143,8 @@ class Router:
                 self._ring.add(node_id)
         self._cache = {}
         self._members = wanted
-        gone = [p for p in self._pending.values() if p.owner not in wanted]
+        answering = wanted if reachable is None else wanted | frozenset(reachable)
+        gone = [p for p in self._pending.values() if p.owner not in answering]
         return [self._end(p, ErrorCode.UNAVAILABLE, f"owner {p.owner!r} left the member view")
                 for p in gone]
 
@@ -153,6 +157,10 @@ class Router:
             ErrorCode.UNAVAILABLE,
             f"this node is on the minority side of a split ({reachable} of {reference} "
             f"members reachable): it serves no agents until the cluster heals")
+
+    @property
+    def max_hops(self) -> int:
+        return self._max_hops
 
     @property
     def quorate(self) -> bool:

@@ -47,10 +47,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable
 
 from . import peer, wire
-from .effects import (GOSSIP, STATUS_ANSWER, Answer, Fail, MembersChanged, QuorumChanged,
-                      Refuted, Send, Unresponsive, seed_address)
+
+from .effects import (GOSSIP, STATUS_ANSWER, Answer, Fail, Install, MembersChanged,
+                      QuorumChanged, Refuted, Send, Surrender, Unresponsive, seed_address)
+from .handoff import Handoff, HandoffError, previous_ring
 from .machine import Effects
-from .membership import Member, Membership, MembershipError
+from .membership import Member, Membership, MembershipError, SwimConfig
 from .routing import Refusal, Router
 from .status import StatusCollector, StatusError
 from .wire import ErrorCode, WireError
@@ -484,8 +486,8 @@ class CounterHost:
 
     ``counter/<anything>`` is activated on its first message (the node's virtual
     activation); ``incr`` adds ``data`` (an int) and returns the new value, ``get``
-    returns the value.  ``release`` drops agents (their state is lost: no
-    persistence here).  ``version`` grows with every activation or release, so an
+    returns the value.  ``take_out`` and ``install`` move an agent's value between
+    nodes (the handoff).  ``version`` grows with every activation or removal, so an
     observer can tell cheaply whether the active set changed.
     """
 
@@ -513,76 +515,92 @@ class CounterHost:
             values[agent_id] += data
         return True, values[agent_id], ""
 
-    def release(self, agent_ids: Iterable[str]) -> None:
-        for agent_id in agent_ids:
-            del self.values[agent_id]
+    def take_out(self, agent_id: str) -> bytes | None:
+        """The agent's state (its value, as the node's host snapshots: bytes), gone
+        from here; None if it is not here."""
+        value = self.values.pop(agent_id, None)
+        if value is None:
+            return None
+        self.version += 1
+        return str(value).encode()
+
+    def install(self, agent_id: str, state: bytes | None) -> None:
+        if agent_id not in self.values:
+            self.values[agent_id] = int(state) if state else 0
             self.version += 1
 
 
 class SimNode:
-    """One whole node: Membership + Router + StatusCollector + CounterHost, wired as
-    the node's runtime wires them, behind the machine contract.
+    """One whole node: Membership + Router + Handoff + StatusCollector + CounterHost,
+    wired as the node's runtime wires them, behind the machine contract.
 
     Peer traffic is peer frames (``protocols/peer.py``), requests and replies are
     wire envelopes (``protocols/wire.py``): the same codecs as the node.  The
-    machines' effects run through the node's own ``Effects`` table: ``Send`` and
-    ``Refuted`` go out as they are (the simulator frames a ``Send`` with
-    ``peer.encode``, as the runtime does); ``MembersChanged`` updates the router
-    (whose ``Fail`` effects for forwards to departed owners are answers) and, with
-    ``release_moved``, drops agents this node no longer owns, then goes out too;
-    ``Answer``/``Fail`` go out to the client behind their handle.
+    machines' effects run through the node's own ``Effects`` table, as in
+    ``node/runtime.py``: ``MembersChanged`` rebuilds the router's ring from the
+    membership's ring, tells the handoff machine, and hands every agent another node
+    owns now to that node with its value (``_move_out``); ``QuorumChanged`` gates
+    the router; ``Surrender``/``Install`` move agents; ``Send``, ``Refuted`` and
+    ``Answer``/``Fail`` go out.
 
-    Routing follows the runtime (``node/runtime.py``: ``_dispatch``, ``_forward``,
-    ``_send_reply``, ``_on_reply``): a client's call enters with ``call``; ``route``
-    names the owner.  Local: the host handles it and the node answers.  Refused:
-    the node answers the error.  Remote: ``forward_started`` records the call (its
-    token) and FWD (origin, hops + 1, token, envelope) goes to the owner; the owner
-    routes again and may forward further, keeping origin and token; whoever handles
-    it sends RPL to the origin, whose ``reply_arrived(token)`` gives back the call
-    to answer (at most once).  ``syn.status`` runs a StatusCollector collection.
-    Frames and answers that break a protocol are counted in ``remote_errors`` by
-    reason (the runtime logs and counts them), never raised.
+    Routing follows the runtime (``_dispatch``, ``_forward``, ``_send_reply``,
+    ``_on_reply``, ``_handle_local`` with its handoff hold).  ``syn.status`` runs a
+    StatusCollector collection.  Frames and answers that break a protocol are
+    counted in ``remote_errors`` by reason, never raised.
     """
 
     def __init__(self, me: Member, seeds: Iterable[str], *, key: bytes,
-                 rng: random.Random, gossip_interval_s: float = 1.0, max_hops: int = 2,
+                 rng: random.Random, swim: SwimConfig | None = None, max_hops: int = 2,
                  forward_timeout_s: float = 2.0, status_timeout_s: float = 1.0,
-                 release_moved: bool = True, wall_offset_ns: int = 0):
+                 handoff_timeout_s: float = 1.0, handoff_window_s: float = 5.0,
+                 wall_offset_ns: int = 0, handoff: bool = True):
         self.node_id = me.node_id
-        self.membership = Membership(me, seeds, gossip_interval_s, rng=rng,
-                                     wall_offset_ns=wall_offset_ns)
+        self.membership = Membership(me, seeds, swim, rng=rng, wall_offset_ns=wall_offset_ns)
         self.router = Router(me.node_id, key, max_hops=max_hops,
                              forward_timeout_s=forward_timeout_s)
+        self.handoff = Handoff(me.node_id, timeout_s=handoff_timeout_s,
+                               window_s=handoff_window_s, seq_start=me.generation)
         self.status = StatusCollector(me.node_id, status_timeout_s)
         self.host = CounterHost()
-        self.view: frozenset[str] = frozenset((me.node_id,))
-        self.release_moved = release_moved
+        self.view: frozenset[str] = frozenset((me.node_id,))  # the ring: who owns agents
+        self.left = False
+        self.hands_off = handoff  # False: agents stay where they are (a test's bug)
         self.late_replies = 0
         self.unresponsive: dict[str, int] = {}   # owner -> forwards it let time out
         self.remote_errors: dict[str, int] = {}
         self._addresses: dict[str, str] = {me.node_id: me.address}
+        self._moved_to: dict[str, str] = {}  # agent handed away -> where (runtime: same)
+        self._serving = not tuple(seeds)     # owned agents under the ring we hold
+        self._now = 0.0
         self._out: list = []
         out = self._out.append
         self._effects = Effects({Send: out, Refuted: out, Answer: out, Fail: out,
                                  MembersChanged: self._on_members,
+                                 QuorumChanged: self._on_quorum,
+                                 Surrender: self._on_surrender, Install: self._on_install,
                                  Unresponsive: self._on_unresponsive})
 
     # -- the machine contract ----------------------------------------------------
     def start(self, now: float) -> list:
+        self._now = now
         return self._run(self.membership.start(now))
 
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (self.membership.next_deadline(), self.router.next_deadline(),
-                                 self.status.next_deadline()) if d is not None]
+                                 self.status.next_deadline(), self.handoff.next_deadline())
+                     if d is not None]
         return min(deadlines) if deadlines else None
 
     def tick(self, now: float) -> list:
+        self._now = now
         self._effects.run(self.membership.tick(now))
         self._effects.run(self.router.tick(now))
+        self._effects.run(self.handoff.tick(now))
         return self._run(self.status.tick(now))
 
     def receive_frames(self, frames: list, now: float) -> list:
         """Peer frames from the network (the runtime's ``peer``)."""
+        self._now = now
         try:
             event = peer.decode(frames)
         except peer.PeerProtocolError as exc:
@@ -597,6 +615,11 @@ class SimNode:
                 self._effects.run(self.membership.receive(event.sender, event.message, now))
             except MembershipError:
                 return self._remote_error("bad_gossip")
+        elif kind is peer.HandedOff:
+            try:
+                self._effects.run(self.handoff.receive(event.sender, event.message, now))
+            except HandoffError:
+                return self._remote_error("bad_handoff")
         elif kind is peer.StatusQueried:
             if event.sender not in self.view:
                 return self._remote_error("status_query_from_stranger")
@@ -610,13 +633,24 @@ class SimNode:
         return self._take()
 
     def stop(self, now: float) -> list:
-        """A graceful stop: every forward and status collection in flight is answered."""
+        """The end of a graceful stop: every forward and status collection in flight
+        is answered."""
         self._effects.run(self.router.stop())
+        for req, _, reply_to, _ in self.handoff.stop():
+            self._reply(reply_to, req.id, False, ErrorCode.UNAVAILABLE, "node is shutting down",
+                        req.type)
         return self._run(self.status.stop())
+
+    def leave(self, now: float) -> list:
+        """A graceful leave: the members hear it and the agents go to their owners."""
+        self._now = now
+        self.left = True
+        return self._run(self.membership.leave(now))
 
     # -- client calls --------------------------------------------------------------
     def call(self, handle: Any, envelope: bytes, now: float) -> list:
         """A client's request envelope entering here (the runtime's ``client``)."""
+        self._now = now
         self._accept(envelope, handle, None, None, 0, now)
         return self._take()
 
@@ -635,18 +669,49 @@ class SimNode:
             self._reply(reply_to, exc.request_id or "", False, exc.code, exc.message, "")
             return
         if req.type == wire.TYPE_STATUS:
-            members = {n: self._addresses.get(n, "") for n in sorted(self.view)}
+            members = {n: self._addresses.get(n, "") for n in sorted(self.view | {self.node_id})}
             self._effects.run(self.status.start(handle, req.id, self.local_status(),
                                                 members, now))
             return
+        self._route(req, envelope, reply_to, hops, now)
+
+    def _route(self, req: wire.Request, envelope: bytes, reply_to: tuple, hops: int,
+               now: float, hold: bool = True) -> None:
         target = self.router.route(req.subject, req.ttl, hops)
+        if target == self.node_id and self._moved_to:
+            target = self._after_move(req.subject, req.ttl, hops)
         if target == self.node_id:
-            ok, value, message = self.host.handle(req.subject, req.type, req.data)
-            self._reply(reply_to, req.id, ok, value, message, req.type)
+            self._handle_local(req, envelope, reply_to, hops, now, hold)
         elif type(target) is Refusal:
             self._reply(reply_to, req.id, False, target.code, target.message, req.type)
         else:
             self._forward(target, req, envelope, reply_to, hops, now)
+
+    def _after_move(self, agent_id: str, ttl: int | None, hops: int) -> str | Refusal:
+        """We own it by our ring, but handed it to a node whose ring is ahead of
+        ours: the request follows the agent (as a forward, within the hop limit)."""
+        moved = self._moved_to.get(agent_id)
+        if moved is None or agent_id in self.host.values:
+            return self.node_id
+        limit = self.router.max_hops if ttl is None else ttl
+        if hops >= limit:
+            return Refusal(ErrorCode.UNAVAILABLE, f"{agent_id!r} is moving to {moved!r}, "
+                                                  f"beyond the hop limit ({limit})")
+        return moved
+
+    def _handle_local(self, req: wire.Request, envelope: bytes, reply_to: tuple, hops: int,
+                      now: float, hold: bool = True) -> None:
+        if hold and req.subject not in self.host.values:
+            if self.handoff.expecting(req.subject, now) is not None:
+                held = self.handoff.hold(req.subject, (req, envelope, reply_to, hops),
+                                         req.nbytes, now)
+                if type(held) is Refusal:
+                    self._reply(reply_to, req.id, False, held.code, held.message, req.type)
+                else:
+                    self._effects.run(held)
+                return
+        ok, value, message = self.host.handle(req.subject, req.type, req.data)
+        self._reply(reply_to, req.id, ok, value, message, req.type)
 
     def _forward(self, owner: str, req: wire.Request, envelope: bytes, reply_to: tuple,
                  hops: int, now: float) -> None:
@@ -670,6 +735,8 @@ class SimNode:
             self._out.append(Answer(handle, request_id, value) if ok else
                              Fail(handle, request_id, value, message, mtype))
             return
+        if token is None:
+            return  # a forwarded one-way message
         envelope = (wire.reply(request_id, value, self.node_id) if ok else
                     wire.error(request_id, value, message, self.node_id))
         if origin == self.node_id:  # a forward that came back round to its origin
@@ -694,15 +761,61 @@ class SimNode:
 
     # -- effects -------------------------------------------------------------------
     def _on_members(self, effect: MembersChanged) -> None:
-        self.view = frozenset(effect.members)
-        self._addresses = {n: m.address for n, m in effect.members.items()}
-        self._effects.run(self.router.members_changed(sorted(effect.members)))
-        if self.release_moved:
-            ring, me = self.router.ring, self.node_id
-            moved = [a for a in self.host.values if ring.owner(a) != me]
-            if moved:
-                self.host.release(moved)
+        members = effect.members
+        self._addresses = {n: m.address for n, m in members.items()}
+        reachable = sorted(n for n, m in members.items()
+                           if m.state in ("alive", "suspect", "left"))
+        self._effects.run(self.handoff.members_changed(reachable))
+        gone = set(self._moved_to.values()) - set(reachable)
+        if gone:
+            self._moved_to = {a: n for a, n in self._moved_to.items() if n not in gone}
+        ring = effect.ring_ids
+        if ring != frozenset(self.router.ring.nodes):
+            previous = previous_ring(self.router.ring, ring, self.node_id, self._serving)
+            self._effects.run(self.router.members_changed(sorted(ring), reachable))
+            self._effects.run(self.handoff.ring_changed(previous.owner, self._now,
+                                                        self.router.ring.owner))
+            self._move_out(sorted(self.host.values))
+        self.view = ring
+        self._serving = self.router.quorate
         self._out.append(effect)
+
+    def _move_out(self, agent_ids: list) -> None:
+        """As the runtime: agents another node owns now go there with their value
+        (counter handlers are synchronous: never busy)."""
+        owner_of, me = self.router.ring.owner, self.node_id
+        if not self.hands_off:
+            return
+        for agent_id in agent_ids:
+            owner = owner_of(agent_id)
+            if owner != me:
+                self._hand_to(agent_id, owner)
+
+    def _hand_to(self, agent_id: str, owner: str) -> None:
+        state = self.host.take_out(agent_id)
+        if state is None:
+            self._effects.run(self.handoff.none(agent_id, owner))
+            return
+        self._moved_to[agent_id] = owner
+        self._effects.run(self.handoff.send_state(agent_id, owner, "counter", state, (),
+                                                  self._now))
+
+    def _on_quorum(self, effect: QuorumChanged) -> None:
+        self.router.set_quorate(effect.quorate, effect.reachable, effect.reference)
+        self._out.append(effect)
+
+    def _on_surrender(self, effect: Surrender) -> None:
+        self._hand_to(effect.agent_id, effect.to)
+
+    def _on_install(self, effect: Install) -> None:
+        self._moved_to.pop(effect.agent_id, None)
+        if effect.behavior is not None:
+            self.host.install(effect.agent_id, effect.state)
+        for req, envelope, reply_to, hops in effect.held:  # routed again: owners move
+            self._route(req, envelope, reply_to, hops, self._now, hold=False)
+        owner = self.router.ring.owner(effect.agent_id)
+        if effect.agent_id in self.host.values and owner != self.node_id:
+            self._hand_to(effect.agent_id, owner)  # given back, or moved on: pass it on
 
     def _remote_error(self, reason: str) -> list:
         self.remote_errors[reason] = self.remote_errors.get(reason, 0) + 1
@@ -742,12 +855,15 @@ class Scenario:
     partitions: int = 0           # partition-then-heal episodes
     crashes: int = 0              # crash-then-restart episodes
     pauses: int = 0               # pause-then-resume episodes
-    stops: int = 0                # graceful stop-then-restart episodes
+    stops: int = 0                # graceful leave (handoff), stop, restart episodes
     warmup_s: float = 3.0         # clients start then
-    gossip_interval_s: float = 1.0
+    probe_interval_s: float = 0.5
+    sync_interval_s: float = 1.0
+    downing: str = "keep-majority"
+    quorum_size: int = 0
     max_hops: int = 2
     forward_timeout_s: float = 2.0
-    release_moved: bool = True    # a node drops agents it no longer owns
+    handoff: bool = True          # agents move with their state when owners change
     exact: bool = False           # check counter values (needs a fault-free run)
     steps_max: int = 0            # 0: no bound
 
@@ -826,8 +942,9 @@ class NodeSim:
         connection die);
     (b) no agent is active on two live nodes whose member views are equal;
     (c) answers are data of the right shape, or an error code of ErrorCode;
-    (d) counter values: in a run where no counter can move or be applied twice
-        (no duplication, no crash or stop, every view full when clients start),
+    (d) counter values: in a run where no state can be lost or applied twice
+        (no duplication, crash, partition or pause; graceful leaves hand state
+        off, so they may happen; every view full when clients start),
         ``get`` sees every incr acknowledged before it was sent and none not yet
         sent; with ``exact`` (a fault-free run) every call also succeeds and a
         final get per counter returns the sum of acknowledged incrs.
@@ -848,8 +965,11 @@ class NodeSim:
         self._held: dict[str, set] = {}             # node -> agents it holds (as seen)
         self._host_version: dict[str, int] = {}
         self._multi: dict[str, None] = {}           # agents held by two or more nodes
-        # (d) applies when owners cannot move and nothing is applied twice.
-        self.bounded = s.exact or not (s.dup_rate or s.crashes or s.stops)
+        # (d) applies when no state can be lost and nothing is applied twice: no
+        # duplication, and no member declared dead (a crash, or a partition or a
+        # pause that outlasts the suspicion: its agents start fresh elsewhere until
+        # replication exists).  A graceful leave hands state off, so stops keep it.
+        self.bounded = s.exact or not (s.dup_rate or s.crashes or s.partitions or s.pauses)
         self._acked: dict[str, int] = {}            # (d): acknowledged incr sum
         self._issued: dict[str, int] = {}           # (d): incr sum sent
         self._generation_ns = 1
@@ -871,10 +991,14 @@ class NodeSim:
         me = Member.of(node_id(k), node_address(k), node_address(k).replace(":7400", ":7401"),
                        generation)
         seeds = [node_address(j) for j in (0, 1) if j < s.nodes]
+        swim = SwimConfig(probe_interval_s=s.probe_interval_s,
+                          probe_timeout_s=min(0.2, s.probe_interval_s),
+                          sync_interval_s=s.sync_interval_s, downing=s.downing,
+                          quorum_size=s.quorum_size)
         return self.node_class(me, seeds, key=rng.getrandbits(64).to_bytes(8, "big"),
-                       rng=random.Random(rng.getrandbits(64)),
-                       gossip_interval_s=s.gossip_interval_s, max_hops=s.max_hops,
-                       forward_timeout_s=s.forward_timeout_s, release_moved=s.release_moved)
+                               rng=random.Random(rng.getrandbits(64)), swim=swim,
+                               max_hops=s.max_hops, forward_timeout_s=s.forward_timeout_s,
+                               handoff=s.handoff)
 
     def _script(self) -> None:
         """The fault schedule and the client load, drawn from the seed."""
@@ -889,7 +1013,7 @@ class NodeSim:
             sim.at(start, self._crash_one(start + rng.uniform(0.02, 0.2) * span))
         for _ in range(s.stops):
             start = s.warmup_s + rng.uniform(0.1, 0.6) * span
-            sim.at(start, self._crash_one(start + rng.uniform(0.02, 0.2) * span, graceful=True))
+            sim.at(start, self._leave_one(start + rng.uniform(0.02, 0.2) * span))
         for _ in range(s.pauses):
             start = s.warmup_s + rng.uniform(0.1, 0.7) * span
             sim.at(start, self._pause_one(start + rng.uniform(0.01, 0.1) * span))
@@ -910,33 +1034,72 @@ class NodeSim:
             self.fail()
 
     def _partition(self, sim: Simulator) -> None:
-        ids = sim.node_ids
+        """Cut the nodes that are up in two (a side of only crashed nodes would cut
+        nothing); crashed ones go with the first side."""
+        ids = sim.up_ids()
         sim.rng.shuffle(ids)
         cut = sim.rng.randint(1, len(ids) - 1) if len(ids) > 1 else 1
-        sim.partition(sorted(ids[:cut]), sorted(ids[cut:]))
+        down = [n for n in sim.node_ids if not sim.is_up(n)]
+        sim.partition(sorted(ids[:cut] + down), sorted(ids[cut:]))
 
-    def _crash_one(self, restart_at: float, graceful: bool = False) -> Callable[[Simulator], None]:
+    def _crash_one(self, restart_at: float) -> Callable[[Simulator], None]:
         def crash(sim: Simulator) -> None:
-            ids = [n for n in sim.up_ids() if not (graceful and sim.is_paused(n))]
+            ids = sim.up_ids()
+            if len(ids) > 1:
+                self._crash(ids[sim.rng.randrange(len(ids))], False, restart_at)
+        return crash
+
+    def _leave_one(self, restart_at: float) -> Callable[[Simulator], None]:
+        """A graceful leave: the node announces it and hands its agents off, then
+        stops a moment later (time for the handoff) and restarts at restart_at."""
+        def leave(sim: Simulator) -> None:
+            ids = [n for n in sim.up_ids() if not sim.is_paused(n)
+                   and not sim.machine(n).left]
             if len(ids) <= 1:
                 return
             victim = ids[sim.rng.randrange(len(ids))]
-            if graceful:  # the node answers what it holds, then goes away
-                sim.run_effects(victim, sim.machine(victim).stop(sim.now))
-            self._forget_node(victim)
-            sim.crash(victim)
-            for call_id, call in self.calls.items():
-                if call.entry == victim and call.answer is None and not call.lost:
-                    if graceful and call.issued_at < sim.now:
-                        self._violate(f"(a) call {call_id} entered {victim}, which stopped "
-                                      "gracefully without answering it")
-                    call.lost = True
-                    self.unanswered -= 1
-            if self.violations:
-                self.fail()
-            k = int(victim[1:])
-            sim.at(restart_at, lambda sim: sim.restart(victim, self.new_node(k)))
-        return crash
+            sim.run_effects(victim, sim.machine(victim).leave(sim.now))
+
+            deadline = sim.now + self.LEAVE_WAIT_MAX_S
+            quiet_until = [sim.now + self.LEAVE_QUIET_S]
+
+            def stop(sim: Simulator) -> None:
+                machine = sim.machine(victim)
+                if not (sim.is_up(victim) and machine.left):
+                    return
+                if sim.is_paused(victim):  # a stopped process cannot shut down: later
+                    sim.at(sim.now + 0.1, stop)
+                    return
+                if (machine.handoff.kept_now or sim.now < quiet_until[0]) and sim.now < deadline:
+                    if machine.handoff.kept_now:  # as the runtime: quiet for a while
+                        quiet_until[0] = sim.now + self.LEAVE_QUIET_S
+                    sim.at(sim.now + 0.1, stop)
+                    return
+                sim.run_effects(victim, machine.stop(sim.now))
+                self._crash(victim, True, max(restart_at, sim.now + 0.1))
+            sim.at(sim.now + 0.1, stop)
+        return leave
+
+    LEAVE_WAIT_MAX_S = 10.0  # a leaving node waits this long for its handoffs at most
+    LEAVE_QUIET_S = 0.5      # ... and until none has been in flight for this long
+
+    def _crash(self, victim: str, graceful: bool, restart_at: float) -> None:
+        """The node is gone (state lost); calls that entered it are lost with it,
+        except that a graceful stop must have answered every one."""
+        sim = self.sim
+        self._forget_node(victim)
+        sim.crash(victim)
+        for call_id, call in self.calls.items():
+            if call.entry == victim and call.answer is None and not call.lost:
+                if graceful and call.issued_at < sim.now:
+                    self._violate(f"(a) call {call_id} entered {victim}, which stopped "
+                                  "gracefully without answering it")
+                call.lost = True
+                self.unanswered -= 1
+        if self.violations:
+            self.fail()
+        k = int(victim[1:])
+        sim.at(restart_at, lambda sim: sim.restart(victim, self.new_node(k)))
 
     def _pause_one(self, resume_at: float) -> Callable[[Simulator], None]:
         def pause(sim: Simulator) -> None:

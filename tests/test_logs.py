@@ -206,8 +206,8 @@ def test_flood_of_bad_peer_traffic_writes_bounded_log(tmp_path):
             sock.send_multipart([peer.MAGIC, b"NOPE", b"fake", b"x"])   # bad_peer_frame
             fake = {"id": "fake", "gen": generation + i,
                     "ep": {"zmq": "tcp://127.0.0.1:1", "zmq-pub": "tcp://127.0.0.1:2"}}
-            sock.send_multipart(peer.gossip("fake", {"v": 1, "kind": "members",
-                                                     "members": [fake]}))  # view changes
+            sock.send_multipart(peer.gossip("fake", {"v": 2, "kind": "sync",
+                                                     "u": [fake]}))  # view changes
         # One connection is read in order: the ping's answer means all was handled.
         sock.send(wire.encode(wire.request("last", wire.TYPE_PING)))
         assert sock.poll(60_000), "the node did not answer after the flood"

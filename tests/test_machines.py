@@ -14,6 +14,7 @@ from protocols.machine import Effects, UnhandledEffect
 from protocols.routing import FORWARDS_MAX, Refusal, Router
 from protocols.shutdown import CLOSED, CLOSING, DRAINING, FORWARDS, Phase, Shutdown
 from protocols.status import StatusCollector, StatusError
+from protocols.wire import ErrorCode
 
 KEY = b"k" * 8
 TIMEOUT_S = 5.0
@@ -351,12 +352,29 @@ def test_the_ring_keeps_its_vnodes_and_agrees_with_a_ring_of_the_members():
 
     many = [f"n{i}" for i in range(12)]  # more changes at once than RING_REBUILD_CHANGES
     for members in (many, ["b", "c"]):   # one rebuild, and one change at a time
-        r = router("a", members=members, vnodes=7)
+        r = router("a", members=["a", *members], vnodes=7)
         expected = HashRing(tuple(sorted({"a", *members})), vnodes=7)
         assert r.ring.vnodes == 7
         assert [r.route(f"kv/{i}", None, 0) for i in range(300)] == [
             expected.owner(f"kv/{i}") for i in range(300)]
         assert all(r.is_member(m) for m in members) and not r.is_member("zz")
+
+
+def test_a_leaving_node_is_not_on_its_own_ring_and_forwards_everything():
+    r = router("a", members=["b", "c"])
+    assert not r.is_member("a")
+    assert {r.route(f"kv/{i}", None, 0) for i in range(200)} == {"b", "c"}
+    assert router("a", members=[]).route("kv/1", None, 0) == "a"  # never an empty ring
+
+
+def test_a_minority_node_refuses_every_agent_request_unavailable():
+    r = router()
+    r.set_quorate(False, 2, 5)
+    refusal = r.route("kv/1", None, 0)
+    assert type(refusal) is Refusal and refusal.code == ErrorCode.UNAVAILABLE
+    assert "2 of 5" in refusal.message
+    r.set_quorate(True)
+    assert r.route("kv/1", None, 0) in ("a", "b", "c")
 
 
 def test_the_owner_cache_is_bounded():

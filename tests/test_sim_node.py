@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from protocols import peer, wire
-from protocols.effects import Answer, Fail, Send
+from protocols.effects import HANDOFF, Answer, Fail, Send
 from protocols.machine import UnhandledEffect
 from protocols.membership import Member
 from protocols.shutdown import Phase
@@ -53,9 +53,10 @@ def test_faulty_runs_keep_the_invariants(seed):
 
 @pytest.mark.parametrize("seed", [7, 8])
 def test_lossy_runs_keep_counter_bounds(seed):
-    """No duplication, no crash: every get sees each incr acknowledged before it."""
+    """No duplication, no crash: every get sees each incr acknowledged before it,
+    through a graceful leave (its counters move with their values) under loss."""
     result = run_scenario(Scenario(seed=seed, nodes=6, duration_s=20.0, drop_rate=0.1,
-                                   delay_max_s=0.2, partitions=1, pauses=1))
+                                   delay_max_s=0.2, stops=1))
     assert result.counters_checked and result.stats.dropped, result.summary()
 
 
@@ -183,17 +184,17 @@ def test_checker_catches_wrong_counter_values():
 
 
 def test_checker_catches_an_agent_active_on_two_nodes_that_agree():
-    """Without dropping agents a node no longer owns (what the node's runtime does
-    today: no handoff yet), an agent activated while views still differed stays
-    active on its old node once the views agree."""
-    scenario = Scenario(seed=1, nodes=5, duration_s=5.0, warmup_s=0.0, release_moved=False)
+    """Without the handoff (what the node did before membership could change), an
+    agent activated while views still differed stays active on its old node once
+    the views agree."""
+    scenario = Scenario(seed=1, nodes=5, duration_s=5.0, warmup_s=0.0, handoff=False)
     message = violation(NodeSim, scenario)
-    assert "(b)" in message and "--no-release-moved" in message
+    assert "(b)" in message and "--no-handoff" in message
 
 
 def test_a_failing_run_prints_its_replay_command_and_replays():
     failing = _cli("--seed", "1", "--duration-s", "5.0", "--warmup-s", "0.0",
-                   "--no-release-moved")
+                   "--no-handoff")
     assert failing.returncode == 1 and failing.stdout == ""
     [command] = [line for line in failing.stderr.splitlines() if line.startswith("replay: ")]
     again = _cli(*command.split()[4:])
@@ -210,14 +211,15 @@ def test_an_unknown_effect_is_an_error():
 # ------------------------------------------------------------- routing, up close
 
 def make_node(k: int, **options) -> SimNode:
+    """Node k, seedless; no handoff window unless asked (these tests are about routing:
+    with one, a node that just learned its peers would first ask them for agents)."""
+    options.setdefault("handoff_window_s", 0.0)
     me = Member.of(node_id(k), node_address(k), node_address(k).replace(":7400", ":7401"), 1)
     return SimNode(me, (), key=bytes([k + 1]) * 8, rng=random.Random(k), **options)
 
 
 def know(node: SimNode, *others: SimNode) -> None:
-    message = {"v": 1, "kind": "members",
-               "members": [o.membership.me.to_wire() for o in others]}
-    node.receive_frames(peer.gossip("x", message), 0.0)
+    know_effects(node, *others)
 
 
 def subject_where(predicate) -> str:
@@ -319,15 +321,29 @@ def test_graceful_stop_answers_forwards_in_flight():
     assert (fail.request_id, fail.code) == ("r1", ErrorCode.UNAVAILABLE)
 
 
-def test_agents_a_node_no_longer_owns_are_released():
-    a, b = make_node(0), make_node(1)
+def test_agents_a_node_no_longer_owns_move_with_their_values():
+    """A joins B: the counters B now owns leave A as handoff states, B installs them
+    with their values and acks, and A forgets them."""
+    a, b = make_node(0), make_node(1, handoff_window_s=5.0)
     subjects = [f"counter/{i}" for i in range(20)]
-    for s in subjects:
-        a.call("h", request(s, "incr", s, 1), 0.0)
-    assert sorted(a.host.values) == sorted(subjects)
-    know(a, b)
-    assert a.host.values and all(a.router.route(s, None, 0) == a.node_id for s in a.host.values)
-    assert len(a.host.values) < len(subjects)
+    for i, s in enumerate(subjects):
+        a.call("h", request(s, "incr", s, i + 1), 0.0)
+    effects = [e for e in know_effects(a, b) if isinstance(e, Send) and e.channel == HANDOFF]
+    moved = {e.message["agent"] for e in effects}
+    assert moved and moved == {s for s in subjects if a.router.route(s, None, 0) == b.node_id}
+    assert not moved & set(a.host.values) and set(a.host.values) | moved == set(subjects)
+    know(b, a)
+    for e in effects:
+        acks = b.receive_frames(peer.encode(HANDOFF, a.node_id, e.message), 0.1)
+        for ack in (x for x in acks if isinstance(x, Send)):
+            a.receive_frames(peer.encode(HANDOFF, b.node_id, ack.message), 0.2)
+    assert {s: b.host.values[s] for s in moved} == {s: subjects.index(s) + 1 for s in moved}
+    assert a.handoff.kept_now == 0 and a.handoff.acked == len(moved)
+
+
+def know_effects(node: SimNode, *others: SimNode) -> list:
+    message = {"v": 2, "kind": "sync", "u": [o.membership.me.to_wire() for o in others]}
+    return node.receive_frames(peer.gossip("x", message), 0.0)
 
 
 # ------------------------------------------------------------- long run
@@ -355,7 +371,7 @@ def swarm_scenario(seed: int) -> Scenario:
                     delay_max_s=rng.choice([0.01, 0.3, 1.5]), partitions=rng.randint(0, 3),
                     crashes=rng.randint(0, 3), pauses=rng.randint(0, 3), stops=rng.randint(0, 2),
                     warmup_s=rng.choice([0.0, 3.0]), forward_timeout_s=rng.choice([0.05, 0.5, 2.0]),
-                    max_hops=rng.choice([1, 2, 3]), gossip_interval_s=rng.choice([0.2, 1.0]))
+                    max_hops=rng.choice([1, 2, 3]), probe_interval_s=rng.choice([0.2, 0.5]))
 
 
 @pytest.mark.slow
