@@ -89,6 +89,9 @@ class KeyValue(Agent):
         self.items = None  # allocated on first write: idle kv agents stay small
         self.nbytes = 0    # msgpack size of every key and value held
         if isinstance(init, dict) and init:
+            if len(init) > KV_KEYS_MAX:
+                raise AgentError(ErrorCode.BAD_REQUEST,
+                                 f"a kv init of {len(init)} keys, over {KV_KEYS_MAX}")
             self.items = dict(init)
             self.nbytes = sum(_size(k, v) for k, v in self.items.items())
 

@@ -34,12 +34,16 @@ it was stopped may be the refutation.
 Split brain (``downing``).  The ring holds alive and suspect members and dead ones
 not yet *downed*.  Whether this node may own agents (``quorate``) is decided by the
 strategy over the *reference* (alive, suspect and undowned dead members) and the
-*reachable* part of it (alive ones): ``keep-majority`` needs more than half (a tie
+*reachable* part of it (alive ones), each counting only members that have spoken
+to us themselves (news of members that never answer, forged or gone, cannot tip
+a majority): ``keep-majority`` needs more than half (a tie
 keeps the side holding the lowest node id), ``static-quorum`` at least
 ``quorum_size``.  A quorate node downs its dead members (they leave its ring) once
 no member has been suspect and its view has not changed for ``stable_after_s``; a
 node that is not quorate downs nobody, so its reference keeps the members it lost,
-and it stays unquorate until they come back.  Accusations (suspect, dead) are taken
+and it stays unquorate until they come back.  A node with seeds owns nothing
+until it has joined (every page of a member's whole list is in): with half a
+view it would take agents whose owner it has not heard of.  Accusations (suspect, dead) are taken
 only from members we hold alive or suspect: a node coming back from the other side
 of a partition carries stale ones.  Dead members are still sent a sync page now and
 then, and so are seeds no alive member answers for, until ``dead_reap_s`` forgets
@@ -348,6 +352,8 @@ class Membership:
         self._refute_after = -math.inf        # loud refutations: one per probe period
         self._left = False
         self._joined = not self._seeds        # a node with seeds joins before it owns
+        self._heard: set[str] = {me.node_id}  # members that sent us something themselves
+        self._counted = (1, 1)                # (reachable, reference) of the last decision
         self._join_pages: dict[str, set[int]] = {}
         self._quorate = True
         self._ring: frozenset[str] = frozenset((me.node_id,))
@@ -455,6 +461,9 @@ class Membership:
             self._on_nack(message)
             return out
         self._merge_all(sender, self._entries(message, "u"), now, out)
+        if sender not in self._heard and sender in self._members:
+            self._heard.add(sender)  # it speaks for itself: it counts for downing
+            self._dirty = True
         if kind == "ping":
             self._note_agents(sender, message)
             out.append(Send(sender, GOSSIP, self._message("ack", seq=self._seq_of(message),
@@ -898,6 +907,7 @@ class Membership:
         for node_id, since in sorted(self._since.items()):
             if since + self.config.dead_reap_s <= now:
                 del self._since[node_id]
+                self._heard.discard(node_id)
                 self._index(node_id, None, self._members.pop(node_id))
                 self._agents.pop(node_id, None)
                 self._broadcasts.discard(node_id)
@@ -915,14 +925,18 @@ class Membership:
 
         The reference is the ring (alive, suspect, dead not downed); the reachable
         part is the alive members (suspects count as unreachable)."""
-        reference, reachable = len(self._on_ring), len(self._alive)
+        # Only members we have heard from directly count: news of members that
+        # never answer (forged, or gone before we met them) cannot tip a majority.
+        counted = self._on_ring & self._heard
+        reference, reachable = len(counted), len(self._alive & self._heard)
+        self._counted = (reachable, reference)
         if not self._joined or (self._seeds and len(self._members) == 1):
             quorate = False  # joining (or alone again): a node with seeds does not own alone
         elif self.config.downing == STATIC_QUORUM:
             quorate = reachable >= self.config.quorum_size
         else:
             quorate = (2 * reachable > reference
-                       or (2 * reachable == reference and min(self._on_ring) in self._alive))
+                       or (2 * reachable == reference and min(counted) in self._alive))
         self._quorate = quorate
         stable = (not self._suspicions
                   and now >= self._changed_at + self.config.stable_after_s)
@@ -945,5 +959,5 @@ class Membership:
             self._ring = frozenset(self._on_ring)
             out.insert(0, MembersChanged(self.members, self._ring))
         if self._quorate != was_quorate:
-            out.insert(0, QuorumChanged(self._quorate, len(self._alive), len(self._on_ring)))
+            out.insert(0, QuorumChanged(self._quorate, *self._counted))
         return out

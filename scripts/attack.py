@@ -199,7 +199,7 @@ def member_entry(node_id: str, address: str, pub: str, generation: int) -> dict:
 
 def gossip(sock: zmq.Socket, members: list[dict], sender: str = "attacker") -> None:
     """A membership message, framed as the peer protocol does, claiming to be ``sender``."""
-    sock.send_multipart(peer.gossip(sender, {"v": 1, "kind": "members", "members": members}))
+    sock.send_multipart(peer.gossip(sender, {"v": 2, "kind": "sync", "u": members}))
 
 
 def forged_gossip(address: str, victim: str, at: str, generation: int = 2**64 - 1,
@@ -216,7 +216,8 @@ def fake_members(address: str, count: int = 1020) -> dict:
     members = [member_entry(f"fake-{i}", f"tcp://127.0.0.1:{20000 + i}",
                             f"tcp://127.0.0.1:{40000 + i}", 1) for i in range(count)]
     with peer_connection(address, settle_s=0.5) as sock:
-        gossip(sock, members, sender="fake-0")
+        for start in range(0, count, 128):  # a membership message holds 128 entries
+            gossip(sock, members[start:start + 128], sender="fake-0")
     return {"fake_members": count}
 
 

@@ -179,16 +179,18 @@ def write_faults(path: str | os.PathLike, rules: Sequence[Mapping[str, Any]],
 # --- the wrapper -------------------------------------------------------------------------
 
 def corrupt_frames(frames: Sequence[bytes], rng: random.Random) -> list[bytes]:
-    """A copy of ``frames`` with 1..CORRUPT_BYTES_MAX random bytes of one random
-    non-empty frame flipped (XOR with a non-zero byte, so each one really changes)."""
+    """A copy of ``frames`` with 1..CORRUPT_BYTES_MAX distinct random bytes of one
+    random non-empty frame flipped (XOR with a non-zero byte, so each one really
+    changes); the peer codec's checksum refuses it."""
     out = list(frames)
     candidates = [i for i, frame in enumerate(out) if frame]
     if not candidates:
         return out
     index = rng.choice(candidates)
     frame = bytearray(out[index])
-    for _ in range(rng.randint(1, CORRUPT_BYTES_MAX)):
-        frame[rng.randrange(len(frame))] ^= rng.randint(1, 255)
+    count = min(rng.randint(1, CORRUPT_BYTES_MAX), len(frame))
+    for position in rng.sample(range(len(frame)), count):  # distinct: no flip undone
+        frame[position] ^= rng.randint(1, 255)
     out[index] = bytes(frame)
     return out
 
