@@ -120,8 +120,9 @@ class NodeConfig:
         3, "Each membership update is piggybacked gossip_retransmit_mult * "
         "ceil(log10(members + 1)) times.", lo=1, hi=64)
     gossip_interval_s: float = _opt(
-        2.0, "Period of the state exchange with one random member (one bounded page of "
-        "the member list); joins exchange the whole list.", lo=0, lo_open=True)
+        1.0, "Period of the digest exchange with one random member (then only the parts "
+        "of the member list that differ); joins exchange the whole list.", lo=0,
+        lo_open=True)
     dead_reap_s: float = _opt(
         60.0, "Dead and left members are forgotten this long after; until then they are "
         "still contacted now and then so that a healed partition merges.", lo=0,

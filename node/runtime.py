@@ -744,7 +744,8 @@ class Node:
                                                 "quorate": self.router.quorate,
                                                 "members": self.membership.rows()})
         elif reply_to is not None:
-            members = {n: m.address for n, m in self.members.items()}
+            ring = set(self.router.ring.nodes) | {self._me}  # the ring, as PROTOCOL.md 8
+            members = {n: m.address for n, m in self.members.items() if n in ring}
             self._run(self.status.start(reply_to, req.id, self.local_status(), members, _now()))
             self._arm("status", self.status)
 
