@@ -138,6 +138,20 @@ def test_a_join_gets_every_page_and_no_page_is_larger_than_the_limit():
     assert set(joiner.members) == set(seed.members)
 
 
+def test_a_node_with_seeds_is_unquorate_until_every_page_of_its_join_is_in():
+    seed = machine(0)
+    learn(seed, range(1, 200))
+    joiner = Membership(member(500), [addr(0)], rng=random.Random(5))
+    start = joiner.start(0.0)
+    assert not joiner.quorate and of_type(start, QuorumChanged) == [QuorumChanged(False, 1, 1)]
+    *first, last = sends(seed.receive(nid(500), sends(start)[0].message, 0.1))
+    for page in first:
+        joiner.receive(nid(0), page.message, 0.2)
+    assert first and not joiner.quorate
+    effects = joiner.receive(nid(0), last.message, 0.3)
+    assert joiner.quorate and [q.quorate for q in of_type(effects, QuorumChanged)] == [True]
+
+
 # --------------------------------------------------------------------------- probing
 
 def test_a_ping_gets_an_ack_with_the_same_seq_and_piggybacked_entries():
@@ -450,6 +464,8 @@ MALFORMED = {
     "entry bad port": sync({**entry(1), "ep": {"zmq": "tcp://h:99999", "zmq-pub": addr(1)}}),
     "bad st": sync({**entry(1), "st": "x"}),
     "bad by": sync({**entry(1), "st": "s", "by": 7}),
+    "join page past the last": {**sync(entry(1)), "page": 2, "pages": 2},
+    "join page not an integer": {**sync(entry(1)), "page": "0", "pages": 1},
     "digest too short": {"v": 2, "kind": "sync", "r": 1, "u": [], "dg": [0] * (BUCKETS - 1)},
     "digest value too big": {"v": 2, "kind": "sync", "r": 1, "u": [], "dg": [2**32] * BUCKETS},
     "digest value a string": {"v": 2, "kind": "sync", "r": 1, "u": [], "dg": ["0"] * BUCKETS},
