@@ -10,6 +10,8 @@ with the default timings).
 
 from __future__ import annotations
 
+import collections
+import itertools
 import signal
 import threading
 import time
@@ -28,6 +30,7 @@ COUNTERS = tuple(f"counter/{i}" for i in range(200))
 POLL_S = 0.05                 # how often every node's view is read while measuring
 CRASH_DETECTED_BOUND_S = 8.0  # the target is 3 s; the slack is for a loaded machine
 CONVERGE_BOUND_S = 15.0       # after SIGCONT, a heal, or the end of corruption
+CORRUPTION_S = 4.0            # how long peer traffic is corrupted
 # Fast timings for the tests that are not about the default ones: a crash is
 # suspected after ~0.2 s and declared dead ~0.6-1.2 s later.
 FAST = ("--probe-interval-s", "0.2", "--probe-timeout-s", "0.1",
@@ -57,11 +60,13 @@ def seconds_until(condition, timeout_s: float, what: str) -> float:
     return time.monotonic() - started
 
 
-def ring_owners(nodes: list[NodeProcess], agents=COUNTERS) -> dict[str, str]:
-    """Agent -> owner on the ring of ``nodes``, as the nodes compute it."""
+def ring_owners(nodes: list[NodeProcess], agents=COUNTERS,
+                extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Agent -> owner on the ring of ``nodes`` (and the node ids ``extra``, not yet
+    started), as the nodes compute it."""
     with nodes[0].client() as c:
         vnodes = c.status()["members"][0]["ring"]["vnodes"]
-    ring = core_cy.HashRing(tuple(sorted(names(nodes))), vnodes=vnodes)
+    ring = core_cy.HashRing(tuple(sorted((*names(nodes), *extra))), vnodes=vnodes)
     return {agent: ring.owner(agent) for agent in agents}
 
 
@@ -295,6 +300,37 @@ def test_joining_node_takes_its_counters_with_their_state_under_load(clusters):
         assert read_counters(c) == loop.values
 
 
+@pytest.mark.xfail(strict=True, reason="bug: a joining node's previous ring is its "
+                   "solo start-up ring, so it believes it already owned the agents that "
+                   "move to it, activates them fresh on a request that arrives before "
+                   "their state, and drops the state (handoff_conflict)")
+def test_request_reaching_a_joining_node_before_the_state_waits_for_it(clusters, tmp_path):
+    """An old owner that hears of the join late (its sends to the new node delayed
+    0.5 s, well within handoff_timeout_s) must not cost the moved counters their
+    state: the new node asks it for them and waits."""
+    slow_path = tmp_path / "faults-n2.json"
+    cluster = clusters(5, args=FAST + ("--handoff-timeout-s", "3.0"),
+                       node_args=lambda name: ("--faults-file", str(slow_path))
+                       if name == "n2" else ())
+    wait_until(lambda: all_alive(cluster.nodes), timeout_s=CONVERGE_BOUND_S,
+               what="five alive")
+    before, after = ring_owners(cluster.nodes), ring_owners(cluster.nodes, extra=("n5",))
+    moving = [a for a in COUNTERS if before[a] == "n2" and after[a] == "n5"]
+    assert moving
+    entry = cluster.nodes[0]
+    with entry.client() as c:
+        values = set_counters(c)
+        write_faults(slow_path, [{"peers": ["n5"], "direction": "out", "delay_ms": [500, 500]}])
+        cluster.add("n5")
+        wait_until(lambda: member_states(member_view(entry)).get("n5") == "alive",
+                   timeout_s=CONVERGE_BOUND_S, poll_s=0.01, what="the entry node sees n5")
+        asked_at = time.monotonic()
+        got = {agent: c.call(agent, "get")["value"] for agent in moving}
+        print(f"\nlate old owner: {len(moving)} moved counters read in "
+              f"{time.monotonic() - asked_at:.2f} s")
+    assert got == {agent: values[agent] for agent in moving}
+
+
 # --- 5. graceful leave --------------------------------------------------------------------
 
 def test_leaving_node_hands_its_counters_off_with_their_state(clusters):
@@ -323,21 +359,15 @@ def test_leaving_node_hands_its_counters_off_with_their_state(clusters):
         loop.finish()
     print(f"\nleave: the node exited {exited_s:.2f} s after SIGTERM; "
           + loop.report("calls during the leave"))
-    # The one call that may be in flight to the leaver when it leaves the view fails
-    # (a known bug, pinned exactly by the strict xfail below); nothing else may.
-    assert [error for _, error in loop.failures if LEAVE_RACE not in error] == []
-    assert len(loop.failures) <= 1
+    assert loop.failures == []
     with stay[2].client() as c:
         assert read_counters(c) == loop.values
 
 
-LEAVE_RACE = "left the member view"
-
-
-@pytest.mark.xfail(strict=True, reason="bug: the entry node answers 'unavailable' for a "
-                   "forward in flight to an owner the moment it leaves gracefully, although "
-                   "the owner still finishes the call (protocols/routing.py members_changed)")
 def test_call_in_flight_to_a_leaving_owner_gets_the_owners_answer(clusters):
+    """The owner leaves while a call is in its turn: it finishes the call, the entry
+    node waits for that answer (not 'unavailable' the moment the owner leaves the
+    view), and the agent moves on with the state the call left."""
     cluster = clusters(3, args=FAST)
     wait_until(lambda: all_alive(cluster.nodes), timeout_s=CONVERGE_BOUND_S,
                what="three alive")
@@ -384,16 +414,23 @@ def test_partition_minority_refuses_majority_serves_then_heals(clusters, tmp_pat
             write_faults(faults_path(tmp_path, node.name),
                          [{"peers": names(other), "cut": True}])
 
+    views: dict[str, dict | None] = {}
+
     def split_seen() -> bool:
-        views = {n.name: member_view(n) for n in cluster.nodes}
+        views.update((n.name, member_view(n)) for n in cluster.nodes)
         if any(v is None for v in views.values()):
             return False
         return (all(views[n.name]["quorate"] and all(member_states(views[n.name])[m] == "dead"
                                                      for m in names(minor)) for n in major)
                 and not any(views[n.name]["quorate"] for n in minor))
 
-    split_s = seconds_until(split_seen, CONVERGE_BOUND_S,
-                            "the 3-side holds the 2 dead and quorate, the 2-side not quorate")
+    try:
+        split_s = seconds_until(split_seen, CONVERGE_BOUND_S, "the 3-side holds the 2 "
+                                "dead and quorate, the 2-side not quorate")
+    except AssertionError as exc:  # a quorate 2-side is a split brain: show the views
+        raise AssertionError(f"{exc}; last views: " + "; ".join(
+            f"{name}: quorate={v and v['quorate']} {member_states(v)}"
+            for name, v in views.items())) from None
     with major[0].client(timeout_s=5.0) as c:
         wait_until(lambda: all_counters_answer(c), timeout_s=CONVERGE_BOUND_S,
                    what="the 3-side serves every counter")
@@ -418,11 +455,12 @@ def test_partition_minority_refuses_majority_serves_then_heals(clusters, tmp_pat
 
 # --- 7. corrupted peer messages -----------------------------------------------------------
 
-def peer_refusals(node: NodeProcess) -> float:
-    """Peer frames the node refused, summed over every ``peer_*`` reason."""
-    return sum(value for (name, labels), value in metric_samples(node).items()
-               if name == "synthesis_limited_total"
-               and dict(labels).get("reason", "").startswith("peer_"))
+def peer_refusals(node: NodeProcess) -> dict[str, float]:
+    """Peer frames the node refused, by ``peer_*`` reason."""
+    return {dict(labels)["reason"]: value
+            for (name, labels), value in metric_samples(node).items()
+            if name == "synthesis_limited_total"
+            and dict(labels).get("reason", "").startswith("peer_")}
 
 
 def test_corrupted_peer_messages_are_refused_and_invent_no_member(clusters, tmp_path):
@@ -435,31 +473,46 @@ def test_corrupted_peer_messages_are_refused_and_invent_no_member(clusters, tmp_
     noisy = cluster.nodes[4]
     known = set(names(cluster.nodes))
     write_faults(noisy_path, [{"peers": ["*"], "corrupt": 0.2}], seed=7)
+    owners = ring_owners(cluster.nodes)
+    local = [agent for agent in COUNTERS if owners[agent] == noisy.name]
+    remote = [agent for agent in COUNTERS if owners[agent] != noisy.name]
+    values = dict.fromkeys(local, 0)
     invented: set[str] = set()
-    answered, failed = 0, []
+    forwarded: collections.Counter[str] = collections.Counter()  # outcome -> calls
     with noisy.client(timeout_s=5.0) as c:
-        deadline = time.monotonic() + 4.0
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + CORRUPTION_S
+        for turn in itertools.count():
+            if time.monotonic() > deadline:
+                break
             for node in cluster.nodes:
                 invented |= set(member_states(member_view(node))) - known
-            assert c.ping(timeout_s=2.0) == {"node": noisy.name}  # it keeps serving
-            try:
-                c.call(COUNTERS[(answered + len(failed)) % len(COUNTERS)], "incr",
-                       timeout_s=5.0)
-                answered += 1
-            except (RemoteError, CallTimeout) as exc:
-                failed.append(repr(exc))
+            # Client traffic passes no faults: what the noisy node owns it still serves.
+            agent = local[turn % len(local)]
+            values[agent] += 1
+            assert c.call(agent, "incr") == {"value": values[agent]}
+            # A forward can be corrupted on its way; nothing resends it (no delivery
+            # layer yet), so it may time out: counted, not judged.
+            forwarded[_outcome(c, remote[turn % len(remote)])] += 1
     write_faults(noisy_path, [])
     corrupted = _fault_count(noisy, "corrupt")
     healed_s = seconds_until(lambda: all_alive(cluster.nodes), CONVERGE_BOUND_S,
                              "five alive after the corruption stopped")
     refused = {node.name: peer_refusals(node) for node in cluster.nodes}
     print(f"\ncorruption: {corrupted:.0f} messages corrupted, refused as peer_* by "
-          f"{refused}; calls through the noisy node: {answered} answered, failed: "
-          f"{failed}; five alive everywhere {healed_s:.2f} s after it stopped")
+          f"{refused}; {turn} calls to its own counters all answered, forwarded "
+          f"ones: {dict(forwarded)}; five alive everywhere {healed_s:.2f} s after it stopped")
     assert invented == set()
-    assert corrupted > 0 and sum(refused.values()) > 0
-    assert answered > 0
+    assert corrupted > 0 and sum(sum(r.values()) for r in refused.values()) > 0
+
+
+def _outcome(c: Client, agent: str) -> str:
+    try:
+        c.call(agent, "get", timeout_s=1.0)
+    except CallTimeout:
+        return "timeout"
+    except RemoteError as exc:
+        return exc.code
+    return "answered"
 
 
 def _fault_count(node: NodeProcess, kind: str) -> float:
