@@ -141,7 +141,9 @@ class NodeConfig:
                             "cluster size).", lo=0, hi=1 << 20)
     stable_after_s: float = _opt(
         1.0, "Dead members leave the ring once no member has been suspect and the "
-        "view has not changed for this long (and this side may own agents).", lo=0)
+        "view has not changed for this long, and at least one probe round (alive "
+        "members x probe_interval_s, at most 20 periods), and this side may own "
+        "agents.", lo=0)
     handoff_timeout_s: float = _opt(
         2.0, "An agent's state sent to its new owner is resent until acknowledged; a "
         "new owner waits this long for the state of an agent that moved to it before "

@@ -34,14 +34,13 @@ it was stopped may be the refutation.
 Split brain (``downing``).  The ring holds alive and suspect members and dead ones
 not yet *downed*.  Whether this node may own agents (``quorate``) is decided by the
 strategy over the *reference* (alive, suspect and undowned dead members) and the
-*reachable* part of it (alive ones), each counting only members that have spoken
-to us themselves (news of members that never answer, forged or gone, cannot tip
-a majority): ``keep-majority`` needs more than half (a tie
+*reachable* part of it (alive ones): ``keep-majority`` needs more than half (a tie
 keeps the side holding the lowest node id), ``static-quorum`` at least
 ``quorum_size``.  A quorate node downs its dead members (they leave its ring) once
 no member has been suspect and its view has not changed for ``stable_after_s``; a
 node that is not quorate downs nobody, so its reference keeps the members it lost,
-and it stays unquorate until they come back.  A node with seeds owns nothing
+and it stays unquorate until they come back (it does not forget dead members it
+has not downed).  A node with seeds owns nothing
 until it has joined (every page of a member's whole list is in): with half a
 view it would take agents whose owner it has not heard of.  Accusations (suspect, dead) are taken
 only from members we hold alive or suspect: a node coming back from the other side
@@ -92,6 +91,7 @@ SYNC_PAGE_MAX = 128    # entries per sync message
 BUCKETS = 64           # digest buckets of a sync (ids by crc32 % BUCKETS)
 RELAYS_MAX = 256       # ping-reqs relayed for others at once
 CONFIRMATIONS = 2      # independent suspicions that bring the timeout to its floor
+ROUND_PROBES_MAX = 20  # periods of a probe round counted before downing (see _stable_s)
 ZMQ, ZMQ_PUB = "zmq", "zmq-pub"
 ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
 STATES = (ALIVE, SUSPECT, DEAD, LEFT)
@@ -353,6 +353,7 @@ class Membership:
         self._left = False
         self._joined = not self._seeds        # a node with seeds joins before it owns
         self._heard: set[str] = {me.node_id}  # members that sent us something themselves
+        self._told_at: dict[str, float] = {}  # member -> when we last told it of a claim
         self._counted = (1, 1)                # (reachable, reference) of the last decision
         self._join_pages: dict[str, set[int]] = {}
         self._quorate = True
@@ -419,8 +420,8 @@ class Membership:
         joins = [Send(seed_id(s), GOSSIP, join) for s in self._seeds]
         self._decide(now)
         first = [MembersChanged(self.members, self._ring)]
-        if not self._quorate:
-            first.append(QuorumChanged(False, 1, 1))
+        if not self._quorate:  # before the view: the node must not own with it
+            first.insert(0, QuorumChanged(False, 1, 1))
         return first + joins
 
     def next_deadline(self) -> float | None:
@@ -433,7 +434,7 @@ class Membership:
         deadlines += [s.deadline for s in self._suspicions.values()]
         deadlines += [r[2] for r in self._relays.values()]
         if self._dead_up and self._quorate and not self._suspicions:
-            deadlines.append(self._changed_at + self.config.stable_after_s)
+            deadlines.append(self._changed_at + self.stable_s())
         return min(d for d in deadlines if d is not None)
 
     def tick(self, now: float) -> list:
@@ -489,7 +490,9 @@ class Membership:
         message = self._announcement()
         out = [Send(n, GOSSIP, message) for n, m in sorted(self._members.items())
                if n != self.me.node_id and m.state in (ALIVE, SUSPECT)]
-        return self._settle(now, out, changed=True)
+        # The announcement goes first: the view change makes the node hand its
+        # agents off, and their new owners must know it left before the states come.
+        return out + self._settle(now, [], changed=True)
 
     # --- messages in ----------------------------------------------------------------
 
@@ -545,8 +548,8 @@ class Membership:
             out.append(Send(asker, GOSSIP, self._message("ack", seq=asker_seq, about=asker)))
 
     def _on_nack(self, message: dict) -> None:
-        probe = self._probe
-        if probe is not None and probe.seq == self._seq_of(message):
+        seq, probe = self._seq_of(message), self._probe
+        if probe is not None and probe.seq == seq:
             probe.nacks += 1
 
     def _on_ping_req(self, sender: str, message: dict, now: float, out: list) -> None:
@@ -636,9 +639,9 @@ class Membership:
             elif member.state in (SUSPECT, DEAD) and not accuser:
                 continue  # stale accusations from a node we hold dead (or a stranger)
             else:
-                self._merge(member, sender, now)
+                self._merge(member, sender, now, out)
 
-    def _merge(self, member: Member, sender: str, now: float) -> None:
+    def _merge(self, member: Member, sender: str, now: float, out: list) -> None:
         known = self._members.get(member.node_id)
         if known is None:
             if member.state != ALIVE:
@@ -655,11 +658,25 @@ class Membership:
             return
         if member.beats(known):
             self._set(member, now)
+        elif sender == member.node_id and member.endpoints != known.endpoints:
+            self._tell(member, known, now, out)
         elif (member.state == SUSPECT and known.state == SUSPECT
               and member.generation == known.generation):
             suspicion = self._suspicions.get(member.node_id)
             if suspicion is not None and suspicion.confirm(member.by):
                 self._broadcasts.push(member.node_id)  # confirmations spread too
+
+    def _tell(self, member: Member, known: Member, now: float, out: list) -> None:
+        """A member speaks for itself at endpoints we hold under a newer entry (its
+        id claimed elsewhere while it was away, or forged): tell it, at the address
+        it gives, so that it can refute (rate-limited per member)."""
+        if self._told_at.get(member.node_id, -math.inf) + self.config.probe_interval_s > now:
+            return
+        if len(self._told_at) >= RELAYS_MAX:
+            self._told_at.clear()
+        self._told_at[member.node_id] = now
+        out.append(Send(seed_id(member.address), GOSSIP,
+                        {"v": VERSION, "kind": "sync", "u": [known.to_wire()]}))
 
     def _set(self, member: Member, now: float) -> None:
         """Take ``member`` as our entry; start or end timers; queue it for gossip."""
@@ -736,7 +753,7 @@ class Membership:
         return self.config.probe_timeout_s * (1 + self._health)
 
     def _start_probe(self, now: float, out: list) -> None:
-        self._end_probe(now)
+        self._end_probe(now, out)
         target = self._next_target()
         if target is None:
             return
@@ -765,7 +782,7 @@ class Membership:
         if not probe.indirect and now >= probe.indirect_at:
             self._ask_others(probe, out)
         if probe.indirect and now >= probe.ends_at:
-            self._end_probe(now)
+            self._end_probe(now, out)
 
     def _ask_others(self, probe: _Probe, out: list) -> None:
         others = sorted(n for n, m in self._members.items()
@@ -777,7 +794,7 @@ class Membership:
                    "u": self._piggyback(None)}
         out += [Send(n, GOSSIP, message) for n in helpers]
 
-    def _end_probe(self, now: float) -> None:
+    def _end_probe(self, now: float, out: list) -> None:
         """The period is over: an unanswered probe makes its target suspect."""
         probe, self._probe = self._probe, None
         if probe is None:
@@ -795,6 +812,10 @@ class Membership:
         if target.state == ALIVE:
             self.stats["suspected"] += 1
             self._set(replace(target, state=SUSPECT, by=me), now)
+            # Tell it directly too: if it is alive but its links drop, this is one
+            # more chance to refute before the suspicion runs out.
+            out.append(Send(probe.target, GOSSIP, {"v": VERSION, "kind": "sync",
+                                                    "u": [self._members[probe.target].to_wire()]}))
         elif target.state == SUSPECT:  # our own failed probe confirms the suspicion
             suspicion = self._suspicions.get(target.node_id)
             if suspicion is not None and suspicion.confirm(me):
@@ -904,8 +925,11 @@ class Membership:
         return out
 
     def _reap(self, now: float) -> None:
+        """Forget left members, and dead ones once downed, ``dead_reap_s`` after.
+        A dead member not downed (this side may not own agents) is kept: forgetting
+        it would shrink the reference until a minority counted itself a majority."""
         for node_id, since in sorted(self._since.items()):
-            if since + self.config.dead_reap_s <= now:
+            if since + self.config.dead_reap_s <= now and node_id not in self._dead_up:
                 del self._since[node_id]
                 self._heard.discard(node_id)
                 self._index(node_id, None, self._members.pop(node_id))
@@ -920,14 +944,26 @@ class Membership:
             self._ids = sorted(self._members)
         return self._ids
 
+    def stable_s(self) -> float:
+        """How long the view must stay unchanged before dead members are downed:
+        ``stable_after_s``, and at least one round of probes (every alive member
+        probed once, up to ROUND_PROBES_MAX periods).  A node cut off with a minority
+        that has not probed some member of the majority yet still counts it alive:
+        it must find out (suspect it) before it may decide."""
+        others = max(len(self._alive) - 1, 1)  # what our round robin still probes
+        rounds = min(others, ROUND_PROBES_MAX) * self._interval()
+        return max(self.config.stable_after_s, rounds)
+
     def _decide(self, now: float) -> None:
         """Apply the downing strategy: may we own agents; may dead members go.
 
         The reference is the ring (alive, suspect, dead not downed); the reachable
         part is the alive members (suspects count as unreachable)."""
-        # Only members we have heard from directly count: news of members that
-        # never answer (forged, or gone before we met them) cannot tip a majority.
-        counted = self._on_ring & self._heard
+        # An alive member counts once it has spoken to us itself: alive news of
+        # members nobody meets (forged ones) can tip no majority.  A suspect or dead
+        # member counts whether we met it or not: a node cut off before it met the
+        # whole majority must not count itself one.
+        counted = self._on_ring - (self._alive - self._heard)
         reference, reachable = len(counted), len(self._alive & self._heard)
         self._counted = (reachable, reference)
         if not self._joined or (self._seeds and len(self._members) == 1):
@@ -935,11 +971,10 @@ class Membership:
         elif self.config.downing == STATIC_QUORUM:
             quorate = reachable >= self.config.quorum_size
         else:
-            quorate = (2 * reachable > reference
+            quorate = (2 * reachable > reference or not counted
                        or (2 * reachable == reference and min(counted) in self._alive))
         self._quorate = quorate
-        stable = (not self._suspicions
-                  and now >= self._changed_at + self.config.stable_after_s)
+        stable = not self._suspicions and now >= self._changed_at + self.stable_s()
         if quorate and stable and self._dead_up:
             self.stats["downed"] += len(self._dead_up)
             self._on_ring -= self._dead_up
@@ -949,7 +984,7 @@ class Membership:
     def _settle(self, now: float, out: list, changed: bool = False) -> list:
         """After any input: decide, and tell the node what changed."""
         due = (self._dead_up and not self._suspicions
-               and now >= self._changed_at + self.config.stable_after_s)
+               and now >= self._changed_at + self.stable_s())
         if not (self._dirty or due or changed):
             return out
         was_quorate = self._quorate

@@ -94,7 +94,8 @@ def test_scrape_over_http_reports_counters(server):
     assert m.snapshot() == {"received": 4, "handled": 1, "sent": 1, "forwarded": 1,
                             "errors": 2, "agents_activated": 1, "agents_restarted": 1,
                             "agents_failed": 1, "multicast_dropped": 5,
-                            "peer_send_failures": 1, "client_send_failures": 2}
+                            "peer_send_failures": 1, "client_send_failures": 2,
+                            "gossip_bytes": 0, "agents_moved_out": 0}
 
 
 def test_histogram_buckets_are_cumulative():

@@ -300,10 +300,6 @@ def test_joining_node_takes_its_counters_with_their_state_under_load(clusters):
         assert read_counters(c) == loop.values
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a joining node's previous ring is its "
-                   "solo start-up ring, so it believes it already owned the agents that "
-                   "move to it, activates them fresh on a request that arrives before "
-                   "their state, and drops the state (handoff_conflict)")
 def test_request_reaching_a_joining_node_before_the_state_waits_for_it(clusters, tmp_path):
     """An old owner that hears of the join late (its sends to the new node delayed
     0.5 s, well within handoff_timeout_s) must not cost the moved counters their
