@@ -57,6 +57,7 @@ LARGE_REQUEST_BYTES = 64 << 10  # refused while the node is over its memory budg
 MOVE_RETRY_S = 0.05        # agents busy when their ownership moved are tried again after
 LEAVE_POLL_S = 0.02        # a graceful leave waits for handoffs to be acknowledged
 LEAVE_QUIET_S = 0.5        # ... and then for none to be in flight for this long
+JOIN_HELD_MAX = 10_000     # requests a joining node holds until it has joined
 
 _now = time.monotonic  # the loop's clock (asyncio's default), without a method lookup
 
@@ -108,6 +109,11 @@ class Node:
         self._move_timer: asyncio.TimerHandle | None = None
         self._refusing = False           # past the leave: new requests are refused
         self._serving = not config.seeds  # owned agents under the ring we hold
+        # A node with seeds holds agent requests until it has joined (milliseconds:
+        # members that heard of it already may forward to it before its view is in).
+        self._joining = bool(config.seeds)
+        self._join_held: list[tuple] = []
+        self._join_timer: asyncio.TimerHandle | None = None
         self._effects = Effects({
             Send: self._do_send, MembersChanged: self._on_members, Refuted: self._on_refuted,
             Answer: self._do_answer, Fail: self._do_fail, Phase: self._on_phase,
@@ -229,6 +235,7 @@ class Node:
                 pass
         self._run(self.shutdown.forwards_settled(_now()) or self.shutdown.tick(math.inf))
         self._run(self.router.stop())   # whatever is left is answered 'unavailable'
+        self._release_join_held(False)
         if self.handoff is not None:
             for req, reply_to, _ in self.handoff.stop():
                 self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE,
@@ -348,8 +355,37 @@ class Node:
         self.log.info("members_changed",
                       members={n: m.state for n, m in sorted(members.items())})
 
+    def _hold_until_joined(self, req: Request, payload: bytes, reply_to: Any, hops: int,
+                           origin: str | None) -> None:
+        if len(self._join_held) >= JOIN_HELD_MAX:
+            self.metrics.limited("joining")
+            self._reply_error(reply_to, req.id, ErrorCode.OVERLOADED,
+                              "node is joining the cluster", req.type)
+            return
+        self._join_held.append((req, payload, reply_to, hops, origin))
+        if self._join_timer is None:
+            self._join_timer = self._loop.call_later(self.config.handoff_timeout_s,
+                                                     self._release_join_held, False)
+
+    def _release_join_held(self, joined: bool) -> None:
+        """Joined: route what waited.  Not joined in time (or stopping): answer it."""
+        if self._join_timer is not None:
+            self._join_timer.cancel()
+            self._join_timer = None
+        held, self._join_held = self._join_held, []
+        for req, payload, reply_to, hops, origin in held:
+            if joined:
+                self._dispatch(req, payload, reply_to, hops, origin)
+            else:
+                self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE,
+                                  "node has not joined the cluster yet (no seed answered)",
+                                  req.type)
+
     def _on_quorum(self, effect: QuorumChanged) -> None:
         self.router.set_quorate(effect.quorate, effect.reachable, effect.reference)
+        if effect.quorate and self._joining:
+            self._joining = False
+            self._release_join_held(True)
         log = self.log.info if effect.quorate else self.log.error
         log("quorum_changed", quorate=effect.quorate, reachable=effect.reachable,
             reference=effect.reference, strategy=self.config.downing,
@@ -608,6 +644,8 @@ class Node:
             self._reply_error(reply_to, req.id, ErrorCode.OVERLOADED,
                               f"node is over its memory budget: requests above "
                               f"{LARGE_REQUEST_BYTES} bytes are refused for now", req.type)
+        elif self._joining:
+            self._hold_until_joined(req, payload, reply_to, hops, origin)
         else:
             target = self.router.route(req.subject, req.ttl, hops)
             if target == self._me and self._moved_to:

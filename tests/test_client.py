@@ -47,6 +47,9 @@ class FakeNode:
     def _run(self, script: Callable[["FakeNode"], None]) -> None:
         sock = zmq.Context.instance().socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        # A ROUTER drops what does not fit its peer's queue: a script that answers
+        # more than a high-water mark at once must not lose replies on the way.
+        sock.setsockopt(zmq.SNDHWM, 0)
         try:
             self._sock = sock
             self.address = f"127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"

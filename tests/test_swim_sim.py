@@ -351,6 +351,7 @@ def test_gossip_traffic_per_node_stays_bounded_as_n_grows():
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.timeout(1800)  # ~560 simulated periods of 1000 nodes before the queues drain
 def test_gossip_traffic_per_node_stays_bounded_at_1000():
     t = check_traffic([50, 1000], windows_max=100)
