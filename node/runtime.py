@@ -425,11 +425,7 @@ class Node:
         moved = self._moved_to.get(agent_id)
         if moved is None or agent_id in self.host.directory:
             return self._me
-        limit = self.router.max_hops if ttl is None else ttl
-        if hops >= limit:
-            return Refusal(ErrorCode.UNAVAILABLE, f"{agent_id!r} is moving to {moved!r}, "
-                                                  f"beyond the hop limit ({limit})")
-        return moved
+        return self.router.follow(agent_id, moved, ttl, hops)
 
     def _move_again(self) -> None:
         self._move_timer = None

@@ -114,6 +114,15 @@ class Router:
             return Refusal(ErrorCode.UNAVAILABLE, f"owner {owner!r} is beyond the hop limit ({limit})")
         return owner
 
+    def follow(self, subject: str, moved_to: str, ttl: int | None, hops: int) -> str | Refusal:
+        """A request for an agent this node handed to ``moved_to`` (whose ring is
+        ahead of ours) follows it, as a forward within the hop limit."""
+        limit = self._max_hops if ttl is None else ttl
+        if hops >= limit:
+            return Refusal(ErrorCode.UNAVAILABLE, f"{subject!r} is moving to {moved_to!r}, "
+                                                  f"beyond the hop limit ({limit})")
+        return moved_to
+
     def _owner(self, subject: str) -> str:
         if len(self._cache) >= OWNER_CACHE_MAX:
             self._cache = {}
@@ -157,10 +166,6 @@ class Router:
             ErrorCode.UNAVAILABLE,
             f"this node is on the minority side of a split ({reachable} of {reference} "
             f"members reachable): it serves no agents until the cluster heals")
-
-    @property
-    def max_hops(self) -> int:
-        return self._max_hops
 
     @property
     def quorate(self) -> bool:

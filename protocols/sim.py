@@ -693,11 +693,7 @@ class SimNode:
         moved = self._moved_to.get(agent_id)
         if moved is None or agent_id in self.host.values:
             return self.node_id
-        limit = self.router.max_hops if ttl is None else ttl
-        if hops >= limit:
-            return Refusal(ErrorCode.UNAVAILABLE, f"{agent_id!r} is moving to {moved!r}, "
-                                                  f"beyond the hop limit ({limit})")
-        return moved
+        return self.router.follow(agent_id, moved, ttl, hops)
 
     def _handle_local(self, req: wire.Request, envelope: bytes, reply_to: tuple, hops: int,
                       now: float, hold: bool = True) -> None:

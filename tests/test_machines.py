@@ -454,3 +454,12 @@ def test_shutdown_steps_before_their_phase_do_nothing():
 def test_an_unhandled_effect_is_named_in_the_error():
     with pytest.raises(UnhandledEffect, match=r"no handler for effect Answer\(handle='h'"):
         Effects({}).run([Answer("h", "r", 1)])
+
+
+def test_a_request_follows_an_agent_handed_away_within_the_hop_limit():
+    r = router()
+    assert r.follow("kv/1", "b", None, 1) == "b"
+    refusal = r.follow("kv/1", "b", None, 2)  # max_hops 2: the hop limit is reached
+    assert type(refusal) is Refusal and refusal.code == ErrorCode.UNAVAILABLE
+    assert "moving to 'b'" in refusal.message and "(2)" in refusal.message
+    assert type(r.follow("kv/1", "b", 0, 0)) is Refusal  # ttl 0: the entry must own it
