@@ -32,8 +32,8 @@ from protocols.effects import (Answer, Fail, Install, MembersChanged, QuorumChan
                                Send, Surrender, Unresponsive, GOSSIP)
 from protocols.handoff import Handoff, HandoffError, previous_ring
 from protocols.machine import Effects
-from protocols.membership import (LEFT, ZMQ, ZMQ_PUB, Member, Membership, MembershipError,
-                                  SwimConfig)
+from protocols.membership import (ALIVE, LEFT, SUSPECT, ZMQ, ZMQ_PUB, Member, Membership,
+                                  MembershipError, SwimConfig)
 from protocols.routing import Refusal, Router
 from protocols.shutdown import Phase, Shutdown
 from protocols.status import StatusCollector, StatusError
@@ -336,7 +336,7 @@ class Node:
         others = {n: dict(m.endpoints) for n, m in members.items() if n != self.node_id}
         self.transport.set_peers(others, self.config.seeds)
         self._parked.flush(set(others), self._send_parked)
-        reachable = [n for n, m in members.items() if m.state in ("alive", "suspect", LEFT)]
+        reachable = [n for n, m in members.items() if m.state in (ALIVE, SUSPECT, LEFT)]
         self._run(self.handoff.members_changed(reachable))
         gone = set(self._moved_to.values()) - set(reachable)
         if gone:
