@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import time
+from collections import OrderedDict
 from typing import Any
 
 import core_cy
@@ -57,7 +58,9 @@ LARGE_REQUEST_BYTES = 64 << 10  # refused while the node is over its memory budg
 MOVE_RETRY_S = 0.05        # agents busy when their ownership moved are tried again after
 LEAVE_POLL_S = 0.02        # a graceful leave waits for handoffs to be acknowledged
 LEAVE_QUIET_S = 0.5        # ... and then for none to be in flight for this long
-JOIN_HELD_MAX = 10_000     # requests a joining node holds until it has joined
+JOIN_HELD_MAX = 10_000     # requests a joining node holds until it has joined ...
+JOIN_HELD_BYTES_MAX = 64 << 20  # ... and their envelope bytes
+MOVED_MAX = 100_000        # agents handed away whose requests still follow them
 
 _now = time.monotonic  # the loop's clock (asyncio's default), without a method lookup
 
@@ -105,7 +108,9 @@ class Node:
                                          self.metrics)
         self.handoff: Handoff | None = None
         self._moving: set[str] = set()   # agents to hand on once their turn ends
-        self._moved_to: dict[str, str] = {}  # agent handed away -> to whom
+        # Agent handed away -> (to whom, until when its requests follow it): only
+        # while rings may still disagree (handoff_window_s), and bounded in count.
+        self._moved_to: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._move_timer: asyncio.TimerHandle | None = None
         self._refusing = False           # past the leave: new requests are refused
         self._serving = not config.seeds  # owned agents under the ring we hold
@@ -113,6 +118,7 @@ class Node:
         # members that heard of it already may forward to it before its view is in).
         self._joining = bool(config.seeds)
         self._join_held: list[tuple] = []
+        self._join_held_bytes = 0
         self._join_timer: asyncio.TimerHandle | None = None
         self._effects = Effects({
             Send: self._do_send, MembersChanged: self._on_members, Refuted: self._on_refuted,
@@ -338,9 +344,10 @@ class Node:
         self._parked.flush(set(others), self._send_parked)
         reachable = [n for n, m in members.items() if m.state in (ALIVE, SUSPECT, LEFT)]
         self._run(self.handoff.members_changed(reachable))
-        gone = set(self._moved_to.values()) - set(reachable)
+        gone = {n for n, _ in self._moved_to.values()} - set(reachable)
         if gone:
-            self._moved_to = {a: n for a, n in self._moved_to.items() if n not in gone}
+            self._moved_to = OrderedDict((a, v) for a, v in self._moved_to.items()
+                                         if v[0] not in gone)
         ring = effect.ring_ids
         if ring != frozenset(self.router.ring.nodes):
             previous = previous_ring(self.router.ring, ring, self._me, self._serving)
@@ -352,17 +359,18 @@ class Node:
         self._serving = self.router.quorate
         self._arm("router", self.router)
         self._arm("handoff", self.handoff)
-        self.log.info("members_changed",
-                      members={n: m.state for n, m in sorted(members.items())})
+        self.log.info("members_changed", **self.membership.counts())
 
     def _hold_until_joined(self, req: Request, payload: bytes, reply_to: Any, hops: int,
                            origin: str | None) -> None:
-        if len(self._join_held) >= JOIN_HELD_MAX:
+        if (len(self._join_held) >= JOIN_HELD_MAX
+                or self._join_held_bytes + req.nbytes > JOIN_HELD_BYTES_MAX):
             self.metrics.limited("joining")
             self._reply_error(reply_to, req.id, ErrorCode.OVERLOADED,
                               "node is joining the cluster", req.type)
             return
         self._join_held.append((req, payload, reply_to, hops, origin))
+        self._join_held_bytes += req.nbytes
         if self._join_timer is None:
             self._join_timer = self._loop.call_later(self.config.handoff_timeout_s,
                                                      self._release_join_held, False)
@@ -372,7 +380,7 @@ class Node:
         if self._join_timer is not None:
             self._join_timer.cancel()
             self._join_timer = None
-        held, self._join_held = self._join_held, []
+        held, self._join_held, self._join_held_bytes = self._join_held, [], 0
         for req, payload, reply_to, hops, origin in held:
             if joined:
                 self._dispatch(req, payload, reply_to, hops, origin)
@@ -415,17 +423,21 @@ class Node:
         self._arm("handoff", self.handoff)
 
     def _hand_to(self, agent_id: str, owner: str, taken: tuple) -> None:
+        now, moved = _now(), self._moved_to
         self.metrics.agent_moved_out()
-        self._moved_to[agent_id] = owner
-        self._run(self.handoff.send_state(agent_id, owner, *taken, _now()))
+        moved.pop(agent_id, None)
+        moved[agent_id] = (owner, now + self.config.handoff_window_s)
+        while moved and (len(moved) > MOVED_MAX or next(iter(moved.values()))[1] <= now):
+            moved.popitem(last=False)  # the oldest first: all share one window
+        self._run(self.handoff.send_state(agent_id, owner, *taken, now))
 
     def _after_move(self, agent_id: str, ttl: int | None, hops: int) -> Any:
         """We own it by our ring but handed it to a node whose ring is ahead of
         ours: the request follows the agent (a forward, within the hop limit)."""
         moved = self._moved_to.get(agent_id)
-        if moved is None or agent_id in self.host.directory:
+        if moved is None or agent_id in self.host.directory or moved[1] <= _now():
             return self._me
-        return self.router.follow(agent_id, moved, ttl, hops)
+        return self.router.follow(agent_id, moved[0], ttl, hops)
 
     def _move_again(self) -> None:
         self._move_timer = None

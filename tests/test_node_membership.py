@@ -514,3 +514,35 @@ def _outcome(c: Client, agent: str) -> str:
 def _fault_count(node: NodeProcess, kind: str) -> float:
     return metric_samples(node).get(("synthesis_limited_total",
                                      (("reason", f"fault_{kind}"),)), 0.0)
+
+
+def test_a_node_that_cannot_join_holds_requests_within_a_byte_bound(tmp_path):
+    """A node whose seed never answers holds agent requests until it joins: at most
+    64 MiB of them (the sender controls their size), the rest refused 'overloaded' at
+    once, and what it held is answered 'unavailable' when the wait ends."""
+    import zmq
+
+    from protocols import wire
+
+    node = NodeProcess("lonely", tmp_path, seeds=("127.0.0.1:1",),
+                       args=("--handoff-timeout-s", "8.0"))
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        node.wait_serving()
+        sock.connect(f"tcp://{node.address}")
+        blob = b"x" * 1_000_000  # 80 requests of about 1 MB: 80 MB > 64 MiB
+        for i in range(80):
+            sock.send(wire.encode(wire.request(f"r{i}", "incr", f"counter/{i}", {"b": blob})))
+        codes = collections.Counter()
+        deadline = time.monotonic() + 30
+        while sum(codes.values()) < 80 and time.monotonic() < deadline:
+            if sock.poll(1000):
+                reply = wire.decode_map(sock.recv(), 1 << 20)
+                codes[reply["data"]["code"]] += 1
+    finally:
+        sock.close()
+        node.kill()
+    held = 64 * (1 << 20) // 1_000_030  # envelopes a little over 1 MB each
+    assert codes["overloaded"] >= 80 - held - 1 and codes["unavailable"] >= held - 1, codes
+    assert sum(codes.values()) == 80, codes
