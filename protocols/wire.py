@@ -7,8 +7,11 @@ An envelope is one msgpack map with string keys.  Attribute names follow
 CloudEvents (``id``, ``source``, ``type``, ``subject``, ``time``,
 ``datacontenttype``, ``data``) plus extensions: ``v`` (protocol version),
 ``mode`` (delivery), ``re`` (the id a reply answers), ``traceparent`` (W3C trace
-context), ``vclock`` (causality), ``seq``/``ack`` (delivery), ``ttl`` (routing:
-forwarding hops allowed).
+context), ``vclock`` (causality, carried only), ``seq``/``ack`` (reserved),
+``ttl`` (routing: forwarding hops allowed), and the per-message guarantees
+``consistency`` (how many replicas hold a write before it is acknowledged) and
+``delivery`` (at most / at least / exactly once, or causal with ``session`` and
+``vc``: the sender's process id and its vector clock).
 """
 
 from __future__ import annotations
@@ -24,6 +27,20 @@ MODE_CALL = "call"        # the sender wants a reply (data or error)
 MODE_SEND = "send"        # one-way: no reply, errors are counted at the node
 MODE_PUBLISH = "publish"  # one-way to every member of the group named by subject
 MODES = frozenset((MODE_CALL, MODE_SEND, MODE_PUBLISH))
+
+# Write consistency of a request (absent or nil: the node's configured default).
+CONSISTENCY_LOCAL = "local"    # acknowledged once the owner applied it
+CONSISTENCY_QUORUM = "quorum"  # ... once a majority of the agent's replicas hold it
+CONSISTENCY_ALL = "all"        # ... once every replica holds it
+CONSISTENCIES = frozenset((CONSISTENCY_LOCAL, CONSISTENCY_QUORUM, CONSISTENCY_ALL))
+
+# Delivery guarantee of a request (absent or nil: at_most_once).  PROTOCOL.md 2.4.
+DELIVERY_AT_MOST_ONCE = "at_most_once"    # sent once; never resent
+DELIVERY_AT_LEAST_ONCE = "at_least_once"  # resent with the same id until answered
+DELIVERY_EXACTLY_ONCE = "exactly_once"    # resent, and the owner runs it once per id
+DELIVERY_CAUSAL = "causal"                # held until what it depends on was delivered
+DELIVERIES = frozenset((DELIVERY_AT_MOST_ONCE, DELIVERY_AT_LEAST_ONCE,
+                        DELIVERY_EXACTLY_ONCE, DELIVERY_CAUSAL))
 
 # Types reserved for the runtime.  Agent message types may not start with "syn.".
 SYSTEM_PREFIX = "syn."
@@ -45,6 +62,9 @@ ID_LEN_MAX = 128
 TYPE_LEN_MAX = 128
 SUBJECT_LEN_MAX = 512
 TTL_MAX = 8
+SESSION_LEN_MAX = 128       # a causal sender's process id (the ``vc`` keys too)
+VC_ENTRIES_MAX = 256        # entries in a ``vc`` map
+VC_COUNT_MAX = (1 << 63) - 1  # a ``vc`` counter is an int 1..VC_COUNT_MAX
 
 # Decoding bounds.  msgpack itself refuses a container header that claims more
 # elements than the frame has bytes (before allocating), and strings longer
@@ -111,9 +131,18 @@ class Request:
 
     Treat it as read-only.  A plain slotted class rather than a frozen
     dataclass: one is built per message, and frozen ``__init__`` is ~3x slower.
+
+    ``consistency``, ``delivery``, ``session`` and ``vc`` are None here: the
+    request asked for no guarantee (the common case), and class attributes cost
+    it nothing.  A request that asked for one is a ``GuaranteedRequest``.
     """
 
     __slots__ = ("id", "type", "subject", "mode", "data", "ttl", "raw", "nbytes")
+
+    consistency: str | None = None        # one of CONSISTENCIES, None: the node's default
+    delivery: str | None = None           # one of DELIVERIES, None: at_most_once
+    session: str | None = None            # causal only: the sender's process id
+    vc: dict[str, int] | None = None      # causal only: the sender's vector clock
 
     def __init__(self, id: str, type: str, subject: str | None, mode: str, data: Any,
                  ttl: int | None, raw: dict, nbytes: int = 0):
@@ -128,6 +157,23 @@ class Request:
 
     def __repr__(self) -> str:
         return f"Request(id={self.id!r}, type={self.type!r}, subject={self.subject!r}, mode={self.mode!r})"
+
+
+class GuaranteedRequest(Request):
+    """A request that named a ``consistency`` or ``delivery``: the same fields,
+    with these four set per instance (slots shadow Request's class defaults)."""
+
+    __slots__ = ("consistency", "delivery", "session", "vc")
+
+    def __init__(self, id: str, type: str, subject: str | None, mode: str, data: Any,
+                 ttl: int | None, raw: dict, nbytes: int = 0, *,
+                 consistency: str | None = None, delivery: str | None = None,
+                 session: str | None = None, vc: dict[str, int] | None = None):
+        super().__init__(id, type, subject, mode, data, ttl, raw, nbytes)
+        self.consistency = consistency
+        self.delivery = delivery
+        self.session = session
+        self.vc = vc
 
 
 _packer = msgpack.Packer(use_bin_type=True)
@@ -267,9 +313,61 @@ def validate_request(env: dict) -> Request:
     ttl = env.get("ttl")
     if ttl is not None and (type(ttl) is not int or not 0 <= ttl <= TTL_MAX):
         raise _bad(f"'ttl' must be an integer 0..{TTL_MAX}", env)
+    consistency = env.get("consistency")
+    delivery = env.get("delivery")
+    if consistency is None and delivery is None:  # the common case: two gets, no more
+        if mtype.startswith(SYSTEM_PREFIX):
+            _validate_system(mtype, mode, env)
+        return Request(rid, mtype, subject, mode, env.get("data"), ttl, env)
+    consistency, delivery, session, vc = _guarantees(mtype, mode, consistency, delivery, env)
     if mtype.startswith(SYSTEM_PREFIX):
         _validate_system(mtype, mode, env)
-    return Request(rid, mtype, subject, mode, env.get("data"), ttl, env)
+    return GuaranteedRequest(rid, mtype, subject, mode, env.get("data"), ttl, env,
+                             consistency=consistency, delivery=delivery, session=session, vc=vc)
+
+
+def _guarantees(mtype: str, mode: str, consistency: Any, delivery: Any,
+                env: dict) -> tuple[str | None, str | None, str | None, dict | None]:
+    """The checked ``consistency``, ``delivery``, ``session`` and ``vc`` of a request.
+
+    ``session`` and ``vc`` are read only for causal delivery; otherwise they are
+    not interpreted, so not validated (PROTOCOL.md section 2.1)."""
+    if consistency is not None and (type(consistency) is not str
+                                    or consistency not in CONSISTENCIES):
+        raise _bad(f"'consistency' must be one of {sorted(CONSISTENCIES)} (or absent)", env)
+    if delivery is not None and (type(delivery) is not str or delivery not in DELIVERIES):
+        raise _bad(f"'delivery' must be one of {sorted(DELIVERIES)} (or absent)", env)
+    if delivery is None or delivery == DELIVERY_AT_MOST_ONCE:
+        return consistency, delivery, None, None
+    if mode == MODE_PUBLISH:
+        raise _bad(f"'delivery' {delivery!r} cannot be published (publish is best effort: "
+                   f"at_most_once only)", env)
+    if delivery != DELIVERY_CAUSAL:
+        return consistency, delivery, None, None
+    if mtype in NODE_TYPES:
+        raise _bad(f"'delivery' 'causal' needs an agent subject; {mtype} has none", env)
+    session, vc = _causal_clock(env)
+    return consistency, delivery, session, vc
+
+
+def _causal_clock(env: dict) -> tuple[str, dict[str, int]]:
+    """The ``session`` and ``vc`` of a causal request, checked (section 2.4)."""
+    session = env.get("session")
+    if type(session) is not str or not 0 < len(session) <= SESSION_LEN_MAX:
+        raise _bad(f"'session' must be a string of 1..{SESSION_LEN_MAX} characters "
+                   f"with 'delivery' 'causal'", env)
+    vc = env.get("vc")
+    if type(vc) is not dict or not 0 < len(vc) <= VC_ENTRIES_MAX:
+        raise _bad(f"'vc' must be a map of 1..{VC_ENTRIES_MAX} entries with 'delivery' "
+                   f"'causal'", env)
+    for key, count in vc.items():
+        if type(key) is not str or not 0 < len(key) <= SESSION_LEN_MAX \
+                or type(count) is not int or not 0 < count <= VC_COUNT_MAX:
+            raise _bad(f"'vc' maps process ids (strings of 1..{SESSION_LEN_MAX} characters) "
+                       f"to integers 1..2**63-1", env)
+    if session not in vc:
+        raise _bad("'vc' must have an entry for the request's 'session'", env)
+    return session, vc
 
 
 def _validate_system(mtype: str, mode: str, env: dict) -> None:
@@ -305,12 +403,18 @@ def request(rid: str, mtype: str, subject: str | None = None, data: Any = None,
     return env
 
 
-def reply(request_id: str, data: Any, source: str, traceparent: str | None = None) -> bytes:
-    """Encode a reply to ``request_id`` carrying the handler's result."""
+def reply(request_id: str, data: Any, source: str, traceparent: str | None = None,
+          vc: dict[str, int] | None = None) -> bytes:
+    """Encode a reply to ``request_id`` carrying the handler's result.
+
+    ``vc``: for a causal request, the agent's delivered clock after it (the
+    client merges it into its own, PROTOCOL.md section 2.4)."""
     env = {"v": VERSION, "id": request_id, "re": request_id, "type": TYPE_REPLY,
            "source": source, "data": data}
     if traceparent is not None:
         env["traceparent"] = traceparent
+    if vc is not None:
+        env["vc"] = vc
     return _packer.pack(env)
 
 
