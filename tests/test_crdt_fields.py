@@ -1,0 +1,167 @@
+"""An agent's state as named CRDT fields: wire round trips, per-name merge, deltas,
+binding, and hostile input to decode_fields."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocols.crdt import (
+    FIELD_NAME_MAX,
+    FIELDS_MAX,
+    TYPES,
+    CrdtError,
+    GCounter,
+    LWWRegister,
+    ORSet,
+    PNCounter,
+    bind_fields,
+    decode_fields,
+    encode_fields,
+    merge_fields,
+    take_deltas,
+)
+from test_crdt_core import OPS, junk_st, run
+
+SETTINGS = settings(max_examples=40, deadline=None)
+NAMES = ["a", "count", "ß" * FIELD_NAME_MAX, "x.y"]
+# each name always holds one type, as in an agent whose behavior declares its fields
+KIND = dict(zip(NAMES, [GCounter, ORSet, LWWRegister, PNCounter]))
+
+
+@st.composite
+def histories(draw):
+    """Three replicas' field dicts after random ops on random names (a replica may lack
+    a name: it never heard of it), and every object's fields with their pending deltas."""
+    replicas = [dict(), dict(), dict()]
+    everyone = []
+    for name in draw(st.sets(st.sampled_from(NAMES))):
+        steps = draw(st.lists(st.tuples(st.integers(0, 2), OPS[KIND[name]]), max_size=6))
+        objs, _ = run(KIND[name], steps)
+        for i, obj in enumerate(objs):
+            if draw(st.booleans()):
+                replicas[i][name] = obj.copy()
+        everyone += [{name: obj} for obj in objs]
+    return replicas, everyone
+
+
+def merged(*field_dicts):
+    out = {}
+    for fields in field_dicts:
+        merge_fields(out, fields)
+    return out
+
+
+def wire_trip(fields):
+    raw = msgpack.packb(encode_fields(fields))
+    return decode_fields(msgpack.unpackb(raw, raw=False, strict_map_key=False))
+
+
+@SETTINGS
+@given(histories())
+def test_round_trip_through_msgpack(case):
+    replicas, _ = case
+    for fields in replicas:
+        back = wire_trip(fields)
+        assert back == fields
+        assert {n: f.value() for n, f in back.items()} == {n: f.value() for n, f in fields.items()}
+
+
+@SETTINGS
+@given(histories())
+def test_merge_fields_is_a_join(case):
+    (a, b, c), _ = case
+    assert merged(a, b) == merged(b, a)
+    assert merged(merged(a, b), c) == merged(a, merged(b, c))
+    assert merged(a, a) == merged(a)
+
+
+@SETTINGS
+@given(histories())
+def test_taken_deltas_rebuild_the_merged_state(case):
+    _, everyone = case
+    # a field never mutated has no delta: compare the fields holding something
+    full = {n: f for n, f in merged(*everyone).items() if f != type(f)()}
+    assert merged(*(take_deltas(f) for f in everyone)) == full
+    assert all(take_deltas(f) == {} for f in everyone)
+
+
+def test_a_new_name_gets_an_independent_unbound_copy():
+    theirs = {"n": GCounter().bind(5)}
+    theirs["n"].increment(2)
+    mine = {}
+    merge_fields(mine, theirs)
+    assert mine["n"] == theirs["n"] and mine["n"] is not theirs["n"]
+    assert mine["n"].replica == 0
+    bind_fields(mine, 9, clock=lambda: 1)
+    mine["n"].increment()
+    assert theirs["n"].value() == 2 and mine["n"].value() == 3
+    assert mine["n"].to_wire()[0] == [5, 9]
+
+
+def test_same_name_different_type_leaves_into_unchanged():
+    mine = {"a": GCounter().bind(1), "b": ORSet().bind(1)}
+    mine["a"].increment()
+    before = encode_fields(mine)
+    theirs = {"b": ORSet().bind(2), "a": PNCounter().bind(2)}
+    theirs["b"].add("x")
+    with pytest.raises(CrdtError):
+        merge_fields(mine, theirs)
+    assert encode_fields(mine) == before
+
+
+def test_merge_past_fields_max_is_refused_whole():
+    mine = {f"m{i}": GCounter() for i in range(FIELDS_MAX)}
+    with pytest.raises(CrdtError):
+        merge_fields(mine, {"m0": GCounter(), "extra": GCounter()})
+    assert len(mine) == FIELDS_MAX and "extra" not in mine
+
+
+def test_bind_fields_stamps_every_field():
+    fields = {"r": LWWRegister(), "s": ORSet()}
+    bind_fields(fields, 42, lambda: 7)
+    fields["r"].set("v")
+    fields["s"].add("e")
+    assert fields["r"].stamp() == (7, 42) and fields["s"].to_wire()[0] == [42]
+
+
+def test_encode_refuses_what_is_not_a_field_map():
+    for bad in ({"": GCounter()}, {"a": 1}, {1: GCounter()},
+                {f"f{i}": GCounter() for i in range(FIELDS_MAX + 1)}):
+        with pytest.raises(CrdtError):
+            encode_fields(bad)
+
+
+@pytest.mark.parametrize("data", [
+    [],                                           # not a map
+    {"": ["gc", [[], [], []]]},                   # empty name
+    {"x" * (FIELD_NAME_MAX + 1): ["gc", [[], [], []]]},
+    {1: ["gc", [[], [], []]]},                    # name not a str
+    {"a": ["nope", []]},                          # unknown tag
+    {"a": [None, []]},
+    {"a": ["gc"]},                                # not [tag, wire]
+    {"a": "gc"},
+    {"a": ["gc", [[1], [1]]]},                    # bad wire inside
+    {f"f{i}": ["gc", [[], [], []]] for i in range(FIELDS_MAX + 1)},
+])
+def test_decode_refuses_bad_input(data):
+    with pytest.raises(CrdtError):
+        decode_fields(data)
+
+
+field_junk_st = st.dictionaries(
+    st.one_of(st.sampled_from(NAMES), st.text(max_size=3), st.integers(0, 3)),
+    st.one_of(junk_st, st.tuples(st.sampled_from(sorted(TYPES)), junk_st).map(list)),
+    max_size=4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(junk_st, field_junk_st))
+def test_decode_refuses_junk_with_crdt_error_only(data):
+    try:
+        fields = decode_fields(data)
+    except CrdtError:
+        return
+    assert wire_trip(fields) == fields
