@@ -26,12 +26,13 @@ from typing import Any, Callable
 
 import msgpack
 
+from protocols.crdt import decode_fields, encode_fields, merge_fields
 from protocols.peer import HANDOFF_BODY_BYTES_MAX
 from protocols.wire import ErrorCode, trace_id
 
 __all__ = [
     "Agent", "AgentError", "Lifecycle", "behavior", "handler", "behaviors",
-    "load_behavior_modules", "BehaviorError",
+    "load_behavior_modules", "BehaviorError", "replicated",
 ]
 
 
@@ -104,6 +105,49 @@ class _Handler:
         self.wants_message = len(positional) == 3
 
 
+class replicated:
+    """Declare replicated state on a behavior: ``count = replicated(PNCounter)``.
+
+    The attribute is a CRDT (``protocols.crdt``) created on first use; mutate it
+    through its methods (``self.count.increment(3)``).  Each turn's changes reach
+    the agent's replicas as deltas, and the agent comes back with them on another
+    node when its owner dies (docs/STATE.md).  Plain ``__slots__`` attributes are
+    not replicated: they move only when an owner hands an agent off alive.
+    """
+
+    __slots__ = ("cls", "name")
+
+    def __init__(self, cls: type) -> None:
+        from protocols.crdt import Crdt
+        if not (isinstance(cls, type) and issubclass(cls, Crdt) and cls.TAG):
+            raise BehaviorError(f"replicated() takes a CRDT type, got {cls!r}")
+        self.cls = cls
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        if name.startswith("_"):
+            raise BehaviorError(f"replicated field {name!r}: names starting with _ "
+                                "are the node's")
+        self.name = name
+
+    def __get__(self, agent: Any, owner: type | None = None) -> Any:
+        if agent is None:
+            return self
+        fields = agent._fields
+        value = fields.get(self.name)
+        if value is None:
+            value = fields[self.name] = self.cls().bind(agent._host.replica, agent._host.clock)
+        elif type(value) is not self.cls:
+            raise AgentError(ErrorCode.INTERNAL,
+                             f"replicated field {self.name!r} holds a {type(value).__name__}, "
+                             f"the behavior declares {self.cls.__name__}")
+        return value
+
+    def __set__(self, agent: Any, value: Any) -> None:
+        raise AttributeError(f"replicated field {self.name!r} changes through its own "
+                             "methods, never by assignment")
+
+
 class Agent:
     """Base class for behaviors.
 
@@ -123,23 +167,28 @@ class Agent:
     recompute what must not be taken on trust from a peer.
     """
 
-    __slots__ = ("id", "_host")
+    __slots__ = ("id", "_host", "_fields")
 
     # Per-behavior overrides of the node's supervision config (None = node default).
     supervision: str | None = None       # "restart" | "stop" | "escalate"
     restart_limit: int | None = None
 
     _handlers: dict[str, _Handler] = {}
+    _replicated: dict[str, type] = {}
     behavior_name: str = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         table: dict[str, _Handler] = {}
+        fields: dict[str, type] = {}
         for klass in reversed(cls.__mro__):
-            for value in vars(klass).values():
+            for name, value in vars(klass).items():
                 for mtype in getattr(value, _HANDLER_ATTR, ()):
                     table[mtype] = _Handler(value)
+                if isinstance(value, replicated):
+                    fields[name] = value.cls
         cls._handlers = table
+        cls._replicated = fields
 
     def on_start(self, init: Any) -> None:
         """Called when the agent activates or restarts."""
@@ -301,6 +350,13 @@ def _unpack_state(data: bytes) -> Any:
                            max_ext_len=size)
 
 
+def _split_replicated(data: Any) -> tuple[Any, Any]:
+    """A replicated agent's moved state: ``[snapshot of its slots, its fields]``."""
+    if type(data) is not list or len(data) != 2:
+        raise ValueError("a replicated agent's state is [slots, fields]")
+    return data[0], data[1]
+
+
 # reply(reply_to, request_id, data) and fail(reply_to, request_id, code, message, mtype)
 ReplyFn = Callable[[Any, str, Any], None]
 FailFn = Callable[[Any, str, str, str, str], None]
@@ -312,7 +368,12 @@ class AgentHost:
     def __init__(self, *, mailbox_len_max: int, agents_max: int, handler_timeout_s: float,
                  supervision: Supervision, executor_workers: int, metrics: Any, log: Any,
                  reply: ReplyFn, fail: FailFn, mailbox_total_max: int = 100_000,
-                 mailbox_bytes_max: int = 256 << 20):
+                 mailbox_bytes_max: int = 256 << 20, replica: int = 0,
+                 clock: Callable[[], int] = time.time_ns,
+                 state_for: Callable[[str, type], dict] | None = None,
+                 turn_start: Callable[..., bool] | None = None,
+                 turn_done: Callable[..., None] | None = None,
+                 adopt: Callable[[str, type, Any], None] | None = None):
         self.directory: dict[str, Activation] = {}
         self._mailbox_total_max = mailbox_total_max
         self._mailbox_bytes_max = mailbox_bytes_max
@@ -329,6 +390,18 @@ class AgentHost:
         self._log = log
         self._reply = reply
         self._fail = fail
+        # Replicated state (node/runtime.py wires these to protocols/replication.py):
+        # the replica id and clock CRDT fields are stamped with, the record an
+        # agent's fields live in, and the hooks around each turn (exactly-once
+        # dedup before; deltas and the consistency wait after).
+        self.replica = replica
+        self.clock = clock
+        # A host without a node (tests, tools) keeps replicated fields itself.
+        self._kept: dict[str, dict] = {}
+        self._state_for = state_for or (lambda agent_id, cls: self._kept.setdefault(agent_id, {}))
+        self._turn_start = turn_start
+        self._turn_done = turn_done or self._answer
+        self._adopt = adopt or self._adopt_kept
         self._executor_workers = executor_workers
         self._executor = None
         self._blocking_waiting = 0
@@ -374,6 +447,7 @@ class AgentHost:
         agent = act.cls()
         agent.id = agent_id
         agent._host = self
+        agent._fields = self._state_for(agent_id, act.cls) if act.cls._replicated else None
         act.agent = agent
         agent.on_start(act.init)
         act.lifecycle = Lifecycle.ACTIVE
@@ -424,9 +498,16 @@ class AgentHost:
         self._remove(agent_id, act)
         return act.cls.behavior_name, state, groups
 
+    def _adopt_kept(self, agent_id: str, cls: type, fields: Any) -> None:
+        if fields:
+            merge_fields(self._kept.setdefault(agent_id, {}), decode_fields(fields))
+
     def _pack_snapshot(self, agent_id: str, act: Activation) -> bytes | None:
         try:
-            data = msgpack.packb(act.agent.snapshot(), use_bin_type=True)
+            snapshot = act.agent.snapshot()
+            if act.cls._replicated:  # the fields travel with it: no stale read on arrival
+                snapshot = [snapshot, encode_fields(act.agent._fields)]
+            data = msgpack.packb(snapshot, use_bin_type=True)
             if len(data) > STATE_BYTES_MAX:
                 raise ValueError(f"{len(data)} bytes, over {STATE_BYTES_MAX}")
         except Exception as exc:  # the agent's own code, or data msgpack cannot carry
@@ -449,10 +530,20 @@ class AgentHost:
         act = self.directory.get(agent_id)
         if act is not None:
             return act
-        act = self.spawn(agent_id, behavior_name, None)
+        cls = _BEHAVIORS.get(behavior_name)
+        data = None
         if state is not None:
             try:
-                act.agent.restore(_unpack_state(state))
+                data = _unpack_state(state)
+                if cls is not None and cls._replicated:
+                    data, fields = _split_replicated(data)
+                    self._adopt(agent_id, cls, fields)  # before the agent binds to its record
+            except Exception as exc:
+                raise AgentError(ErrorCode.INTERNAL, f"restore failed: {exc!r}"[:500]) from exc
+        act = self.spawn(agent_id, behavior_name, None)
+        if data is not None:
+            try:
+                act.agent.restore(data)
             except Exception as exc:
                 self._stop_instance(agent_id, act)
                 raise AgentError(ErrorCode.INTERNAL, f"restore failed: {exc!r}"[:500]) from exc
@@ -637,17 +728,28 @@ class AgentHost:
 
     def _run_sync(self, agent_id: str, act: Activation, h: _Handler, req: Any,
                   reply_to: Any) -> None:
+        if req.delivery is not None and self._turn_start is not None and \
+                self._turn_start(agent_id, act, req, reply_to):
+            return  # a duplicate, answered from the dedup window
         started = time.perf_counter()
         try:
             result = h.fn(act.agent, req.data, req) if h.wants_message else h.fn(act.agent, req.data)
         except AgentError as exc:
-            self._fail(reply_to, req.id, exc.code, exc.message, req.type)
+            self._turn_done(agent_id, act, req, reply_to, None, exc)
         except Exception as exc:
             self._crashed(agent_id, act, req, reply_to, exc)
         else:
-            self._reply(reply_to, req.id, result)
+            self._turn_done(agent_id, act, req, reply_to, result, None)
             self._metrics.handled(req.type)
         self._metrics.observe_handler(req.type, time.perf_counter() - started)
+
+    def _answer(self, agent_id: str, act: Activation, req: Any, reply_to: Any, result: Any,
+                error: AgentError | None) -> None:
+        """A turn's outcome to its caller (no replicated state to wait for)."""
+        if error is not None:
+            self._fail(reply_to, req.id, error.code, error.message, req.type)
+        else:
+            self._reply(reply_to, req.id, result)
 
     def _start_turns(self, agent_id: str, act: Activation) -> None:
         """Start the agent's turn task with the first waiting message.
@@ -702,6 +804,9 @@ class AgentHost:
 
     async def _run_async(self, agent_id: str, act: Activation, h: _Handler, req: Any,
                          reply_to: Any) -> None:
+        if req.delivery is not None and self._turn_start is not None and \
+                self._turn_start(agent_id, act, req, reply_to):
+            return
         started = time.perf_counter()
         deadline = asyncio.timeout(self._handler_timeout_s)
         try:
@@ -709,7 +814,7 @@ class AgentHost:
                 coro = h.fn(act.agent, req.data, req) if h.wants_message else h.fn(act.agent, req.data)
                 result = await coro
         except AgentError as exc:
-            self._fail(reply_to, req.id, exc.code, exc.message, req.type)
+            self._turn_done(agent_id, act, req, reply_to, None, exc)
         except TimeoutError as exc:
             if not deadline.expired():  # the handler's own TimeoutError is a crash
                 self._crashed(agent_id, act, req, reply_to, exc)
@@ -720,7 +825,7 @@ class AgentHost:
         except Exception as exc:
             self._crashed(agent_id, act, req, reply_to, exc)
         else:
-            self._reply(reply_to, req.id, result)
+            self._turn_done(agent_id, act, req, reply_to, result, None)
             self._metrics.handled(req.type)
         self._metrics.observe_handler(req.type, time.perf_counter() - started)
 

@@ -12,7 +12,9 @@ import msgpack
 
 from protocols.wire import ErrorCode
 
-from .agents import Agent, AgentError, behavior, handler
+from protocols.crdt import LWWMap, PNCounter
+
+from .agents import Agent, AgentError, behavior, handler, replicated
 
 KV_KEYS_MAX = 10_000  # a kv agent is a small map, not a database
 KV_BYTES_MAX = 16 << 20  # keys and values, as msgpack bytes
@@ -57,95 +59,116 @@ class Echo(Agent):
 
 @behavior("counter")
 class Counter(Agent):
-    """An integer: ``incr``/``decr`` by ``n`` (default 1), ``get``; each replies ``{"value": N}``."""
+    """An integer: ``incr``/``decr`` by ``n`` (default 1), ``get``; each replies ``{"value": N}``.
 
-    __slots__ = ("value",)
+    Its value is a replicated PN-Counter: increments land on the agent's replicas
+    and survive the loss of its owner (docs/STATE.md).
+    """
+
+    __slots__ = ()
+    count = replicated(PNCounter)
 
     def on_start(self, init: Any) -> None:
-        self.value = _int_arg(init, "value", 0)
+        start = _int_arg(init, "value", 0)
+        if start and "count" not in self._fields:  # a spawn, not a restart or failover
+            self.count.increment(start)
 
     @handler("incr")
     def incr(self, data: Any) -> dict:
-        self.value = _checked_sum(self.value, _int_arg(data, "n", 1))
-        return {"value": self.value}
+        return {"value": self._add(_int_arg(data, "n", 1))}
 
     @handler("decr")
     def decr(self, data: Any) -> dict:
-        self.value = _checked_sum(self.value, -_int_arg(data, "n", 1))
-        return {"value": self.value}
+        return {"value": self._add(-_int_arg(data, "n", 1))}
 
     @handler("get")
     def get(self, data: Any) -> dict:
-        return {"value": self.value}
+        return {"value": self.count.value()}
+
+    def _add(self, delta: int) -> int:
+        total = _checked_sum(self.count.value(), delta)
+        if delta > 0:
+            self.count.increment(delta)
+        elif delta < 0:
+            self.count.decrement(-delta)
+        return total
 
 
 @behavior("kv")
 class KeyValue(Agent):
-    """A small string-keyed map: ``put``, ``get``, ``delete``, ``keys``."""
+    """A small string-keyed map: ``put``, ``get``, ``delete``, ``keys``.
 
-    __slots__ = ("items", "nbytes")
+    The map is a replicated LWW-Map: the latest write to a key wins on every
+    replica, and the map survives the loss of its owner (docs/STATE.md).
+    """
+
+    __slots__ = ("nbytes",)
+    items = replicated(LWWMap)
 
     def on_start(self, init: Any) -> None:
-        self.items = None  # allocated on first write: idle kv agents stay small
-        self.nbytes = 0    # msgpack size of every key and value held
-        if isinstance(init, dict) and init:
+        if isinstance(init, dict) and init and "items" not in self._fields:
             if len(init) > KV_KEYS_MAX:
                 raise AgentError(ErrorCode.BAD_REQUEST,
                                  f"a kv init of {len(init)} keys, over {KV_KEYS_MAX}")
-            self.items = dict(init)
-            self.nbytes = sum(_size(k, v) for k, v in self.items.items())
+            for key, value in init.items():
+                self.items.set(_str_key(key), value)
+        # Counted once here, then kept up to date by put/delete (the map may have
+        # come from replicas: a count is never taken on trust from a peer).
+        self.nbytes = sum(_size(k, v) for k, v in self.items.value().items()) \
+            if "items" in self._fields else 0
 
     def restore(self, state: Any) -> None:
-        """Take a snapshot from the agent's previous owner: its items, checked
-        against this node's limits; ``nbytes`` is recomputed, never taken on trust."""
-        if not isinstance(state, dict):
-            raise ValueError(f"a kv state is a map, got {type(state).__name__}")
-        items = state.get("items")
-        if items is not None and (not isinstance(items, dict)
-                                  or not all(type(key) is str for key in items)):
-            raise ValueError("a kv state's items are a map with string keys")
-        if items is not None and len(items) > KV_KEYS_MAX:
-            raise ValueError(f"a kv state of {len(items)} keys, over {KV_KEYS_MAX}")
-        nbytes = sum(_size(k, v) for k, v in items.items()) if items else 0
-        if nbytes > KV_BYTES_MAX:
-            raise ValueError(f"a kv state of {nbytes} bytes, over {KV_BYTES_MAX}")
-        super().restore({"items": items or None})
-        self.nbytes = nbytes
+        """A handoff brings the map in the replicated fields; the byte count is
+        recomputed here, never taken from the previous owner."""
+        self.nbytes = sum(_size(k, v) for k, v in self.items.value().items()) \
+            if "items" in self._fields else 0
 
     @handler("put")
     def put(self, data: Any) -> dict:
         key = _str_arg(data, "key")
-        if self.items is None:
-            self.items = {}
-        if key not in self.items and len(self.items) >= KV_KEYS_MAX:
+        items = self.items
+        old = items.get(key, _MISSING)
+        if old is _MISSING and len(items) >= KV_KEYS_MAX:
             raise AgentError(ErrorCode.OVERLOADED, f"kv agent holds its limit of {KV_KEYS_MAX} keys")
         value = data.get("value")
-        grown = _size(key, value) - (_size(key, self.items[key]) if key in self.items else 0)
+        grown = _size(key, value) - (_size(key, old) if old is not _MISSING else 0)
         if self.nbytes + grown > KV_BYTES_MAX:
             raise AgentError(ErrorCode.OVERLOADED,
                              f"kv agent holds its limit of {KV_BYTES_MAX} bytes")
-        self.items[key] = value
+        items.set(key, value)
         self.nbytes += grown
         return {"ok": True}
 
     @handler("get")
     def get(self, data: Any) -> dict:
         key = _str_arg(data, "key")
-        if self.items is None or key not in self.items:
+        value = self.items.get(key, _MISSING)
+        if value is _MISSING:
             return {"found": False, "value": None}
-        return {"found": True, "value": self.items[key]}
+        return {"found": True, "value": value}
 
     @handler("delete")
     def delete(self, data: Any) -> dict:
         key = _str_arg(data, "key")
-        if self.items is None or key not in self.items:
+        old = self.items.get(key, _MISSING)
+        if old is _MISSING:
             return {"deleted": False}
-        self.nbytes -= _size(key, self.items.pop(key))
+        self.items.delete(key)
+        self.nbytes -= _size(key, old)
         return {"deleted": True}
 
     @handler("keys")
     def keys(self, data: Any) -> dict:
-        return {"keys": sorted(self.items or ())}
+        return {"keys": sorted(self.items.keys())}
+
+
+_MISSING = object()
+
+
+def _str_key(key: Any) -> str:
+    if type(key) is not str:
+        raise AgentError(ErrorCode.BAD_REQUEST, "kv keys are strings")
+    return key
 
 
 def _size(key: str, value: Any) -> int:

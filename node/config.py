@@ -151,6 +151,26 @@ class NodeConfig:
     handoff_window_s: float = _opt(
         10.0, "After the ring changes, an agent missing here is first asked of its "
         "previous owner for this long.", lo=0)
+    replicas: int = _opt(
+        3, "Copies of each agent's replicated state: its owner and the next replicas-1 "
+        "distinct nodes on the ring.", lo=1, hi=7)
+    consistency: str = _opt(
+        "local", "Default write consistency of a message that names none: local (reply "
+        "once the owner applied it), quorum (once a majority of the replicas hold it), "
+        "all (once every replica does).", choices=("local", "quorum", "all"))
+    write_timeout_s: float = _opt(
+        2.0, "A write waiting for quorum or all acknowledgements is answered 'timeout' "
+        "after this long (it may or may not have lasted).", lo=0, lo_open=True)
+    failover_rate: float = _opt(
+        1000.0, "Agents per second a node wakes after it became their owner through a "
+        "node loss (the rest wake on their first message).", lo=0, lo_open=True)
+    storage_path: str = _opt(
+        "", "SQLite file that keeps this node's agent state across restarts (empty: "
+        "memory only; see docs/DURABILITY.md).", kind="path")
+    storage_sync: str = _opt(
+        "full", "When a write with storage on counts as durable: full (fsynced: survives "
+        "power loss), normal (survives a process crash), off.",
+        choices=("full", "normal", "off"))
     faults_file: str = _opt(
         "", "Testing only: a JSON file of faults to inject into peer traffic (drop, "
         "delay, duplicate, corrupt, cut, per named peer), re-read when it changes. "

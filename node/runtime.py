@@ -46,6 +46,7 @@ from .config import NodeConfig
 from .guard import rss_bytes, trim_malloc
 from .metrics import MetricsServer, NodeMetrics
 from .parked import ParkedReplies
+from .state import ReplicatedState
 from .transports import faults
 
 RETRY_INTERVAL_S = 0.02    # how often queued peer sends are retried
@@ -120,7 +121,11 @@ class Node:
         self._join_held: list[tuple] = []
         self._join_held_bytes = 0
         self._join_timer: asyncio.TimerHandle | None = None
+        # The node's generation: its replica id and replication epochs derive from it.
+        self._generation = time.time_ns()
+        self.state = ReplicatedState(self, self._generation)
         self._effects = Effects({
+            **self.state.effects,
             Send: self._do_send, MembersChanged: self._on_members, Refuted: self._on_refuted,
             Answer: self._do_answer, Fail: self._do_fail, Phase: self._on_phase,
             Unresponsive: self._on_unresponsive, QuorumChanged: self._on_quorum,
@@ -242,6 +247,7 @@ class Node:
         self._run(self.shutdown.forwards_settled(_now()) or self.shutdown.tick(math.inf))
         self._run(self.router.stop())   # whatever is left is answered 'unavailable'
         self._release_join_held(False)
+        self._run(self.state.machine.stop())
         if self.handoff is not None:
             for req, reply_to, _ in self.handoff.stop():
                 self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE,
@@ -320,7 +326,7 @@ class Node:
     def _start_membership(self) -> None:
         cfg = self.config
         endpoints = self.transport.endpoints()
-        me = Member(self.node_id, time.time_ns(), tuple(sorted(endpoints.items())))
+        me = Member(self.node_id, self._generation, tuple(sorted(endpoints.items())))
         wall_offset_ns = time.time_ns() - int(_now() * 1e9)
         self.handoff = Handoff(self.node_id, timeout_s=cfg.handoff_timeout_s,
                                window_s=cfg.handoff_window_s, seq_start=me.generation)
@@ -344,6 +350,8 @@ class Node:
         self._parked.flush(set(others), self._send_parked)
         reachable = [n for n, m in members.items() if m.state in (ALIVE, SUSPECT, LEFT)]
         self._run(self.handoff.members_changed(reachable))
+        self._run(self.state.machine.members_changed(
+            [n for n, m in members.items() if m.state in (ALIVE, SUSPECT)], _now()))
         gone = {n for n, _ in self._moved_to.values()} - set(reachable)
         if gone:
             self._moved_to = OrderedDict((a, v) for a, v in self._moved_to.items()
@@ -354,11 +362,13 @@ class Node:
             self._run(self.router.members_changed(ring, reachable))
             self._run(self.handoff.ring_changed(previous.owner, _now(),
                                                 self.router.ring.owner))
+            self._run(self.state.machine.ring_changed(previous, self.router.ring, _now()))
             self._move_out(list(self.host.directory))
             self.log.info("ring_changed", ring=sorted(ring))
         self._serving = self.router.quorate
         self._arm("router", self.router)
         self._arm("handoff", self.handoff)
+        self._arm("replication", self.state.machine)
         self.log.info("members_changed", **self.membership.counts())
 
     def _hold_until_joined(self, req: Request, payload: bytes, reply_to: Any, hops: int,
@@ -430,6 +440,8 @@ class Node:
         while moved and (len(moved) > MOVED_MAX or next(iter(moved.values()))[1] <= now):
             moved.popitem(last=False)  # the oldest first: all share one window
         self._run(self.handoff.send_state(agent_id, owner, *taken, now))
+        self._run(self.state.machine.released(agent_id, now))
+        self._arm("replication", self.state.machine)
 
     def _after_move(self, agent_id: str, ttl: int | None, hops: int) -> Any:
         """We own it by our ring but handed it to a node whose ring is ahead of
@@ -508,15 +520,19 @@ class Node:
         self._arm("membership", self.membership)
         quiet_until = _now() + LEAVE_QUIET_S
         while _now() < self.shutdown.deadline and (
-                self.handoff.kept_now or self._moving or _now() < quiet_until):
-            if self.handoff.kept_now or self._moving:
+                self._handing_off() or _now() < quiet_until):
+            if self._handing_off():
                 # Quiet for a while before going: a node whose ring is behind may
                 # still pass a state back to us, and we must hand it on.
                 quiet_until = _now() + LEAVE_QUIET_S
             await asyncio.sleep(LEAVE_POLL_S)
-        if self.handoff.kept_now or self._moving:
+        if self._handing_off():
             self.log.warning("leave_handoff_incomplete", unacknowledged=self.handoff.kept_now,
-                             busy=len(self._moving))
+                             busy=len(self._moving), replicas_behind=self.state.machine.lagging)
+
+    def _handing_off(self) -> bool:
+        """State still on its way to other nodes: agents, or replicated copies."""
+        return bool(self.handoff.kept_now or self._moving or self.state.machine.lagging)
 
     def _events(self) -> dict[str, dict[str, int]]:
         h = self.handoff
@@ -525,7 +541,8 @@ class Node:
                             "returned": h.returned, "installed": h.installed,
                             "duplicates": h.duplicates, "timed_out": h.timed_out,
                             "owner_lost": h.owner_lost, "refused": h.refused,
-                            "rerouted": h.rerouted}}
+                            "rerouted": h.rerouted},
+                "replication": self.state.events()}
 
     def _on_refuted(self, effect: Refuted) -> None:
         self.metrics.refuted()
@@ -578,6 +595,8 @@ class Node:
             self._on_gossip(event)
         elif kind is peer.HandedOff:
             self._on_handoff(event)
+        elif kind is peer.Replicated:
+            self.state.received(event.sender, event.message)
         elif kind is peer.StatusQueried:
             self._answer_status_query(event)
         else:
@@ -659,7 +678,7 @@ class Node:
             if target == self._me and self._moved_to:
                 target = self._after_move(req.subject, req.ttl, hops)
             if target == self._me:
-                self._handle_local(req, reply_to, (payload, hops, origin) if hold else None)
+                self._handle_local(req, reply_to, (payload, hops, origin), hold)
             elif type(target) is Refusal:
                 self._reply_error(reply_to, req.id, target.code, target.message, req.type)
             else:
@@ -713,10 +732,11 @@ class Node:
         if self._stopping and not self.router.in_flight:
             self._forwards_settled.set()
 
-    def _handle_local(self, req: Request, reply_to: Any, hold: tuple | None = None) -> None:
-        """Run a request for an agent this node owns.  ``hold`` (payload, hops,
-        origin): on a miss the request may wait for the agent's state to arrive
-        and is then routed again with those."""
+    def _handle_local(self, req: Request, reply_to: Any, route: tuple, hold: bool) -> None:
+        """Run a request for an agent this node owns.  On a miss the request may wait
+        for the agent's state to arrive (from its previous owner if ``hold``, or
+        gathered from its replicas) and is then routed again with ``route``
+        (payload, hops, origin)."""
         agent_id = req.subject
         try:
             if wire.is_system_type(req.type):
@@ -724,7 +744,9 @@ class Node:
                 return
             act = self.host.directory.get(agent_id)
             if act is None:
-                if hold is not None and self._hold_for_handoff(req, reply_to, hold):
+                if hold and self._hold_for_handoff(req, reply_to, route):
+                    return
+                if self.state.hold_for_gather(req, reply_to, route):
                     return
                 act = self.host.resolve(agent_id)
         except AgentError as exc:
@@ -813,6 +835,7 @@ class Node:
             # What a client needs to place agents itself (PROTOCOL.md section 8).
             "ring": {"vnodes": ring.vnodes, "points_per_vnode": core_cy.POINTS_PER_VNODE,
                      "weight": ring.weight(self.node_id)},
+            "replication": self.state.machine.counts(),
             "reachable": True,
         }
 
@@ -962,6 +985,7 @@ class Node:
             "local_health": self.membership.health if self.membership is not None else 0,
             "handoff_held": self.handoff.held_now if self.handoff is not None else 0,
             "handoff_kept": self.handoff.kept_now if self.handoff is not None else 0,
+            **{f"replication_{k}": v for k, v in self.state.machine.counts().items()},
             "agents_active": len(self.host.directory),
             "mailbox_depth": self.host.mailbox_depth(),
             "mailbox_bytes": self.host.mailbox_bytes(),

@@ -22,6 +22,7 @@ GOSSIP = "gossip"
 STATUS_QUERY = "status_query"
 STATUS_ANSWER = "status_answer"
 HANDOFF = "handoff"  # agent state moving to its new owner (protocols/handoff.py)
+REPLICATE = "replicate"  # agent state deltas to replicas (protocols/replication.py)
 
 
 def seed_id(address: str) -> str:
@@ -126,3 +127,36 @@ class Install:
     state: bytes | None
     groups: tuple
     held: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class Restore:
+    """The states of ``agent_id`` held by its other replicas have been gathered into
+    this node's record (``Replication.gather``): activate it from the record (or
+    fresh, when ``behavior`` is None: no replica had it), then deliver the ``held``
+    requests in order."""
+
+    agent_id: str
+    behavior: str | None
+    held: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class WriteDone:
+    """A write's consistency is met (``ok``) or its deadline passed first: release the
+    reply held in ``handle`` (on a timeout, answer ``timeout``: the write is on the
+    owner and ``acks`` replicas, it needed ``needed``)."""
+
+    handle: Any
+    ok: bool
+    acks: int
+    needed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Activate:
+    """This node owns ``agent_id`` now and holds a replica of it: wake it (failover,
+    paced at ``failover_rate`` agents per second so a node loss does not wake tens of
+    thousands of agents at once)."""
+
+    agent_id: str

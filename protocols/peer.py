@@ -8,6 +8,7 @@ sender's node id, and ends with ``crc``, a checksum of all the frames before it:
     RPL    [MAGIC, b"RPL",    sender, token, envelope, crc]
     GOSSIP [MAGIC, b"GOSSIP", sender, body, crc]     body: msgpack map (membership message)
     HANDOFF [MAGIC, b"HANDOFF", sender, body, crc]   body: msgpack map (handoff message)
+    REPL   [MAGIC, b"REPL",   sender, body, crc]     body: msgpack map (replication message)
     STATQ  [MAGIC, b"STATQ",  sender, token, crc]    token: ASCII, 1..32 bytes
     STATR  [MAGIC, b"STATR",  sender, body, crc]     body: msgpack {"token": str, "status": map}
 
@@ -49,7 +50,7 @@ from typing import Any, Callable, Sequence
 
 import msgpack
 
-from .effects import GOSSIP, HANDOFF, STATUS_ANSWER, STATUS_QUERY
+from .effects import GOSSIP, HANDOFF, REPLICATE, STATUS_ANSWER, STATUS_QUERY
 
 MAGIC = b"SYNP3"          # peer protocol version 3; any change of frame shapes takes a new one
 MAGIC_FAMILY = b"SYNP"    # every version's magic starts with this (older: b"SYNP1", b"SYNP2")
@@ -57,6 +58,7 @@ OP_FWD = b"FWD"
 OP_RPL = b"RPL"
 OP_GOSSIP = b"GOSSIP"
 OP_HANDOFF = b"HANDOFF"
+OP_REPL = b"REPL"
 OP_STATQ = b"STATQ"
 OP_STATR = b"STATR"
 
@@ -128,6 +130,14 @@ class Gossiped:
 @dataclass(frozen=True, slots=True)
 class HandedOff:
     """A handoff message (a map; ``protocols/handoff.py`` validates it)."""
+
+    sender: str
+    message: dict
+
+
+@dataclass(frozen=True, slots=True)
+class Replicated:
+    """A replication message (a map; ``protocols/replication.py`` validates it)."""
 
     sender: str
     message: dict
@@ -349,6 +359,14 @@ def handoff(sender: str, message: dict) -> list[bytes]:
                     _pack_body(message, "handoff", HANDOFF_BODY_BYTES_MAX)])
 
 
+def replicate(sender: str, message: dict) -> list[bytes]:
+    """REPL: a replication message (a map; agent state, so up to HANDOFF_BODY_BYTES_MAX)."""
+    if not isinstance(message, dict):
+        raise ValueError("a replication message is a map")
+    return _sealed([MAGIC, OP_REPL, _id_bytes.get(sender) or _encode_id(sender, "sender"),
+                    _pack_body(message, "replicate", HANDOFF_BODY_BYTES_MAX)])
+
+
 def status_query(sender: str, token: str) -> list[bytes]:
     """STATQ: ask a member for its status; it answers with the same ``token``."""
     if not _is_status_token(token):
@@ -377,6 +395,7 @@ def _encode_status_answer(sender: str, message: Any) -> list[bytes]:
 _CHANNELS: dict[str, Callable[[str, Any], list[bytes]]] = {
     GOSSIP: gossip,
     HANDOFF: handoff,
+    REPLICATE: replicate,
     STATUS_QUERY: status_query,
     STATUS_ANSWER: _encode_status_answer,
 }
@@ -426,6 +445,11 @@ def _decode_handoff(frames: list[bytes]) -> HandedOff:
     return HandedOff(sender, _unpack_body(frames[3], HANDOFF_BODY_BYTES_MAX))
 
 
+def _decode_repl(frames: list[bytes]) -> Replicated:
+    sender = _id_text.get(frames[2]) or _decode_id(frames[2], "bad_sender")
+    return Replicated(sender, _unpack_body(frames[3], HANDOFF_BODY_BYTES_MAX))
+
+
 def _decode_statq(frames: list[bytes]) -> StatusQueried:
     sender = _id_text.get(frames[2]) or _decode_id(frames[2], "bad_sender")
     token = frames[3]
@@ -453,6 +477,7 @@ ROWS: dict[bytes, tuple[int, Callable[[list[bytes]], Any]]] = {
     OP_RPL: (6, _decode_rpl),
     OP_GOSSIP: (5, _decode_gossip),
     OP_HANDOFF: (5, _decode_handoff),
+    OP_REPL: (5, _decode_repl),
     OP_STATQ: (5, _decode_statq),
     OP_STATR: (5, _decode_statr),
 }

@@ -13,7 +13,8 @@ import pytest
 
 from node.agents import (BUSY, STATE_BYTES_MAX, Agent, AgentError, AgentHost, Lifecycle,
                          behavior, handler)
-from node.behaviors import KV_KEYS_MAX  # also registers counter and kv
+import node.behaviors  # noqa: F401  # registers counter and kv
+from protocols.crdt import LWWMap, decode_fields, encode_fields
 from protocols.wire import ErrorCode, Request
 from tests.test_agents_unit import make_host
 
@@ -68,7 +69,9 @@ def test_counter_moves_with_its_value_and_groups():
     old.join("counter/a", "tally")
     old.join("counter/a", "all")
     act, (name, state, groups) = move(old, new, "counter/a")
-    assert (name, groups, msgpack.unpackb(state)) == ("counter", ["all", "tally"], {"value": 41})
+    slots, fields = msgpack.unpackb(state)
+    assert (name, groups, slots) == ("counter", ["all", "tally"], {})
+    assert decode_fields(fields)["count"].value() == 41  # the replicated PN-Counter
     assert "counter/a" not in old.directory and old.groups == {}
     assert act.lifecycle is Lifecycle.ACTIVE and new.groups == {"all": {"counter/a"},
                                                                  "tally": {"counter/a"}}
@@ -86,12 +89,20 @@ def test_kv_moves_with_its_items_and_recomputes_nbytes():
     assert call(new, "kv/a", "keys") == {"keys": [f"k{n}" for n in range(5)]}
 
 
-def test_kv_restore_takes_no_byte_count_on_trust_and_refuses_what_breaks_its_limits():
+def test_kv_restore_takes_no_byte_count_on_trust():
     _, new = host_pair()
-    lying = msgpack.packb({"items": {"k": "v"}, "nbytes": -(1 << 40)})
-    assert new.install("kv/a", "kv", lying, []).agent.nbytes == len(msgpack.packb("k")) * 2
-    for bad in ({"items": [1]}, {"items": {"k": 1, 2: 3}}, [1],
-                {"items": {f"k{n}": 0 for n in range(KV_KEYS_MAX + 1)}}):
+    items = LWWMap().bind(1, lambda: 5)
+    items.set("k", "v")
+    lying = msgpack.packb([{"nbytes": -(1 << 40)}, encode_fields({"items": items})])
+    act = new.install("kv/a", "kv", lying, [])
+    assert act.agent.nbytes == len(msgpack.packb("k")) * 2
+    assert call(new, "kv/a", "get", {"key": "k"}) == {"found": True, "value": "v"}
+
+
+def test_a_moved_state_that_breaks_the_format_is_refused_and_leaves_nothing():
+    _, new = host_pair()
+    for bad in ({"items": [1]}, [1], [{}, {"items": ["lwwm", "junk"]}],
+                [{}, {"items": ["no-such-type", []]}]):
         with pytest.raises(AgentError) as info:
             new.install("kv/b", "kv", msgpack.packb(bad), [])
         assert info.value.code == ErrorCode.INTERNAL
@@ -102,7 +113,8 @@ def test_an_empty_kv_agent_moves_as_small_as_it_was():
     old, new = host_pair()
     old.resolve("kv/a")
     act, (_, state, _) = move(old, new, "kv/a")
-    assert act.agent.items is None and act.agent.nbytes == 0
+    assert len(state) < 16 and act.agent.nbytes == 0
+    assert "items" not in act.agent._fields  # still nothing allocated
 
 
 def test_a_busy_agent_is_not_taken_out():
@@ -195,7 +207,7 @@ def test_install_of_an_active_agent_keeps_it_and_unknown_behaviors_are_refused()
     call(new, "counter/a", "incr", {"n": 5})
     existing = new.directory["counter/a"]
     assert new.install("counter/a", "counter", msgpack.packb({"value": 99}), ["g"]) is existing
-    assert existing.agent.value == 5 and new.groups == {}
+    assert existing.agent.count.value() == 5 and new.groups == {}
     with pytest.raises(AgentError) as info:
         new.install("nothing/a", "nothing", None, [])
     assert info.value.code == ErrorCode.UNKNOWN_AGENT

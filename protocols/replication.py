@@ -1,0 +1,714 @@
+"""Replication: every agent's CRDT state lives on N nodes, so one can die.
+
+A pure machine (``protocols/machine.py``), one per node.  Agents whose behavior
+declares CRDT fields (``protocols/crdt``) keep their state in a *record* here; an
+active agent's fields are the record's objects, so a handler's writes land in the
+record directly and nothing is copied per turn.
+
+**Placement.**  An agent's replicas are ``ring.preference_list(agent, n)``: its
+owner first, then the next ``n - 1`` distinct nodes clockwise.
+
+**Owner side.**  After each turn that changed the state the node calls ``wrote``
+with the fields' pending deltas; each replica gets a ``delta`` carrying the
+owner's stream ``(epoch, seq)``.  ``consistency`` decides when the reply may go:
+``local`` at once, ``quorum`` once a majority of the replicas (the owner counts as
+one) hold the write, ``all`` once every replica does; a deadline answers
+``timeout`` instead (``WriteDone(ok=False)``: the write may or may not last).
+The owner tracks each replica's highest acknowledged ``seq``: a replica behind
+(a lost delta or ack, a new replica after a ring change) gets the full state,
+resent with backoff until acked.  That version-vector bookkeeping is the
+anti-entropy: nothing is repaired by luck.
+
+**Replica side.**  A delta is applied only in its stream order (``seq`` follows
+the last one applied from that owner epoch): deltas of OR-Sets and maps need
+causal delivery.  Anything else answers ``need`` and the owner sends the full
+state, which merges in any order (a CRDT join).  Duplicates are acked again.
+
+**Failover.**  When the ring changes, every node looks at its records: one it
+owns now but did not own before is queued for ``Activate`` (paced at
+``failover_rate`` agents per second); one it holds but no longer replicates is
+pushed to the agent's new replicas and dropped once they all acknowledged it;
+one whose owner changed is offered to the new owner, which merges it.  Before
+an agent it did not own becomes active here, its new owner *gathers*: it asks
+every reachable node of the agent's replica sets under the last ``RINGS_KEPT``
+rings for their copy, holds the agent's requests, and merges what comes back
+(``Restore``).  A write acknowledged at ``quorum`` is on a majority of its
+replicas, so while a majority lives one of them answers the gather.
+
+Messages on the ``replicate`` channel (msgpack maps, docs/PROTOCOL.md 9.7)::
+
+    {"k": "d", "a": agent, "b": behavior, "e": epoch, "s": seq, "f": fields}  delta
+    {"k": "f", "a": agent, "b": behavior, "e": epoch, "s": seq, "f": fields}  full state
+    {"k": "a", "a": agent, "e": epoch, "s": seq}                              ack
+    {"k": "n", "a": agent, "e": epoch}                                        need full
+    {"k": "p", "a": agent, "b": behavior, "f": fields}                        push (a copy)
+    {"k": "pa", "a": agent}                                                   push ack
+    {"k": "w", "a": agent}                                                    want (gather)
+    {"k": "h", "a": agent, "b": behavior | None, "f": fields | None}          have
+
+``fields`` is ``protocols.crdt.encode_fields`` output.  A message that breaks these
+shapes raises ``ReplicationError(reason)`` (the node counts it).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Iterable
+
+from core_cy import HashRing
+
+from .crdt import CrdtError, bind_fields, decode_fields, encode_fields, merge_fields
+from .effects import REPLICATE, Activate, Restore, Send, WriteDone
+from .routing import Refusal
+from .wire import ErrorCode
+
+AGENT_ID_CHARS_MAX = 1024
+BEHAVIOR_CHARS_MAX = 128
+U64_MAX = (1 << 64) - 1
+RINGS_KEPT = 4            # rings whose replica sets a gather asks (the current one too)
+REPAIRS_PER_TICK = 512    # full states (re)sent per tick: a ring change is paced
+RESEND_MAX_S = 5.0        # backoff ceiling of a repair to one replica
+LOCAL, QUORUM, ALL = "local", "quorum", "all"
+CONSISTENCIES = frozenset((LOCAL, QUORUM, ALL))
+KINDS = frozenset(("d", "f", "a", "n", "p", "pa", "w", "h"))
+
+
+class ReplicationError(ValueError):
+    """A replication message that breaks the protocol; ``reason`` is a short stable
+    string for a metric label."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class Record:
+    """One agent's state on this node (owner or replica)."""
+
+    __slots__ = ("behavior", "fields", "primary", "src", "epoch", "seq", "acked",
+                 "repair_at", "backoff", "push_to", "waits")
+
+    def __init__(self, behavior: str):
+        self.behavior = behavior
+        self.fields: dict = {}
+        self.primary = False   # this node owns the agent: its writes stream from here
+        self.src: str | None = None  # replica side: the owner whose stream we follow
+        self.epoch = 0
+        self.seq = 0
+        self.acked: dict[str, int] | None = None  # owner side: replica -> seq it holds
+        self.repair_at = 0.0
+        self.backoff = 0.0
+        self.push_to: set[str] | None = None  # copies still to hand to these nodes
+        self.waits: list[_Wait] | None = None
+
+
+class _Wait:
+    """A reply held until ``needed`` replicas acknowledged ``seq``."""
+
+    __slots__ = ("handle", "agent", "epoch", "seq", "needed", "acks", "deadline", "done")
+
+    def __init__(self, handle: Any, agent: str, epoch: int, seq: int, needed: int,
+                 deadline: float):
+        self.handle = handle
+        self.agent = agent
+        self.epoch = epoch
+        self.seq = seq
+        self.needed = needed
+        self.acks: set[str] = set()
+        self.deadline = deadline
+        self.done = False
+
+
+class _Gather:
+    """Requests held while the copies of an agent come in (new owner side)."""
+
+    __slots__ = ("asked", "answered", "items", "nbytes", "deadline")
+
+    def __init__(self, asked: set[str], deadline: float):
+        self.asked = asked
+        self.answered: set[str] = set()
+        self.items: list = []
+        self.nbytes = 0
+        self.deadline = deadline
+
+
+class Replication:
+    """The replication machine of one node (see the module docstring)."""
+
+    def __init__(self, node_id: str, replica: int, clock: Callable[[], int], *,
+                 n: int = 3, write_timeout_s: float = 2.0, gather_timeout_s: float = 2.0,
+                 resend_s: float = 0.2, failover_rate: float = 1000.0,
+                 held_max: int = 10_000, held_bytes_max: int = 64 << 20,
+                 waits_max: int = 100_000, epoch_start: int = 0):
+        if n < 1 or not write_timeout_s > 0 or not gather_timeout_s > 0 or not resend_s > 0:
+            raise ValueError("n >= 1 and positive timeouts")
+        if not failover_rate > 0:
+            raise ValueError("failover_rate > 0")
+        self.node_id = node_id
+        self.replica = replica
+        self.clock = clock
+        self.n = n
+        self._write_timeout_s = write_timeout_s
+        self._gather_timeout_s = gather_timeout_s
+        self._resend_s = resend_s
+        self._rate = failover_rate
+        self._held_max = held_max
+        self._held_bytes_max = held_bytes_max
+        self._waits_max = waits_max
+        self._epoch = epoch_start
+        self.records: dict[str, Record] = {}
+        self._rings: list[HashRing] = [HashRing((node_id,))]
+        self._reachable: set[str] = set()
+        self._dirty: set[str] = set()            # records with replicas or pushes behind
+        self._waits: deque[_Wait] = deque()      # in deadline order (one timeout for all)
+        self._gathers: dict[str, _Gather] = {}
+        self._settled: set[str] = set()         # gathered, and nobody had a copy
+        self._activate: deque[str] = deque()     # failover: agents to wake, paced
+        self._tokens = 0.0
+        self._paced_at: float | None = None
+        self._held = 0
+        self._held_bytes = 0
+        self.stats = {"deltas_sent": 0, "deltas_applied": 0, "fulls_sent": 0,
+                      "fulls_applied": 0, "acks": 0, "needs": 0, "pushes": 0,
+                      "gathers": 0, "gather_timeouts": 0, "write_timeouts": 0,
+                      "activations": 0, "dropped": 0}
+
+    # ------------------------------------------------------------------ placement
+
+    @property
+    def ring(self) -> HashRing:
+        return self._rings[-1]
+
+    def replicas(self, agent_id: str) -> list[str]:
+        """The agent's replica set on the current ring, its owner first."""
+        return self.ring.preference_list(agent_id, self.n)
+
+    def _others(self, agent_id: str) -> list[str]:
+        return [r for r in self.replicas(agent_id) if r != self.node_id]
+
+    def needed(self, agent_id: str, consistency: str) -> int:
+        """Replica acks (besides the owner's own copy) a write at ``consistency`` needs."""
+        size = len(self.replicas(agent_id))
+        if consistency == LOCAL:
+            return 0
+        return size // 2 if consistency == QUORUM else size - 1
+
+    # ------------------------------------------------------------------ membership
+
+    def members_changed(self, reachable: Iterable[str], now: float) -> list:
+        """Alive members changed: gathers stop waiting for members gone."""
+        self._reachable = set(reachable) - {self.node_id}
+        effects: list = []
+        for agent_id in list(self._gathers):
+            gather = self._gathers[agent_id]
+            gather.asked &= self._reachable
+            if gather.asked <= gather.answered:
+                effects.append(self._finish_gather(agent_id))
+        return effects
+
+    def ring_changed(self, previous: HashRing, ring: HashRing, now: float) -> list:
+        """The ring moved on from ``previous`` (the owners agents had before) to
+        ``ring``: re-place every record (see the module docstring)."""
+        rings = self._rings
+        if set(rings[-1].nodes) != set(previous.nodes):
+            rings.append(previous)
+        rings.append(ring)
+        del rings[:-RINGS_KEPT]
+        self._settled.clear()
+        effects: list = []
+        me = self.node_id
+        for agent_id, rec in list(self.records.items()):
+            before = previous.preference_list(agent_id, self.n) if len(previous) else []
+            now_list = ring.preference_list(agent_id, self.n)
+            owner = now_list[0] if now_list else me
+            if owner == me:
+                self._owned_after_change(agent_id, rec, now)
+            else:
+                self._held_after_change(agent_id, rec, before, now_list, now)
+        return effects
+
+    def _owned_after_change(self, agent_id: str, rec: Record, now: float) -> None:
+        if rec.primary:
+            others = self._others(agent_id)
+            old = rec.acked or {}
+            rec.acked = {r: old.get(r, -1) for r in others}
+            if any(seq < rec.seq for seq in rec.acked.values()):
+                self._repair_soon(agent_id, rec, now)
+        elif agent_id not in self._gathers:
+            self._activate.append(agent_id)  # failover: wake it, paced
+
+    def _held_after_change(self, agent_id: str, rec: Record, before: list, after: list,
+                           now: float) -> None:
+        """Someone else owns it now: make sure they have what we hold."""
+        me = self.node_id
+        if rec.primary:
+            # Still active here until the node hands it off; ``released`` re-places it.
+            return
+        targets = set(after) - {me} if me not in after else set()
+        if before and before[0] != after[0]:
+            targets.add(after[0])  # the new owner merges every copy it is offered
+        if targets:
+            rec.push_to = (rec.push_to or set()) | targets
+            self._repair_soon(agent_id, rec, now)
+        elif me not in after:
+            self._drop(agent_id)
+
+    def released(self, agent_id: str, now: float) -> list:
+        """The node handed the agent to its new owner: our record is a copy now."""
+        rec = self.records.get(agent_id)
+        if rec is None or not rec.primary:
+            return []
+        rec.primary = False
+        rec.acked = None
+        after = self.replicas(agent_id)
+        if self.node_id not in after:
+            rec.push_to = set(after)
+            self._repair_soon(agent_id, rec, now)
+        return self._fail_waits(rec)
+
+    # ------------------------------------------------------------------ owner side
+
+    def is_primary(self, agent_id: str) -> bool:
+        rec = self.records.get(agent_id)
+        return rec is not None and rec.primary
+
+    def needs_gather(self, agent_id: str) -> bool:
+        """Must the copies of ``agent_id`` be gathered before it is activated here?
+        Not when we own it already, nor when it had no other owner on any ring we
+        remember (it was never anywhere else), nor when nobody else is reachable."""
+        rec = self.records.get(agent_id)
+        if (rec is not None and rec.primary) or agent_id in self._settled:
+            return False
+        if not self._gather_set(agent_id):
+            return False
+        me = self.node_id
+        return rec is not None or any(r.owner(agent_id) != me for r in self._rings if len(r))
+
+    def _gather_set(self, agent_id: str) -> set[str]:
+        asked: set[str] = set()
+        for ring in self._rings:
+            if len(ring):
+                asked.update(ring.preference_list(agent_id, self.n))
+        return asked & self._reachable
+
+    def gather(self, agent_id: str, item: Any, nbytes: int, now: float) -> list | Refusal:
+        """Hold ``item`` (a request, or None for a paced failover activation) until
+        the copies of ``agent_id`` are in; the first hold asks for them."""
+        gather = self._gathers.get(agent_id)
+        effects: list = []
+        if gather is None:
+            asked = self._gather_set(agent_id)
+            gather = self._gathers[agent_id] = _Gather(asked, now + self._gather_timeout_s)
+            self.stats["gathers"] += 1
+            effects = [Send(to, REPLICATE, {"k": "w", "a": agent_id}) for to in sorted(asked)]
+            if not asked:
+                return [Restore(agent_id, self._behavior_of(agent_id), ())]
+        if item is not None:
+            if self._held >= self._held_max or self._held_bytes + nbytes > self._held_bytes_max:
+                return Refusal(ErrorCode.OVERLOADED,
+                               f"{self._held} requests wait for agent state to be gathered")
+            gather.items.append(item)
+            gather.nbytes += nbytes
+            self._held += 1
+            self._held_bytes += nbytes
+        return effects
+
+    def _behavior_of(self, agent_id: str) -> str | None:
+        rec = self.records.get(agent_id)
+        return rec.behavior if rec is not None else None
+
+    def _finish_gather(self, agent_id: str) -> Restore:
+        gather = self._gathers.pop(agent_id)
+        self._held -= len(gather.items)
+        self._held_bytes -= gather.nbytes
+        return Restore(agent_id, self._behavior_of(agent_id), tuple(gather.items))
+
+    def settled(self, agent_id: str) -> None:
+        """A gather found no copy anywhere: activate fresh, without asking again
+        (until the ring changes).  Bounded: it is only a shortcut."""
+        if len(self._settled) >= self._held_max:
+            self._settled.clear()
+        self._settled.add(agent_id)
+
+    def primary(self, agent_id: str, behavior: str, now: float) -> Record:
+        """The record an agent activated here runs on; it becomes this node's to
+        write: a new epoch, and every replica is sent the full state."""
+        rec = self.records.get(agent_id)
+        if rec is None:
+            rec = self.records[agent_id] = Record(behavior)
+        if not rec.primary:
+            rec.primary = True
+            rec.behavior = behavior
+            self._epoch += 1
+            rec.epoch, rec.seq, rec.src = self._epoch, 0, self.node_id
+            rec.push_to = None
+            bind_fields(rec.fields, self.replica, self.clock)
+            others = self._others(agent_id)
+            rec.acked = {r: -1 for r in others}
+            if others and rec.fields:
+                self._repair_soon(agent_id, rec, now)
+        return rec
+
+    def adopt(self, agent_id: str, behavior: str, fields: Any, now: float) -> Record:
+        """A handoff brought the agent's state from its previous owner: merge it into
+        our record (a join with whatever copy we held) and own it."""
+        rec = self.records.get(agent_id)
+        if rec is None:
+            rec = self.records[agent_id] = Record(behavior)
+        if fields:
+            merge_fields(rec.fields, decode_fields(fields))
+        return self.primary(agent_id, behavior, now)
+
+    def wrote(self, agent_id: str, deltas: dict, consistency: str, handle: Any,
+              now: float) -> list:
+        """The owner applied a turn's ``deltas`` ({field: delta CRDT}): stream them
+        to the replicas; ``WriteDone(handle)`` once ``consistency`` is met."""
+        rec = self.records[agent_id]
+        needed = self.needed(agent_id, consistency)
+        effects: list = []
+        if deltas:
+            rec.seq += 1
+            message = {"k": "d", "a": agent_id, "b": rec.behavior, "e": rec.epoch,
+                       "s": rec.seq, "f": encode_fields(deltas)}
+            for to in rec.acked or ():
+                effects.append(Send(to, REPLICATE, message))
+                self.stats["deltas_sent"] += 1
+        have = sum(1 for seq in (rec.acked or {}).values() if seq >= rec.seq)
+        if needed <= have:
+            effects.append(WriteDone(handle, True, have, needed))
+        elif len(self._waits) >= self._waits_max:
+            effects.append(WriteDone(handle, False, have, needed))
+        else:
+            wait = _Wait(handle, agent_id, rec.epoch, rec.seq, needed, now + self._write_timeout_s)
+            wait.acks.update(r for r, seq in rec.acked.items() if seq >= rec.seq)
+            self._waits.append(wait)
+            if rec.waits is None:
+                rec.waits = []
+            rec.waits.append(wait)
+        return effects
+
+    def stop(self) -> list:
+        """The node is going: every held reply and request is answered."""
+        effects: list = []
+        for rec in self.records.values():
+            effects.extend(self._fail_waits(rec))
+        for agent_id in list(self._gathers):
+            effects.append(self._finish_gather(agent_id))
+        return effects
+
+    def _fail_waits(self, rec: Record) -> list:
+        effects = []
+        for wait in rec.waits or ():
+            if not wait.done:
+                wait.done = True
+                effects.append(WriteDone(wait.handle, False, len(wait.acks), wait.needed))
+        rec.waits = None
+        return effects
+
+    # ------------------------------------------------------------------ messages
+
+    def receive(self, sender: str, message: Any, now: float) -> list:
+        kind, agent_id = _check(message)
+        handler = _HANDLERS[kind]
+        return handler(self, sender, agent_id, message, now)
+
+    def _on_delta(self, sender: str, agent_id: str, m: dict, now: float) -> list:
+        epoch, seq, behavior = _u64(m, "e"), _u64(m, "s"), _behavior(m)
+        rec = self.records.get(agent_id)
+        if rec is None or rec.primary or rec.src != sender or rec.epoch != epoch:
+            return [self._need(sender, agent_id, epoch)]
+        if seq <= rec.seq:
+            return [self._ack(sender, agent_id, epoch, rec.seq)]  # a duplicate
+        if seq != rec.seq + 1:
+            return [self._need(sender, agent_id, epoch)]
+        merge_fields(rec.fields, _fields(m))
+        rec.seq, rec.behavior = seq, behavior
+        self.stats["deltas_applied"] += 1
+        return [self._ack(sender, agent_id, epoch, seq)]
+
+    def _on_full(self, sender: str, agent_id: str, m: dict, now: float) -> list:
+        epoch, seq, behavior = _u64(m, "e"), _u64(m, "s"), _behavior(m)
+        fields = _fields(m)
+        rec = self.records.get(agent_id)
+        if rec is None:
+            rec = self.records[agent_id] = Record(behavior)
+        merge_fields(rec.fields, fields)
+        self.stats["fulls_applied"] += 1
+        if not rec.primary:
+            same = rec.src == sender and rec.epoch == epoch
+            rec.src, rec.epoch, rec.behavior = sender, epoch, behavior
+            rec.seq = max(rec.seq, seq) if same else seq
+            rec.push_to = None if self.node_id in self.replicas(agent_id) else rec.push_to
+        return [self._ack(sender, agent_id, epoch, seq)]
+
+    def _on_ack(self, sender: str, agent_id: str, m: dict, now: float) -> list:
+        epoch, seq = _u64(m, "e"), _u64(m, "s")
+        rec = self.records.get(agent_id)
+        if rec is None or not rec.primary or rec.epoch != epoch or rec.acked is None:
+            return []
+        if sender not in rec.acked:
+            return []
+        self.stats["acks"] += 1
+        if seq > rec.acked[sender]:
+            rec.acked[sender] = min(seq, rec.seq)
+        if rec.acked[sender] >= rec.seq and not rec.push_to and not self._behind(rec):
+            self._dirty.discard(agent_id)
+            rec.backoff = 0.0
+        return self._settle(rec, sender, seq)
+
+    def _settle(self, rec: Record, sender: str, seq: int) -> list:
+        effects = []
+        waits = rec.waits
+        if not waits:
+            return effects
+        for wait in waits:
+            if wait.done or wait.seq > seq or wait.epoch != rec.epoch:
+                continue
+            wait.acks.add(sender)
+            if len(wait.acks) >= wait.needed:
+                wait.done = True
+                effects.append(WriteDone(wait.handle, True, len(wait.acks), wait.needed))
+        rec.waits = [w for w in waits if not w.done] or None
+        return effects
+
+    def _on_need(self, sender: str, agent_id: str, m: dict, now: float) -> list:
+        rec = self.records.get(agent_id)
+        self.stats["needs"] += 1
+        if rec is None or not rec.primary or rec.acked is None or sender not in rec.acked:
+            return []
+        rec.acked[sender] = -1
+        return [self._full(sender, agent_id, rec)]
+
+    def _on_push(self, sender: str, agent_id: str, m: dict, now: float) -> list:
+        behavior, fields = _behavior(m), _fields(m)
+        rec = self.records.get(agent_id)
+        if rec is None:
+            rec = self.records[agent_id] = Record(behavior)
+        merge_fields(rec.fields, fields)
+        if rec.primary:
+            # A copy of an agent we run: what it adds must reach our replicas too.
+            rec.acked = {r: -1 for r in rec.acked or ()}
+            self._repair_soon(agent_id, rec, now)
+        elif self.replicas(agent_id)[:1] == [self.node_id] and agent_id not in self._gathers:
+            self._activate.append(agent_id)
+        return [Send(sender, REPLICATE, {"k": "pa", "a": agent_id})]
+
+    def _on_push_ack(self, sender: str, agent_id: str, m: dict, now: float) -> list:
+        rec = self.records.get(agent_id)
+        if rec is None or not rec.push_to:
+            return []
+        rec.push_to.discard(sender)
+        if not rec.push_to:
+            rec.push_to = None
+            if self.node_id not in self.replicas(agent_id) and not rec.primary:
+                self._drop(agent_id)
+            elif not self._behind(rec):
+                self._dirty.discard(agent_id)
+        return []
+
+    def _on_want(self, sender: str, agent_id: str, m: dict, now: float) -> list:
+        rec = self.records.get(agent_id)
+        if rec is None:
+            return [Send(sender, REPLICATE, {"k": "h", "a": agent_id, "b": None, "f": None})]
+        return [Send(sender, REPLICATE, {"k": "h", "a": agent_id, "b": rec.behavior,
+                                          "f": encode_fields(rec.fields)})]
+
+    def _on_have(self, sender: str, agent_id: str, m: dict, now: float) -> list:
+        gather = self._gathers.get(agent_id)
+        if gather is None or sender not in gather.asked:
+            return []
+        if m.get("b") is not None:
+            behavior, fields = _behavior(m), _fields(m)
+            rec = self.records.get(agent_id)
+            if rec is None:
+                rec = self.records[agent_id] = Record(behavior)
+            merge_fields(rec.fields, fields)
+        gather.answered.add(sender)
+        if gather.asked <= gather.answered:
+            return [self._finish_gather(agent_id)]
+        return []
+
+    def _ack(self, to: str, agent_id: str, epoch: int, seq: int) -> Send:
+        return Send(to, REPLICATE, {"k": "a", "a": agent_id, "e": epoch, "s": seq})
+
+    def _need(self, to: str, agent_id: str, epoch: int) -> Send:
+        return Send(to, REPLICATE, {"k": "n", "a": agent_id, "e": epoch})
+
+    def _full(self, to: str, agent_id: str, rec: Record) -> Send:
+        self.stats["fulls_sent"] += 1
+        return Send(to, REPLICATE, {"k": "f", "a": agent_id, "b": rec.behavior,
+                                    "e": rec.epoch, "s": rec.seq,
+                                    "f": encode_fields(rec.fields)})
+
+    # ------------------------------------------------------------------ time
+
+    def _repair_soon(self, agent_id: str, rec: Record, now: float) -> None:
+        rec.repair_at = now
+        self._dirty.add(agent_id)
+
+    @staticmethod
+    def _behind(rec: Record) -> bool:
+        return bool(rec.acked) and any(seq < rec.seq or seq < 0 for seq in rec.acked.values())
+
+    def _drop(self, agent_id: str) -> None:
+        self.records.pop(agent_id, None)
+        self._dirty.discard(agent_id)
+        self.stats["dropped"] += 1
+
+    def tick(self, now: float) -> list:
+        effects: list = []
+        self._expire_waits(now, effects)
+        self._expire_gathers(now, effects)
+        self._repair(now, effects)
+        self._pace(now, effects)
+        return effects
+
+    def _expire_waits(self, now: float, effects: list) -> None:
+        waits = self._waits
+        while waits and (waits[0].done or waits[0].deadline <= now):
+            wait = waits.popleft()
+            if wait.done:
+                continue
+            wait.done = True
+            self.stats["write_timeouts"] += 1
+            effects.append(WriteDone(wait.handle, False, len(wait.acks), wait.needed))
+            rec = self.records.get(wait.agent)
+            if rec is not None and rec.waits:
+                rec.waits = [w for w in rec.waits if not w.done] or None
+
+    def _expire_gathers(self, now: float, effects: list) -> None:
+        for agent_id in [a for a, g in self._gathers.items() if g.deadline <= now]:
+            self.stats["gather_timeouts"] += 1
+            effects.append(self._finish_gather(agent_id))
+
+    def _repair(self, now: float, effects: list) -> None:
+        """Full states to replicas behind, copies to nodes still to take them."""
+        budget = REPAIRS_PER_TICK
+        for agent_id in list(self._dirty):
+            rec = self.records.get(agent_id)
+            if rec is None:
+                self._dirty.discard(agent_id)
+                continue
+            if rec.repair_at > now:
+                continue
+            if budget <= 0:
+                break
+            budget -= 1
+            sent = self._repair_one(agent_id, rec)
+            if not sent:
+                self._dirty.discard(agent_id)
+                continue
+            effects.extend(sent)
+            rec.backoff = min(RESEND_MAX_S, rec.backoff * 2 or self._resend_s)
+            rec.repair_at = now + rec.backoff
+
+    def _repair_one(self, agent_id: str, rec: Record) -> list:
+        sends = []
+        if rec.primary and rec.acked:
+            sends = [self._full(r, agent_id, rec) for r, seq in rec.acked.items()
+                     if seq < rec.seq or seq < 0]
+        if rec.push_to:
+            wire_fields = encode_fields(rec.fields)
+            for to in sorted(rec.push_to):
+                self.stats["pushes"] += 1
+                sends.append(Send(to, REPLICATE, {"k": "p", "a": agent_id, "b": rec.behavior,
+                                                  "f": wire_fields}))
+        return sends
+
+    def _pace(self, now: float, effects: list) -> None:
+        """Failover activations, at most ``failover_rate`` per second."""
+        if not self._activate:
+            self._paced_at = None
+            return
+        if self._paced_at is None:
+            self._paced_at, self._tokens = now, 1.0
+        burst = max(1.0, self._rate / 10)
+        self._tokens = min(burst, self._tokens + (now - self._paced_at) * self._rate)
+        self._paced_at = now
+        while self._activate and self._tokens >= 1.0:
+            agent_id = self._activate.popleft()
+            rec = self.records.get(agent_id)
+            if rec is None or rec.primary or self.replicas(agent_id)[:1] != [self.node_id]:
+                continue
+            self._tokens -= 1.0
+            self.stats["activations"] += 1
+            effects.append(Activate(agent_id))
+
+    def next_deadline(self) -> float | None:
+        times = []
+        if self._waits:
+            times.append(self._waits[0].deadline)
+        if self._gathers:
+            times.append(min(g.deadline for g in self._gathers.values()))
+        if self._dirty:
+            times.append(min(self.records[a].repair_at for a in self._dirty
+                             if a in self.records) if any(a in self.records for a in self._dirty)
+                         else 0.0)
+        if self._activate:
+            times.append((self._paced_at or 0.0) + 1.0 / self._rate)
+        return min(times) if times else None
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def held_now(self) -> int:
+        return self._held
+
+    @property
+    def waits_now(self) -> int:
+        return sum(1 for w in self._waits if not w.done)
+
+    @property
+    def lagging(self) -> int:
+        """Records with a replica or a copy still behind."""
+        return len(self._dirty)
+
+    def counts(self) -> dict[str, int]:
+        primary = sum(1 for r in self.records.values() if r.primary)
+        return {"records": len(self.records), "primary": primary,
+                "replica": len(self.records) - primary, "lagging": len(self._dirty),
+                "gathering": len(self._gathers), "waiting_writes": self.waits_now,
+                "failover_queue": len(self._activate)}
+
+
+# ---------------------------------------------------------------------- validation
+
+def _check(message: Any) -> tuple[str, str]:
+    if type(message) is not dict:
+        raise ReplicationError("bad_message", "a replication message is a map")
+    kind = message.get("k")
+    if kind not in KINDS:
+        raise ReplicationError("bad_kind", f"unknown kind {kind!r}")
+    agent_id = message.get("a")
+    if type(agent_id) is not str or not 0 < len(agent_id) <= AGENT_ID_CHARS_MAX:
+        raise ReplicationError("bad_agent", f"'a' is 1..{AGENT_ID_CHARS_MAX} characters")
+    return kind, agent_id
+
+
+def _u64(m: dict, key: str) -> int:
+    value = m.get(key)
+    if type(value) is not int or not 0 <= value <= U64_MAX:
+        raise ReplicationError("bad_seq", f"{key!r} is an integer 0..2**64-1")
+    return value
+
+
+def _behavior(m: dict) -> str:
+    value = m.get("b")
+    if type(value) is not str or not 0 < len(value) <= BEHAVIOR_CHARS_MAX:
+        raise ReplicationError("bad_behavior", f"'b' is 1..{BEHAVIOR_CHARS_MAX} characters")
+    return value
+
+
+def _fields(m: dict) -> dict:
+    try:
+        return decode_fields(m.get("f"))
+    except CrdtError as exc:
+        raise ReplicationError("bad_state", str(exc)[:300]) from None
+
+
+_HANDLERS = {
+    "d": Replication._on_delta, "f": Replication._on_full, "a": Replication._on_ack,
+    "n": Replication._on_need, "p": Replication._on_push, "pa": Replication._on_push_ack,
+    "w": Replication._on_want, "h": Replication._on_have,
+}
