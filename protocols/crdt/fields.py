@@ -67,7 +67,8 @@ def merge_fields(into: dict[str, Crdt], other: dict[str, Crdt]) -> None:
     """Join ``other`` (full fields or deltas) into ``into``, per name.  A name only in
     ``other`` gets a new, unbound field (call :func:`bind_fields` after merging).  Two
     fields of one name but different types raise CrdtError and leave ``into`` as it
-    was; so does a result of more than FIELDS_MAX names."""
+    was; so does a result of more than FIELDS_MAX names.  A field's own merge may still
+    refuse (a VClock past its size bound): the names merged before it stay merged."""
     _check_fields(other)
     for name, field in other.items():
         mine = into.get(name)

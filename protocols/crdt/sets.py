@@ -252,7 +252,7 @@ class ORSet(Crdt):
 
     def to_wire(self) -> list:
         s = self._s
-        return [col if col is s.elems else col.tolist() for col in s]
+        return [list(col) if col is s.elems else col.tolist() for col in s]
 
     @classmethod
     def from_wire(cls, data: Any) -> "ORSet":
