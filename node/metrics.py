@@ -158,6 +158,7 @@ class NodeMetrics:
         self._request_forwarded = self._request[PATH_FORWARDED]
         self._mailbox_wait = [0] * _ROW_LEN
         self._forward = [0] * _ROW_LEN
+        self._replication_lag = [0] * _ROW_LEN
         self._plain = {attr: 0 for attr, _, _ in _PLAIN_COUNTERS}
         self._gauges: Callable[[], dict[str, float]] | None = None
         self._events: Callable[[], dict[str, dict[str, int]]] | None = None
@@ -230,6 +231,11 @@ class NodeMetrics:
         if 0.0 <= forward_s <= request_s < _ELAPSED_MAX_S:  # NaN fails too
             _observe(self._request_forwarded, request_s)
             _observe(self._forward, forward_s)
+
+    def replication_lag(self, seconds: float) -> None:
+        """A replica acknowledged an owner's latest delta ``seconds`` after it left."""
+        if 0.0 <= seconds < _ELAPSED_MAX_S:
+            _observe(self._replication_lag, seconds)
 
     def agent_activated(self) -> None:
         self._plain["agents_activated"] += 1
@@ -360,6 +366,10 @@ class _Collector:
         yield _histogram("forward_seconds",
                          "Round trip of forwarded calls: from the forward leaving this node "
                          "to the owner's reply coming back.", {"": m._forward})
+        yield _histogram("replication_lag_seconds",
+                         "From an owner sending a write's delta to a replica's ack of it: "
+                         "the time a write takes to reach another node.",
+                         {"": m._replication_lag})
         for attr, name, help_text in _PLAIN_COUNTERS:
             yield CounterMetricFamily(PREFIX + name, help_text, value=m._plain[attr])
         yield _by_label("log_events_suppressed_total",

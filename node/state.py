@@ -49,7 +49,8 @@ class ReplicatedState:
         self.machine = Replication(
             node.node_id, self.replica, time.time_ns, n=cfg.replicas,
             write_timeout_s=cfg.write_timeout_s, gather_timeout_s=cfg.handoff_timeout_s,
-            failover_rate=cfg.failover_rate, epoch_start=generation)
+            failover_rate=cfg.failover_rate, epoch_start=generation,
+            observe_lag=node.metrics.replication_lag)
         host = node.host
         host.replica, host.clock = self.replica, time.time_ns
         host._state_for = self.state_for
@@ -84,7 +85,7 @@ class ReplicatedState:
             return False
         self.duplicates += 1
         self.node.metrics.limited("duplicate_applied_once")
-        reply = entry[2]
+        reply = entry.reply
         if reply is None:
             self.node._reply_error(reply_to, req.id, ErrorCode.BAD_REQUEST,
                                    "this message id was applied already; its reply was "

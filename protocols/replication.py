@@ -87,7 +87,7 @@ class Record:
     """One agent's state on this node (owner or replica)."""
 
     __slots__ = ("behavior", "fields", "primary", "src", "epoch", "seq", "acked",
-                 "repair_at", "backoff", "push_to", "waits")
+                 "repair_at", "backoff", "push_to", "waits", "sent_at")
 
     def __init__(self, behavior: str):
         self.behavior = behavior
@@ -101,6 +101,7 @@ class Record:
         self.backoff = 0.0
         self.push_to: set[str] | None = None  # copies still to hand to these nodes
         self.waits: list[_Wait] | None = None
+        self.sent_at = 0.0     # when the delta numbered ``seq`` left (lag metric)
 
 
 class _Wait:
@@ -140,7 +141,8 @@ class Replication:
                  n: int = 3, write_timeout_s: float = 2.0, gather_timeout_s: float = 2.0,
                  resend_s: float = 0.2, failover_rate: float = 1000.0,
                  held_max: int = 10_000, held_bytes_max: int = 64 << 20,
-                 waits_max: int = 100_000, epoch_start: int = 0):
+                 waits_max: int = 100_000, epoch_start: int = 0,
+                 observe_lag: Callable[[float], None] | None = None):
         if n < 1 or not write_timeout_s > 0 or not gather_timeout_s > 0 or not resend_s > 0:
             raise ValueError("n >= 1 and positive timeouts")
         if not failover_rate > 0:
@@ -157,6 +159,7 @@ class Replication:
         self._held_bytes_max = held_bytes_max
         self._waits_max = waits_max
         self._epoch = epoch_start
+        self._observe_lag = observe_lag or (lambda seconds: None)
         self.records: dict[str, Record] = {}
         self._rings: list[HashRing] = [HashRing((node_id,))]
         self._reachable: set[str] = set()
@@ -357,7 +360,7 @@ class Replication:
         if rec is None:
             rec = self.records[agent_id] = Record(behavior)
         if fields:
-            merge_fields(rec.fields, decode_fields(fields))
+            self._merge(rec, decode_fields(fields))
         return self.primary(agent_id, behavior, now)
 
     def wrote(self, agent_id: str, deltas: dict, consistency: str, handle: Any,
@@ -369,6 +372,7 @@ class Replication:
         effects: list = []
         if deltas:
             rec.seq += 1
+            rec.sent_at = now
             message = {"k": "d", "a": agent_id, "b": rec.behavior, "e": rec.epoch,
                        "s": rec.seq, "f": encode_fields(deltas)}
             for to in rec.acked or ():
@@ -422,7 +426,7 @@ class Replication:
             return [self._ack(sender, agent_id, epoch, rec.seq)]  # a duplicate
         if seq != rec.seq + 1:
             return [self._need(sender, agent_id, epoch)]
-        merge_fields(rec.fields, _fields(m))
+        self._merge(rec, _fields(m))
         rec.seq, rec.behavior = seq, behavior
         self.stats["deltas_applied"] += 1
         return [self._ack(sender, agent_id, epoch, seq)]
@@ -433,7 +437,7 @@ class Replication:
         rec = self.records.get(agent_id)
         if rec is None:
             rec = self.records[agent_id] = Record(behavior)
-        merge_fields(rec.fields, fields)
+        self._merge(rec, fields)
         self.stats["fulls_applied"] += 1
         if not rec.primary:
             same = rec.src == sender and rec.epoch == epoch
@@ -450,6 +454,8 @@ class Replication:
         if sender not in rec.acked:
             return []
         self.stats["acks"] += 1
+        if seq == rec.seq and rec.acked[sender] < seq and rec.sent_at:
+            self._observe_lag(now - rec.sent_at)
         if seq > rec.acked[sender]:
             rec.acked[sender] = min(seq, rec.seq)
         if rec.acked[sender] >= rec.seq and not rec.push_to and not self._behind(rec):
@@ -485,7 +491,7 @@ class Replication:
         rec = self.records.get(agent_id)
         if rec is None:
             rec = self.records[agent_id] = Record(behavior)
-        merge_fields(rec.fields, fields)
+        self._merge(rec, fields)
         if rec.primary:
             # A copy of an agent we run: what it adds must reach our replicas too.
             rec.acked = {r: -1 for r in rec.acked or ()}
@@ -523,11 +529,18 @@ class Replication:
             rec = self.records.get(agent_id)
             if rec is None:
                 rec = self.records[agent_id] = Record(behavior)
-            merge_fields(rec.fields, fields)
+            self._merge(rec, fields)
         gather.answered.add(sender)
         if gather.asked <= gather.answered:
             return [self._finish_gather(agent_id)]
         return []
+
+    def _merge(self, rec: Record, fields: dict) -> None:
+        """Join a copy into a record; fields new to an owned record are stamped with
+        our replica (its next writes are ours)."""
+        merge_fields(rec.fields, fields)
+        if rec.primary:
+            bind_fields(rec.fields, self.replica, self.clock)
 
     def _ack(self, to: str, agent_id: str, epoch: int, seq: int) -> Send:
         return Send(to, REPLICATE, {"k": "a", "a": agent_id, "e": epoch, "s": seq})
