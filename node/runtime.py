@@ -46,7 +46,7 @@ from .config import NodeConfig
 from .guard import rss_bytes, trim_malloc
 from .metrics import MetricsServer, NodeMetrics
 from .parked import ParkedReplies
-from .state import ReplicatedState
+from .state import CAUSAL, ReplicatedState
 from .transports import faults
 
 RETRY_INTERVAL_S = 0.02    # how often queued peer sends are retried
@@ -441,6 +441,7 @@ class Node:
             moved.popitem(last=False)  # the oldest first: all share one window
         self._run(self.handoff.send_state(agent_id, owner, *taken, now))
         self._run(self.state.machine.released(agent_id, now))
+        self.state.forget_clock(agent_id)
         self._arm("replication", self.state.machine)
 
     def _after_move(self, agent_id: str, ttl: int | None, hops: int) -> Any:
@@ -762,6 +763,9 @@ class Node:
                               f"no agent {agent_id!r} and no behavior named "
                               f"{agent_id.partition('/')[0]!r}", req.type)
             return
+        if req.delivery == CAUSAL:
+            self.state.deliver_causal(agent_id, act, req, reply_to)
+            return
         self.host.deliver(agent_id, act, req, reply_to)
 
     def _system_request(self, req: Request, reply_to: Any) -> None:
@@ -860,13 +864,14 @@ class Node:
 
     # ------------------------------------------------------------------ replies
 
-    def _reply_data(self, reply_to: Any, request_id: str, data: Any) -> None:
-        """Where every result comes back, from agents and machines alike: a later
-        issue holds replies here until replicas acknowledge."""
+    def _reply_data(self, reply_to: Any, request_id: str, data: Any,
+                    vc: dict[str, int] | None = None) -> None:
+        """Where every result comes back, from agents and machines alike (replies
+        that wait for replicas are held in node/state.py first)."""
         if reply_to is None:
             return
         try:
-            payload = wire.reply(request_id, data, self.node_id, reply_to[3])
+            payload = wire.reply(request_id, data, self.node_id, reply_to[3], vc)
         except (TypeError, ValueError, OverflowError) as exc:
             self._reply_error(reply_to, request_id, ErrorCode.INTERNAL,
                               f"reply is not msgpack-serialisable: {exc}", "")

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from core_cy import replica_id
-from protocols.crdt import take_deltas
-from protocols.delivery import AppliedIds
+from protocols.crdt import GCounter, ORMap, take_deltas
+from protocols.delivery import DELIVER, DUPLICATE, HELD, AppliedIds, CausalOrder, mark_delivered
 from protocols.effects import Activate, Restore, WriteDone
 from protocols.replication import Replication, ReplicationError
 from protocols.routing import Refusal
@@ -34,7 +34,10 @@ if TYPE_CHECKING:
     from .runtime import Node
 
 IDS_FIELD = "_ids"  # the exactly-once window, a field of the agent's record
+VC_FIELD = "_vc"    # causal: messages delivered per sender session, a field too
 EXACTLY_ONCE = "exactly_once"
+CAUSAL = "causal"
+CLOCKS_MAX = 100_000  # agents whose causal clocks are cached here (rebuilt from _vc)
 
 _now = time.monotonic
 
@@ -58,6 +61,11 @@ class ReplicatedState:
         host._turn_start = self.turn_start
         host._turn_done = self.turn_done
         self.duplicates = 0
+        self.causal = CausalOrder()
+        # Causal: each agent's delivered clock as its messages enter the mailbox,
+        # ahead of the replicated _vc (ticked when a message's turn runs).
+        self._clocks: dict[str, dict[str, int]] = {}
+        self._causal_timer: Any = None
 
     @property
     def effects(self) -> dict:
@@ -76,7 +84,13 @@ class ReplicatedState:
         self.node._arm("replication", self.machine)
 
     def turn_start(self, agent_id: str, act: Any, req: Any, reply_to: Any) -> bool:
-        """Exactly-once: a message id already applied is answered from the window."""
+        """Exactly-once: a message id already applied is answered from the window.
+        Causal: the message counts as delivered in the agent's replicated clock."""
+        if req.delivery == CAUSAL:
+            rec = self.machine.primary(agent_id, act.cls.behavior_name, _now())
+            _delivered_clock(rec.fields, self.replica).update(
+                req.session, GCounter, lambda count: count.increment())
+            return False
         if req.delivery != EXACTLY_ONCE:
             return False
         ids = self.machine.primary(agent_id, act.cls.behavior_name, _now()).fields.get(IDS_FIELD)
@@ -124,9 +138,86 @@ class ReplicatedState:
 
     def _answer(self, reply_to: Any, req: Any, outcome: tuple) -> None:
         if outcome[0] == "ok":
-            self.node._reply_data(reply_to, req.id, outcome[1])
+            vc = None
+            if req.delivery == CAUSAL:
+                rec = self.machine.records.get(req.subject)
+                clock = rec.fields.get(VC_FIELD) if rec is not None else None
+                vc = {s: c for s, c in clock.value().items()} if clock is not None else None
+            self.node._reply_data(reply_to, req.id, outcome[1], vc)
         else:
             self.node._reply_error(reply_to, req.id, outcome[1], outcome[2], req.type)
+
+    # ------------------------------------------------------------------ causal
+
+    def deliver_causal(self, agent_id: str, act: Any, req: Any, reply_to: Any) -> None:
+        """Hand a causal message to its agent once every message it depends on (by
+        its ``vc``, from any session) has been; until then it is held (bounded,
+        answered ``timeout`` after the hold timeout)."""
+        node, now = self.node, _now()
+        delivered = self._clock(agent_id, act)
+        verdict = self.causal.offer(agent_id, delivered, req.session, req.vc,
+                                    (req, reply_to), req.nbytes, now)
+        if verdict == DELIVER:
+            mark_delivered(delivered, req.session, req.vc)
+            node.host.deliver(agent_id, act, req, reply_to)
+            self._release_ready(agent_id, act, delivered)
+        elif verdict == DUPLICATE:
+            node.metrics.limited("causal_duplicate")
+            node._reply_error(reply_to, req.id, ErrorCode.BAD_REQUEST,
+                              f"message {req.vc.get(req.session)} of session "
+                              f"{req.session!r} was delivered to {agent_id!r} already",
+                              req.type)
+        elif verdict == HELD:
+            node.metrics.limited("causal_held")
+            self._arm_causal()
+        else:  # a Refusal: a hold bound
+            node._reply_error(reply_to, req.id, verdict.code, verdict.message, req.type)
+
+    def _release_ready(self, agent_id: str, act: Any, delivered: dict) -> None:
+        for verdict, held in self.causal.ready(agent_id, delivered):
+            req, reply_to = held.item
+            if verdict == DELIVER:
+                mark_delivered(delivered, held.sender, held.vc)
+                self.node.host.deliver(agent_id, act, req, reply_to)
+            else:
+                self.node._reply_error(reply_to, req.id, ErrorCode.BAD_REQUEST,
+                                       "a causal message delivered already", req.type)
+
+    def _clock(self, agent_id: str, act: Any) -> dict[str, int]:
+        clock = self._clocks.get(agent_id)
+        if clock is None:
+            if len(self._clocks) >= CLOCKS_MAX:
+                self._clocks.clear()  # rebuilt from the replicated clocks
+            rec = self.machine.primary(agent_id, act.cls.behavior_name, _now())
+            stored = rec.fields.get(VC_FIELD)
+            clock = self._clocks[agent_id] = dict(stored.value()) if stored is not None else {}
+        return clock
+
+    def _arm_causal(self) -> None:
+        deadline = self.causal.next_deadline()
+        if self._causal_timer is not None:
+            self._causal_timer.cancel()
+            self._causal_timer = None
+        if deadline is not None and not self.node._closed:
+            self._causal_timer = self.node._loop.call_at(deadline, self._causal_expired)
+
+    def _causal_expired(self) -> None:
+        self._causal_timer = None
+        for held in self.causal.tick(_now()):
+            req, reply_to = held.item
+            self.node._reply_error(
+                reply_to, req.id, ErrorCode.TIMEOUT,
+                f"causal message held {self.causal.timeout_s} s: a message it depends on "
+                "(by its vc) never reached the agent", req.type)
+        self._arm_causal()
+
+    def forget_clock(self, agent_id: str) -> None:
+        """The agent left this node: its held messages are answered, clock dropped."""
+        self._clocks.pop(agent_id, None)
+        for held in self.causal.drop_agent(agent_id):
+            req, reply_to = held.item
+            self.node._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE,
+                                   "the agent moved to another node; send again", req.type)
 
     # ------------------------------------------------------------------ effects
 
@@ -210,6 +301,14 @@ class ReplicatedState:
 
     def events(self) -> dict[str, int]:
         return {**self.machine.stats, "duplicates": self.duplicates}
+
+
+def _delivered_clock(fields: dict, replica: int) -> ORMap:
+    """The agent's replicated delivered clock: session -> messages delivered."""
+    clock = fields.get(VC_FIELD)
+    if clock is None:
+        clock = fields[VC_FIELD] = ORMap().bind(replica, time.time_ns)
+    return clock
 
 
 def _unpack_outcome(data: bytes) -> tuple:
