@@ -38,6 +38,7 @@ VC_FIELD = "_vc"    # causal: messages delivered per sender session, a field too
 EXACTLY_ONCE = "exactly_once"
 CAUSAL = "causal"
 CLOCKS_MAX = 100_000  # agents whose causal clocks are cached here (rebuilt from _vc)
+CAUSAL_HOLD_S = 5.0   # a held causal message is answered `timeout` after this (clients wait 5 s)
 
 _now = time.monotonic
 
@@ -61,7 +62,7 @@ class ReplicatedState:
         host._turn_start = self.turn_start
         host._turn_done = self.turn_done
         self.duplicates = 0
-        self.causal = CausalOrder()
+        self.causal = CausalOrder(timeout_s=CAUSAL_HOLD_S)
         # Causal: each agent's delivered clock as its messages enter the mailbox,
         # ahead of the replicated _vc (ticked when a message's turn runs).
         self._clocks: dict[str, dict[str, int]] = {}
