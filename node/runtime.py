@@ -155,6 +155,7 @@ class Node:
         self._use_bound_addresses()
         self._start_metrics()
         self._install_signal_handlers()
+        self._open_storage()
         self._start_membership()
         self._start_memory_checks()
         self._start_idle_sweeps()
@@ -169,6 +170,19 @@ class Node:
             await self._stop_event.wait()
         finally:
             await self._shut_down()
+
+    def _open_storage(self) -> None:
+        """Local durability (storage_path): copies kept there come back first."""
+        if not self.config.storage_path:
+            return
+        started = _now()
+        try:
+            count = self.state.open_storage(self._loop)
+        except Exception as exc:  # a file that is not ours, a lock held, a bad disk
+            self.log.error("storage_open_failed", path=self.config.storage_path, error=str(exc))
+            raise SystemExit(2) from None
+        self.log.info("storage_recovered", path=self.config.storage_path, agents=count,
+                      seconds=round(_now() - started, 3), sync=self.config.storage_sync)
 
     def request_stop(self) -> None:
         if self._stop_event is not None and not self._stopping:
@@ -260,6 +274,7 @@ class Node:
             if timer is not None:
                 timer.cancel()
         self._closed = True
+        self.state.close()  # what is queued for the disk is committed first
         self.transport.stop(linger_ms=SHUTDOWN_LINGER_MS)
         if self._metrics_server is not None:
             self._metrics_server.stop()

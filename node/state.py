@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from core_cy import replica_id
-from protocols.crdt import GCounter, ORMap, take_deltas
+from protocols.crdt import GCounter, ORMap, decode_fields, encode_fields, merge_fields, take_deltas
 from protocols.delivery import DELIVER, DUPLICATE, HELD, AppliedIds, CausalOrder, mark_delivered
-from protocols.effects import Activate, Restore, WriteDone
+from protocols.effects import Activate, Forget, Persist, Restore, WriteDone
 from protocols.replication import Replication, ReplicationError
 from protocols.routing import Refusal
 from protocols.wire import ErrorCode
 
+from . import storage as stored
 from .agents import AgentError, behaviors
 
 if TYPE_CHECKING:
@@ -54,7 +55,9 @@ class ReplicatedState:
             node.node_id, self.replica, time.time_ns, n=cfg.replicas,
             write_timeout_s=cfg.write_timeout_s, gather_timeout_s=cfg.handoff_timeout_s,
             failover_rate=cfg.failover_rate, epoch_start=generation,
-            observe_lag=node.metrics.replication_lag)
+            observe_lag=node.metrics.replication_lag, persist=bool(cfg.storage_path))
+        self.storage: stored.Storage | None = None
+        self._stored_seq: dict[str, int] = {}  # per agent: the last seq in storage
         host = node.host
         host.replica, host.clock = self.replica, time.time_ns
         host._state_for = self.state_for
@@ -71,7 +74,8 @@ class ReplicatedState:
     @property
     def effects(self) -> dict:
         return {Restore: self._on_restore, WriteDone: self._on_write_done,
-                Activate: self._on_activate}
+                Activate: self._on_activate, Persist: lambda e: self._persist(e, None),
+                Forget: self._forget}
 
     # ------------------------------------------------------------------ host hooks
 
@@ -127,8 +131,15 @@ class ReplicatedState:
             self._answer(reply_to, req, outcome)
             return
         consistency = req.consistency or self.node.config.consistency
-        self.node._run(self.machine.wrote(agent_id, deltas, consistency,
-                                          (reply_to, req, outcome, consistency), now))
+        held = _HeldReply(reply_to, req, outcome, consistency,
+                          2 if self.storage is not None else 1)
+        effects = []
+        for effect in self.machine.wrote(agent_id, deltas, consistency, held, now):
+            if type(effect) is Persist:
+                self._persist(effect, held)  # the reply waits for the disk too
+            else:
+                effects.append(effect)
+        self.node._run(effects)
         self.node._arm("replication", self.machine)
 
     def _remember(self, fields: dict, msg_id: str, outcome: tuple) -> None:
@@ -223,15 +234,93 @@ class ReplicatedState:
     # ------------------------------------------------------------------ effects
 
     def _on_write_done(self, effect: WriteDone) -> None:
-        reply_to, req, outcome, consistency = effect.handle
-        if effect.ok:
-            self._answer(reply_to, req, outcome)
+        held = effect.handle
+        if not effect.ok:
+            self.node.metrics.limited("write_consistency_timeout")
+            held.failed(f"write applied on the owner and {effect.acks} replica(s); "
+                        f"consistency {held.consistency} needs {effect.needed}: it may or "
+                        "may not last")
+        self._part_done(held)
+
+    def _part_done(self, held: "_HeldReply") -> None:
+        held.parts -= 1
+        if held.parts:
             return
-        self.node.metrics.limited("write_consistency_timeout")
-        self.node._reply_error(
-            reply_to, req.id, ErrorCode.TIMEOUT,
-            f"write applied on the owner and {effect.acks} replica(s); consistency "
-            f"{consistency} needs {effect.needed}: it may or may not last", req.type)
+        if held.problem is None:
+            self._answer(held.reply_to, held.req, held.outcome)
+        else:
+            self.node._reply_error(held.reply_to, held.req.id, ErrorCode.TIMEOUT,
+                                   held.problem, held.req.type)
+
+    # ------------------------------------------------------------------ storage
+
+    def open_storage(self, loop: Any) -> int:
+        """Open ``storage_path`` and read every copy kept there back into records
+        (before the node joins: the first ring change re-places them).  Returns how
+        many agents came back."""
+        cfg = self.node.config
+        if not cfg.storage_path:
+            return 0
+        self._loop = loop
+        self.storage = stored.Storage(
+            cfg.storage_path, sync=cfg.storage_sync,
+            on_snapshot_wanted=lambda agent: loop.call_soon_threadsafe(self._compact, agent))
+        count = 0
+        for row in self.storage.load():
+            fields: dict = {}
+            for data in ([row.snapshot] if row.snapshot else []) + list(row.deltas):
+                merge_fields(fields, decode_fields(msgpack.unpackb(data, raw=False)))
+            self.machine.recovered(row.agent, row.behavior, fields)
+            self._stored_seq[row.agent] = row.seq
+            count += 1
+        return count
+
+    def _persist(self, effect: Persist, held: "_HeldReply | None") -> None:
+        store = self.storage
+        if store is None:
+            return
+        agent_id = effect.agent_id
+        seq = self._stored_seq[agent_id] = self._stored_seq.get(agent_id, 0) + 1
+        data = msgpack.packb(effect.fields, use_bin_type=True)
+        done = None if held is None else self._when_stored(held)
+        if not store.submit([stored.delta(agent_id, effect.behavior, seq, data)], done):
+            self.node.metrics.limited("storage_queue_full")
+            if held is not None:
+                self._stored(held, stored.StorageError(store.path, "storage queue full"))
+
+    def _when_stored(self, held: "_HeldReply") -> Any:
+        loop = self._loop
+
+        def done(error: Exception | None) -> None:  # runs on the storage writer thread
+            loop.call_soon_threadsafe(self._stored, held, error)
+        return done
+
+    def _stored(self, held: "_HeldReply", error: Exception | None) -> None:
+        if error is not None:
+            self.node.metrics.limited("storage_write_failed")
+            self.node.log.error("storage_write_failed", error=str(error)[:300])
+            held.failed(f"write applied in memory but not stored ({error}): it may or "
+                        "may not last")
+        self._part_done(held)
+
+    def _forget(self, effect: Forget) -> None:
+        if self.storage is not None:
+            self._stored_seq.pop(effect.agent_id, None)
+            self.storage.submit([stored.delete(effect.agent_id)])
+
+    def _compact(self, agent_id: str) -> None:
+        """Storage asks for a snapshot to replace an agent's deltas."""
+        rec = self.machine.records.get(agent_id)
+        if rec is None or self.storage is None:
+            return
+        data = msgpack.packb(encode_fields(rec.fields), use_bin_type=True)
+        self.storage.submit([stored.snapshot(agent_id, rec.behavior,
+                                             self._stored_seq.get(agent_id, 0), data)])
+
+    def close(self) -> None:
+        if self.storage is not None:
+            self.storage.close()
+            self.storage = None
 
     def hold_for_gather(self, req: Any, reply_to: Any, route: tuple) -> bool:
         """A miss for an agent whose copies may be on other nodes: hold the request
@@ -302,6 +391,25 @@ class ReplicatedState:
 
     def events(self) -> dict[str, int]:
         return {**self.machine.stats, "duplicates": self.duplicates}
+
+
+class _HeldReply:
+    """A turn's reply waiting for its write's consistency (and, with storage on,
+    for the local disk): ``parts`` still to come; ``problem`` once one failed."""
+
+    __slots__ = ("reply_to", "req", "outcome", "consistency", "parts", "problem")
+
+    def __init__(self, reply_to: Any, req: Any, outcome: tuple, consistency: str, parts: int):
+        self.reply_to = reply_to
+        self.req = req
+        self.outcome = outcome
+        self.consistency = consistency
+        self.parts = parts
+        self.problem: str | None = None
+
+    def failed(self, problem: str) -> None:
+        if self.problem is None:
+            self.problem = problem
 
 
 def _delivered_clock(fields: dict, replica: int) -> ORMap:

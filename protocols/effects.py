@@ -160,3 +160,21 @@ class Activate:
     thousands of agents at once)."""
 
     agent_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Keep ``fields`` (``encode_fields`` form: a delta or a copy to join) of the
+    agent's record in local storage; ``handle`` (or None) is released by a
+    ``WriteDone`` only once it is durable (the node's business)."""
+
+    agent_id: str
+    behavior: str
+    fields: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """This node holds no copy of ``agent_id`` any more: drop it from local storage."""
+
+    agent_id: str

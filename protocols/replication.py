@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterable
 from core_cy import HashRing
 
 from .crdt import CrdtError, bind_fields, decode_fields, encode_fields, merge_fields
-from .effects import REPLICATE, Activate, Restore, Send, WriteDone
+from .effects import REPLICATE, Activate, Forget, Persist, Restore, Send, WriteDone
 from .routing import Refusal
 from .wire import ErrorCode
 
@@ -142,7 +142,7 @@ class Replication:
                  resend_s: float = 0.2, failover_rate: float = 1000.0,
                  held_max: int = 10_000, held_bytes_max: int = 64 << 20,
                  waits_max: int = 100_000, epoch_start: int = 0,
-                 observe_lag: Callable[[float], None] | None = None):
+                 observe_lag: Callable[[float], None] | None = None, persist: bool = False):
         if n < 1 or not write_timeout_s > 0 or not gather_timeout_s > 0 or not resend_s > 0:
             raise ValueError("n >= 1 and positive timeouts")
         if not failover_rate > 0:
@@ -160,6 +160,7 @@ class Replication:
         self._waits_max = waits_max
         self._epoch = epoch_start
         self._observe_lag = observe_lag or (lambda seconds: None)
+        self.persist = persist  # emit Persist/Forget for local storage (storage_path)
         self.records: dict[str, Record] = {}
         self._rings: list[HashRing] = [HashRing((node_id,))]
         self._reachable: set[str] = set()
@@ -228,7 +229,7 @@ class Replication:
             if owner == me:
                 self._owned_after_change(agent_id, rec, now)
             else:
-                self._held_after_change(agent_id, rec, before, now_list, now)
+                self._held_after_change(agent_id, rec, before, now_list, now, effects)
         return effects
 
     def _owned_after_change(self, agent_id: str, rec: Record, now: float) -> None:
@@ -242,7 +243,7 @@ class Replication:
             self._activate.append(agent_id)  # failover: wake it, paced
 
     def _held_after_change(self, agent_id: str, rec: Record, before: list, after: list,
-                           now: float) -> None:
+                           now: float, effects: list) -> None:
         """Someone else owns it now: make sure they have what we hold."""
         me = self.node_id
         if rec.primary:
@@ -255,7 +256,7 @@ class Replication:
             rec.push_to = (rec.push_to or set()) | targets
             self._repair_soon(agent_id, rec, now)
         elif me not in after:
-            self._drop(agent_id)
+            effects.extend(self._drop(agent_id))
 
     def released(self, agent_id: str, now: float) -> list:
         """The node handed the agent to its new owner: our record is a copy now."""
@@ -378,6 +379,7 @@ class Replication:
             for to in rec.acked or ():
                 effects.append(Send(to, REPLICATE, message))
                 self.stats["deltas_sent"] += 1
+            effects.extend(self._kept(agent_id, rec, message["f"]))
         have = sum(1 for seq in (rec.acked or {}).values() if seq >= rec.seq)
         if needed <= have:
             effects.append(WriteDone(handle, True, have, needed))
@@ -429,7 +431,7 @@ class Replication:
         self._merge(rec, _fields(m))
         rec.seq, rec.behavior = seq, behavior
         self.stats["deltas_applied"] += 1
-        return [self._ack(sender, agent_id, epoch, seq)]
+        return [self._ack(sender, agent_id, epoch, seq), *self._kept(agent_id, rec, m["f"])]
 
     def _on_full(self, sender: str, agent_id: str, m: dict, now: float) -> list:
         epoch, seq, behavior = _u64(m, "e"), _u64(m, "s"), _behavior(m)
@@ -444,7 +446,7 @@ class Replication:
             rec.src, rec.epoch, rec.behavior = sender, epoch, behavior
             rec.seq = max(rec.seq, seq) if same else seq
             rec.push_to = None if self.node_id in self.replicas(agent_id) else rec.push_to
-        return [self._ack(sender, agent_id, epoch, seq)]
+        return [self._ack(sender, agent_id, epoch, seq), *self._kept(agent_id, rec, m["f"])]
 
     def _on_ack(self, sender: str, agent_id: str, m: dict, now: float) -> list:
         epoch, seq = _u64(m, "e"), _u64(m, "s")
@@ -498,7 +500,8 @@ class Replication:
             self._repair_soon(agent_id, rec, now)
         elif self.replicas(agent_id)[:1] == [self.node_id] and agent_id not in self._gathers:
             self._activate.append(agent_id)
-        return [Send(sender, REPLICATE, {"k": "pa", "a": agent_id})]
+        return [Send(sender, REPLICATE, {"k": "pa", "a": agent_id}),
+                *self._kept(agent_id, rec, m["f"])]
 
     def _on_push_ack(self, sender: str, agent_id: str, m: dict, now: float) -> list:
         rec = self.records.get(agent_id)
@@ -508,8 +511,8 @@ class Replication:
         if not rec.push_to:
             rec.push_to = None
             if self.node_id not in self.replicas(agent_id) and not rec.primary:
-                self._drop(agent_id)
-            elif not self._behind(rec):
+                return self._drop(agent_id)
+            if not self._behind(rec):
                 self._dirty.discard(agent_id)
         return []
 
@@ -530,10 +533,13 @@ class Replication:
             if rec is None:
                 rec = self.records[agent_id] = Record(behavior)
             self._merge(rec, fields)
+            kept = self._kept(agent_id, rec, m["f"])
+        else:
+            kept = []
         gather.answered.add(sender)
         if gather.asked <= gather.answered:
-            return [self._finish_gather(agent_id)]
-        return []
+            return [*kept, self._finish_gather(agent_id)]
+        return kept
 
     def _merge(self, rec: Record, fields: dict) -> None:
         """Join a copy into a record; fields new to an owned record are stamped with
@@ -564,10 +570,23 @@ class Replication:
     def _behind(rec: Record) -> bool:
         return bool(rec.acked) and any(seq < rec.seq or seq < 0 for seq in rec.acked.values())
 
-    def _drop(self, agent_id: str) -> None:
+    def _drop(self, agent_id: str) -> list:
         self.records.pop(agent_id, None)
         self._dirty.discard(agent_id)
         self.stats["dropped"] += 1
+        return [Forget(agent_id)] if self.persist else []
+
+    def _kept(self, agent_id: str, rec: Record, fields: Any) -> list:
+        """What local storage must keep of a change to ``rec``."""
+        return [Persist(agent_id, rec.behavior, fields)] if self.persist else []
+
+    def recovered(self, agent_id: str, behavior: str, fields: dict) -> None:
+        """A copy read back from local storage at start: held, owned by nobody yet
+        (the first ring change re-places it like any other copy)."""
+        rec = self.records.get(agent_id)
+        if rec is None:
+            rec = self.records[agent_id] = Record(behavior)
+        merge_fields(rec.fields, fields)
 
     def tick(self, now: float) -> list:
         effects: list = []
