@@ -16,10 +16,12 @@ from typing import Any
 import msgpack
 import zmq
 
+from protocols import wire
+
 from . import config as config_mod
 from . import logs, ready
 from .agents import BehaviorError
-from .client import CallTimeout, Client, RemoteError
+from .client import RESENT, CallTimeout, Client, RemoteError
 
 EXIT_REMOTE_ERROR = 1   # ctl: the node answered with an error; node: cannot start
 EXIT_USAGE = 2          # a bad argument, config value or behavior module
@@ -215,6 +217,24 @@ TYPE_HELP = ("message type: the name a @handler of the agent's behavior handles,
              "'incr' for counter (built-ins: echo takes any type; counter: incr, decr, "
              "get; kv: put, get, delete, keys)")
 DATA_HELP = "message data as JSON (default: null)"
+CONSISTENCY_HELP = ("when a write is acknowledged: local (the owner applied it), quorum (a "
+                    "majority of the agent's replicas hold it), all (every replica does); "
+                    "default: the node's configured default")
+DELIVERY_HELP = ("at_most_once (sent once; the default), at_least_once (resent with the same "
+                 "id until a reply or --timeout), exactly_once (resent, and the agent runs it "
+                 "once per id), causal (the agent sees it after the messages it depends on); "
+                 "with at_least_once or exactly_once a send waits for the node's "
+                 "acknowledgment")
+# Kept in wire's order of strength, for the help text (wire has them as frozensets).
+CONSISTENCY_CHOICES = (wire.CONSISTENCY_LOCAL, wire.CONSISTENCY_QUORUM, wire.CONSISTENCY_ALL)
+DELIVERY_CHOICES = (wire.DELIVERY_AT_MOST_ONCE, wire.DELIVERY_AT_LEAST_ONCE,
+                    wire.DELIVERY_EXACTLY_ONCE, wire.DELIVERY_CAUSAL)
+
+
+def _guarantee_options(parser: argparse.ArgumentParser) -> None:
+    """--consistency and --delivery of call and send (docs/PROTOCOL.md section 2.4)."""
+    parser.add_argument("--consistency", choices=CONSISTENCY_CHOICES, help=CONSISTENCY_HELP)
+    parser.add_argument("--delivery", choices=DELIVERY_CHOICES, help=DELIVERY_HELP)
 
 
 def _ctl_parser() -> argparse.ArgumentParser:
@@ -231,14 +251,13 @@ def _ctl_parser() -> argparse.ArgumentParser:
                        **kwargs)
     sub.add_parser = add_parser
 
-    p = sub.add_parser("call", help="call an agent and print its reply as JSON")
-    p.add_argument("agent", help=AGENT_HELP)
-    p.add_argument("type", help=TYPE_HELP)
-    p.add_argument("data", nargs="?", type=_json_arg, help=DATA_HELP)
-    p = sub.add_parser("send", help="one-way message to an agent (no reply; prints 'sent')")
-    p.add_argument("agent", help=AGENT_HELP)
-    p.add_argument("type", help=TYPE_HELP)
-    p.add_argument("data", nargs="?", type=_json_arg, help=DATA_HELP)
+    for name, what in (("call", "call an agent and print its reply as JSON"),
+                       ("send", "one-way message to an agent (no reply; prints 'sent')")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("agent", help=AGENT_HELP)
+        p.add_argument("type", help=TYPE_HELP)
+        p.add_argument("data", nargs="?", type=_json_arg, help=DATA_HELP)
+        _guarantee_options(p)
     p = sub.add_parser("spawn", help="start an agent with a behavior")
     p.add_argument("behavior", help="behavior name, e.g. counter")
     p.add_argument("agent", help="agent id, any string")
@@ -267,9 +286,11 @@ def _ctl_parser() -> argparse.ArgumentParser:
 def _run_command(client: Client, args: argparse.Namespace) -> Any:
     cmd = args.command
     if cmd == "call":
-        return client.call(args.agent, args.type, args.data)
+        return client.call(args.agent, args.type, args.data, consistency=args.consistency,
+                           delivery=args.delivery)
     if cmd == "send":
-        client.send(args.agent, args.type, args.data)
+        client.send(args.agent, args.type, args.data, consistency=args.consistency,
+                    delivery=args.delivery)
         client.ping()  # same connection, in order: the node has the message when this returns
         return None
     if cmd == "spawn":
@@ -340,7 +361,8 @@ def _timeout_message(client: Client, args: argparse.Namespace) -> str:
     commands a short ping tells a stopped node from a slow agent."""
     nothing = (f"error timeout: nothing answered at {args.node} within {args.timeout:g} s "
                "(is a node running there?)")
-    if args.command in ("send", "publish", "ping", "members"):
+    acknowledged = args.command == "send" and getattr(args, "delivery", None) in RESENT
+    if args.command in ("send", "publish", "ping", "members") and not acknowledged:
         return nothing
     try:
         client.ping(timeout_s=min(args.timeout, PROBE_TIMEOUT_S))

@@ -19,13 +19,30 @@ sets ``re`` whenever it could read the request id and these clients always send 
 readable id, so an error with ``re`` nil is never the answer to one of their calls.
 (A forged reply that names an id in flight cannot be told apart here: that needs
 authenticated transport.)
+
+Guarantees (docs/PROTOCOL.md section 2.4): ``call`` and ``send`` take
+``consistency`` ("local" | "quorum" | "all") and ``delivery`` ("at_most_once" |
+"at_least_once" | "exactly_once" | "causal").  With at_least_once or exactly_once
+the client resends the same request (same id) when no reply came within an attempt
+timeout of min(time left, ATTEMPT_TIMEOUT_S = 1 s), or when the node answered
+``unavailable`` or ``overloaded``, waiting between attempts per
+``protocols.delivery.Backoff``, until the call's ``timeout_s``; the first reply to
+any attempt is the answer, later ones count as late.  A ``send`` with either of
+them travels as a call whose reply is only its acknowledgment (``send`` returns
+None once the node acknowledged it).  exactly_once ids are ``N.SESSION`` so they are
+unique among all clients.  With causal, the client stamps each message with its
+vector clock for that agent (``session`` is this client's process id, a uuid4 hex)
+and merges the ``vc`` of each reply.  Calls without these options take the same
+path as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
+import uuid
 from collections import deque
 from typing import Any
 
@@ -33,6 +50,7 @@ import msgpack
 import zmq
 
 from protocols import wire
+from protocols.delivery import Backoff
 
 __all__ = ["Client", "AsyncClient", "RemoteError", "CallTimeout", "endpoint"]
 
@@ -41,6 +59,9 @@ OUTBOX_MAX = 100_000      # encoded requests waiting for the socket before send(
 CLOSE_LINGER_MS = 1000    # time unsent messages get to leave after close()
 READ_BATCH_MAX = 1024     # replies read per wake-up before yielding to the loop
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost on the hot path
+ATTEMPT_TIMEOUT_S = 1.0   # at_least_once / exactly_once: resend after this long without a reply
+RESENT = frozenset((wire.DELIVERY_AT_LEAST_ONCE, wire.DELIVERY_EXACTLY_ONCE))
+RETRY_CODES = frozenset((wire.ErrorCode.UNAVAILABLE, wire.ErrorCode.OVERLOADED))
 
 
 class RemoteError(Exception):
@@ -102,11 +123,15 @@ class _Requests:
     """Envelope building shared by both clients.
 
     Request ids are "1", "2", ... in order, so whether a reply's ``re`` names a
-    request this client sent is one comparison.
+    request this client sent is one comparison; exactly_once requests add
+    ".SESSION" (unique among clients, as the node dedups by agent and id).
     """
 
     def __init__(self) -> None:
         self.source = f"client-{os.getpid()}-{os.urandom(4).hex()}"
+        self.session = uuid.uuid4().hex
+        self.causal = _CausalClocks(self.session)
+        self.rng = random.Random()  # backoff jitter
         self._last_id = 0
 
     def next_id(self) -> str:
@@ -115,12 +140,164 @@ class _Requests:
 
     def sent(self, re: Any) -> bool:
         """True when ``re`` is the id of a request this client has sent."""
+        if type(re) is str and "." in re:
+            re, _, session = re.partition(".")
+            if session != self.session:
+                return False
         return (type(re) is str and 0 < len(re) <= 20 and re.isascii() and re.isdigit()
                 and re[0] != "0" and int(re) <= self._last_id)
+
+    def guaranteed(self, mtype: str, subject: str | None, data: Any, mode: str,
+                   consistency: str | None, delivery: str | None,
+                   options: dict) -> tuple[str, bytes]:
+        """A request with guarantees: its id and bytes (stamped, when causal)."""
+        rid = self.next_id()
+        if delivery == wire.DELIVERY_EXACTLY_ONCE:
+            rid = f"{rid}.{self.session}"
+        options = dict(options, consistency=consistency, delivery=delivery)
+        if delivery == wire.DELIVERY_CAUSAL:
+            options["session"], options["vc"] = self.causal.stamp(subject)
+        return rid, self.encode(rid, mtype, subject, data, mode, options)
 
     def encode(self, rid: str, mtype: str, subject: str | None, data: Any, mode: str,
                options: dict) -> bytes:
         return wire.encode(wire.request(rid, mtype, subject, data, mode, **options))
+
+
+class _AgentClock:
+    __slots__ = ("session", "sent", "learned")
+
+    def __init__(self, session: str):
+        self.session = session  # this client's process id for the agent
+        self.sent = 0           # causal messages sent to the agent under ``session``
+        self.learned: dict[str, int] = {}  # merged from the agent's replies
+
+
+class _CausalClocks:
+    """This client's vector clock per agent, for causal delivery (PROTOCOL.md 2.4).
+
+    One clock per agent, because an agent's delivered clock counts only the messages
+    delivered to it.  Kept for every agent the client sent a causal message to (a
+    small dict each).  When a causal message to an agent fails (an error, or no
+    reply), later ones under the same process id would wait for it forever, so the
+    client takes a new process id for that agent: what the agent confirmed of the
+    old one stays in the clock, so the new messages still follow it.
+    """
+
+    def __init__(self, session: str):
+        self._session = session
+        self._agents: dict[str | None, _AgentClock] = {}
+
+    def stamp(self, agent: str | None) -> tuple[str, dict[str, int]]:
+        """The process id and ``vc`` of the next causal message to ``agent``."""
+        clock = self._agents.get(agent)
+        if clock is None:
+            clock = self._agents[agent] = _AgentClock(self._session)
+        clock.sent += 1
+        vc = dict(clock.learned)
+        vc[clock.session] = clock.sent
+        return clock.session, vc
+
+    def merge(self, agent: str | None, vc: Any) -> None:
+        """Merge a reply's ``vc`` (the agent's delivered clock) into the agent's clock;
+        entries that are not (str, positive int) are ignored."""
+        clock = self._agents.get(agent)
+        if clock is None or type(vc) is not dict:
+            return
+        learned = clock.learned
+        for process, count in vc.items():
+            if (type(process) is str and 0 < len(process) <= wire.SESSION_LEN_MAX
+                    and type(count) is int and 0 < count <= wire.VC_COUNT_MAX
+                    and count > learned.get(process, 0)):
+                learned[process] = count
+        if len(learned) >= wire.VC_ENTRIES_MAX:  # keep room for our own entry
+            # Fewer entries only weaken what a message waits for, never reorder.
+            kept = sorted(learned.items(), key=lambda item: item[1])[-(wire.VC_ENTRIES_MAX - 1):]
+            clock.learned = dict(kept)
+
+    def failed(self, agent: str | None) -> None:
+        """A causal message to ``agent`` was not delivered: use a new process id."""
+        clock = self._agents.get(agent)
+        if clock is not None:
+            clock.session = uuid.uuid4().hex
+            clock.sent = 0
+
+    def session_for(self, agent: str | None) -> str:
+        clock = self._agents.get(agent)
+        return self._session if clock is None else clock.session
+
+
+class _Attempts:
+    """When a call with guarantees sends again, waits, or gives up: the retry rule
+    shared by both clients, each driving it with its own I/O.
+
+    After each send, ``wait_s`` says how long to wait for a reply; then ``step``
+    with the envelope that came (or None) says what next: "send" (send the same
+    bytes again), "wait" (back off, still taking a reply), or "done": then
+    ``settle`` gives the call's result or raises.  Only at_least_once and
+    exactly_once resend; other calls wait until their deadline once.
+    """
+
+    def __init__(self, requests: _Requests, mtype: str, subject: str | None,
+                 delivery: str | None, timeout_s: float, now: float):
+        self.resend = delivery in RESENT
+        self.timeout_s = timeout_s
+        self.deadline = now + timeout_s
+        self.sends = 0
+        self._requests = requests
+        self._what = (mtype, subject, delivery)
+        self._backoff = Backoff(deadline_s=self.deadline, rng=requests.rng)
+        self._until = self.deadline
+        self._backing_off = False
+        self._last_error: RemoteError | None = None
+
+    def sent(self, now: float) -> None:
+        self.sends += 1
+        self._backing_off = False
+        self._until = min(self.deadline, now + ATTEMPT_TIMEOUT_S) if self.resend else self.deadline
+
+    def wait_s(self, now: float) -> float:
+        return max(0.0, self._until - now)
+
+    def step(self, envelope: dict | None, now: float) -> str:
+        if envelope is None:  # silence
+            if now >= self.deadline or not self.resend:
+                return "done"
+            return "send" if self._backing_off else self._back_off(now)
+        if not self.resend or envelope.get("type") != wire.TYPE_ERROR:
+            return "done"
+        error = _remote_error(envelope)
+        if error.code not in RETRY_CODES:
+            return "done"
+        self._last_error = error
+        return self._back_off(now)
+
+    def _back_off(self, now: float) -> str:
+        delay = self._backoff.next_delay(now)
+        if delay is None:
+            return "done"
+        self._backing_off = True
+        self._until = now + delay
+        return "wait"
+
+    def settle(self, envelope: dict | None) -> Any:
+        """The call's result: the data of ``envelope``, the answer (merging its
+        ``vc`` when causal); or raise its error, or, without an answer, the last
+        retryable error the node gave, else CallTimeout."""
+        mtype, subject, delivery = self._what
+        causal = self._requests.causal if delivery == wire.DELIVERY_CAUSAL else None
+        if envelope is not None and envelope.get("type") != wire.TYPE_ERROR:
+            if causal is not None:
+                causal.merge(subject, envelope.get("vc"))
+            return envelope.get("data")
+        if causal is not None:  # not delivered: later messages must not wait for it
+            causal.failed(subject)
+        if envelope is not None:
+            raise _remote_error(envelope)
+        if self._last_error is not None:
+            raise self._last_error
+        raise CallTimeout(f"no reply to {mtype} for {subject!r} within {self.timeout_s} s "
+                          f"({self.sends} sends)")
 
 
 class Client:
@@ -146,31 +323,77 @@ class Client:
         self._req = _Requests()
 
     def call(self, agent: str, type: str, data: Any = None, *, timeout_s: float | None = None,
+             consistency: str | None = None, delivery: str | None = None,
              **options: Any) -> Any:
-        """Send a request and return the reply data; raises RemoteError or CallTimeout."""
-        return self._call(type, agent, data, timeout_s, options)
+        """Send a request and return the reply data; raises RemoteError or CallTimeout.
+
+        ``consistency`` and ``delivery``: see the module docstring (PROTOCOL.md 2.4).
+        """
+        if consistency is None and delivery is None:
+            return self._call(type, agent, data, timeout_s, options)
+        return self._guaranteed(type, agent, data, wire.MODE_CALL, timeout_s, consistency,
+                                delivery, options)
 
     def _call(self, mtype: str, subject: str | None, data: Any, timeout_s: float | None,
               options: dict) -> Any:
         rid = self._req.next_id()
         self._sock.send(self._req.encode(rid, mtype, subject, data, wire.MODE_CALL, options))
         timeout_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
+        envelope = self._reply_within(rid, timeout_ms)
+        if envelope is None:
+            raise CallTimeout(f"no reply to {mtype} for {subject!r} within {timeout_ms} ms")
+        return _result(envelope)
+
+    def _reply_within(self, rid: str, timeout_ms: int) -> dict | None:
+        """The reply to ``rid`` if it comes within ``timeout_ms``; other replies read
+        meanwhile are dropped and counted."""
         deadline = _Deadline(timeout_ms)
         while True:
             remaining = deadline.remaining_ms()
             if remaining <= 0 or not self._sock.poll(remaining, zmq.POLLIN):
-                raise CallTimeout(f"no reply to {mtype} for {subject!r} within {timeout_ms} ms")
+                return None
             envelope = _decode(self._sock.recv())
             re = envelope.get("re") if envelope is not None else None
             if type(re) is str and re == rid:
-                return _result(envelope)
+                return envelope
             if self._req.sent(re):
                 self.late_replies += 1
             else:
                 self.unmatched_replies += 1
 
-    def send(self, agent: str, type: str, data: Any = None, **options: Any) -> None:
-        """One-way message: no reply; errors are counted at the node."""
+    def _guaranteed(self, mtype: str, subject: str, data: Any, mode: str,
+                    timeout_s: float | None, consistency: str | None, delivery: str | None,
+                    options: dict) -> Any:
+        """A call (or an acknowledged send) with guarantees: resent per ``_Attempts``."""
+        if delivery in RESENT:
+            mode = wire.MODE_CALL
+        rid, payload = self._req.guaranteed(mtype, subject, data, mode, consistency,
+                                            delivery, options)
+        if mode != wire.MODE_CALL:  # a causal send: stamped, sent once, no reply
+            self._sock.send(payload)
+            return None
+        attempts = _Attempts(self._req, mtype, subject, delivery, self.timeout_s
+                             if timeout_s is None else timeout_s, time.monotonic())
+        action = "send"
+        while action != "done":
+            if action == "send":
+                self._sock.send(payload)
+                attempts.sent(time.monotonic())
+            envelope = self._reply_within(rid, int(1000 * attempts.wait_s(time.monotonic())))
+            action = attempts.step(envelope, time.monotonic())
+        return attempts.settle(envelope)
+
+    def send(self, agent: str, type: str, data: Any = None, *, consistency: str | None = None,
+             delivery: str | None = None, **options: Any) -> None:
+        """One-way message: no reply; errors are counted at the node.
+
+        With ``delivery`` at_least_once or exactly_once it is sent as a call and this
+        returns once the node acknowledged it (raising as ``call`` does otherwise).
+        """
+        if consistency is not None or delivery is not None:
+            self._guaranteed(type, agent, data, wire.MODE_SEND, None, consistency, delivery,
+                             options)
+            return
         rid = self._req.next_id()
         self._sock.send(self._req.encode(rid, type, agent, data, wire.MODE_SEND, options))
 
@@ -302,21 +525,42 @@ class AsyncClient:
         self._waiting: deque[tuple[_Call, bytes, str, str | None, float | None]] = deque()
         self._flush_scheduled = False
         self._closed = False
+        # Calls with guarantees: the reply waiter of each by request id.  Their replies
+        # miss ``_pending`` and reach ``_drop``, so plain calls pay nothing for them.
+        self._guaranteed_waiters: dict[str, asyncio.Future] = {}
+        self._guaranteed_slots = asyncio.Semaphore(in_flight_max)
         self._loop.add_reader(self._sock.FD, self._on_readable)
 
     # Public API ------------------------------------------------------------
 
     def call(self, agent: str, type: str, data: Any = None, *,
-             timeout_s: float | None = None, **options: Any) -> "asyncio.Future[Any]":
+             timeout_s: float | None = None, consistency: str | None = None,
+             delivery: str | None = None, **options: Any) -> "asyncio.Future[Any]":
         """``await c.call(...)``: the reply data, or RemoteError / CallTimeout.
 
         Not a coroutine: the request is queued for sending now, and the returned
-        future is what ``gather`` waits on, so no task is made per call.
+        future is what ``gather`` waits on, so no task is made per call.  A call
+        with ``consistency`` or ``delivery`` (module docstring) is a task: it may
+        send several times.  Those calls have their own ``in_flight_max`` slots.
         """
-        return self._call(type, agent, data, timeout_s, options)
+        if consistency is None and delivery is None:
+            return self._call(type, agent, data, timeout_s, options)
+        return self._loop.create_task(self._guaranteed(type, agent, data, wire.MODE_CALL,
+                                                       timeout_s, consistency, delivery,
+                                                       options))
 
-    async def send(self, agent: str, type: str, data: Any = None, **options: Any) -> None:
-        """One-way message: no reply; errors are counted at the node."""
+    async def send(self, agent: str, type: str, data: Any = None, *,
+                   consistency: str | None = None, delivery: str | None = None,
+                   **options: Any) -> None:
+        """One-way message: no reply; errors are counted at the node.
+
+        With ``delivery`` at_least_once or exactly_once it is sent as a call and this
+        returns once the node acknowledged it (raising as ``call`` does otherwise).
+        """
+        if consistency is not None or delivery is not None:
+            await self._guaranteed(type, agent, data, wire.MODE_SEND, None, consistency,
+                                   delivery, options)
+            return
         await self._outbox_room()
         self._enqueue(self._req.encode(self._req.next_id(), type, agent, data,
                                        wire.MODE_SEND, options))
@@ -381,6 +625,46 @@ class AsyncClient:
         else:
             self._start(future, rid, payload, mtype, subject, timeout_s)
         return future
+
+    async def _guaranteed(self, mtype: str, subject: str, data: Any, mode: str,
+                          timeout_s: float | None, consistency: str | None,
+                          delivery: str | None, options: dict) -> Any:
+        """A call (or an acknowledged send) with guarantees: resent per ``_Attempts``."""
+        if delivery in RESENT:
+            mode = wire.MODE_CALL
+        await self._outbox_room()
+        rid, payload = self._req.guaranteed(mtype, subject, data, mode, consistency,
+                                            delivery, options)
+        if mode != wire.MODE_CALL:  # a causal send: stamped, sent once, no reply
+            self._enqueue(payload)
+            return None
+        async with self._guaranteed_slots:
+            loop = self._loop
+            attempts = _Attempts(self._req, mtype, subject, delivery, self.timeout_s
+                                 if timeout_s is None else timeout_s, loop.time())
+            action = "send"
+            try:
+                while action != "done":
+                    if action == "send":
+                        self._enqueue(payload)
+                        attempts.sent(loop.time())
+                    envelope = await self._reply_within(rid, attempts.wait_s(loop.time()))
+                    action = attempts.step(envelope, loop.time())
+            finally:
+                self._guaranteed_waiters.pop(rid, None)
+            return attempts.settle(envelope)
+
+    async def _reply_within(self, rid: str, seconds: float) -> dict | None:
+        """The reply envelope to ``rid`` if one comes within ``seconds``, else None."""
+        if self._closed:
+            raise RuntimeError("client closed")
+        waiter = self._loop.create_future()
+        self._guaranteed_waiters[rid] = waiter
+        timer = self._loop.call_later(seconds, _settle, waiter, None)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
 
     def _start(self, future: _Call, rid: str, payload: bytes, mtype: str,
                subject: str | None, timeout_s: float | None) -> None:
@@ -495,7 +779,7 @@ class AsyncClient:
             re = envelope.get("re") if envelope is not None else None
             future = pending.pop(re, None) if type(re) is str else None
             if future is None:
-                self._drop(re)
+                self._drop(re, envelope)
                 continue
             if future.done():  # cannot happen (cancel and expiry unlist it); never crash here
                 self.late_replies += 1
@@ -512,8 +796,14 @@ class AsyncClient:
         if answered and self._waiting:
             self._admit_waiting()
 
-    def _drop(self, re: Any) -> None:
-        """Count a reply that answers no call in flight (see the class docstring)."""
+    def _drop(self, re: Any, envelope: dict | None) -> None:
+        """A reply that answers no plain call in flight: the answer to a call with
+        guarantees, or dropped and counted (see the class docstring)."""
+        waiter = (self._guaranteed_waiters.get(re)
+                  if self._guaranteed_waiters and type(re) is str else None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(envelope)
+            return
         if self._req.sent(re):
             self.late_replies += 1
         else:
@@ -530,7 +820,7 @@ class AsyncClient:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        for future in self._pending.values():
+        for future in (*self._pending.values(), *self._guaranteed_waiters.values()):
             if not future.done():
                 future.set_exception(RuntimeError("client closed"))
         self._pending.clear()
@@ -539,6 +829,11 @@ class AsyncClient:
                 future.set_exception(RuntimeError("client closed"))
         self._waiting.clear()
         self._sock.close(linger=CLOSE_LINGER_MS)
+
+
+def _settle(waiter: asyncio.Future, value: Any) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
 
 
 def _sweep_period_s(timeout_s: float) -> float:
