@@ -379,6 +379,10 @@ class Replication:
             for to in rec.acked or ():
                 effects.append(Send(to, REPLICATE, message))
                 self.stats["deltas_sent"] += 1
+            if rec.acked:  # checked again after resend_s: a lost delta or ack is repaired
+                if agent_id not in self._dirty:
+                    rec.repair_at = now + self._resend_s
+                self._dirty.add(agent_id)
             effects.extend(self._kept(agent_id, rec, message["f"]))
         have = sum(1 for seq in (rec.acked or {}).values() if seq >= rec.seq)
         if needed <= have:
@@ -481,6 +485,7 @@ class Replication:
         return effects
 
     def _on_need(self, sender: str, agent_id: str, m: dict, now: float) -> list:
+        _u64(m, "e")
         rec = self.records.get(agent_id)
         self.stats["needs"] += 1
         if rec is None or not rec.primary or rec.acked is None or sender not in rec.acked:
@@ -544,7 +549,10 @@ class Replication:
     def _merge(self, rec: Record, fields: dict) -> None:
         """Join a copy into a record; fields new to an owned record are stamped with
         our replica (its next writes are ours)."""
-        merge_fields(rec.fields, fields)
+        try:
+            merge_fields(rec.fields, fields)
+        except CrdtError as exc:  # a field of another type under the same name
+            raise ReplicationError("bad_state", str(exc)[:300]) from None
         if rec.primary:
             bind_fields(rec.fields, self.replica, self.clock)
 
@@ -710,7 +718,7 @@ def _check(message: Any) -> tuple[str, str]:
     if type(message) is not dict:
         raise ReplicationError("bad_message", "a replication message is a map")
     kind = message.get("k")
-    if kind not in KINDS:
+    if type(kind) is not str or kind not in KINDS:
         raise ReplicationError("bad_kind", f"unknown kind {kind!r}")
     agent_id = message.get("a")
     if type(agent_id) is not str or not 0 < len(agent_id) <= AGENT_ID_CHARS_MAX:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -33,9 +34,9 @@ sys.exit({entry}())
 """
 
 
-def readme_module() -> tuple[str, str]:
-    """(module name, code) of the README's "Writing a behavior" example."""
-    section = (REPO / "README.md").read_text().split("## Writing a behavior", 1)[1]
+def readme_module(heading: str = "## Writing a behavior") -> tuple[str, str]:
+    """(module name, code) of the README's example under ``heading``."""
+    section = (REPO / "README.md").read_text().split(heading, 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     name = re.match(r"# (\w+)\.py\n", code).group(1)
     assert f"--behavior {name}" in section, "the README runs the module it shows"
@@ -97,6 +98,41 @@ def test_readme_behavior_example_runs_as_written(tmp_path):
             assert err.value.code == "bad_request"
             reply = c.call("greeter/ann", "fingerprint", {"name": "Ann"})
             assert len(reply["fingerprint"]) == 16 and reply["request"]
+    finally:
+        node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(10)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait(5)
+
+
+def test_readme_replicated_state_example_runs_as_written(tmp_path):
+    """The "Replicated state" example: its module, and its synthesis-ctl line with
+    --consistency and --delivery, against a node started the way the README says."""
+    name, code = readme_module("### Replicated state")
+    section = (REPO / "README.md").read_text().split("### Replicated state", 1)[1]
+    ctl_line = re.search(r"synthesis-ctl (call .*)\n", section).group(1)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / f"{name}.py").write_text(code)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NOTIFY_SOCKET")}
+    address = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "node.log"
+    with open(log, "wb") as log_file:
+        node = subprocess.Popen(
+            [command("synthesis-node", tmp_path), "--behavior", name, "--listen", address,
+             "--pub", f"127.0.0.1:{free_port()}", "--metrics", "off"],
+            cwd=work, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_serving(node, address, log)
+        ctl = subprocess.run([command("synthesis-ctl", tmp_path), "--node", address,
+                              *shlex.split(ctl_line)],
+                             cwd=work, env=env, capture_output=True, text=True, timeout=30)
+        assert ctl.returncode == 0, ctl.stderr
+        assert json.loads(ctl.stdout) == {"members": ["ann"]}
+        with Client(address, timeout_s=10) as c:
+            assert c.call("room/lobby", "join", {"user": "bo"}) == {"members": ["ann", "bo"]}
     finally:
         node.send_signal(signal.SIGTERM)
         try:

@@ -300,7 +300,6 @@ def test_a_full_state_applied_twice_changes_nothing():
 
 # ====================================================================== repair
 
-@pytest.mark.xfail(strict=True, reason=BUG_NO_REPAIR)
 @pytest.mark.parametrize("lost", ["delta", "ack"])
 def test_a_replica_behind_is_repaired_by_tick_without_a_new_write(lost):
     c = Cluster("abc")
@@ -537,8 +536,7 @@ GOOD_FIELDS = encode_fields({"n": PNCounter().bind(7).increment(2)})
     ({"k": "d", "a": "x", "b": BEHAVIOR, "e": -1, "s": 1, "f": GOOD_FIELDS}, "bad_seq"),
     ({"k": "d", "a": "x", "b": BEHAVIOR, "e": 1, "s": 1 << 64, "f": GOOD_FIELDS}, "bad_seq"),
     ({"k": "a", "a": "x", "e": True, "s": 1}, "bad_seq"),
-    pytest.param({"k": "n", "a": "x", "e": "1"}, "bad_seq", marks=pytest.mark.xfail(
-        strict=True, reason="replication.py: _on_need never reads 'e' (no _u64(m, 'e'))")),
+    ({"k": "n", "a": "x", "e": "1"}, "bad_seq"),
     ({"k": "f", "a": "x", "b": BEHAVIOR, "e": 1.5, "s": 1, "f": GOOD_FIELDS}, "bad_seq"),
     ({"k": "f", "a": "x", "b": "", "e": 1, "s": 1, "f": GOOD_FIELDS}, "bad_behavior"),
     ({"k": "p", "a": "x", "b": None, "f": GOOD_FIELDS}, "bad_behavior"),
@@ -569,7 +567,6 @@ def test_a_bad_have_for_a_running_gather_is_refused(behavior, fields, reason):
     assert info.value.reason == reason
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_TYPE_MISMATCH)
 def test_a_state_of_another_type_for_a_field_is_refused_and_changes_nothing():
     c, machine, owner, agent = receiver()
     other = encode_fields({"n": ORSet().bind(3)})
@@ -605,7 +602,6 @@ MESSAGE = st.fixed_dictionaries({
 }) | junk
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_UNHASHABLE_KIND + "; " + BUG_TYPE_MISMATCH)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(messages=st.lists(st.tuples(st.sampled_from(["a", "b", "c", "z"]), MESSAGE),
                          min_size=1, max_size=6))
