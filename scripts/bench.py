@@ -21,8 +21,13 @@ Rows (each with its ratio to the raw pyzmq baseline of the same run):
                       all-agree-dead, the handoff pause a client sees, against SWIM's
                       prediction and the issue's bounds; the simulator's traffic per
                       node per probe period and periods to agree as N grows
+  replication         (scripts/bench_replication.py) counter updates/s at consistency
+                      local, quorum and all on 3 nodes against raw pyzmq, replication
+                      lag p50/p99, and kill -9 to the victim's counters answering with
+                      their state
 
-Usage: scripts/bench.py [--quick] [--only patterns|membership|membership-sim]
+Usage: scripts/bench.py [--quick]
+                        [--only patterns|membership|membership-sim|replication]
                         [--repeat R] [--large]
 """
 
@@ -49,6 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import bench_membership  # noqa: E402  (scripts/, this file's directory)
+import bench_replication  # noqa: E402
 from node.client import AsyncClient, Client  # noqa: E402
 
 TRIALS = 3
@@ -385,14 +391,17 @@ def us(seconds: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
-    parser.add_argument("--only", choices=("all", "patterns", "membership", "membership-sim"),
+    parser.add_argument("--only", choices=("all", "patterns", "membership", "membership-sim",
+                                           "replication"),
                         default="all",
                         help="'patterns': only the client-pattern rows, against one node; "
                              "'membership': only the membership rows (processes and "
-                             "simulator); 'membership-sim': only the simulator's "
+                             "simulator); 'membership-sim': only the simulator's; "
+                             "'replication': only the replication rows "
                              "(default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=5, metavar="R",
-                        help="repetitions of each membership measurement (default: 5)")
+                        help="repetitions of each membership and failover measurement "
+                             "(default: 5)")
     parser.add_argument("--large", action="store_true",
                         help="simulate membership at n = 500 and 1000 too (about a minute)")
     args = parser.parse_args()
@@ -406,6 +415,9 @@ def main() -> None:
           f"pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}")
     if args.only.startswith("membership"):
         bench_membership.main(args.repeat, args.large, processes=args.only == "membership")
+        return
+    if args.only == "replication":
+        bench_replication.main(args.repeat, args.quick)
         return
     if args.only == "patterns":
         one = Nodes(1)
@@ -456,6 +468,8 @@ def main() -> None:
     print_rows(rows)
     print()
     bench_membership.main(args.repeat, args.large)
+    print()
+    bench_replication.main(args.repeat, args.quick)
 
 
 def print_rows(rows: list[tuple[str, str, str, str]]) -> None:
