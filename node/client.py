@@ -222,10 +222,6 @@ class _CausalClocks:
             clock.session = uuid.uuid4().hex
             clock.sent = 0
 
-    def session_for(self, agent: str | None) -> str:
-        clock = self._agents.get(agent)
-        return self._session if clock is None else clock.session
-
 
 class _Attempts:
     """When a call with guarantees sends again, waits, or gives up: the retry rule

@@ -62,6 +62,17 @@ def test_causal_carries_its_session_and_clock():
     assert parse(env(mode="send", **CAUSAL)).delivery == "causal"
 
 
+def test_a_guaranteed_request_keeps_every_other_field():
+    envelope = env(type="put", subject="kv/a", data={"k": 1}, ttl=3, consistency="all",
+                   delivery="causal", session="s", vc={"s": 1, "k": 2})
+    req = wire.validate_request(envelope)
+    assert (req.id, req.type, req.subject, req.mode, req.data, req.ttl, req.raw, req.nbytes) \
+        == ("req-7", "put", "kv/a", "call", {"k": 1}, 3, envelope, 0)
+    assert (req.session, req.vc) == ("s", {"s": 1, "k": 2})  # one-character ids are fine
+    frame = wire.encode(envelope)
+    assert wire.parse_request(frame, BIG).nbytes == len(frame)
+
+
 def test_constants():
     assert wire.CONSISTENCIES == {wire.CONSISTENCY_LOCAL, wire.CONSISTENCY_QUORUM,
                                   wire.CONSISTENCY_ALL} == {"local", "quorum", "all"}
@@ -88,7 +99,7 @@ BAD = [
     ({"delivery": "causal", "session": "s" * 129, "vc": {"s": 1}}, "'session'"),
     ({"delivery": "causal", "session": 7, "vc": {"s": 1}}, "'session'"),
     ({"delivery": "causal", "session": "s1"}, "'vc'"),
-    ({"delivery": "causal", "session": "s1", "vc": {}}, "'vc'"),
+    ({"delivery": "causal", "session": "s1", "vc": {}}, "'vc' must be a map of 1..256"),
     ({"delivery": "causal", "session": "s1", "vc": [["s1", 1]]}, "'vc'"),
     ({"delivery": "causal", "session": "s1", "vc": {"s1": 0}}, "'vc'"),
     ({"delivery": "causal", "session": "s1", "vc": {"s1": -1}}, "'vc'"),
@@ -99,11 +110,14 @@ BAD = [
     ({"delivery": "causal", "session": "s1", "vc": {"s1": 1, "k" * 129: 1}}, "'vc'"),
     ({"delivery": "causal", "session": "s1",
       "vc": {f"p{i}": 1 for i in range(wire.VC_ENTRIES_MAX + 1)}}, "'vc'"),
-    ({"delivery": "causal", "session": "s1", "vc": {"s2": 1}}, "'session'"),
+    ({"delivery": "causal", "session": "s1", "vc": {"s2": 1}},
+     "'vc' must have an entry for the request's 'session'"),
     ({"mode": "publish", "delivery": "at_least_once"}, "published"),
     ({"mode": "publish", "delivery": "exactly_once"}, "published"),
     ({"mode": "publish", **CAUSAL}, "published"),
     ({"type": "syn.ping", "subject": ..., **CAUSAL}, "causal"),
+    ({"type": "syn.join", "mode": "publish", "consistency": "all", "data": {"group": "g"}},
+     "cannot be published"),
 ]
 
 
