@@ -125,7 +125,8 @@ BAD = [
 def test_every_bad_value_is_bad_request_naming_the_field_with_the_id_kept(fields, word):
     error = refused(env(traceparent="00-trace", **fields))
     assert error.code == ErrorCode.BAD_REQUEST
-    assert word in error.message
+    # the message names the field first
+    assert error.message.startswith(word) if word.startswith("'") else word in error.message
     assert error.request_id == "req-7"
     assert error.traceparent == "00-trace"
     assert error.mode == fields.get("mode", "call")
