@@ -87,7 +87,7 @@ class Record:
     """One agent's state on this node (owner or replica)."""
 
     __slots__ = ("behavior", "fields", "primary", "src", "epoch", "seq", "acked",
-                 "repair_at", "backoff", "push_to", "waits", "sent_at")
+                 "repair_at", "backoff", "push_to", "waits", "sent_at", "fresh")
 
     def __init__(self, behavior: str):
         self.behavior = behavior
@@ -102,6 +102,7 @@ class Record:
         self.push_to: set[str] | None = None  # copies still to hand to these nodes
         self.waits: list[_Wait] | None = None
         self.sent_at = 0.0     # when the delta numbered ``seq`` left (lag metric)
+        self.fresh = False     # owner side: this epoch began with an empty state
 
 
 class _Wait:
@@ -252,8 +253,9 @@ class Replication:
         targets = set(after) - {me} if me not in after else set()
         if before and before[0] != after[0]:
             targets.add(after[0])  # the new owner merges every copy it is offered
+        targets.update(t for t in rec.push_to or () if t in self.ring)  # not to the dead
+        rec.push_to = targets or None
         if targets:
-            rec.push_to = (rec.push_to or set()) | targets
             self._repair_soon(agent_id, rec, now)
         elif me not in after:
             effects.extend(self._drop(agent_id))
@@ -266,9 +268,9 @@ class Replication:
         rec.primary = False
         rec.acked = None
         after = self.replicas(agent_id)
-        if self.node_id not in after:
-            rec.push_to = set(after)
-            self._repair_soon(agent_id, rec, now)
+        # The handoff may never arrive: the new owner is offered our copy as well.
+        rec.push_to = set(after) if self.node_id not in after else {after[0]}
+        self._repair_soon(agent_id, rec, now)
         return self._fail_waits(rec)
 
     # ------------------------------------------------------------------ owner side
@@ -347,6 +349,7 @@ class Replication:
             self._epoch += 1
             rec.epoch, rec.seq, rec.src = self._epoch, 0, self.node_id
             rec.push_to = None
+            rec.fresh = not rec.fields
             bind_fields(rec.fields, self.replica, self.clock)
             others = self._others(agent_id)
             rec.acked = {r: -1 for r in others}
@@ -376,6 +379,8 @@ class Replication:
             rec.sent_at = now
             message = {"k": "d", "a": agent_id, "b": rec.behavior, "e": rec.epoch,
                        "s": rec.seq, "f": encode_fields(deltas)}
+            if rec.seq == 1 and rec.fresh:
+                message["z"] = True  # the stream began empty: this delta is all of it
             for to in rec.acked or ():
                 effects.append(Send(to, REPLICATE, message))
                 self.stats["deltas_sent"] += 1
@@ -426,6 +431,13 @@ class Replication:
     def _on_delta(self, sender: str, agent_id: str, m: dict, now: float) -> list:
         epoch, seq, behavior = _u64(m, "e"), _u64(m, "s"), _behavior(m)
         rec = self.records.get(agent_id)
+        if seq == 1 and m.get("z") is True and (rec is None or not rec.primary) and (
+                rec is None or rec.src != sender or rec.epoch != epoch):
+            # The first delta of a stream that began empty needs no full state first
+            # (a new agent's first write reaches its replicas in one message).
+            if rec is None:
+                rec = self.records[agent_id] = Record(behavior)
+            rec.src, rec.epoch, rec.seq = sender, epoch, 0
         if rec is None or rec.primary or rec.src != sender or rec.epoch != epoch:
             return [self._need(sender, agent_id, epoch)]
         if seq <= rec.seq:
@@ -449,8 +461,16 @@ class Replication:
             same = rec.src == sender and rec.epoch == epoch
             rec.src, rec.epoch, rec.behavior = sender, epoch, behavior
             rec.seq = max(rec.seq, seq) if same else seq
-            rec.push_to = None if self.node_id in self.replicas(agent_id) else rec.push_to
+            self._pass_on_if_stray(agent_id, rec, now)
         return [self._ack(sender, agent_id, epoch, seq), *self._kept(agent_id, rec, m["f"])]
+
+    def _pass_on_if_stray(self, agent_id: str, rec: Record, now: float) -> None:
+        """A copy came to a node outside the agent's replica set (the sender's ring is
+        behind ours, or the message is a late duplicate): hand it on, then drop it."""
+        replicas = self.replicas(agent_id)
+        if self.node_id not in replicas:
+            rec.push_to = (rec.push_to or set()) | set(replicas)
+            self._repair_soon(agent_id, rec, now)
 
     def _on_ack(self, sender: str, agent_id: str, m: dict, now: float) -> list:
         epoch, seq = _u64(m, "e"), _u64(m, "s")
@@ -505,6 +525,8 @@ class Replication:
             self._repair_soon(agent_id, rec, now)
         elif self.replicas(agent_id)[:1] == [self.node_id] and agent_id not in self._gathers:
             self._activate.append(agent_id)
+        else:
+            self._pass_on_if_stray(agent_id, rec, now)
         return [Send(sender, REPLICATE, {"k": "pa", "a": agent_id}),
                 *self._kept(agent_id, rec, m["f"])]
 

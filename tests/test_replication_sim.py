@@ -377,27 +377,25 @@ def test_replicas_converge_and_keep_every_acknowledged_write(seed):
     assert sum(world.ledger.acked.values()) > 0  # the run did acknowledge writes
 
 
-# Seeds of the 500 that found bugs in protocols/replication.py (reported to its
-# owner with the fix); each fails today.
+# Seeds of the 500 that found bugs in protocols/replication.py (fixed since; kept
+# as regressions): what each one showed.
 FOUND_BUGS = {
-    1017: "the old owner that stays a replica pushes nothing after a lost handoff "
-          "(released), and the other replica's push to the new owner is cancelled by "
-          "the owner's full state (_on_full clears push_to): the new owner lacks writes",
-    1065: "a replica's push to the new owner is cancelled by the owner's full state "
-          "(_on_full clears push_to): the owner never gets what only that copy held",
-    1077: "a late full state or push creates a record on a node outside the replica "
-          "set, and nothing ever drops it (nor passes it on)",
+    1017: "the old owner that stays a replica pushed nothing after a lost handoff "
+          "(released), and the other replica's push to the new owner was cancelled by "
+          "the owner's full state (_on_full cleared push_to): the new owner lacked writes",
+    1065: "a replica's push to the new owner was cancelled by the owner's full state "
+          "(_on_full cleared push_to): the owner never got what only that copy held",
+    1077: "a late full state or push created a record on a node outside the replica "
+          "set, and nothing ever dropped it (nor passed it on)",
 }
 
 
-@pytest.mark.parametrize("seed", [pytest.param(seed, marks=pytest.mark.xfail(
-    strict=True, reason=why)) for seed, why in sorted(FOUND_BUGS.items())])
+@pytest.mark.parametrize("seed", sorted(FOUND_BUGS))
 def test_seeds_that_found_bugs(seed):
     run(seed)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the bugs of FOUND_BUGS")
 @pytest.mark.timeout(1800)
 def test_500_seeds():
     for seed in range(1000, 1500):
