@@ -498,6 +498,22 @@ class AgentHost:
         self._remove(agent_id, act)
         return act.cls.behavior_name, state, groups
 
+    def merge_moved(self, agent_id: str, state: bytes | None) -> bool:
+        """A moved state arrived for an agent already active here (two owners for a
+        moment): join its replicated fields into the live ones (a CRDT join loses no
+        write).  Plain slot state cannot be merged and is dropped.  True if merged."""
+        act = self.directory.get(agent_id)
+        if act is None or state is None or not act.cls._replicated:
+            return False
+        try:
+            _, fields = _split_replicated(_unpack_state(state))
+            self._adopt(agent_id, act.cls, fields)
+        except Exception as exc:  # a peer's bytes: counted by the caller, never raised
+            self._log.warning("moved_state_not_merged", agent_id=agent_id,
+                              error=repr(exc)[:300])
+            return False
+        return True
+
     def _adopt_kept(self, agent_id: str, cls: type, fields: Any) -> None:
         if fields:
             merge_fields(self._kept.setdefault(agent_id, {}), decode_fields(fields))

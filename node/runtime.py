@@ -62,6 +62,7 @@ LEAVE_QUIET_S = 0.5        # ... and then for none to be in flight for this long
 JOIN_HELD_MAX = 10_000     # requests a joining node holds until it has joined ...
 JOIN_HELD_BYTES_MAX = 64 << 20  # ... and their envelope bytes
 MOVED_MAX = 100_000        # agents handed away whose requests still follow them
+STALL_BEAT_S = 0.1         # the stall guard's heartbeat
 
 _now = time.monotonic  # the loop's clock (asyncio's default), without a method lookup
 
@@ -142,6 +143,12 @@ class Node:
         self._started_at = _now()
         self._max_bytes = config.max_message_bytes
         self._me = self.node_id
+        # Stall guard: a node that did not run for longer than peers take to suspect
+        # it does not serve its agents until membership had a round to catch up.
+        self._awake_at = _now()
+        self._recovering_until = 0.0
+        self._stall_s = 2 * config.probe_interval_s
+        self._stall_recover_s = 2 * config.probe_interval_s + config.probe_timeout_s
 
     # ------------------------------------------------------------------ start/stop
 
@@ -161,6 +168,7 @@ class Node:
         self._start_idle_sweeps()
         systemd.ready()
         self._start_watchdog()
+        self._start_stall_guard()
         info = ready.serving_info(self.node_id, self.config.router_endpoint,
                                   self.config.pub_endpoint, self._metrics_bound(), os.getpid())
         self.log.info("node_serving", address=info["address"], pub=info["pub"],
@@ -241,6 +249,31 @@ class Node:
                 systemd.watchdog()
                 self._loop.call_later(period_s, ping)
         ping()
+
+    def _start_stall_guard(self) -> None:
+        """Notice when this process did not run for a while (SIGSTOP, a VM pause, a
+        swap storm): peers may have declared it dead and given its agents to other
+        owners meanwhile.  Until membership has had time to find out, its own
+        agents refuse requests (``unavailable``: clients resend) instead of applying
+        the backlog a second time beside the interim owner."""
+        period_s = STALL_BEAT_S
+
+        def beat() -> None:
+            now = _now()
+            if now - self._awake_at > self._stall_s:
+                self._recovering_until = now + self._stall_recover_s
+                self.metrics.limited("node_stalled")
+                self.log.error("node_stalled", stalled_s=round(now - self._awake_at, 3),
+                               hint="refusing agent requests while membership catches up")
+            self._awake_at = now
+            if not self._closed:
+                self._loop.call_later(period_s, beat)
+        self._awake_at = _now()
+        beat()
+
+    def _stalled(self) -> bool:
+        now = _now()
+        return now - self._awake_at > self._stall_s or now < self._recovering_until
 
     async def _shut_down(self) -> None:
         """The sequence is ``protocols/shutdown.py``'s; the waits here are on events."""
@@ -487,9 +520,11 @@ class Node:
         if effect.behavior is not None:
             if agent_id in self.host.directory:
                 self.metrics.limited("handoff_conflict")
-                self.log.warning("handoff_conflict", agent_id=agent_id,
+                merged = self.host.merge_moved(agent_id, effect.state)
+                self.log.warning("handoff_conflict", agent_id=agent_id, merged=merged,
                                  hint="the agent was activated here before its state "
-                                      "arrived; the arriving state is dropped")
+                                      "arrived; its replicated fields are merged in, "
+                                      "other state is dropped")
             else:
                 try:
                     self.host.install(agent_id, effect.behavior, effect.state, effect.groups)
@@ -754,6 +789,11 @@ class Node:
         gathered from its replicas) and is then routed again with ``route``
         (payload, hops, origin)."""
         agent_id = req.subject
+        if self._stalled():
+            self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE,
+                              "node was stalled and may have been declared dead; "
+                              "send again", req.type)
+            return
         try:
             if wire.is_system_type(req.type):
                 self._system_request(req, reply_to)

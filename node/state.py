@@ -106,7 +106,7 @@ class ReplicatedState:
         self.node.metrics.limited("duplicate_applied_once")
         reply = entry.reply
         if reply is None:
-            self.node._reply_error(reply_to, req.id, ErrorCode.BAD_REQUEST,
+            self.node._reply_error(reply_to, req.id, ErrorCode.TOO_LARGE,
                                    "this message id was applied already; its reply was "
                                    "too large to keep", req.type)
         else:
