@@ -11,8 +11,9 @@ test_node_replication.py, which resends a request with the same id when it is
 told to.  Measured figures are printed: run with ``-s``.
 
 A frozen node that the others declare dead and that then comes back (a zombie
-owner) breaks exactly-once and can lose acknowledged writes today: that test is a
-strict xfail whose reason says why.
+owner) once applied its backlog a second time beside the interim owner and dropped
+the state handed back to it; the stall guard and the merge of moved fields fixed
+both, and a test keeps it so.
 """
 
 from __future__ import annotations
@@ -138,12 +139,6 @@ def all_alive(nodes: list[NodeProcess]) -> bool:
     return all(set(member_states(member_view(n)).values()) == {"alive"} for n in nodes)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a node declared dead while frozen comes back as a zombie owner: on SIGCONT it "
-    "applies the requests queued for it, whose ids were resent to and applied by the "
-    "interim owner (applied twice); and when the ring gives it its agents back, the "
-    "state handed back is dropped (handoff_conflict in node/runtime.py _on_install: "
-    "the agent is still active there), so quorum writes acknowledged meanwhile are lost"))
 def test_exactly_once_through_an_owner_declared_dead_while_frozen(clusters):
     """Default timings, load all along: the node stays frozen until the others have
     declared it dead and serve its counters, then thaws and rejoins.  No node was
