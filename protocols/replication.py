@@ -52,6 +52,7 @@ shapes raises ``ReplicationError(reason)`` (the node counts it).
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from typing import Any, Callable, Iterable
 
@@ -166,6 +167,8 @@ class Replication:
         self._rings: list[HashRing] = [HashRing((node_id,))]
         self._reachable: set[str] = set()
         self._dirty: set[str] = set()            # records with replicas or pushes behind
+        self._due: list[tuple[float, int, str]] = []  # (repair_at, serial, agent): a heap
+        self._serial = 0
         self._waits: deque[_Wait] = deque()      # in deadline order (one timeout for all)
         self._gathers: dict[str, _Gather] = {}
         self._settled: set[str] = set()         # gathered, and nobody had a copy
@@ -384,10 +387,9 @@ class Replication:
             for to in rec.acked or ():
                 effects.append(Send(to, REPLICATE, message))
                 self.stats["deltas_sent"] += 1
-            if rec.acked:  # checked again after resend_s: a lost delta or ack is repaired
-                if agent_id not in self._dirty:
-                    rec.repair_at = now + self._resend_s
-                self._dirty.add(agent_id)
+            if rec.acked and agent_id not in self._dirty:
+                # Checked again after resend_s: a lost delta or ack is repaired.
+                self._schedule(agent_id, rec, now + self._resend_s)
             effects.extend(self._kept(agent_id, rec, message["f"]))
         have = sum(1 for seq in (rec.acked or {}).values() if seq >= rec.seq)
         if needed <= have:
@@ -593,8 +595,20 @@ class Replication:
     # ------------------------------------------------------------------ time
 
     def _repair_soon(self, agent_id: str, rec: Record, now: float) -> None:
-        rec.repair_at = now
+        self._schedule(agent_id, rec, now)
+
+    def _schedule(self, agent_id: str, rec: Record, at: float) -> None:
+        """Look at ``rec``'s replicas and pushes again at ``at``.  The heap keeps
+        stale entries (acked meanwhile, rescheduled): they are skipped when due."""
+        rec.repair_at = at
         self._dirty.add(agent_id)
+        self._serial += 1
+        heapq.heappush(self._due, (at, self._serial, agent_id))
+
+    def _stale(self, entry: tuple) -> bool:
+        at, _, agent_id = entry
+        rec = self.records.get(agent_id)
+        return rec is None or agent_id not in self._dirty or rec.repair_at != at
 
     @staticmethod
     def _behind(rec: Record) -> bool:
@@ -646,16 +660,13 @@ class Replication:
 
     def _repair(self, now: float, effects: list) -> None:
         """Full states to replicas behind, copies to nodes still to take them."""
-        budget = REPAIRS_PER_TICK
-        for agent_id in list(self._dirty):
-            rec = self.records.get(agent_id)
-            if rec is None:
-                self._dirty.discard(agent_id)
+        budget, due = REPAIRS_PER_TICK, self._due
+        while due and due[0][0] <= now and budget > 0:
+            entry = heapq.heappop(due)
+            if self._stale(entry):
                 continue
-            if rec.repair_at > now:
-                continue
-            if budget <= 0:
-                break
+            agent_id = entry[2]
+            rec = self.records[agent_id]
             budget -= 1
             sent = self._repair_one(agent_id, rec)
             if not sent:
@@ -663,7 +674,7 @@ class Replication:
                 continue
             effects.extend(sent)
             rec.backoff = min(RESEND_MAX_S, rec.backoff * 2 or self._resend_s)
-            rec.repair_at = now + rec.backoff
+            self._schedule(agent_id, rec, now + rec.backoff)
 
     def _repair_one(self, agent_id: str, rec: Record) -> list:
         sends = []
@@ -703,10 +714,11 @@ class Replication:
             times.append(self._waits[0].deadline)
         if self._gathers:
             times.append(min(g.deadline for g in self._gathers.values()))
-        if self._dirty:
-            times.append(min(self.records[a].repair_at for a in self._dirty
-                             if a in self.records) if any(a in self.records for a in self._dirty)
-                         else 0.0)
+        due = self._due
+        while due and self._stale(due[0]):
+            heapq.heappop(due)
+        if due:
+            times.append(due[0][0])
         if self._activate:
             times.append((self._paced_at or 0.0) + 1.0 / self._rate)
         return min(times) if times else None

@@ -203,6 +203,16 @@ class _FoldingCounter(Crdt):
     def _state_key(self) -> Any:
         return nonzero_rows(self._ids, *self._sides()), tuple(sorted((self._folds or {}).items()))
 
+    def copy(self) -> "_FoldingCounter":
+        """The columns copied as they are (no wire round trip: deltas are copied
+        on every first write of a turn)."""
+        twin = type(self)()
+        twin._ids = array(Q, self._ids)
+        twin._set_sides([array(Q, side) for side in self._sides()])
+        twin._folds = dict(self._folds) if self._folds else None
+        twin.replica, twin.clock = self.replica, self.clock
+        return twin
+
     @classmethod
     def _of(cls, rows: dict[int, tuple[int, ...]], folds: dict | None) -> "_FoldingCounter":
         """A counter holding exactly ``rows`` and ``folds`` (a delta)."""
