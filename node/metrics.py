@@ -98,6 +98,14 @@ GAUGE_HELP = {
                     "this node's probe interval and timeout.",
     "handoff_held": "Requests held for agents whose state is moving to this node.",
     "handoff_kept": "Agent states sent to a new owner and not acknowledged yet.",
+    "replication_records": "Agents whose replicated state this node holds (owned or copies).",
+    "replication_primary": "Of those, agents this node owns (their writes stream from here).",
+    "replication_replica": "Of those, copies of agents other nodes own.",
+    "replication_lagging": "Agents with a replica or a copy still behind (resent with backoff).",
+    "replication_gathering": "Agents whose copies this node is gathering before it serves them.",
+    "replication_waiting_writes": "Writes whose reply waits for quorum/all acknowledgements.",
+    "replication_failover_queue": "Agents this node owns after a node loss, still to wake "
+                                  "(paced at failover_rate).",
 }
 
 EVENT_HELP = {
@@ -106,6 +114,10 @@ EVENT_HELP = {
                   "pauses (this node found itself stopped).",
     "handoff": "Agent handoff events: sent, acked, resent, returned, installed, duplicates, "
                "timed_out (started fresh: state may be lost), owner_lost, refused, conflicts.",
+    "replication": "Replication events: deltas_sent, deltas_applied, fulls_sent, "
+                   "fulls_applied, acks, needs, pushes, gathers, gather_timeouts, "
+                   "write_timeouts, activations, dropped (copies handed on), duplicates "
+                   "(exactly-once ids answered from the window).",
 }
 
 _ELAPSED_MAX_S = 86400.0          # a sane elapsed time is never longer than this

@@ -796,3 +796,12 @@ def test_trace_id_is_the_second_field_of_a_traceparent():
 def test_system_types_are_those_with_the_reserved_prefix():
     assert wire.is_system_type("syn.anything") and wire.is_system_type(wire.TYPE_PING)
     assert not wire.is_system_type("get") and not wire.is_system_type("xsyn.ping")
+
+
+def test_a_one_character_group_is_a_group():
+    """The group bound is 1..SUBJECT_LEN_MAX characters, both ends included."""
+    for group in ("g", "g" * wire.SUBJECT_LEN_MAX):
+        env = wire.request("r1", wire.TYPE_JOIN, "counter/a", {"group": group})
+        assert wire.validate_request(env).data == {"group": group}
+    with pytest.raises(wire.WireError):
+        wire.validate_request(wire.request("r1", wire.TYPE_JOIN, "counter/a", {"group": ""}))
