@@ -393,6 +393,7 @@ class Node:
         still be handing agents off).  The ring holds what membership says owns."""
         members = effect.members
         self.members = {n: m for n, m in members.items() if m.state != LEFT}
+        self.state.members_changed(self.members)
         others = {n: dict(m.endpoints) for n, m in members.items() if n != self.node_id}
         self.transport.set_peers(others, self.config.seeds)
         self._parked.flush(set(others), self._send_parked)

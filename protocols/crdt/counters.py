@@ -154,6 +154,10 @@ class _FoldingCounter(Crdt):
         self._folds = live or None
         return dropped
 
+    def replicas(self) -> list[int]:
+        """The replicas with a row here (who counted), ascending."""
+        return list(self._ids)
+
     def folds(self) -> dict[int, tuple[int, ...]]:
         """The fold markers: ``{replica: (folded count per side..., expiry_ns)}``."""
         return dict(self._folds or {})
