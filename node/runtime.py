@@ -28,13 +28,15 @@ from collections import OrderedDict
 from typing import Any
 
 import core_cy
+import msgpack
 from protocols import peer, wire
-from protocols.effects import (Answer, Fail, Install, MembersChanged, QuorumChanged, Refuted,
+from protocols.effects import (REPLICATE, Answer, Fail, Install, MembersChanged, QuorumChanged, Refuted,
                                Send, Surrender, Unresponsive, GOSSIP)
 from protocols.handoff import Handoff, HandoffError, previous_ring
 from protocols.machine import Effects
 from protocols.membership import (ALIVE, LEFT, SUSPECT, ZMQ, ZMQ_PUB, Member, Membership,
                                   MembershipError, SwimConfig)
+from protocols.replication import batch
 from protocols.routing import Refusal, Router
 from protocols.shutdown import Phase, Shutdown
 from protocols.status import StatusCollector, StatusError
@@ -65,6 +67,7 @@ MOVED_MAX = 100_000        # agents handed away whose requests still follow them
 STALL_BEAT_S = 0.1         # the stall guard's heartbeat
 
 _now = time.monotonic  # the loop's clock (asyncio's default), without a method lookup
+_pack = msgpack.Packer(use_bin_type=True).pack
 
 
 class Node:
@@ -143,6 +146,8 @@ class Node:
         self._started_at = _now()
         self._max_bytes = config.max_message_bytes
         self._me = self.node_id
+        self._repl_out: dict[str, list[bytes]] = {}  # replication messages, batched
+        self._repl_flush_soon = False
         # Stall guard: a node that did not run for longer than peers take to suspect
         # it does not serve its agents until membership had a round to catch up.
         self._awake_at = _now()
@@ -348,11 +353,36 @@ class Node:
         self._arm(name, machine)
 
     def _do_send(self, effect: Send) -> None:
+        if effect.channel == REPLICATE:
+            self._replicate_later(effect)
+            return
         frames = peer.encode(effect.channel, self._me, effect.message)
         if effect.channel == GOSSIP:
             self.metrics.gossip_sent(sum(map(len, frames)))
         if self.transport.send(effect.to, frames, None, _now()):
             self.metrics.sent(effect.channel)
+        self._ensure_retry()
+
+    def _replicate_later(self, effect: Send) -> None:
+        """Replication messages to a peer are batched per loop iteration: under load
+        one REPL frame carries many deltas and acks instead of one each."""
+        outbox = self._repl_out.get(effect.to)
+        if outbox is None:
+            outbox = self._repl_out[effect.to] = []
+        outbox.append(_pack(effect.message))
+        if not self._repl_flush_soon:
+            self._repl_flush_soon = True
+            self._loop.call_soon(self._flush_replication)
+
+    def _flush_replication(self) -> None:
+        self._repl_flush_soon = False
+        outboxes, self._repl_out = self._repl_out, {}
+        now = _now()
+        for to, packed in outboxes.items():
+            for message in batch(packed):
+                frames = peer.replicate(self._me, message)
+                if self.transport.send(to, frames, None, now):
+                    self.metrics.sent(REPLICATE)
         self._ensure_retry()
 
     def _on_unresponsive(self, effect: Unresponsive) -> None:

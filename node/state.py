@@ -390,16 +390,23 @@ class ReplicatedState:
     # ------------------------------------------------------------------ inbound
 
     def received(self, sender: str, message: dict) -> None:
-        node = self.node
+        node, machine = self.node, self.machine
+        bad_before = machine.stats["bad_in_batch"]
         try:
-            effects = self.machine.receive(sender, message, _now())
+            effects = machine.receive(sender, message, _now())
         except ReplicationError as exc:
-            node.metrics.errored(ErrorCode.BAD_REQUEST, "syn.replicate")
-            node.metrics.limited(f"replicate_{exc.reason}")
-            node.log.warning("bad_replicate", error=str(exc)[:500])
+            self._bad(exc)
             return
+        if machine.stats["bad_in_batch"] != bad_before:
+            self._bad(machine.last_error)
         node._run(effects)
         node._arm("replication", self.machine)
+
+    def _bad(self, exc: ReplicationError) -> None:
+        node = self.node
+        node.metrics.errored(ErrorCode.BAD_REQUEST, "syn.replicate")
+        node.metrics.limited(f"replicate_{exc.reason}")
+        node.log.warning("bad_replicate", error=str(exc)[:500])
 
     def events(self) -> dict[str, int]:
         return {**self.machine.stats, "duplicates": self.duplicates}

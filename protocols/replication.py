@@ -56,6 +56,8 @@ import heapq
 from collections import deque
 from typing import Any, Callable, Iterable
 
+import msgpack
+
 from core_cy import HashRing
 
 from .crdt import CrdtError, bind_fields, decode_fields, encode_fields, merge_fields
@@ -71,7 +73,9 @@ REPAIRS_PER_TICK = 512    # full states (re)sent per tick: a ring change is pace
 RESEND_MAX_S = 5.0        # backoff ceiling of a repair to one replica
 LOCAL, QUORUM, ALL = "local", "quorum", "all"
 CONSISTENCIES = frozenset((LOCAL, QUORUM, ALL))
-KINDS = frozenset(("d", "f", "a", "n", "p", "pa", "w", "h"))
+KINDS = frozenset(("d", "f", "a", "n", "p", "pa", "w", "h", "b"))
+BATCH_MAX = 1024          # messages in one batch
+BATCH_BYTES_MAX = 1 << 20  # packed bytes of a batch's messages (one larger goes alone)
 
 
 class ReplicationError(ValueError):
@@ -180,7 +184,8 @@ class Replication:
         self.stats = {"deltas_sent": 0, "deltas_applied": 0, "fulls_sent": 0,
                       "fulls_applied": 0, "acks": 0, "needs": 0, "pushes": 0,
                       "gathers": 0, "gather_timeouts": 0, "write_timeouts": 0,
-                      "activations": 0, "dropped": 0}
+                      "activations": 0, "dropped": 0, "bad_in_batch": 0}
+        self.last_error: ReplicationError | None = None  # of a batch's skipped message
 
     # ------------------------------------------------------------------ placement
 
@@ -426,9 +431,30 @@ class Replication:
     # ------------------------------------------------------------------ messages
 
     def receive(self, sender: str, message: Any, now: float) -> list:
+        if type(message) is dict and message.get("k") == "b":
+            return self._on_batch(sender, message, now)
         kind, agent_id = _check(message)
         handler = _HANDLERS[kind]
         return handler(self, sender, agent_id, message, now)
+
+    def _on_batch(self, sender: str, message: dict, now: float) -> list:
+        """Many messages to one peer in one (``batch``): each is handled as if it came
+        alone; a bad one is counted and skipped, the others still count."""
+        packed = message.get("m")
+        if type(packed) is not list or not 0 < len(packed) <= BATCH_MAX:
+            raise ReplicationError("bad_batch", f"'m' is a list of 1..{BATCH_MAX} messages")
+        effects: list = []
+        for blob in packed:
+            try:
+                inner = _unpack_inner(blob)
+                kind, agent_id = _check(inner)
+                if kind == "b":
+                    raise ReplicationError("bad_batch", "a batch inside a batch")
+                effects.extend(_HANDLERS[kind](self, sender, agent_id, inner, now))
+            except ReplicationError as exc:
+                self.stats["bad_in_batch"] += 1
+                self.last_error = exc
+        return effects
 
     def _on_delta(self, sender: str, agent_id: str, m: dict, now: float) -> list:
         epoch, seq, behavior = _u64(m, "e"), _u64(m, "s"), _behavior(m)
@@ -758,6 +784,35 @@ def _check(message: Any) -> tuple[str, str]:
     if type(agent_id) is not str or not 0 < len(agent_id) <= AGENT_ID_CHARS_MAX:
         raise ReplicationError("bad_agent", f"'a' is 1..{AGENT_ID_CHARS_MAX} characters")
     return kind, agent_id
+
+
+def batch(packed: list[bytes]) -> list[dict]:
+    """Batches (``{"k": "b", "m": [...]}``) of already packed messages, each batch at
+    most BATCH_MAX messages and BATCH_BYTES_MAX bytes; a message larger than that
+    travels in a batch of its own."""
+    out: list[dict] = []
+    current: list[bytes] = []
+    size = 0
+    for blob in packed:
+        if current and (len(current) >= BATCH_MAX or size + len(blob) > BATCH_BYTES_MAX):
+            out.append({"k": "b", "m": current})
+            current, size = [], 0
+        current.append(blob)
+        size += len(blob)
+    if current:
+        out.append({"k": "b", "m": current})
+    return out
+
+
+def _unpack_inner(blob: Any) -> Any:
+    if type(blob) is not bytes:
+        raise ReplicationError("bad_batch", "a batch carries packed messages (bin)")
+    try:
+        return msgpack.unpackb(blob, raw=False, strict_map_key=True, max_bin_len=len(blob),
+                               max_str_len=len(blob), max_array_len=len(blob),
+                               max_map_len=len(blob), max_ext_len=len(blob))
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ReplicationError("bad_batch", f"not a msgpack message: {exc}"[:200]) from None
 
 
 def _u64(m: dict, key: str) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Iterable
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,7 +22,8 @@ from core_cy import HashRing, replica_id
 from protocols import peer
 from protocols.crdt import ORSet, PNCounter, encode_fields, take_deltas
 from protocols.effects import REPLICATE, Activate, Restore, Send, WriteDone
-from protocols.replication import ALL, LOCAL, QUORUM, Replication, ReplicationError
+from protocols.replication import (ALL, BATCH_BYTES_MAX, BATCH_MAX, LOCAL, QUORUM,
+                                   Replication, ReplicationError, batch)
 from protocols.routing import Refusal
 from protocols.wire import ErrorCode
 
@@ -633,3 +635,40 @@ def test_junk_raises_replication_error_and_nothing_else(messages):
         for target in targets:
             target.tick(3.0)
             target.next_deadline()
+
+
+# --- batches: many messages to one peer in one REPL frame (node/runtime.py) -------------
+
+def packed(*messages: dict) -> list[bytes]:
+    return [msgpack.packb(m, use_bin_type=True) for m in messages]
+
+
+def test_a_batch_is_handled_as_its_messages_one_by_one():
+    c, agent, owner, r1, (second, third) = three_writes_to_one_replica()
+    [message] = batch(packed(wire(owner, second), wire(owner, third)))
+    answer = c.machines[r1].receive(owner, message, c.now)
+    assert [(e.message["k"], e.message["s"]) for e in answer] == [("a", 2), ("a", 3)]
+    assert c.value(r1, agent) == 111
+
+
+def test_a_bad_message_in_a_batch_is_counted_and_the_others_still_count():
+    c, agent, owner, r1, (second, third) = three_writes_to_one_replica()
+    machine = c.machines[r1]
+    blobs = packed(wire(owner, second), {"k": "zz", "a": agent}, {"k": "b", "m": []})
+    answer = machine.receive(owner, {"k": "b", "m": [*blobs, b"\xc1", "text"]}, c.now)
+    assert [(e.message["k"], e.message["s"]) for e in answer] == [("a", 2)]
+    assert machine.stats["bad_in_batch"] == 4
+    assert machine.last_error.reason == "bad_batch"
+    for bad in ({"k": "b"}, {"k": "b", "m": []}, {"k": "b", "m": [b"x"] * 1025}):
+        with pytest.raises(ReplicationError) as info:
+            machine.receive(owner, bad, c.now)
+        assert info.value.reason == "bad_batch"
+
+
+def test_batches_are_bounded_in_messages_and_bytes_and_a_big_message_goes_alone():
+    small, big = b"s" * 100, b"b" * (BATCH_BYTES_MAX + 1)
+    sizes = [len(b["m"]) for b in batch([small] * (BATCH_MAX + 5))]
+    assert sizes == [BATCH_MAX, 5]
+    batches = batch([small, big, small])
+    assert [len(b["m"]) for b in batches] == [1, 1, 1] and batches[1]["m"] == [big]
+    assert batch([]) == []
