@@ -860,7 +860,8 @@ class Node:
             self.host.spawn(agent_id, data["behavior"], data.get("init"))
             result = {"agent": agent_id, "node": self.node_id}
         elif mtype == wire.TYPE_STOP:
-            if not self.host.stop(agent_id):
+            stopped = self.host.stop(agent_id)
+            if not self.state.reset(agent_id) and not stopped:
                 raise AgentError(ErrorCode.UNKNOWN_AGENT, f"no agent {agent_id!r} on this node")
             result = {"agent": agent_id, "stopped": True}
         elif mtype == wire.TYPE_JOIN:

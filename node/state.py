@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from core_cy import replica_id
-from protocols.crdt import GCounter, ORMap, PNCounter, decode_fields, encode_fields, merge_fields, take_deltas
+from protocols.crdt import GCounter, ORMap, PNCounter, decode_fields, encode_fields, take_deltas
 from protocols.delivery import DELIVER, DUPLICATE, HELD, AppliedIds, CausalOrder, mark_delivered
 from protocols.effects import Activate, Forget, Persist, Restore, WriteDone
-from protocols.replication import Replication, ReplicationError
+from protocols.replication import Replication, ReplicationError, merge_generation
 from protocols.routing import Refusal
 from protocols.wire import ErrorCode
 
@@ -235,6 +235,17 @@ class ReplicatedState:
                 "(by its vc) never reached the agent", req.type)
         self._arm_causal()
 
+    def reset(self, agent_id: str) -> bool:
+        """``syn.stop``: the agent's replicated state starts again empty on every
+        replica (a new generation).  False if this node held none of it."""
+        effects = self.machine.reset(agent_id, _now())
+        if effects is None:
+            return False
+        self.forget_clock(agent_id)
+        self.node._run(effects)
+        self.node._arm("replication", self.machine)
+        return True
+
     def forget_clock(self, agent_id: str) -> None:
         """The agent left this node: its held messages are answered, clock dropped."""
         self._clocks.pop(agent_id, None)
@@ -281,7 +292,7 @@ class ReplicatedState:
         for row in self.storage.load():
             fields: dict = {}
             for data in ([row.snapshot] if row.snapshot else []) + list(row.deltas):
-                merge_fields(fields, decode_fields(msgpack.unpackb(data, raw=False)))
+                merge_generation(fields, decode_fields(msgpack.unpackb(data, raw=False)))
             self.machine.recovered(row.agent, row.behavior, fields)
             self._stored_seq[row.agent] = row.seq
             count += 1

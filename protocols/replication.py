@@ -60,7 +60,7 @@ import msgpack
 
 from core_cy import HashRing
 
-from .crdt import CrdtError, bind_fields, decode_fields, encode_fields, merge_fields
+from .crdt import CrdtError, GCounter, bind_fields, decode_fields, encode_fields, merge_fields
 from .effects import REPLICATE, Activate, Forget, Persist, Restore, Send, WriteDone
 from .routing import Refusal
 from .wire import ErrorCode
@@ -71,6 +71,7 @@ U64_MAX = (1 << 64) - 1
 RINGS_KEPT = 4            # rings whose replica sets a gather asks (the current one too)
 REPAIRS_PER_TICK = 512    # full states (re)sent per tick: a ring change is paced
 RESEND_MAX_S = 5.0        # backoff ceiling of a repair to one replica
+GEN_FIELD = "_gen"        # how many times the agent was reset (syn.stop): a GCounter
 LOCAL, QUORUM, ALL = "local", "quorum", "all"
 CONSISTENCIES = frozenset((LOCAL, QUORUM, ALL))
 KINDS = frozenset(("d", "f", "a", "n", "p", "pa", "w", "h", "b"))
@@ -382,6 +383,8 @@ class Replication:
         rec = self.records[agent_id]
         needed = self.needed(agent_id, consistency)
         effects: list = []
+        if deltas and GEN_FIELD in rec.fields and GEN_FIELD not in deltas:
+            deltas = {**deltas, GEN_FIELD: rec.fields[GEN_FIELD]}  # which life it belongs to
         if deltas:
             rec.seq += 1
             rec.sent_at = now
@@ -598,9 +601,10 @@ class Replication:
 
     def _merge(self, rec: Record, fields: dict) -> None:
         """Join a copy into a record; fields new to an owned record are stamped with
-        our replica (its next writes are ours)."""
+        our replica (its next writes are ours).  Generations first: a copy from
+        before the agent was reset is ignored, one from after it replaces ours."""
         try:
-            merge_fields(rec.fields, fields)
+            merge_generation(rec.fields, fields)
         except CrdtError as exc:  # a field of another type under the same name
             raise ReplicationError("bad_state", str(exc)[:300]) from None
         if rec.primary:
@@ -656,7 +660,30 @@ class Replication:
         rec = self.records.get(agent_id)
         if rec is None:
             rec = self.records[agent_id] = Record(behavior)
-        merge_fields(rec.fields, fields)
+        merge_generation(rec.fields, fields)
+
+    def reset(self, agent_id: str, now: float) -> list | None:
+        """The agent was stopped: its state starts again empty everywhere.  The
+        record keeps only a generation one higher, which makes every older copy
+        (replicas, late deltas, stored ones) lose against it.  None if there was no
+        state to reset."""
+        rec = self.records.get(agent_id)
+        if rec is None or set(rec.fields) <= {GEN_FIELD}:
+            return None  # nothing to reset (never written, or reset already)
+        gen = rec.fields.get(GEN_FIELD) or GCounter().bind(self.replica, self.clock)
+        gen.bind(self.replica, self.clock)
+        gen.increment(1)
+        gen.take_delta()
+        rec.fields.clear()
+        rec.fields[GEN_FIELD] = gen
+        effects = self._fail_waits(rec)
+        if rec.primary:
+            rec.seq += 1
+            rec.acked = {r: -1 for r in rec.acked or ()}
+            if rec.acked:
+                self._repair_soon(agent_id, rec, now)
+            effects.extend(self._kept(agent_id, rec, encode_fields(rec.fields)))
+        return effects
 
     def tick(self, now: float) -> list:
         effects: list = []
@@ -784,6 +811,27 @@ def _check(message: Any) -> tuple[str, str]:
     if type(agent_id) is not str or not 0 < len(agent_id) <= AGENT_ID_CHARS_MAX:
         raise ReplicationError("bad_agent", f"'a' is 1..{AGENT_ID_CHARS_MAX} characters")
     return kind, agent_id
+
+
+def generation(fields: dict) -> int:
+    """How many times the agent whose state ``fields`` is was reset."""
+    gen = fields.get(GEN_FIELD)
+    if gen is None:
+        return 0
+    if type(gen) is not GCounter:
+        raise CrdtError(f"{GEN_FIELD!r} is a GCounter, got {type(gen).__name__}")
+    return gen.value()
+
+
+def merge_generation(into: dict, fields: dict) -> None:
+    """``merge_fields``, generations first: an older life is ignored, a newer one
+    replaces what ``into`` holds (in place: a running agent sees it)."""
+    theirs, ours = generation(fields), generation(into)
+    if theirs < ours:
+        return
+    if theirs > ours:
+        into.clear()
+    merge_fields(into, fields)
 
 
 def batch(packed: list[bytes]) -> list[dict]:

@@ -20,10 +20,11 @@ from hypothesis import strategies as st
 
 from core_cy import HashRing, replica_id
 from protocols import peer
-from protocols.crdt import ORSet, PNCounter, encode_fields, take_deltas
+from protocols.crdt import CrdtError, GCounter, ORSet, PNCounter, encode_fields, take_deltas
 from protocols.effects import REPLICATE, Activate, Restore, Send, WriteDone
 from protocols.replication import (ALL, BATCH_BYTES_MAX, BATCH_MAX, LOCAL, QUORUM,
-                                   Replication, ReplicationError, batch)
+                                   Replication, ReplicationError, batch, generation,
+                                   merge_generation)
 from protocols.routing import Refusal
 from protocols.wire import ErrorCode
 
@@ -62,10 +63,10 @@ class Cluster:
         self.machines: dict[str, Replication] = {}
         self.outbox: list[tuple[str, Send]] = []
         self.ring = HashRing(tuple(sorted(nodes)))
-        for generation, node_id in enumerate(sorted(nodes), 1):
+        for gen, node_id in enumerate(sorted(nodes), 1):
             self.machines[node_id] = Replication(
-                node_id, replica_id(f"{node_id}/{generation}"), self.clock,
-                epoch_start=generation << 32, **self.options)
+                node_id, replica_id(f"{node_id}/{gen}"), self.clock,
+                epoch_start=gen << 32, **self.options)
         self.change_ring(self.ring.nodes, previous=self.ring)
 
     # -- effects and messages -------------------------------------------------
@@ -672,3 +673,43 @@ def test_batches_are_bounded_in_messages_and_bytes_and_a_big_message_goes_alone(
     batches = batch([small, big, small])
     assert [len(b["m"]) for b in batches] == [1, 1, 1] and batches[1]["m"] == [big]
     assert batch([]) == []
+
+
+# --- reset (syn.stop): a new generation beats every older copy ----------------------------
+
+def test_a_reset_agent_starts_empty_on_every_replica_and_older_copies_lose():
+    c, (owner, r1, r2) = streaming("counter/g")
+    c.write("counter/g", 41, LOCAL)
+    c.deliver()
+    stale = encode_fields(c.machines[r1].records["counter/g"].fields)  # value 42
+    assert c.run(owner, c.machines[owner].reset("counter/g", c.now)) == []
+    c.tick(owner, c.now + 0.01)  # the full state of the new generation goes out
+    c.deliver()
+    assert [c.value(n, "counter/g") for n in (owner, r1, r2)] == [0, 0, 0]
+    late = {"k": "p", "a": "counter/g", "b": BEHAVIOR, "f": stale}
+    c.machines[r1].receive(owner, late, c.now)  # a copy from the old life, late
+    assert c.value(r1, "counter/g") == 0
+    c.write("counter/g", 5, LOCAL)  # the new life's writes replicate as usual
+    c.deliver()
+    assert [c.value(n, "counter/g") for n in (owner, r1, r2)] == [5, 5, 5]
+    assert c.machines[owner].reset("counter/none", c.now) is None
+
+
+def test_generation_merge_keeps_the_newest_life():
+    def life(gen: int, amount: int) -> dict:
+        fields = {"n": PNCounter().bind(1)}
+        fields["n"].increment(amount)
+        if gen:
+            fields["_gen"] = GCounter().bind(1)
+            fields["_gen"].increment(gen)
+        return fields
+
+    into = life(0, 3)
+    merge_generation(into, life(0, 4))  # same life: a join (max per replica)
+    assert into["n"].value() == 4
+    merge_generation(into, life(1, 2))  # a newer life replaces the older
+    assert into["n"].value() == 2 and generation(into) == 1
+    merge_generation(into, life(0, 9))  # an older life is ignored
+    assert into["n"].value() == 2
+    with pytest.raises(CrdtError):
+        generation({"_gen": PNCounter()})
