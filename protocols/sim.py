@@ -12,8 +12,9 @@ Two levels, one engine (``Simulator``):
   ``tests/test_membership.py`` runs Membership machines with.  Handled effects:
   ``Send``, ``MembersChanged``, ``Refuted``.
 - **Whole nodes** (``NodeSim``): each node is a ``SimNode`` (Membership + Router +
-  StatusCollector + a small agent host with sync counter handlers, wired together
-  like the node's runtime wires them); simulated clients send request envelopes to
+  Handoff + Replication + StatusCollector + a small agent host with sync counter
+  handlers, wired together like the node's runtime and ``node/state.py`` wire
+  them); simulated clients send request envelopes to
   random live entry nodes; ``Answer``/``Fail`` effects go back to those clients.
   Invariants are checked after every step (see ``NodeSim``); a failure raises
   ``InvariantViolation`` with the seed and the one command that replays it::
@@ -46,13 +47,21 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable
 
-from . import peer, wire
+import msgpack
 
-from .effects import (GOSSIP, STATUS_ANSWER, Answer, Fail, Install, MembersChanged,
-                      QuorumChanged, Refuted, Send, Surrender, Unresponsive, seed_address)
+from core_cy import replica_id
+
+from . import peer, wire
+from .crdt import (GCounter, PNCounter, bind_fields, decode_fields, encode_fields,
+                   merge_fields, take_deltas)
+from .effects import (GOSSIP, STATUS_ANSWER, Activate, Answer, Fail, Install, MembersChanged,
+                      QuorumChanged, Refuted, Restore, Send, Surrender, Unresponsive, WriteDone,
+                      seed_address)
 from .handoff import Handoff, HandoffError, previous_ring
 from .machine import Effects
-from .membership import Member, Membership, MembershipError, SwimConfig
+from .membership import (ALIVE, LEFT, SUSPECT, Member, Membership, MembershipError,
+                         SwimConfig)
+from .replication import ALL, CONSISTENCIES, QUORUM, Replication, ReplicationError
 from .routing import Refusal, Router
 from .status import StatusCollector, StatusError
 from .wire import ErrorCode, WireError
@@ -486,17 +495,38 @@ class CounterHost:
 
     ``counter/<anything>`` is activated on its first message (the node's virtual
     activation); ``incr`` adds ``data`` (an int) and returns the new value, ``get``
-    returns the value.  ``take_out`` and ``install`` move an agent's value between
-    nodes (the handoff).  ``version`` grows with every activation or removal, so an
-    observer can tell cheaply whether the active set changed.
+    returns the value.  A counter is a PN-Counter field ``n`` in the agent's fields,
+    which come from ``state_for(agent_id)`` as the node's ``AgentHost`` gets them: the
+    replication machine's record when the node replicates, else the host's own dict.
+    ``take_out`` and ``install``/``merge_moved`` move an agent's fields between
+    nodes (the handoff), through ``adopt(agent_id, wire_fields)``.  ``version`` grows
+    with every activation or removal, so an observer can tell cheaply whether the
+    active set changed.
     """
 
     PREFIX = "counter/"
+    BEHAVIOR = "counter"
+    FIELD = "n"
 
-    def __init__(self) -> None:
-        self.values: dict[str, int] = {}
+    def __init__(self, replica: int, clock: Callable[[], int],
+                 state_for: Callable[[str], dict] | None = None,
+                 adopt: Callable[[str, Any], None] | None = None) -> None:
+        self.active: dict[str, dict] = {}  # agent id -> its fields (the directory)
         self.version = 0
         self.handled = 0
+        self.replica = replica
+        self.clock = clock
+        self._kept: dict[str, dict] = {}  # without replication: the fields live here
+        self._state_for = state_for or (lambda agent_id: self._kept.setdefault(agent_id, {}))
+        self._adopt = adopt or self._adopt_kept
+
+    def value(self, agent_id: str) -> int | None:
+        """The counter's value here, or None if the agent is not active here."""
+        fields = self.active.get(agent_id)
+        if fields is None:
+            return None
+        counter = fields.get(self.FIELD)
+        return counter.value() if counter is not None else 0
 
     def handle(self, agent_id: str, mtype: str, data: Any) -> tuple[bool, Any, str]:
         """(ok, value, error message): value is the result, or an ErrorCode."""
@@ -506,33 +536,93 @@ class CounterHost:
             return False, ErrorCode.UNKNOWN_TYPE, f"counters take incr and get, not {mtype!r}"
         if mtype == "incr" and type(data) is not int:
             return False, ErrorCode.BAD_REQUEST, "incr takes an integer"
-        values = self.values
-        if agent_id not in values:
-            values[agent_id] = 0
-            self.version += 1
+        fields = self.active.get(agent_id)
+        if fields is None:
+            fields = self.activate(agent_id)
         self.handled += 1
-        if mtype == "incr":
-            values[agent_id] += data
-        return True, values[agent_id], ""
+        if mtype == "incr" and data:
+            counter = fields.get(self.FIELD)
+            if counter is None:
+                counter = fields[self.FIELD] = PNCounter().bind(self.replica, self.clock)
+            if data > 0:
+                counter.increment(data)
+            else:
+                counter.decrement(-data)
+        return True, self.value(agent_id), ""
+
+    def activate(self, agent_id: str) -> dict:
+        fields = self.active[agent_id] = self._state_for(agent_id)
+        self.version += 1
+        return fields
 
     def take_out(self, agent_id: str) -> bytes | None:
-        """The agent's state (its value, as the node's host snapshots: bytes), gone
-        from here; None if it is not here."""
-        value = self.values.pop(agent_id, None)
-        if value is None:
+        """The agent's fields (packed wire form, as the node's host snapshots them),
+        gone from here; None if it is not here."""
+        fields = self.active.pop(agent_id, None)
+        if fields is None:
             return None
+        self._kept.pop(agent_id, None)
         self.version += 1
-        return str(value).encode()
+        return msgpack.packb(encode_fields(fields), use_bin_type=True)
 
     def install(self, agent_id: str, state: bytes | None) -> None:
-        if agent_id not in self.values:
-            self.values[agent_id] = int(state) if state else 0
-            self.version += 1
+        """Activate a moved agent with its fields (the node's ``AgentHost.install``)."""
+        if agent_id in self.active:
+            return
+        if state:
+            self._adopt(agent_id, msgpack.unpackb(state, raw=False))
+        self.activate(agent_id)
+
+    def merge_moved(self, agent_id: str, state: bytes | None) -> bool:
+        """A moved state for an agent already active here: join its fields in."""
+        if agent_id not in self.active or not state:
+            return False
+        self._adopt(agent_id, msgpack.unpackb(state, raw=False))
+        return True
+
+    def _adopt_kept(self, agent_id: str, wire_fields: Any) -> None:
+        fields = self._kept.setdefault(agent_id, {})
+        merge_fields(fields, decode_fields(wire_fields))
+        bind_fields(fields, self.replica, self.clock)
+
+
+FOLD_TTL_NS = 24 * 3600 * 10**9  # as node/state.py: fold markers outlive any stale copy
+
+
+def fold_retired(fields: dict, live: frozenset, into: int, now_ns: int) -> None:
+    """As ``node.state.fold_retired``: the owner folds the counter rows of replicas
+    not in ``live`` into its own row (shipped with the next write)."""
+    for field in fields.values():
+        if type(field) in (GCounter, PNCounter):
+            retired = [r for r in field.replicas() if r not in live]
+            if retired:
+                field.fold(retired, into, now_ns, FOLD_TTL_NS)
+            field.expire_folds(now_ns)
+
+
+class _HeldReply:
+    """A turn's reply waiting for its write's consistency (``WriteDone``)."""
+
+    __slots__ = ("req", "reply_to", "value")
+
+    def __init__(self, req: wire.Request, reply_to: tuple, value: Any):
+        self.req, self.reply_to, self.value = req, reply_to, value
 
 
 class SimNode:
-    """One whole node: Membership + Router + Handoff + StatusCollector + CounterHost,
-    wired as the node's runtime wires them, behind the machine contract.
+    """One whole node: Membership + Router + Handoff + Replication + StatusCollector +
+    CounterHost, wired as the node's runtime (and ``node/state.py``) wires them,
+    behind the machine contract.
+
+    Replication (``replicas`` > 1) as ``node/state.py`` drives it: an agent's fields
+    are its record's (``Replication.primary``; the owner folds retired replicas'
+    counter rows on activation unless ``fold`` is off); after each turn the deltas
+    go to ``wrote`` with the request's consistency (default ``consistency``) and
+    the reply waits for ``WriteDone`` (``timeout`` when it fails); a miss waits for
+    a gather (``Restore``); ``Activate`` wakes failed-over agents; ring changes call
+    ``ring_changed(previous_ring(...), ring)``, member changes ``members_changed``;
+    an agent handed off is ``released``, one arriving is adopted, or merged into
+    the live one on a handoff conflict.  REPLICATE messages are peer frames too.
 
     Peer traffic is peer frames (``protocols/peer.py``), requests and replies are
     wire envelopes (``protocols/wire.py``): the same codecs as the node.  The
@@ -553,15 +643,35 @@ class SimNode:
                  rng: random.Random, swim: SwimConfig | None = None, max_hops: int = 2,
                  forward_timeout_s: float = 2.0, status_timeout_s: float = 1.0,
                  handoff_timeout_s: float = 1.0, handoff_window_s: float = 5.0,
-                 wall_offset_ns: int = 0, handoff: bool = True):
+                 wall_offset_ns: int = 0, handoff: bool = True, replicas: int = 3,
+                 consistency: str = QUORUM, write_timeout_s: float = 2.0,
+                 failover_rate: float = 1000.0, fold: bool = True):
+        if consistency not in CONSISTENCIES:
+            raise ValueError(f"consistency is one of {sorted(CONSISTENCIES)}")
         self.node_id = me.node_id
+        self._now = 0.0
+        self._wall_offset_ns = wall_offset_ns
         self.membership = Membership(me, seeds, swim, rng=rng, wall_offset_ns=wall_offset_ns)
         self.router = Router(me.node_id, key, max_hops=max_hops,
                              forward_timeout_s=forward_timeout_s)
         self.handoff = Handoff(me.node_id, timeout_s=handoff_timeout_s,
                                window_s=handoff_window_s, seq_start=me.generation)
         self.status = StatusCollector(me.node_id, status_timeout_s)
-        self.host = CounterHost()
+        # Replicated state, as node/state.py: the replica id and the epochs come from
+        # the node's generation; replicas 0 or 1 turn replication off.
+        self.replica = replica_id(f"{me.node_id}/{me.generation}")
+        self.consistency = consistency
+        self.folds = fold
+        self.replication: Replication | None = None
+        self._live: frozenset[int] = frozenset()  # replica ids of the members (folding)
+        if replicas > 1:
+            self.replication = Replication(
+                me.node_id, self.replica, self.clock, n=replicas,
+                write_timeout_s=write_timeout_s, gather_timeout_s=handoff_timeout_s,
+                failover_rate=failover_rate, epoch_start=me.generation)
+            self.host = CounterHost(self.replica, self.clock, self._state_for, self._adopt)
+        else:
+            self.host = CounterHost(self.replica, self.clock)
         self.view: frozenset[str] = frozenset((me.node_id,))  # the ring: who owns agents
         self.left = False
         self.hands_off = handoff  # False: agents stay where they are (a test's bug)
@@ -571,14 +681,21 @@ class SimNode:
         self._addresses: dict[str, str] = {me.node_id: me.address}
         self._moved_to: dict[str, str] = {}  # agent handed away -> where (runtime: same)
         self._serving = not tuple(seeds)     # owned agents under the ring we hold
-        self._now = 0.0
+        self._stopping = False
+        self.handoff_conflicts = 0           # moved states merged into an active agent
         self._out: list = []
         out = self._out.append
         self._effects = Effects({Send: out, Refuted: out, Answer: out, Fail: out,
                                  MembersChanged: self._on_members,
                                  QuorumChanged: self._on_quorum,
                                  Surrender: self._on_surrender, Install: self._on_install,
-                                 Unresponsive: self._on_unresponsive})
+                                 Unresponsive: self._on_unresponsive,
+                                 WriteDone: self._on_write_done, Restore: self._on_restore,
+                                 Activate: self._on_activate})
+
+    def clock(self) -> int:
+        """The node's wall clock in ns (CRDT stamps, fold markers): virtual time."""
+        return int(self._now * 1e9) + self._wall_offset_ns + 1
 
     # -- the machine contract ----------------------------------------------------
     def start(self, now: float) -> list:
@@ -587,7 +704,8 @@ class SimNode:
 
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (self.membership.next_deadline(), self.router.next_deadline(),
-                                 self.status.next_deadline(), self.handoff.next_deadline())
+                                 self.status.next_deadline(), self.handoff.next_deadline(),
+                                 self.replication and self.replication.next_deadline())
                      if d is not None]
         return min(deadlines) if deadlines else None
 
@@ -596,7 +714,20 @@ class SimNode:
         self._effects.run(self.membership.tick(now))
         self._effects.run(self.router.tick(now))
         self._effects.run(self.handoff.tick(now))
+        self._tick_replication(now)
         return self._run(self.status.tick(now))
+
+    REPLICATION_TICKS_MAX = 8  # ticks at one instant (the runtime's timer firing again)
+
+    def _tick_replication(self, now: float) -> None:
+        """Carrying a tick's effects out can make work due at once (an agent woken by
+        Activate repairs its replicas): the runtime's timer fires again right away."""
+        machine = self.replication
+        for _ in range(self.REPLICATION_TICKS_MAX if machine is not None else 0):
+            deadline = machine.next_deadline()
+            if deadline is None or deadline > now:
+                return
+            self._effects.run(machine.tick(now))
 
     def receive_frames(self, frames: list, now: float) -> list:
         """Peer frames from the network (the runtime's ``peer``)."""
@@ -620,6 +751,13 @@ class SimNode:
                 self._effects.run(self.handoff.receive(event.sender, event.message, now))
             except HandoffError:
                 return self._remote_error("bad_handoff")
+        elif kind is peer.Replicated:
+            if self.replication is None:
+                return self._remote_error("replicate_off")
+            try:
+                self._effects.run(self.replication.receive(event.sender, event.message, now))
+            except ReplicationError as exc:
+                return self._remote_error(f"replicate_{exc.reason}")
         elif kind is peer.StatusQueried:
             if event.sender not in self.view:
                 return self._remote_error("status_query_from_stranger")
@@ -633,13 +771,25 @@ class SimNode:
         return self._take()
 
     def stop(self, now: float) -> list:
-        """The end of a graceful stop: every forward and status collection in flight
-        is answered."""
+        """The end of a graceful stop: every forward, held write, held request and
+        status collection in flight is answered."""
+        self._now = now
+        self._stopping = True
         self._effects.run(self.router.stop())
         for req, _, reply_to, _ in self.handoff.stop():
-            self._reply(reply_to, req.id, False, ErrorCode.UNAVAILABLE, "node is shutting down",
-                        req.type)
+            self._refuse_stopping(req, reply_to)
+        if self.replication is not None:
+            self._effects.run(self.replication.stop())
         return self._run(self.status.stop())
+
+    def _refuse_stopping(self, req: wire.Request, reply_to: tuple) -> None:
+        self._reply(reply_to, req.id, False, ErrorCode.UNAVAILABLE, "node is shutting down",
+                    req.type)
+
+    @property
+    def handing_off(self) -> bool:
+        """State still on its way to other nodes (the runtime's ``_handing_off``)."""
+        return bool(self.handoff.kept_now or (self.replication and self.replication.lagging))
 
     def leave(self, now: float) -> list:
         """A graceful leave: the members hear it and the agents go to their owners."""
@@ -656,7 +806,7 @@ class SimNode:
 
     def local_status(self) -> dict:
         return {"node": self.node_id, "address": self._addresses[self.node_id],
-                "members": len(self.view), "agents": len(self.host.values),
+                "members": len(self.view), "agents": len(self.host.active),
                 "forwards_in_flight": self.router.in_flight, "reachable": True}
 
     # -- routing -----------------------------------------------------------------
@@ -691,23 +841,50 @@ class SimNode:
         """We own it by our ring, but handed it to a node whose ring is ahead of
         ours: the request follows the agent (as a forward, within the hop limit)."""
         moved = self._moved_to.get(agent_id)
-        if moved is None or agent_id in self.host.values:
+        if moved is None or agent_id in self.host.active:
             return self.node_id
         return self.router.follow(agent_id, moved, ttl, hops)
 
     def _handle_local(self, req: wire.Request, envelope: bytes, reply_to: tuple, hops: int,
                       now: float, hold: bool = True) -> None:
-        if hold and req.subject not in self.host.values:
-            if self.handoff.expecting(req.subject, now) is not None:
-                held = self.handoff.hold(req.subject, (req, envelope, reply_to, hops),
-                                         req.nbytes, now)
-                if type(held) is Refusal:
-                    self._reply(reply_to, req.id, False, held.code, held.message, req.type)
-                else:
-                    self._effects.run(held)
+        """As the runtime: on a miss the request waits for the agent's state, from its
+        previous owner (``hold``) or gathered from its replicas."""
+        if req.subject not in self.host.active:
+            item = (req, envelope, reply_to, hops)
+            if hold and self.handoff.expecting(req.subject, now) is not None:
+                self._held_or_refused(self.handoff.hold(req.subject, item, req.nbytes, now),
+                                      req, reply_to)
+                return
+            machine = self.replication
+            if machine is not None and machine.needs_gather(req.subject):
+                self._held_or_refused(machine.gather(req.subject, item, req.nbytes, now),
+                                      req, reply_to)
                 return
         ok, value, message = self.host.handle(req.subject, req.type, req.data)
-        self._reply(reply_to, req.id, ok, value, message, req.type)
+        if ok and self.replication is not None:
+            self._turn_done(req, reply_to, value)
+        else:
+            self._reply(reply_to, req.id, ok, value, message, req.type)
+
+    def _held_or_refused(self, held: list | Refusal, req: wire.Request,
+                         reply_to: tuple) -> None:
+        if type(held) is Refusal:
+            self._reply(reply_to, req.id, False, held.code, held.message, req.type)
+        else:
+            self._effects.run(held)
+
+    def _turn_done(self, req: wire.Request, reply_to: tuple, value: Any) -> None:
+        """After a turn (node/state.py ``turn_done``): ship its deltas; the reply waits
+        until the request's consistency is met (``WriteDone``)."""
+        machine = self.replication
+        agent_id = req.subject
+        deltas = take_deltas(machine.primary(agent_id, CounterHost.BEHAVIOR, self._now).fields)
+        if not deltas:
+            self._reply(reply_to, req.id, True, value, "", req.type)
+            return
+        held = _HeldReply(req, reply_to, value)
+        self._effects.run(machine.wrote(agent_id, deltas, req.consistency or self.consistency,
+                                        held, self._now))
 
     def _forward(self, owner: str, req: wire.Request, envelope: bytes, reply_to: tuple,
                  hops: int, now: float) -> None:
@@ -760,8 +937,14 @@ class SimNode:
         members = effect.members
         self._addresses = {n: m.address for n, m in members.items()}
         reachable = sorted(n for n, m in members.items()
-                           if m.state in ("alive", "suspect", "left"))
+                           if m.state in (ALIVE, SUSPECT, LEFT))
         self._effects.run(self.handoff.members_changed(reachable))
+        machine = self.replication
+        if machine is not None:
+            self._live = frozenset(replica_id(f"{n}/{m.generation}")
+                                   for n, m in members.items() if m.state != LEFT)
+            self._effects.run(machine.members_changed(
+                [n for n, m in members.items() if m.state in (ALIVE, SUSPECT)], self._now))
         gone = set(self._moved_to.values()) - set(reachable)
         if gone:
             self._moved_to = {a: n for a, n in self._moved_to.items() if n not in gone}
@@ -771,7 +954,9 @@ class SimNode:
             self._effects.run(self.router.members_changed(sorted(ring), reachable))
             self._effects.run(self.handoff.ring_changed(previous.owner, self._now,
                                                         self.router.ring.owner))
-            self._move_out(sorted(self.host.values))
+            if machine is not None:
+                self._effects.run(machine.ring_changed(previous, self.router.ring, self._now))
+            self._move_out(sorted(self.host.active))
         self.view = ring
         self._serving = self.router.quorate
         self._out.append(effect)
@@ -793,8 +978,10 @@ class SimNode:
             self._effects.run(self.handoff.none(agent_id, owner))
             return
         self._moved_to[agent_id] = owner
-        self._effects.run(self.handoff.send_state(agent_id, owner, "counter", state, (),
-                                                  self._now))
+        self._effects.run(self.handoff.send_state(agent_id, owner, CounterHost.BEHAVIOR, state,
+                                                  (), self._now))
+        if self.replication is not None:
+            self._effects.run(self.replication.released(agent_id, self._now))
 
     def _on_quorum(self, effect: QuorumChanged) -> None:
         self.router.set_quorate(effect.quorate, effect.reachable, effect.reference)
@@ -806,12 +993,72 @@ class SimNode:
     def _on_install(self, effect: Install) -> None:
         self._moved_to.pop(effect.agent_id, None)
         if effect.behavior is not None:
-            self.host.install(effect.agent_id, effect.state)
+            if effect.agent_id in self.host.active:  # activated before its state came
+                self.handoff_conflicts += 1
+                self.host.merge_moved(effect.agent_id, effect.state)
+            else:
+                self.host.install(effect.agent_id, effect.state)
         for req, envelope, reply_to, hops in effect.held:  # routed again: owners move
             self._route(req, envelope, reply_to, hops, self._now, hold=False)
         owner = self.router.ring.owner(effect.agent_id)
-        if effect.agent_id in self.host.values and owner != self.node_id:
+        if effect.agent_id in self.host.active and owner != self.node_id:
             self._hand_to(effect.agent_id, owner)  # given back, or moved on: pass it on
+
+    # -- replicated state (node/state.py) -------------------------------------------
+    def _state_for(self, agent_id: str) -> dict:
+        """The fields an agent activated here runs on: its record's.  The owner folds
+        the rows of retired replicas (generations no longer members) into its own."""
+        fields = self.replication.primary(agent_id, CounterHost.BEHAVIOR, self._now).fields
+        if self._live and self.folds:
+            fold_retired(fields, self._live | {self.replica}, self.replica, self.clock())
+        return fields
+
+    def _adopt(self, agent_id: str, wire_fields: Any) -> None:
+        """A handoff brought the fields from the previous owner."""
+        self.replication.adopt(agent_id, CounterHost.BEHAVIOR, wire_fields, self._now)
+
+    def _on_write_done(self, effect: WriteDone) -> None:
+        held = effect.handle
+        req = held.req
+        if effect.ok:
+            self._reply(held.reply_to, req.id, True, held.value, "", req.type)
+        else:
+            self._reply(held.reply_to, req.id, False, ErrorCode.TIMEOUT,
+                        f"write applied on the owner and {effect.acks} replica(s); "
+                        f"it needed {effect.needed}: it may or may not last", req.type)
+
+    def _on_restore(self, effect: Restore) -> None:
+        """The copies are in: activate the agent from its record, then route what waited."""
+        if effect.behavior is not None:
+            self._wake(effect.agent_id, effect.behavior)
+        else:
+            self.replication.settled(effect.agent_id)
+        for req, envelope, reply_to, hops in effect.held:
+            if self._stopping:
+                self._refuse_stopping(req, reply_to)
+            else:
+                self._route(req, envelope, reply_to, hops, self._now, hold=False)
+
+    def _on_activate(self, effect: Activate) -> None:
+        """Failover: we own an agent we hold a copy of; wake it (paced)."""
+        agent_id, machine = effect.agent_id, self.replication
+        if agent_id in self.host.active or self.router.ring.owner(agent_id) != self.node_id:
+            return
+        if machine.needs_gather(agent_id):
+            self._effects.run(machine.gather(agent_id, None, 0, self._now))
+            return
+        rec = machine.records.get(agent_id)
+        if rec is not None:
+            self._wake(agent_id, rec.behavior)
+
+    def _wake(self, agent_id: str, behavior: str) -> None:
+        if agent_id in self.host.active or self.router.ring.owner(agent_id) != self.node_id:
+            return
+        if behavior != CounterHost.BEHAVIOR:
+            self.remote_errors["replica_behavior_unknown"] = \
+                self.remote_errors.get("replica_behavior_unknown", 0) + 1
+            return
+        self.host.activate(agent_id)
 
     def _remote_error(self, reason: str) -> list:
         self.remote_errors[reason] = self.remote_errors.get(reason, 0) + 1
@@ -860,6 +1107,10 @@ class Scenario:
     max_hops: int = 2
     forward_timeout_s: float = 2.0
     handoff: bool = True          # agents move with their state when owners change
+    replicas: int = 3             # copies of each agent's state; 0 or 1: no replication
+    consistency: str = QUORUM     # of the clients' incrs: local, quorum or all
+    fast_restarts: bool = False   # replicated: a crashed node may restart before it is downed
+    fold: bool = True             # owners fold retired replicas' counter rows (node/state.py)
     exact: bool = False           # check counter values (needs a fault-free run)
     steps_max: int = 0            # 0: no bound
 
@@ -882,13 +1133,18 @@ class Scenario:
         return "python -m protocols.sim " + " ".join(args)
 
 
+STRONG = frozenset((QUORUM, ALL))  # consistencies whose acknowledged writes outlive a crash
+
+
 class _Call:
     __slots__ = ("entry", "mtype", "subject", "n", "issued_at", "answer", "lost",
-                 "acked_before")
+                 "acked_before", "consistency")
 
-    def __init__(self, entry: str, mtype: str, subject: str, n: int, issued_at: float):
+    def __init__(self, entry: str, mtype: str, subject: str, n: int, issued_at: float,
+                 consistency: str | None = None):
         self.entry, self.mtype, self.subject, self.n = entry, mtype, subject, n
         self.issued_at = issued_at
+        self.consistency = consistency  # what the request named (None: the node's default)
         self.answer: Any = None      # ("data", value) or ("error", code)
         self.lost = False            # its entry node crashed before answering
         self.acked_before = 0        # exact mode: acknowledged incr sum when issued
@@ -907,6 +1163,7 @@ class Result:
     digest: str
     counters_checked: bool  # (d) held for the whole run
     remote_errors: dict     # frames and answers nodes refused, by reason
+    losses_skipped: int = 0  # crashes/stops that found no moment with replicas whole
 
     def summary(self) -> str:
         return (f"seed={self.scenario.seed} nodes={self.scenario.nodes} "
@@ -917,6 +1174,7 @@ class Result:
                 f"duplicated={self.stats.duplicated} partitioned={self.stats.partitioned} "
                 f"undeliverable={self.stats.undeliverable} deferred={self.stats.deferred} "
                 f"counters_checked={self.counters_checked} "
+                f"losses_skipped={self.losses_skipped} "
                 f"remote_errors={self.remote_errors} digest={self.digest[:16]}")
 
 
@@ -943,7 +1201,19 @@ class NodeSim:
         off, so they may happen; every view full when clients start),
         ``get`` sees every incr acknowledged before it was sent and none not yet
         sent; with ``exact`` (a fault-free run) every call also succeeds and a
-        final get per counter returns the sum of acknowledged incrs.
+        final get per counter returns the sum of acknowledged incrs;
+    (e) with replication on (``replicas`` > 1), in every scenario, crashes
+        included: after heal, every node up, views equal and replication quiet
+        (within SETTLE_MAX_S), every replica of a counter holds the same value, and
+        it is at least the sum of incrs acknowledged at quorum or all and (without
+        duplication: a duplicated forward applies an incr twice) at most the sum
+        sent.  What makes it hold with crashes: a crash or graceful stop waits
+        until the replicas are whole again (``replicas_whole``), so no agent loses
+        two copies at once (one that finds no such moment before the clients stop
+        is skipped and counted); a crashed or stopped node restarts only once the
+        others took it off the ring, unless ``fast_restarts``.
+
+    A machine raising is a violation too (with the seed and the replay command).
     """
 
     node_class = SimNode  # tests put a subclass with a planted bug here
@@ -968,6 +1238,11 @@ class NodeSim:
         self.bounded = s.exact or not (s.dup_rate or s.crashes or s.partitions or s.pauses)
         self._acked: dict[str, int] = {}            # (d): acknowledged incr sum
         self._issued: dict[str, int] = {}           # (d): incr sum sent
+        # (e): with replication on, incrs acknowledged at quorum or all must last
+        # through anything (crashes included); the final value is checked after heal.
+        self.replicated = s.replicas > 1
+        self._acked_strong: dict[str, int] = {}
+        self.losses_skipped = 0                     # crashes/stops that found no window
         self._generation_ns = 1
         self._calling = True
         self.sim.observe(self._after_step)
@@ -994,7 +1269,8 @@ class NodeSim:
         return self.node_class(me, seeds, key=rng.getrandbits(64).to_bytes(8, "big"),
                                rng=random.Random(rng.getrandbits(64)), swim=swim,
                                max_hops=s.max_hops, forward_timeout_s=s.forward_timeout_s,
-                               handoff=s.handoff)
+                               handoff=s.handoff, replicas=s.replicas,
+                               consistency=s.consistency, fold=s.fold)
 
     def _script(self) -> None:
         """The fault schedule and the client load, drawn from the seed."""
@@ -1006,10 +1282,10 @@ class NodeSim:
             sim.at(start + rng.uniform(0.05, 0.3) * span, lambda sim: sim.heal())
         for _ in range(s.crashes):
             start = s.warmup_s + rng.uniform(0.1, 0.6) * span
-            sim.at(start, self._crash_one(start + rng.uniform(0.02, 0.2) * span))
+            sim.at(start, self._one_loss_at_a_time(self._crash_one(rng.uniform(0.02, 0.2) * span)))
         for _ in range(s.stops):
             start = s.warmup_s + rng.uniform(0.1, 0.6) * span
-            sim.at(start, self._leave_one(start + rng.uniform(0.02, 0.2) * span))
+            sim.at(start, self._one_loss_at_a_time(self._leave_one(rng.uniform(0.02, 0.2) * span)))
         for _ in range(s.pauses):
             start = s.warmup_s + rng.uniform(0.1, 0.7) * span
             sim.at(start, self._pause_one(start + rng.uniform(0.01, 0.1) * span))
@@ -1038,17 +1314,56 @@ class NodeSim:
         down = [n for n in sim.node_ids if not sim.is_up(n)]
         sim.partition(sorted(ids[:cut] + down), sorted(ids[cut:]))
 
-    def _crash_one(self, restart_at: float) -> Callable[[Simulator], None]:
+    WHOLE_POLL_S = 0.5  # a crash or stop waiting for the last one's repair looks this often
+
+    def _one_loss_at_a_time(self, action: Callable[[Simulator], None]) -> Callable[[Simulator], None]:
+        """With replication on, a crash or a stop waits until the cluster has repaired
+        the last one (``replicas_whole``), so no agent loses two copies at once; one
+        that cannot run before the clients stop is dropped."""
+        def when_whole(sim: Simulator) -> None:
+            if not self.replicated or self.replicas_whole():
+                action(sim)
+            elif self._calling and sim.now + self.WHOLE_POLL_S < self.scenario.duration_s:
+                sim.at(sim.now + self.WHOLE_POLL_S, when_whole)
+            else:
+                self.losses_skipped += 1
+        return when_whole
+
+    def replicas_whole(self) -> bool:
+        """Every node is up and sees every other, and every agent with state runs on
+        its owner with each replica holding a copy (none waiting for its first full
+        state, no copy still to hand over, no failover or gather under way): losing
+        one node now loses one copy of anything at most."""
+        sim = self.sim
+        full = frozenset(sim.node_ids)
+        nodes = [sim.machine(n) for n in sim.node_ids]
+        if not all(sim.is_up(n) for n in sim.node_ids) or any(n.view != full for n in nodes):
+            return False
+        for node in nodes:
+            counts = node.replication.counts()
+            if counts["gathering"] or counts["failover_queue"]:
+                return False
+            for agent_id, rec in node.replication.records.items():
+                if rec.push_to or (rec.primary and rec.acked and min(rec.acked.values()) < 0):
+                    return False
+                owner = sim.machine(node.router.ring.owner(agent_id)).replication
+                if rec.fields and not owner.is_primary(agent_id):
+                    return False
+        return True
+
+    def _crash_one(self, down_s: float) -> Callable[[Simulator], None]:
         def crash(sim: Simulator) -> None:
             ids = sim.up_ids()
             if len(ids) > 1:
-                self._crash(ids[sim.rng.randrange(len(ids))], False, restart_at)
+                self._crash(ids[sim.rng.randrange(len(ids))], False, sim.now + down_s)
         return crash
 
-    def _leave_one(self, restart_at: float) -> Callable[[Simulator], None]:
+    def _leave_one(self, down_s: float) -> Callable[[Simulator], None]:
         """A graceful leave: the node announces it and hands its agents off, then
-        stops a moment later (time for the handoff) and restarts at restart_at."""
+        stops a moment later (time for the handoff) and restarts ``down_s`` after
+        the leave began."""
         def leave(sim: Simulator) -> None:
+            restart_at = sim.now + down_s
             ids = [n for n in sim.up_ids() if not sim.is_paused(n)
                    and not sim.machine(n).left]
             if len(ids) <= 1:
@@ -1066,8 +1381,8 @@ class NodeSim:
                 if sim.is_paused(victim):  # a stopped process cannot shut down: later
                     sim.at(sim.now + 0.1, stop)
                     return
-                if (machine.handoff.kept_now or sim.now < quiet_until[0]) and sim.now < deadline:
-                    if machine.handoff.kept_now:  # as the runtime: quiet for a while
+                if (machine.handing_off or sim.now < quiet_until[0]) and sim.now < deadline:
+                    if machine.handing_off:  # as the runtime: quiet for a while
                         quiet_until[0] = sim.now + self.LEAVE_QUIET_S
                     sim.at(sim.now + 0.1, stop)
                     return
@@ -1094,8 +1409,22 @@ class NodeSim:
                 self.unanswered -= 1
         if self.violations:
             self.fail()
-        k = int(victim[1:])
-        sim.at(restart_at, lambda sim: sim.restart(victim, self.new_node(k)))
+        sim.at(restart_at, self._restart(victim, restart_at + self.DOWNED_WAIT_MAX_S))
+
+    DOWNED_WAIT_MAX_S = 60.0  # a crashed node waits at most this long to be downed
+
+    def _restart(self, victim: str, latest: float) -> Callable[[Simulator], None]:
+        """Restart the node, fresh.  With replication on (and not ``fast_restarts``)
+        a stopped or crashed node comes back only once every other live node has
+        taken it off the ring: its copies are gone, and only a ring change re-places
+        them (a node back before that keeps a copy short: see ``fast_restarts``)."""
+        def restart(sim: Simulator) -> None:
+            waits = self.replicated and not self.scenario.fast_restarts and sim.now < latest
+            if waits and any(victim in sim.machine(n).view for n in sim.up_ids()):
+                sim.at(sim.now + self.WHOLE_POLL_S, restart)
+                return
+            sim.restart(victim, self.new_node(int(victim[1:])))
+        return restart
 
     def _pause_one(self, resume_at: float) -> Callable[[Simulator], None]:
         def pause(sim: Simulator) -> None:
@@ -1125,14 +1454,18 @@ class NodeSim:
         sim.at(sim.now + rng.expovariate(s.calls_per_s), self._next_call)
 
     def issue(self, entry: str, mtype: str, subject: str | None, data: Any,
-              ttl: int | None = None) -> int:
-        """A client sends a call to node ``entry``; returns the call id."""
+              ttl: int | None = None, consistency: str | None = None) -> int:
+        """A client sends a call to node ``entry``; returns the call id.  An incr
+        names ``consistency`` (default: the scenario's)."""
         call_id = len(self.calls) + 1
-        call = _Call(entry, mtype, subject, data if mtype == "incr" else 0, self.sim.now)
+        if mtype == "incr":
+            consistency = consistency or self.scenario.consistency
+        call = _Call(entry, mtype, subject, data if mtype == "incr" else 0, self.sim.now,
+                     consistency)
         if self.bounded:
             call.acked_before = self._acked.get(subject, 0)
-            if mtype == "incr":
-                self._issued[subject] = self._issued.get(subject, 0) + data
+        if mtype == "incr" and type(data) is int:
+            self._issued[subject] = self._issued.get(subject, 0) + data
         self.calls[call_id] = call
         self.unanswered += 1
         request_id = f"r{call_id}"
@@ -1141,7 +1474,8 @@ class NodeSim:
             if call.answer is None and not call.lost:
                 call.lost = True
                 self.unanswered -= 1
-        envelope = wire.encode(wire.request(request_id, mtype, subject, data, ttl=ttl))
+        envelope = wire.encode(wire.request(request_id, mtype, subject, data, ttl=ttl,
+                                            consistency=consistency))
         self.sim.inject(entry, lambda node, now: node.call(call_id, envelope, now), lost)
         return call_id
 
@@ -1175,8 +1509,11 @@ class NodeSim:
             self._check_status(node, effect.handle, effect.data)
         elif type(effect.data) is not int:
             self._violate(f"(c) {call.mtype} answered {effect.data!r:.80}, not an int")
-        elif self.bounded:
-            self._check_counter(effect.handle, call, effect.data)
+        else:
+            if call.mtype == "incr" and call.consistency in STRONG:
+                self._acked_strong[call.subject] = self._acked_strong.get(call.subject, 0) + call.n
+            if self.bounded:
+                self._check_counter(effect.handle, call, effect.data)
 
     def _check_status(self, node: str, call_id: int, data: Any) -> None:
         rows = data.get("members") if isinstance(data, dict) else None
@@ -1214,7 +1551,7 @@ class NodeSim:
         if self._host_version.get(node) == host.version:
             return
         self._host_version[node] = host.version
-        now = host.values.keys()
+        now = host.active.keys()
         before = self._held.get(node, set())
         for agent in sorted(before - now):
             self._drop_holder(agent, node)
@@ -1249,10 +1586,26 @@ class NodeSim:
         """Clients call until ``duration_s``; then the network heals, paused nodes
         resume, crashed ones restart, and time runs past every deadline; then (a)'s
         end check (and (d)'s final gets)."""
+        try:
+            self._run()
+        except InvariantViolation:
+            raise
+        except Exception as exc:  # a machine raised: a bug too, and it replays
+            self._violate(f"{type(exc).__name__}: {exc}")
+            try:
+                self.fail()
+            except InvariantViolation as violation:
+                raise violation from exc
+        return self.result()
+
+    def _run(self) -> None:
         s, sim = self.scenario, self.sim
         sim.run_until(s.duration_s, max_steps=s.steps_max or None)
         self._calling = False
         self._settle()
+        if self.replicated:
+            self._settle_replicas()
+            self._check_replicas()
         if s.exact:
             self._final_gets()
         unanswered = [i for i, c in self.calls.items() if c.answer is None and not c.lost]
@@ -1262,7 +1615,6 @@ class NodeSim:
                           f"{self.calls[unanswered[0]].subject} entered "
                           f"{self.calls[unanswered[0]].entry})")
             self.fail()
-        return self.result()
 
     def _settle(self) -> None:
         s, sim = self.scenario, self.sim
@@ -1272,6 +1624,54 @@ class NodeSim:
         # Past the last forward's deadline, plus the slowest message, plus a margin.
         sim.run_for(s.forward_timeout_s + 2 * s.delay_max_s + 1.0,
                     max_steps=s.steps_max or None)
+
+    SETTLE_MAX_S = 120.0  # after heal: time for views to agree and replication to go quiet
+    SETTLE_STEP_S = 1.0
+
+    def _settle_replicas(self) -> None:
+        """Run until every node is up, all views are full and equal, and no
+        replication machine has work left (repairs, pushes, held writes, gathers,
+        failovers); a cluster that does not get there in SETTLE_MAX_S is a violation."""
+        sim, s = self.sim, self.scenario
+        until = sim.now + self.SETTLE_MAX_S
+        while not self._quiet():
+            if sim.now >= until:
+                lagging = {n: sim.machine(n).replication.counts() for n in sim.up_ids()
+                           if sim.machine(n).replication.next_deadline() is not None}
+                views = {n: len(sim.machine(n).view) for n in sim.up_ids()}
+                self._violate(f"(e) not settled {self.SETTLE_MAX_S} s after heal: views "
+                              f"{views}, replication still busy on {lagging}")
+                self.fail()
+            sim.run_for(self.SETTLE_STEP_S, max_steps=s.steps_max or None)
+
+    def _quiet(self) -> bool:
+        sim = self.sim
+        full = frozenset(sim.node_ids)
+        return all(sim.is_up(n) and sim.machine(n).view == full
+                   and sim.machine(n).replication.next_deadline() is None
+                   for n in sim.node_ids)
+
+    def _check_replicas(self) -> None:
+        """(e) After heal, every replica of an agent holds the same value, and the
+        value counts every incr acknowledged at quorum or all and (without
+        duplication, which may apply a forwarded incr twice) none not sent."""
+        sim, s = self.sim, self.scenario
+        ring = sim.machine(sim.node_ids[0]).router.ring
+        for subject in sorted(self._issued):
+            replicas = ring.preference_list(subject, s.replicas)
+            values = [_counter_value(sim.machine(r).replication.records.get(subject))
+                      for r in replicas]
+            if len(set(values)) > 1:
+                self._violate(f"(e) replicas of {subject} differ: "
+                              f"{dict(zip(replicas, values))}")
+            acked, issued = self._acked_strong.get(subject, 0), self._issued[subject]
+            value = values[0]
+            if value < acked or (value > issued and not s.dup_rate):
+                self._violate(f"(e) {subject} is {value} on its owner {replicas[0]} after "
+                              f"heal; incrs acknowledged at quorum/all sum to {acked}, "
+                              f"all sent to {issued}")
+        if self.violations:
+            self.fail()
 
     def _final_gets(self) -> None:
         sim = self.sim
@@ -1303,7 +1703,13 @@ class NodeSim:
                       dict(sorted(errors.items())),
                       sum(1 for c in self.calls.values() if c.lost), late,
                       self.sim.now, self.sim.stats, self.sim.digest(), self.bounded,
-                      dict(sorted(remote.items())))
+                      dict(sorted(remote.items())), self.losses_skipped)
+
+
+def _counter_value(record: Any) -> int:
+    """The counter value in a replication record (0 without one)."""
+    counter = record.fields.get(CounterHost.FIELD) if record is not None else None
+    return counter.value() if counter is not None else 0
 
 
 def run_scenario(scenario: Scenario) -> Result:

@@ -29,8 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # 5 nodes, lossy, duplicating, reordering network; one partition healed, one crash
 # and restart, one pause (SIGSTOP) and resume, one graceful stop and restart.
+# Replication is on (3 replicas, quorum writes); owners do not fold retired counter
+# rows here: a refuted node's rows are folded while it lives, and its next activation
+# fails (tests/test_sim_replication.py, test_known_bugs).
 FAULTY = dict(nodes=5, duration_s=20.0, drop_rate=0.1, dup_rate=0.1, delay_max_s=0.2,
-              partitions=1, crashes=1, pauses=1, stops=1)
+              partitions=1, crashes=1, pauses=1, stops=1, fold=False)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
@@ -39,7 +42,9 @@ def test_faulty_runs_keep_the_invariants(seed):
     stats = result.stats
     # The faults did happen, and the calls did run into them.
     assert stats.dropped and stats.duplicated and stats.partitioned, result.summary()
-    assert stats.undeliverable and stats.deferred, result.summary()
+    # A crash or stop waits until the replicas are whole again (one copy lost at a
+    # time): under these faults it may find no such moment before the clients stop.
+    assert (stats.undeliverable or result.losses_skipped) and stats.deferred, result.summary()
     assert result.calls > 500 and result.answered + result.lost_with_entry == result.calls, \
         result.summary()
     assert result.errors.get(ErrorCode.TIMEOUT), result.summary()
@@ -56,7 +61,7 @@ def test_lossy_runs_keep_counter_bounds(seed):
     """No duplication, no crash: every get sees each incr acknowledged before it,
     through a graceful leave (its counters move with their values) under loss."""
     result = run_scenario(Scenario(seed=seed, nodes=6, duration_s=20.0, drop_rate=0.1,
-                                   delay_max_s=0.2, stops=1))
+                                   delay_max_s=0.2, stops=1, fold=False))
     assert result.counters_checked and result.stats.dropped, result.summary()
 
 
@@ -164,7 +169,8 @@ def test_checker_catches_an_injected_duplicate_answer():
 
 
 def test_checker_catches_calls_left_unanswered():
-    scenario = Scenario(seed=33, nodes=4, duration_s=8.0, drop_rate=0.2)
+    # Without replication: the planted bug silences every timer but membership's.
+    scenario = Scenario(seed=33, nodes=4, duration_s=8.0, drop_rate=0.2, replicas=1)
     message = violation(planted(ForgetsTimeouts), scenario)
     assert "never answered" in message
 
@@ -211,9 +217,11 @@ def test_an_unknown_effect_is_an_error():
 # ------------------------------------------------------------- routing, up close
 
 def make_node(k: int, **options) -> SimNode:
-    """Node k, seedless; no handoff window unless asked (these tests are about routing:
-    with one, a node that just learned its peers would first ask them for agents)."""
+    """Node k, seedless; no handoff window and no replication unless asked (these
+    tests are about routing: with a window, a node that just learned its peers would
+    first ask them for agents; with replicas, replies wait for replica acks)."""
     options.setdefault("handoff_window_s", 0.0)
+    options.setdefault("replicas", 1)
     me = Member.of(node_id(k), node_address(k), node_address(k).replace(":7400", ":7401"), 1)
     return SimNode(me, (), key=bytes([k + 1]) * 8, rng=random.Random(k), **options)
 
@@ -331,13 +339,13 @@ def test_agents_a_node_no_longer_owns_move_with_their_values():
     effects = [e for e in know_effects(a, b) if isinstance(e, Send) and e.channel == HANDOFF]
     moved = {e.message["agent"] for e in effects}
     assert moved and moved == {s for s in subjects if a.router.route(s, None, 0) == b.node_id}
-    assert not moved & set(a.host.values) and set(a.host.values) | moved == set(subjects)
+    assert not moved & set(a.host.active) and set(a.host.active) | moved == set(subjects)
     know(b, a)
     for e in effects:
         acks = b.receive_frames(peer.encode(HANDOFF, a.node_id, e.message), 0.1)
         for ack in (x for x in acks if isinstance(x, Send)):
             a.receive_frames(peer.encode(HANDOFF, b.node_id, ack.message), 0.2)
-    assert {s: b.host.values[s] for s in moved} == {s: subjects.index(s) + 1 for s in moved}
+    assert {s: b.host.value(s) for s in moved} == {s: subjects.index(s) + 1 for s in moved}
     assert a.handoff.kept_now == 0 and a.handoff.acked == len(moved)
 
 
