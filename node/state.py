@@ -24,7 +24,7 @@ from core_cy import replica_id
 from protocols.crdt import GCounter, ORMap, PNCounter, decode_fields, encode_fields, take_deltas
 from protocols.delivery import DELIVER, DUPLICATE, HELD, AppliedIds, CausalOrder, mark_delivered
 from protocols.effects import Activate, Forget, Persist, Restore, WriteDone
-from protocols.replication import Replication, ReplicationError, merge_generation
+from protocols.replication import LOCAL, Replication, ReplicationError, merge_generation
 from protocols.routing import Refusal
 from protocols.wire import ErrorCode
 
@@ -143,6 +143,13 @@ class ReplicatedState:
             self._answer(reply_to, req, outcome)
             return
         consistency = req.consistency or self.node.config.consistency
+        if consistency == LOCAL and self.storage is None:  # the common case: no wait
+            self.node._run([effect for effect in
+                            self.machine.wrote(agent_id, deltas, LOCAL, None, now)
+                            if type(effect) is not WriteDone])
+            self.node._arm("replication", self.machine)
+            self._answer(reply_to, req, outcome)
+            return
         held = _HeldReply(reply_to, req, outcome, consistency,
                           2 if self.storage is not None else 1)
         effects = []

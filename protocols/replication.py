@@ -381,11 +381,13 @@ class Replication:
         """The owner applied a turn's ``deltas`` ({field: delta CRDT}): stream them
         to the replicas; ``WriteDone(handle)`` once ``consistency`` is met."""
         rec = self.records[agent_id]
-        needed = self.needed(agent_id, consistency)
+        needed = 0 if consistency == LOCAL else self.needed(agent_id, consistency)
         effects: list = []
         if deltas and GEN_FIELD in rec.fields and GEN_FIELD not in deltas:
             deltas = {**deltas, GEN_FIELD: rec.fields[GEN_FIELD]}  # which life it belongs to
-        if deltas:
+        if deltas and not rec.acked and not self.persist:
+            rec.seq += 1  # nobody to send it to (one node, or replicas = 1)
+        elif deltas:
             rec.seq += 1
             rec.sent_at = now
             message = {"k": "d", "a": agent_id, "b": rec.behavior, "e": rec.epoch,

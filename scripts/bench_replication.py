@@ -87,7 +87,7 @@ class MetricsNode(BenchNode):
     given ``storage_sync``, keeps its state in ``workdir/NODE_ID.db``."""
 
     def __init__(self, node_id: str, workdir: Path, seed: str | None = None,
-                 storage_sync: str | None = None):
+                 storage_sync: str | None = None, extra: tuple[str, ...] = ()):
         self.node_id = node_id
         self.ready_path = workdir / f"{node_id}.ready.json"
         self.ready_path.unlink(missing_ok=True)  # a restart must not read the old one
@@ -95,7 +95,7 @@ class MetricsNode(BenchNode):
         cmd = [sys.executable, "-m", "node.cli", "--node-id", node_id,
                "--listen", "127.0.0.1:0", "--pub", "127.0.0.1:0",
                "--metrics", "127.0.0.1:0", "--ready-file", str(self.ready_path),
-               "--log-level", "warning", *(["--seed", seed] if seed else [])]
+               "--log-level", "warning", *(["--seed", seed] if seed else []), *extra]
         if storage_sync:
             cmd += ["--storage-path", str(workdir / f"{node_id}.db"),
                     "--storage-sync", storage_sync]
@@ -113,13 +113,15 @@ class MetricsNode(BenchNode):
 class MetricsCluster(Cluster):
     """bench_membership's Cluster, of MetricsNodes (with storage when given a sync)."""
 
-    def __init__(self, prefix: str, size: int, workdir: Path, storage_sync: str | None = None):
+    def __init__(self, prefix: str, size: int, workdir: Path, storage_sync: str | None = None,
+                 extra: tuple[str, ...] = ()):
         self.storage_sync = storage_sync
+        self.extra = extra
         super().__init__(prefix, size, workdir)
 
     def start(self, node_id: str) -> BenchNode:
         node = MetricsNode(node_id, self.workdir, self.live[0].address if self.live else None,
-                           self.storage_sync)
+                           self.storage_sync, self.extra)
         self._all.append(node)
         self.live.append(node)
         return node
@@ -276,6 +278,18 @@ def measure_steady(workdir: Path, n: int) -> Steady:
                   (quantile(middle, after, 0.5), quantile(middle, after, 0.99)), latency)
 
 
+def measure_unreplicated(workdir: Path, n: int) -> float:
+    """The same local workload on 3 nodes with replicas = 1: the cost of replication."""
+    cluster = MetricsCluster("ur", 3, workdir, extra=("--replicas", "1"))
+    pipe = Pipe(cluster.live[0].address)
+    try:
+        pipe.run([(f"counter/rep-{i}", "get", None) for i in range(AGENTS)], None, WINDOW)
+        return max(pipe.run(incr_requests(n), "local", WINDOW).rate for _ in range(TRIALS))
+    finally:
+        pipe.close()
+        cluster.close()
+
+
 def owned_by(node_ids: list[str], owner: str, agents: list[str]) -> list[str]:
     """The agents the ring over ``node_ids`` gives to ``owner`` (the node's own ring)."""
     ring = core_cy.HashRing(tuple(sorted(node_ids)), vnodes=RING_VNODES)
@@ -381,16 +395,21 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.2f} ms"
 
 
-def rate_rows(raw: float, steady: Steady, n: int) -> list[tuple[str, str, str, str]]:
+def rate_rows(raw: float, steady: Steady, n: int,
+              unreplicated: float) -> list[tuple[str, str, str, str]]:
     local = steady.rates["local"]
     rows = [(f"raw pyzmq round trips/s, {WINDOW} in flight", f"{raw:,.0f} calls/s", "1.00",
-             "baseline")]
+             "baseline"),
+            (f"counter incr, replicas = 1 (nothing replicated), 3 nodes, {WINDOW} in flight",
+             f"{unreplicated:,.0f} updates/s", f"{unreplicated / raw:.2f}",
+             "the cost of replication: local vs this")]
     for level in LEVELS:
         rate, errors = steady.rates[level], steady.errors[level]
         failed = ", ".join(f"{count} {code}" for code, count in errors.items() if count)
         result = f"{rate:,.0f} updates/s" + (f" (failed: {failed})" if failed else "")
         if level == "local":
-            ratio, target = f"{rate / raw:.2f}", "base of quorum/all"
+            ratio = f"{rate / raw:.2f} ({rate / unreplicated:.2f} vs replicas = 1)"
+            target = "base of quorum/all"
         else:
             ratio = f"{rate / local:.2f} vs local ({rate / raw:.2f} vs raw)"
             target = f">= {QUORUM_TARGET:.2f} vs local" if level == "quorum" else "-"
@@ -449,8 +468,10 @@ def main(repeat: int, quick: bool = False) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-replication-") as tmp:
         workdir = Path(tmp)
         steady = measure_steady(workdir, n)
+        unreplicated = measure_unreplicated(workdir, n)
         failover = [measure_failover(workdir, rep) for rep in range(repeat)]
-        rows = rate_rows(raw, steady, n) + lag_rows(steady) + failover_rows(failover)
+        rows = (rate_rows(raw, steady, n, unreplicated) + lag_rows(steady)
+                + failover_rows(failover))
         if storage_wired():
             agents = RESTART_AGENTS // 5 if quick else RESTART_AGENTS
             rows += storage_rows(measure_storage_rates(workdir, n // 2),

@@ -80,13 +80,27 @@ class _FoldingCounter(Crdt):
         """Add ``amounts`` (one per side, >= 0) to this replica's row; record the delta."""
         if not any(amounts):
             return type(self)()
-        row = self._row(self.replica) or (0,) * self.SIDES
-        mark = (self._folds or {}).get(self.replica)
+        replica = self.replica
+        row = self._row(replica) or (0,) * self.SIDES
+        mark = (self._folds or {}).get(replica)
         if mark is not None:  # a zombie counts on from its folded total, not from 0
             row = tuple(map(max, row, mark))
         new = tuple(c + a for c, a in zip(row, amounts))
-        self._put(self.replica, new)
-        return self._record(self._of({self.replica: new}, None))
+        self._put(replica, new)
+        delta = self._one_row(replica, new)
+        if self._delta is None:  # the hot path: a turn's first write (no copy, no merge)
+            self._delta = self._one_row(replica, new)
+        else:
+            self._delta.merge(delta)
+        return delta
+
+    @classmethod
+    def _one_row(cls, replica: int, values: tuple[int, ...]) -> "_FoldingCounter":
+        """A delta of one row, built directly (``_of`` for the general case)."""
+        counter = cls()
+        counter._ids = array(Q, (replica,))
+        counter._set_sides([array(Q, (v,)) for v in values])
+        return counter
 
     def _keep_rows(self, keep) -> None:
         """Keep only the rows whose replica satisfies ``keep``."""
