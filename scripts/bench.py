@@ -11,7 +11,8 @@ Rows (each with its ratio to the raw pyzmq baseline of the same run):
                       synthesis: the same, forwarded one hop to the owner node
   calls/s in flight   AsyncClient with 1000 calls outstanding (vs raw pyzmq with
                       1000 requests outstanding against a trivial echo server)
-  client patterns     the same `counter incr` calls written three ways against the
+  client patterns     the same `echo` calls (an agent with no replicated state, so the
+                      node is not the bottleneck) written three ways against the
                       same node in the same run: one gather of every call, gather
                       with a semaphore of 256 (a task per call, asyncio's own cost),
                       gather on a client with in_flight_max=256, and 256 worker
@@ -278,14 +279,14 @@ def synthesis_in_flight(address: str, n: int, concurrency: int) -> float:
     return asyncio.run(main())
 
 
-PATTERN_AGENTS = 1000  # counter agents the client-pattern rows spread their calls over
+PATTERN_AGENTS = 1000  # echo agents the client-pattern rows spread their calls over
 PATTERN_WORKERS = 256
 PATTERN_SEMAPHORE = 256
 
 
 async def _gather_pattern(c: AsyncClient, n: int) -> None:
     """What users write: every call handed to gather at once."""
-    await asyncio.gather(*(c.call(f"counter/pat-{i % PATTERN_AGENTS}", "incr")
+    await asyncio.gather(*(c.call(f"echo/pat-{i % PATTERN_AGENTS}", "ping", i)
                            for i in range(n)))
 
 
@@ -295,7 +296,7 @@ async def _gather_semaphore_pattern(c: AsyncClient, n: int) -> None:
 
     async def one(i: int) -> Any:
         async with limit:
-            return await c.call(f"counter/pat-{i % PATTERN_AGENTS}", "incr")
+            return await c.call(f"echo/pat-{i % PATTERN_AGENTS}", "ping", i)
     await asyncio.gather(*(one(i) for i in range(n)))
 
 
@@ -303,7 +304,7 @@ async def _worker_pattern(c: AsyncClient, n: int) -> None:
     """PATTERN_WORKERS coroutines each awaiting their share of the calls in a loop."""
     async def worker(k: int) -> None:
         for i in range(k, n, PATTERN_WORKERS):
-            await c.call(f"counter/pat-{i % PATTERN_AGENTS}", "incr")
+            await c.call(f"echo/pat-{i % PATTERN_AGENTS}", "ping", i)
     await asyncio.gather(*(worker(k) for k in range(PATTERN_WORKERS)))
 
 
@@ -319,7 +320,7 @@ CLIENT_PATTERNS = {
 
 
 def client_patterns(address: str, n: int, trials: int) -> dict[str, float]:
-    """calls/s of each way of writing n `counter incr` calls, best of ``trials``.
+    """calls/s of each way of writing n `echo` calls, best of ``trials``.
 
     The patterns take turns within each trial, so a noisy neighbour slows them alike.
     """
@@ -331,7 +332,7 @@ def client_patterns(address: str, n: int, trials: int) -> dict[str, float]:
 
     async def main() -> dict[str, float]:
         async with AsyncClient(address, timeout_s=60) as c:  # activate the agents first
-            await asyncio.gather(*(c.call(f"counter/pat-{i}", "get")
+            await asyncio.gather(*(c.call(f"echo/pat-{i}", "ping")
                                    for i in range(PATTERN_AGENTS)))
         best = dict.fromkeys(CLIENT_PATTERNS, 0.0)
         for _ in range(trials):
