@@ -423,14 +423,13 @@ class Node:
         still be handing agents off).  The ring holds what membership says owns."""
         members = effect.members
         self.members = {n: m for n, m in members.items() if m.state != LEFT}
-        self.state.members_changed(self.members)
         others = {n: dict(m.endpoints) for n, m in members.items() if n != self.node_id}
         self.transport.set_peers(others, self.config.seeds)
         self._parked.flush(set(others), self._send_parked)
         reachable = [n for n, m in members.items() if m.state in (ALIVE, SUSPECT, LEFT)]
         self._run(self.handoff.members_changed(reachable))
-        self._run(self.state.machine.members_changed(
-            [n for n, m in members.items() if m.state in (ALIVE, SUSPECT)], _now()))
+        live = {n: m.generation for n, m in members.items() if m.state in (ALIVE, SUSPECT)}
+        self._run(self.state.machine.members_changed(live, _now(), live))
         gone = {n for n, _ in self._moved_to.values()} - set(reachable)
         if gone:
             self._moved_to = OrderedDict((a, v) for a, v in self._moved_to.items()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from core_cy import replica_id
-from protocols.crdt import GCounter, ORMap, PNCounter, decode_fields, encode_fields, take_deltas
+from protocols.crdt import GCounter, ORMap, decode_fields, encode_fields, take_deltas
 from protocols.delivery import DELIVER, DUPLICATE, HELD, AppliedIds, CausalOrder, mark_delivered
 from protocols.effects import Activate, Forget, Persist, Restore, WriteDone
 from protocols.replication import LOCAL, Replication, ReplicationError, merge_generation
@@ -39,7 +39,6 @@ VC_FIELD = "_vc"    # causal: messages delivered per sender session, a field too
 EXACTLY_ONCE = "exactly_once"
 CAUSAL = "causal"
 CLOCKS_MAX = 100_000  # agents whose causal clocks are cached here (rebuilt from _vc)
-FOLD_TTL_NS = 24 * 3600 * 10**9  # fold markers outlive any copy kept out of touch
 CAUSAL_HOLD_S = 5.0   # a held causal message is answered `timeout` after this (clients wait 5 s)
 
 _now = time.monotonic
@@ -66,7 +65,6 @@ class ReplicatedState:
         host._turn_start = self.turn_start
         host._turn_done = self.turn_done
         self.duplicates = 0
-        self._live: frozenset[int] = frozenset()
         self.causal = CausalOrder(timeout_s=CAUSAL_HOLD_S)
         # Causal: each agent's delivered clock as its messages enter the mailbox,
         # ahead of the replicated _vc (ticked when a message's turn runs).
@@ -82,18 +80,8 @@ class ReplicatedState:
     # ------------------------------------------------------------------ host hooks
 
     def state_for(self, agent_id: str, cls: type) -> dict:
-        """The fields an agent activated here runs on: its record's.  The owner folds
-        the counts of retired replicas (generations no longer members) into its own
-        row then (docs/STATE.md, "Pruning"): only an owner writes, so only it folds."""
-        fields = self.machine.primary(agent_id, cls.behavior_name, _now()).fields
-        if self._live:
-            fold_retired(fields, self._live, self.replica, time.time_ns())
-        return fields
-
-    def members_changed(self, members: dict) -> None:
-        """The replica ids of the current members: every other row is retired."""
-        self._live = frozenset(replica_id(f"{node_id}/{m.generation}")
-                               for node_id, m in members.items()) | {self.replica}
+        """The fields an agent activated here runs on: its record's."""
+        return self.machine.primary(agent_id, cls.behavior_name, _now()).fields
 
     def adopt(self, agent_id: str, cls: type, fields: Any) -> None:
         """A handoff brought the fields from the previous owner."""
@@ -428,22 +416,6 @@ class ReplicatedState:
 
     def events(self) -> dict[str, int]:
         return {**self.machine.stats, "duplicates": self.duplicates}
-
-
-def fold_retired(fields: dict, live: frozenset, into: int, now_ns: int,
-                 ttl_ns: int = FOLD_TTL_NS) -> int:
-    """Fold the rows of replicas not in ``live`` into ``into``'s row, in every counter
-    field (a delta, shipped with the next write); expire old fold markers.  Returns
-    how many rows were folded."""
-    folded = 0
-    for field in fields.values():
-        if type(field) in (GCounter, PNCounter):
-            retired = [r for r in field.replicas() if r not in live]
-            if retired:
-                field.fold(retired, into, now_ns, ttl_ns)
-                folded += len(retired)
-            field.expire_folds(now_ns)
-    return folded
 
 
 class _HeldReply:

@@ -922,6 +922,10 @@ class Membership:
         answered = {self._members[n].address for n in alive}
         join = self._join_message()
         out += [Send(seed_id(s), GOSSIP, join) for s in self._seeds if s not in answered]
+        if not self._joined and alive:
+            # Our seeds may all be down while other members talk to us (a restart):
+            # any alive member answers a join as well as a seed does.
+            out.append(Send(self._rng.choice(alive), GOSSIP, join))
         return out
 
     def _reap(self, now: float) -> None:

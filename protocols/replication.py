@@ -171,6 +171,7 @@ class Replication:
         self.records: dict[str, Record] = {}
         self._rings: list[HashRing] = [HashRing((node_id,))]
         self._reachable: set[str] = set()
+        self._generations: dict[str, int] = {}  # member -> generation last seen
         self._dirty: set[str] = set()            # records with replicas or pushes behind
         self._due: list[tuple[float, int, str]] = []  # (repair_at, serial, agent): a heap
         self._serial = 0
@@ -210,9 +211,18 @@ class Replication:
 
     # ------------------------------------------------------------------ membership
 
-    def members_changed(self, reachable: Iterable[str], now: float) -> list:
-        """Alive members changed: gathers stop waiting for members gone."""
+    def members_changed(self, reachable: Iterable[str], now: float,
+                        generations: dict[str, int] | None = None) -> list:
+        """Alive members changed: gathers stop waiting for members gone.  A member
+        whose ``generations`` entry changed may have restarted with no copies (its
+        node id, and so the ring, unchanged): every replica state it held is resent."""
         self._reachable = set(reachable) - {self.node_id}
+        if generations is not None:
+            known = self._generations
+            for node_id, generation in generations.items():
+                if known.get(node_id, generation) != generation:
+                    self._replica_renewed(node_id, now)
+            self._generations = dict(generations)
         effects: list = []
         for agent_id in list(self._gathers):
             gather = self._gathers[agent_id]
@@ -220,6 +230,12 @@ class Replication:
             if gather.asked <= gather.answered:
                 effects.append(self._finish_gather(agent_id))
         return effects
+
+    def _replica_renewed(self, node_id: str, now: float) -> None:
+        for agent_id, rec in self.records.items():
+            if rec.primary and rec.acked and node_id in rec.acked:
+                rec.acked[node_id] = -1
+                self._repair_soon(agent_id, rec, now)
 
     def ring_changed(self, previous: HashRing, ring: HashRing, now: float) -> list:
         """The ring moved on from ``previous`` (the owners agents had before) to
