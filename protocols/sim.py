@@ -52,8 +52,7 @@ import msgpack
 from core_cy import replica_id
 
 from . import peer, wire
-from .crdt import (GCounter, PNCounter, bind_fields, decode_fields, encode_fields,
-                   merge_fields, take_deltas)
+from .crdt import PNCounter, bind_fields, decode_fields, encode_fields, merge_fields, take_deltas
 from .effects import (GOSSIP, STATUS_ANSWER, Activate, Answer, Fail, Install, MembersChanged,
                       QuorumChanged, Refuted, Restore, Send, Surrender, Unresponsive, WriteDone,
                       seed_address)
@@ -586,20 +585,6 @@ class CounterHost:
         bind_fields(fields, self.replica, self.clock)
 
 
-FOLD_TTL_NS = 24 * 3600 * 10**9  # as node/state.py: fold markers outlive any stale copy
-
-
-def fold_retired(fields: dict, live: frozenset, into: int, now_ns: int) -> None:
-    """As ``node.state.fold_retired``: the owner folds the counter rows of replicas
-    not in ``live`` into its own row (shipped with the next write)."""
-    for field in fields.values():
-        if type(field) in (GCounter, PNCounter):
-            retired = [r for r in field.replicas() if r not in live]
-            if retired:
-                field.fold(retired, into, now_ns, FOLD_TTL_NS)
-            field.expire_folds(now_ns)
-
-
 class _HeldReply:
     """A turn's reply waiting for its write's consistency (``WriteDone``)."""
 
@@ -615,8 +600,7 @@ class SimNode:
     behind the machine contract.
 
     Replication (``replicas`` > 1) as ``node/state.py`` drives it: an agent's fields
-    are its record's (``Replication.primary``; the owner folds retired replicas'
-    counter rows on activation unless ``fold`` is off); after each turn the deltas
+    are its record's (``Replication.primary``); after each turn the deltas
     go to ``wrote`` with the request's consistency (default ``consistency``) and
     the reply waits for ``WriteDone`` (``timeout`` when it fails); a miss waits for
     a gather (``Restore``); ``Activate`` wakes failed-over agents; ring changes call
@@ -645,7 +629,7 @@ class SimNode:
                  handoff_timeout_s: float = 1.0, handoff_window_s: float = 5.0,
                  wall_offset_ns: int = 0, handoff: bool = True, replicas: int = 3,
                  consistency: str = QUORUM, write_timeout_s: float = 2.0,
-                 failover_rate: float = 1000.0, fold: bool = True):
+                 failover_rate: float = 1000.0):
         if consistency not in CONSISTENCIES:
             raise ValueError(f"consistency is one of {sorted(CONSISTENCIES)}")
         self.node_id = me.node_id
@@ -661,9 +645,7 @@ class SimNode:
         # the node's generation; replicas 0 or 1 turn replication off.
         self.replica = replica_id(f"{me.node_id}/{me.generation}")
         self.consistency = consistency
-        self.folds = fold
         self.replication: Replication | None = None
-        self._live: frozenset[int] = frozenset()  # replica ids of the members (folding)
         if replicas > 1:
             self.replication = Replication(
                 me.node_id, self.replica, self.clock, n=replicas,
@@ -694,7 +676,7 @@ class SimNode:
                                  Activate: self._on_activate})
 
     def clock(self) -> int:
-        """The node's wall clock in ns (CRDT stamps, fold markers): virtual time."""
+        """The node's wall clock in ns (CRDT stamps): virtual time."""
         return int(self._now * 1e9) + self._wall_offset_ns + 1
 
     # -- the machine contract ----------------------------------------------------
@@ -940,11 +922,9 @@ class SimNode:
                            if m.state in (ALIVE, SUSPECT, LEFT))
         self._effects.run(self.handoff.members_changed(reachable))
         machine = self.replication
-        if machine is not None:
-            self._live = frozenset(replica_id(f"{n}/{m.generation}")
-                                   for n, m in members.items() if m.state != LEFT)
-            self._effects.run(machine.members_changed(
-                [n for n, m in members.items() if m.state in (ALIVE, SUSPECT)], self._now))
+        if machine is not None:  # a member whose generation changed gets its copies again
+            live = {n: m.generation for n, m in members.items() if m.state in (ALIVE, SUSPECT)}
+            self._effects.run(machine.members_changed(live, self._now, live))
         gone = set(self._moved_to.values()) - set(reachable)
         if gone:
             self._moved_to = {a: n for a, n in self._moved_to.items() if n not in gone}
@@ -1006,12 +986,8 @@ class SimNode:
 
     # -- replicated state (node/state.py) -------------------------------------------
     def _state_for(self, agent_id: str) -> dict:
-        """The fields an agent activated here runs on: its record's.  The owner folds
-        the rows of retired replicas (generations no longer members) into its own."""
-        fields = self.replication.primary(agent_id, CounterHost.BEHAVIOR, self._now).fields
-        if self._live and self.folds:
-            fold_retired(fields, self._live | {self.replica}, self.replica, self.clock())
-        return fields
+        """The fields an agent activated here runs on: its record's."""
+        return self.replication.primary(agent_id, CounterHost.BEHAVIOR, self._now).fields
 
     def _adopt(self, agent_id: str, wire_fields: Any) -> None:
         """A handoff brought the fields from the previous owner."""
@@ -1110,7 +1086,6 @@ class Scenario:
     replicas: int = 3             # copies of each agent's state; 0 or 1: no replication
     consistency: str = QUORUM     # of the clients' incrs: local, quorum or all
     fast_restarts: bool = False   # replicated: a crashed node may restart before it is downed
-    fold: bool = True             # owners fold retired replicas' counter rows (node/state.py)
     exact: bool = False           # check counter values (needs a fault-free run)
     steps_max: int = 0            # 0: no bound
 
@@ -1270,7 +1245,7 @@ class NodeSim:
                                rng=random.Random(rng.getrandbits(64)), swim=swim,
                                max_hops=s.max_hops, forward_timeout_s=s.forward_timeout_s,
                                handoff=s.handoff, replicas=s.replicas,
-                               consistency=s.consistency, fold=s.fold)
+                               consistency=s.consistency)
 
     def _script(self) -> None:
         """The fault schedule and the client load, drawn from the seed."""

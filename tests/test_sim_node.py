@@ -29,11 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # 5 nodes, lossy, duplicating, reordering network; one partition healed, one crash
 # and restart, one pause (SIGSTOP) and resume, one graceful stop and restart.
-# Replication is on (3 replicas, quorum writes); owners do not fold retired counter
-# rows here: a refuted node's rows are folded while it lives, and its next activation
-# fails (tests/test_sim_replication.py, test_known_bugs).
+# Replication is on (3 replicas, quorum writes): see tests/test_sim_replication.py.
 FAULTY = dict(nodes=5, duration_s=20.0, drop_rate=0.1, dup_rate=0.1, delay_max_s=0.2,
-              partitions=1, crashes=1, pauses=1, stops=1, fold=False)
+              partitions=1, crashes=1, pauses=1, stops=1)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
@@ -61,7 +59,7 @@ def test_lossy_runs_keep_counter_bounds(seed):
     """No duplication, no crash: every get sees each incr acknowledged before it,
     through a graceful leave (its counters move with their values) under loss."""
     result = run_scenario(Scenario(seed=seed, nodes=6, duration_s=20.0, drop_rate=0.1,
-                                   delay_max_s=0.2, stops=1, fold=False))
+                                   delay_max_s=0.2, stops=1))
     assert result.counters_checked and result.stats.dropped, result.summary()
 
 
