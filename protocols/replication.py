@@ -71,6 +71,10 @@ U64_MAX = (1 << 64) - 1
 RINGS_KEPT = 4            # rings whose replica sets a gather asks (the current one too)
 REPAIRS_PER_TICK = 512    # full states (re)sent per tick: a ring change is paced
 RESEND_MAX_S = 5.0        # backoff ceiling of a repair to one replica
+#: A generation is a start time in ns and a refutation adds 1 to it, so a jump of
+#: more than this is a restart (a process takes far longer than 1 ms to start).
+RESTART_JUMP = 1_000_000
+GENERATIONS_MAX = 4096    # members whose last generation is remembered
 GEN_FIELD = "_gen"        # how many times the agent was reset (syn.stop): a GCounter
 LOCAL, QUORUM, ALL = "local", "quorum", "all"
 CONSISTENCIES = frozenset((LOCAL, QUORUM, ALL))
@@ -214,15 +218,20 @@ class Replication:
     def members_changed(self, reachable: Iterable[str], now: float,
                         generations: dict[str, int] | None = None) -> list:
         """Alive members changed: gathers stop waiting for members gone.  A member
-        whose ``generations`` entry changed may have restarted with no copies (its
-        node id, and so the ring, unchanged): every replica state it held is resent."""
+        whose ``generations`` entry jumped restarted (with no copies, unless it keeps
+        them on disk; its node id, and so the ring, unchanged): every replica state
+        it held is resent, and it is offered the copies of the agents it owns."""
         self._reachable = set(reachable) - {self.node_id}
         if generations is not None:
             known = self._generations
             for node_id, generation in generations.items():
-                if known.get(node_id, generation) != generation:
+                if generation - known.get(node_id, generation) > RESTART_JUMP:
                     self._replica_renewed(node_id, now)
-            self._generations = dict(generations)
+            # Members that went away are remembered too: one that comes back after
+            # a crash comes back with a higher generation, and must get its copies.
+            if len(known) + len(generations) > GENERATIONS_MAX:
+                known.clear()
+            known.update(generations)
         effects: list = []
         for agent_id in list(self._gathers):
             gather = self._gathers[agent_id]
@@ -232,9 +241,14 @@ class Replication:
         return effects
 
     def _replica_renewed(self, node_id: str, now: float) -> None:
+        """``node_id`` may have restarted empty: as a replica it gets our full states
+        again; as an owner, our copies (it merges them and wakes the agents)."""
         for agent_id, rec in self.records.items():
             if rec.primary and rec.acked and node_id in rec.acked:
                 rec.acked[node_id] = -1
+                self._repair_soon(agent_id, rec, now)
+            elif not rec.primary and rec.fields and self.replicas(agent_id)[:1] == [node_id]:
+                rec.push_to = (rec.push_to or set()) | {node_id}
                 self._repair_soon(agent_id, rec, now)
 
     def ring_changed(self, previous: HashRing, ring: HashRing, now: float) -> list:
@@ -643,7 +657,11 @@ class Replication:
     # ------------------------------------------------------------------ time
 
     def _repair_soon(self, agent_id: str, rec: Record, now: float) -> None:
-        self._schedule(agent_id, rec, now)
+        """Repair at once, unless a repair is scheduled already: that one sends to
+        every target as it is then, and keeps its backoff (two nodes whose rings
+        disagree would otherwise bounce pushes and full states without pause)."""
+        if agent_id not in self._dirty:
+            self._schedule(agent_id, rec, now)
 
     def _schedule(self, agent_id: str, rec: Record, at: float) -> None:
         """Look at ``rec``'s replicas and pushes again at ``at``.  The heap keeps

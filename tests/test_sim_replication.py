@@ -117,24 +117,17 @@ def test_scenarios_that_found_bugs(name):
     run_scenario(Scenario(**FOUND_BUGS[name][0]))
 
 
-@pytest.mark.xfail(strict=True, raises=InvariantViolation, reason=(
-    "protocols/replication.py: an owner that restarts before it is downed (ring "
-    "unchanged) gets no copy back: members_changed's _replica_renewed resends only from "
-    "primaries to a renewed replica; the replicas holding the copies of an agent whose "
-    "owner was renewed push nothing to it.  After heal n003 (owner of counter/12) holds "
-    "nothing, its replicas hold 59; 48 were acknowledged at quorum"))
-def test_known_bug_restarted_owner_gets_no_copy_back():
+def test_a_restarted_owner_gets_its_copies_back():
+    """Was a bug: an owner that restarted before it was downed (the ring unchanged)
+    got no copy back (its replicas held 59, it nothing, 48 acknowledged at quorum);
+    now a generation jump makes replicas push their copies to it."""
     run_scenario(Scenario(seed=6, **EVERY_FAULT, fast_restarts=True))
 
 
-@pytest.mark.xfail(strict=True, raises=InvariantViolation, reason=(
-    "protocols/replication.py: a push storm while rings disagree: n001 (owner by its "
-    "ring) answers every push of counter/13 with full states to its replicas at once "
-    "(_on_push, primary: acked reset, _repair_soon(now)); n003, a stray by its ring, "
-    "answers every full state with pushes to three nodes at once (_pass_on_if_stray -> "
-    "_repair_soon(now)): the backoff never applies and messages grow exponentially "
-    "from t=7.7 (200,000 steps within 0.1 s of virtual time)"))
-def test_known_bug_push_storm_while_rings_disagree():
+def test_no_push_storm_while_rings_disagree():
+    """Was a bug: an owner and a stray, their rings disagreeing, answered each
+    other's pushes and full states at once, without backoff (200,000 events in 0.1 s
+    of virtual time); a repair already scheduled is now never brought forward."""
     run_scenario(Scenario(**{**vars(swarm(3022)), "steps_max": 200_000}))
 
 
@@ -152,9 +145,6 @@ def swarm(seed: int) -> Scenario:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the known bugs above show in this sweep (seeds 3012 and 3022: the push storm; "
-    "3010: a crashed owner not downed within a minute restarts as an unknown renewal)"))
 def test_swarm_of_replicated_fault_mixes():
     failures = []
     for seed in range(3000, 3100):
