@@ -151,6 +151,7 @@ class Node:
         # Stall guard: a node that did not run for longer than peers take to suspect
         # it does not serve its agents until membership had a round to catch up.
         self._awake_at = _now()
+        self._cpu_at = time.process_time()
         self._recovering_until = 0.0
         self._stall_s = 2 * config.probe_interval_s
         self._stall_recover_s = 2 * config.probe_interval_s + config.probe_timeout_s
@@ -265,20 +266,30 @@ class Node:
 
         def beat() -> None:
             now = _now()
-            if now - self._awake_at > self._stall_s:
+            stopped_s = self._stopped_for(now)
+            if stopped_s > self._stall_s:
                 self._recovering_until = now + self._stall_recover_s
                 self.metrics.limited("node_stalled")
-                self.log.error("node_stalled", stalled_s=round(now - self._awake_at, 3),
+                self.log.error("node_stalled", stalled_s=round(stopped_s, 3),
                                hint="refusing agent requests while membership catches up")
-            self._awake_at = now
+            self._awake_at, self._cpu_at = now, time.process_time()
             if not self._closed:
                 self._loop.call_later(period_s, beat)
-        self._awake_at = _now()
+        self._awake_at, self._cpu_at = _now(), time.process_time()
         beat()
+
+    def _stopped_for(self, now: float) -> float:
+        """How long this process did not run since the last beat: the time that
+        passed minus the CPU time it used (a loop busy with work is not stopped; one
+        starved of CPU by others is, as far as its peers can tell)."""
+        gap = now - self._awake_at
+        if gap <= self._stall_s:
+            return gap
+        return gap - (time.process_time() - self._cpu_at)
 
     def _stalled(self) -> bool:
         now = _now()
-        return now - self._awake_at > self._stall_s or now < self._recovering_until
+        return now < self._recovering_until or self._stopped_for(now) > self._stall_s
 
     async def _shut_down(self) -> None:
         """The sequence is ``protocols/shutdown.py``'s; the waits here are on events."""

@@ -320,15 +320,18 @@ class Replication:
 
     def needs_gather(self, agent_id: str) -> bool:
         """Must the copies of ``agent_id`` be gathered before it is activated here?
-        Not when we own it already, nor when it had no other owner on any ring we
-        remember (it was never anywhere else), nor when nobody else is reachable."""
+        Not when we own it already, nor when nobody else is reachable, nor (without
+        local storage) when it had no other owner on any ring we remember: it was
+        never anywhere else.  With storage, copies from before a restart of the
+        whole cluster may be on any node's disk, whatever our rings say."""
         rec = self.records.get(agent_id)
         if (rec is not None and rec.primary) or agent_id in self._settled:
             return False
         if not self._gather_set(agent_id):
             return False
         me = self.node_id
-        return rec is not None or any(r.owner(agent_id) != me for r in self._rings if len(r))
+        return (rec is not None or self.persist
+                or any(r.owner(agent_id) != me for r in self._rings if len(r)))
 
     def _gather_set(self, agent_id: str) -> set[str]:
         asked: set[str] = set()
