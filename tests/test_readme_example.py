@@ -4,6 +4,7 @@ PYTHONPATH, then `synthesis-ctl call greeter/ann greet '{"name": "Ann"}'`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -71,8 +72,11 @@ def wait_serving(proc: subprocess.Popen, address: str, log: Path) -> None:
     raise TimeoutError(f"node did not serve:\n{log.read_text()}")
 
 
-def test_readme_behavior_example_runs_as_written(tmp_path):
-    name, code = readme_module()
+@contextlib.contextmanager
+def example_node(tmp_path: Path, heading: str):
+    """The README module under ``heading`` written to a fresh directory, and a node
+    started there the way the README says; yields (ctl(args) -> stdout, address)."""
+    name, code = readme_module(heading)
     work = tmp_path / "work"
     work.mkdir()
     (work / f"{name}.py").write_text(code)
@@ -84,13 +88,28 @@ def test_readme_behavior_example_runs_as_written(tmp_path):
             [command("synthesis-node", tmp_path), "--behavior", name, "--listen", address,
              "--pub", f"127.0.0.1:{free_port()}", "--metrics", "off"],
             cwd=work, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+
+    def ctl(*args: str) -> str:
+        done = subprocess.run([command("synthesis-ctl", tmp_path), "--node", address, *args],
+                              cwd=work, env=env, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
     try:
         wait_serving(node, address, log)
-        ctl = subprocess.run([command("synthesis-ctl", tmp_path), "--node", address,
-                              "call", "greeter/ann", "greet", '{"name": "Ann"}'],
-                             cwd=work, env=env, capture_output=True, text=True, timeout=30)
-        assert ctl.returncode == 0, ctl.stderr
-        assert json.loads(ctl.stdout) == {"text": "hello Ann", "count": 1}
+        yield ctl, address
+    finally:
+        node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(10)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait(5)
+
+
+def test_readme_behavior_example_runs_as_written(tmp_path):
+    with example_node(tmp_path, "## Writing a behavior") as (ctl, address):
+        out = ctl("call", "greeter/ann", "greet", '{"name": "Ann"}')
+        assert json.loads(out) == {"text": "hello Ann", "count": 1}
         with Client(address, timeout_s=10) as c:
             assert c.call("greeter/ann", "greet", {"name": "Bo"})["count"] == 2
             with pytest.raises(RemoteError) as err:
@@ -98,45 +117,14 @@ def test_readme_behavior_example_runs_as_written(tmp_path):
             assert err.value.code == "bad_request"
             reply = c.call("greeter/ann", "fingerprint", {"name": "Ann"})
             assert len(reply["fingerprint"]) == 16 and reply["request"]
-    finally:
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(10)
-        except subprocess.TimeoutExpired:
-            node.kill()
-            node.wait(5)
 
 
 def test_readme_replicated_state_example_runs_as_written(tmp_path):
     """The "Replicated state" example: its module, and its synthesis-ctl line with
     --consistency and --delivery, against a node started the way the README says."""
-    name, code = readme_module("### Replicated state")
     section = (REPO / "README.md").read_text().split("### Replicated state", 1)[1]
     ctl_line = re.search(r"synthesis-ctl (call .*)\n", section).group(1)
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / f"{name}.py").write_text(code)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NOTIFY_SOCKET")}
-    address = f"127.0.0.1:{free_port()}"
-    log = tmp_path / "node.log"
-    with open(log, "wb") as log_file:
-        node = subprocess.Popen(
-            [command("synthesis-node", tmp_path), "--behavior", name, "--listen", address,
-             "--pub", f"127.0.0.1:{free_port()}", "--metrics", "off"],
-            cwd=work, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        wait_serving(node, address, log)
-        ctl = subprocess.run([command("synthesis-ctl", tmp_path), "--node", address,
-                              *shlex.split(ctl_line)],
-                             cwd=work, env=env, capture_output=True, text=True, timeout=30)
-        assert ctl.returncode == 0, ctl.stderr
-        assert json.loads(ctl.stdout) == {"members": ["ann"]}
+    with example_node(tmp_path, "### Replicated state") as (ctl, address):
+        assert json.loads(ctl(*shlex.split(ctl_line))) == {"members": ["ann"]}
         with Client(address, timeout_s=10) as c:
             assert c.call("room/lobby", "join", {"user": "bo"}) == {"members": ["ann", "bo"]}
-    finally:
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(10)
-        except subprocess.TimeoutExpired:
-            node.kill()
-            node.wait(5)
