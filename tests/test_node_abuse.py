@@ -82,8 +82,10 @@ def test_a_multipart_message_that_never_ends_is_cut_off(node):
     assert limited(node, "conn_inbound_bytes") >= 1
     # Unguarded, 4 s of this grew the node by 5 GB or more.  Guarded, the bound is the
     # budget plus what arrives between two checks: about 300 MB on an idle machine,
-    # more when the loop is starved of CPU (2 cores shared with the attacker).
-    assert peak[0] < before + 1500, f"node grew from {before:.0f} to {peak[0]:.0f} MB"
+    # more when the loop is starved of CPU (2 cores shared with the attacker and the
+    # rest of the suite: 1.7 GB seen once in a full run on 2026-11-22).  2.5 GB still
+    # tells a guarded node from an unguarded one by half.
+    assert peak[0] < before + 2500, f"node grew from {before:.0f} to {peak[0]:.0f} MB"
     with node.client() as c:
         assert c.ping()["node"] == "victim"
     # The memory of cut connections goes back to the system.
