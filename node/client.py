@@ -39,6 +39,7 @@ path as before.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import time
@@ -375,7 +376,10 @@ class Client:
             if action == "send":
                 self._sock.send(payload)
                 attempts.sent(time.monotonic())
-            envelope = self._reply_within(rid, int(1000 * attempts.wait_s(time.monotonic())))
+            # Rounded up: a wait cut to 0 ms just before the deadline would resend in
+            # a loop until the deadline passed (25 copies seen in one call).
+            wait_ms = math.ceil(1000 * attempts.wait_s(time.monotonic()))
+            envelope = self._reply_within(rid, wait_ms)
             action = attempts.step(envelope, time.monotonic())
         return attempts.settle(envelope)
 
@@ -437,7 +441,9 @@ class _Deadline:
         self._end = time.monotonic() + timeout_ms / 1000
 
     def remaining_ms(self) -> int:
-        return int((self._end - time.monotonic()) * 1000)
+        # Rounded up: a wait cut to 0 while a fraction of a millisecond is left
+        # would return before the deadline, and a resending call would spin.
+        return math.ceil((self._end - time.monotonic()) * 1000)
 
 
 class _Call(asyncio.Future):
