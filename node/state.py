@@ -55,7 +55,8 @@ class ReplicatedState:
             node.node_id, self.replica, time.time_ns, n=cfg.replicas,
             write_timeout_s=cfg.write_timeout_s, gather_timeout_s=cfg.handoff_timeout_s,
             failover_rate=cfg.failover_rate, epoch_start=generation,
-            observe_lag=node.metrics.replication_lag, persist=bool(cfg.storage_path))
+            observe_lag=node.metrics.replication_lag, persist=bool(cfg.storage_path),
+            records_max=cfg.agents_max * cfg.replicas)
         self.storage: stored.Storage | None = None
         self._stored_seq: dict[str, int] = {}  # per agent: the last seq in storage
         host = node.host

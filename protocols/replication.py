@@ -153,7 +153,8 @@ class Replication:
                  resend_s: float = 0.2, failover_rate: float = 1000.0,
                  held_max: int = 10_000, held_bytes_max: int = 64 << 20,
                  waits_max: int = 100_000, epoch_start: int = 0,
-                 observe_lag: Callable[[float], None] | None = None, persist: bool = False):
+                 observe_lag: Callable[[float], None] | None = None, persist: bool = False,
+                 records_max: int = 3_000_000):
         if n < 1 or not write_timeout_s > 0 or not gather_timeout_s > 0 or not resend_s > 0:
             raise ValueError("n >= 1 and positive timeouts")
         if not failover_rate > 0:
@@ -172,6 +173,7 @@ class Replication:
         self._epoch = epoch_start
         self._observe_lag = observe_lag or (lambda seconds: None)
         self.persist = persist  # emit Persist/Forget for local storage (storage_path)
+        self._records_max = records_max
         self.records: dict[str, Record] = {}
         self._rings: list[HashRing] = [HashRing((node_id,))]
         self._reachable: set[str] = set()
@@ -190,7 +192,8 @@ class Replication:
         self.stats = {"deltas_sent": 0, "deltas_applied": 0, "fulls_sent": 0,
                       "fulls_applied": 0, "acks": 0, "needs": 0, "pushes": 0,
                       "gathers": 0, "gather_timeouts": 0, "write_timeouts": 0,
-                      "activations": 0, "dropped": 0, "bad_in_batch": 0}
+                      "activations": 0, "dropped": 0, "bad_in_batch": 0,
+                      "refused_copies": 0}
         self.last_error: ReplicationError | None = None  # of a batch's skipped message
 
     # ------------------------------------------------------------------ placement
@@ -502,7 +505,7 @@ class Replication:
             # The first delta of a stream that began empty needs no full state first
             # (a new agent's first write reaches its replicas in one message).
             if rec is None:
-                rec = self.records[agent_id] = Record(behavior)
+                rec = self._new_copy(agent_id, behavior)
             rec.src, rec.epoch, rec.seq = sender, epoch, 0
         if rec is None or rec.primary or rec.src != sender or rec.epoch != epoch:
             return [self._need(sender, agent_id, epoch)]
@@ -518,9 +521,7 @@ class Replication:
     def _on_full(self, sender: str, agent_id: str, m: dict, now: float) -> list:
         epoch, seq, behavior = _u64(m, "e"), _u64(m, "s"), _behavior(m)
         fields = _fields(m)
-        rec = self.records.get(agent_id)
-        if rec is None:
-            rec = self.records[agent_id] = Record(behavior)
+        rec = self.records.get(agent_id) or self._new_copy(agent_id, behavior)
         self._merge(rec, fields)
         self.stats["fulls_applied"] += 1
         if not rec.primary:
@@ -581,9 +582,7 @@ class Replication:
 
     def _on_push(self, sender: str, agent_id: str, m: dict, now: float) -> list:
         behavior, fields = _behavior(m), _fields(m)
-        rec = self.records.get(agent_id)
-        if rec is None:
-            rec = self.records[agent_id] = Record(behavior)
+        rec = self.records.get(agent_id) or self._new_copy(agent_id, behavior)
         self._merge(rec, fields)
         if rec.primary:
             # A copy of an agent we run: what it adds must reach our replicas too.
@@ -622,9 +621,7 @@ class Replication:
             return []
         if m.get("b") is not None:
             behavior, fields = _behavior(m), _fields(m)
-            rec = self.records.get(agent_id)
-            if rec is None:
-                rec = self.records[agent_id] = Record(behavior)
+            rec = self.records.get(agent_id) or self._new_copy(agent_id, behavior)
             self._merge(rec, fields)
             kept = self._kept(agent_id, rec, m["f"])
         else:
@@ -633,6 +630,17 @@ class Replication:
         if gather.asked <= gather.answered:
             return [*kept, self._finish_gather(agent_id)]
         return kept
+
+    def _new_copy(self, agent_id: str, behavior: str) -> Record:
+        """A record for a copy a peer sent us, within ``records_max``: peers are not
+        authenticated yet, and each record costs memory whatever its bytes."""
+        if len(self.records) >= self._records_max:
+            self.stats["refused_copies"] += 1
+            raise ReplicationError("records_full",
+                                   f"this node holds its limit of {self._records_max} "
+                                   "agent records")
+        rec = self.records[agent_id] = Record(behavior)
+        return rec
 
     def _merge(self, rec: Record, fields: dict) -> None:
         """Join a copy into a record; fields new to an owned record are stamped with

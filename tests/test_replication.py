@@ -713,3 +713,14 @@ def test_generation_merge_keeps_the_newest_life():
     assert into["n"].value() == 2
     with pytest.raises(CrdtError):
         generation({"_gen": PNCounter()})
+
+
+def test_copies_pushed_by_peers_are_bounded_in_records():
+    machine = Replication("a", 1, lambda: 0, records_max=2)
+    for n in range(2):
+        machine.receive("b", {"k": "p", "a": f"x{n}", "b": BEHAVIOR, "f": GOOD_FIELDS}, 0.0)
+    with pytest.raises(ReplicationError) as info:
+        machine.receive("b", {"k": "p", "a": "x2", "b": BEHAVIOR, "f": GOOD_FIELDS}, 0.0)
+    assert info.value.reason == "records_full" and "x2" not in machine.records
+    assert machine.stats["refused_copies"] == 1
+    machine.receive("b", {"k": "p", "a": "x0", "b": BEHAVIOR, "f": GOOD_FIELDS}, 0.0)  # known
