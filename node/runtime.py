@@ -664,8 +664,9 @@ class Node:
 
     # ------------------------------------------------------------------ inbound (transport)
 
-    def client(self, handle: Any, payload: bytes) -> None:
-        """A request from a client of one of our transports."""
+    def client(self, handle: Any, payload: bytes, principal: bytes = b"") -> None:
+        """A request from a client of one of our transports (``principal``: who sent
+        it, see ``Inbound.client``)."""
         self._accept(payload, handle, None, None, 0)
 
     def peer(self, frames: list[bytes]) -> None:

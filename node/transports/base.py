@@ -7,9 +7,11 @@ transport unchanged.  The runtime builds transports through the registry
 
 Inbound traffic reaches the runtime through the ``Inbound`` it is started with:
 
-- ``client(handle, payload)``: a client's request.  ``handle`` is opaque, minted by
-  the transport; ``reply(handle, payload)`` answers on the same connection (for
-  ZeroMQ it is the ROUTER route, for a stream transport it would be the stream);
+- ``client(handle, payload, principal)``: a client's request.  ``handle`` is opaque,
+  minted by the transport; ``reply(handle, payload)`` answers on the same connection
+  (for ZeroMQ it is the ROUTER route, for a stream transport it would be the stream).
+  ``principal`` (bytes) names who sent it, for limits per client: the authenticated
+  key when the transport authenticates clients (CURVE), else the connection;
 - ``peer(frames)``: peer protocol frames, starting at the protocol's magic;
 - ``multicast(group, payload)``: an envelope published to a group by a peer;
 - ``malformed(handle, nframes)``: a client message of the wrong shape (the runtime
@@ -37,7 +39,7 @@ OnGiveUp = Callable[[str, str], None]
 
 
 class Inbound(Protocol):
-    def client(self, handle: Any, payload: bytes) -> None: ...
+    def client(self, handle: Any, payload: bytes, principal: bytes) -> None: ...
 
     def peer(self, frames: list[bytes]) -> None: ...
 

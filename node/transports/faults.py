@@ -424,8 +424,8 @@ class _FaultyInbound:
     def peer(self, frames: list[bytes]) -> None:
         self._faulty._receive(self._inbound, frames)
 
-    def client(self, handle: Any, payload: bytes) -> None:
-        self._inbound.client(handle, payload)
+    def client(self, handle: Any, payload: bytes, principal: bytes) -> None:
+        self._inbound.client(handle, payload, principal)
 
     def multicast(self, group: str, payload: bytes) -> None:
         self._inbound.multicast(group, payload)

@@ -339,11 +339,11 @@ class ZmqTransport(Transport):
             n = len(frames)
             try:
                 if n == 2:
-                    inbound.client((frames[0],), frames[1])
+                    inbound.client((frames[0],), frames[1], frames[0])
                 elif n >= 3 and frames[1][:4] == MAGIC_FAMILY:
                     inbound.peer(frames[1:])
                 elif n == 3 and frames[1] == b"":
-                    inbound.client((frames[0], b""), frames[2])  # REQ framing
+                    inbound.client((frames[0], b""), frames[2], frames[0])  # REQ framing
                 else:
                     # The error goes after the empty delimiter when the message began
                     # with one, so a REQ socket gets it.
