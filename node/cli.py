@@ -19,7 +19,7 @@ import zmq
 from protocols import wire
 
 from . import config as config_mod
-from . import logs, ready
+from . import curve, logs, ready
 from .agents import BehaviorError
 from .client import RESENT, CallTimeout, Client, RemoteError
 
@@ -207,6 +207,14 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
                         help="seconds to wait for a reply (default: 5)")
     common.add_argument("--json", action="store_true", default=False if defaults else unset,
                         help="machine-readable output")
+    common.add_argument("--curve-secret", metavar="FILE",
+                        default=os.environ.get("SYNTHESIS_CURVE_SECRET") if defaults else unset,
+                        help="this client's secret certificate (NAME.key_secret), for a node "
+                             "with CURVE on (env SYNTHESIS_CURVE_SECRET)")
+    common.add_argument("--curve-server", metavar="FILE",
+                        default=os.environ.get("SYNTHESIS_CURVE_SERVER") if defaults else unset,
+                        help="the node's public certificate (NAME.key) (env "
+                             "SYNTHESIS_CURVE_SERVER)")
     return common
 
 
@@ -280,7 +288,34 @@ def _ctl_parser() -> argparse.ArgumentParser:
     sub.add_parser("ping", help="check that the node answers")
     sub.add_parser("members", help="the member list as the node sees it: id, address, "
                                    "state (alive, suspect, dead, left), incarnation, agents")
+    keys = sub.add_parser("keys", help="CURVE certificates (docs/OPERATIONS.md, 'Securing "
+                                       "a cluster')")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    p = keys_sub.add_parser("new", parents=[_common_options(False)],
+                            help="write DIR/NAME.key (public) and DIR/NAME.key_secret "
+                                 "(mode 0600)")
+    p.add_argument("dir", help="directory to write into (made if missing)")
+    p.add_argument("name", help="certificate name; for a node, its node id unless --node-id")
+    p.add_argument("--node-id", default="", help="node id this key may speak for, when it "
+                                                 "is not NAME (written as metadata)")
+    p.add_argument("--endpoint", default="", metavar="tcp://HOST:PORT",
+                   help="the node's address, so nodes that have it as a seed know its key")
     return parser
+
+
+def _keys_command(args: argparse.Namespace) -> int:
+    try:
+        public, secret = curve.new_certificates(args.dir, args.name, args.node_id,
+                                                args.endpoint)
+    except (curve.CurveError, OSError) as exc:
+        print(f"synthesis-ctl: keys new: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps({"public": str(public), "secret": str(secret)}))
+    else:
+        print(f"wrote {public} (public: give it to the nodes)\n"
+              f"wrote {secret} (secret, mode 0600: keep it here)")
+    return 0
 
 
 def _run_command(client: Client, args: argparse.Namespace) -> Any:
@@ -390,11 +425,17 @@ def _print_result(args: argparse.Namespace, result: Any) -> None:
 
 def ctl_main(argv: list[str] | None = None) -> int:
     args = _ctl_parser().parse_args(argv)
+    if args.command == "keys":
+        return _keys_command(args)
     try:
-        client = Client(args.node, timeout_s=args.timeout)
+        client = Client(args.node, timeout_s=args.timeout, curve_secret=args.curve_secret,
+                        curve_server=args.curve_server)
     except zmq.ZMQError as exc:
         print(f"synthesis-ctl: argument --node: cannot connect to {args.node!r}: {exc}",
               file=sys.stderr)
+        return EXIT_USAGE
+    except curve.CurveError as exc:
+        print(f"synthesis-ctl: argument --curve-secret/--curve-server: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
         result = _run_command(client, args)

@@ -53,6 +53,8 @@ import zmq
 from protocols import wire
 from protocols.delivery import Backoff
 
+from .curve import ClientKeys, client_keys
+
 __all__ = ["Client", "AsyncClient", "RemoteError", "CallTimeout", "endpoint"]
 
 IN_FLIGHT_MAX = 10_000    # calls one AsyncClient keeps outstanding before call() waits
@@ -68,11 +70,13 @@ RETRY_CODES = frozenset((wire.ErrorCode.UNAVAILABLE, wire.ErrorCode.OVERLOADED))
 class RemoteError(Exception):
     """The node answered with an error envelope."""
 
-    def __init__(self, code: str, message: str, request_id: str | None = None):
+    def __init__(self, code: str, message: str, request_id: str | None = None,
+                 retry_after_s: float | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.retry_after_s = retry_after_s  # the node's hint (data.retry_after_ms), or None
 
 
 class CallTimeout(TimeoutError):
@@ -84,11 +88,14 @@ def endpoint(address: str) -> str:
     return address if "://" in address else f"tcp://{address}"
 
 
-def _new_socket(context: zmq.Context, address: str) -> zmq.Socket:
+def _new_socket(context: zmq.Context, address: str,
+                curve: ClientKeys | None = None) -> zmq.Socket:
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
+    if curve is not None:
+        curve.apply(sock)
     sock.connect(endpoint(address))
     return sock
 
@@ -109,8 +116,10 @@ def _remote_error(envelope: dict) -> RemoteError:
     err = envelope.get("data")
     if not isinstance(err, dict):
         err = {}
+    hint = err.get("retry_after_ms")
+    retry_after_s = hint / 1000 if type(hint) in (int, float) and hint >= 0 else None
     return RemoteError(err.get("code", wire.ErrorCode.INTERNAL), err.get("message", ""),
-                       envelope.get("re"))
+                       envelope.get("re"), retry_after_s)
 
 
 def _result(envelope: dict) -> Any:
@@ -310,13 +319,15 @@ class Client:
     client never sends, so it is never taken as the answer to the call in flight.
     """
 
-    def __init__(self, address: str, timeout_s: float = 5.0, *, context: zmq.Context | None = None):
+    def __init__(self, address: str, timeout_s: float = 5.0, *, context: zmq.Context | None = None,
+                 curve_secret: str | None = None, curve_server: str | None = None):
         self.address = address
         self.timeout_s = timeout_s
         self.late_replies = 0       # replies to earlier requests (timed out, or one-way)
         self.unmatched_replies = 0  # replies naming no call of this client (re nil, unknown)
         self._ctx = context or zmq.Context.instance()
-        self._sock = _new_socket(self._ctx, address)
+        self._sock = _new_socket(self._ctx, address,
+                                 client_keys(curve_secret, curve_server))
         self._req = _Requests()
 
     def call(self, agent: str, type: str, data: Any = None, *, timeout_s: float | None = None,
@@ -505,13 +516,15 @@ class AsyncClient:
     """
 
     def __init__(self, address: str, timeout_s: float = 5.0, *,
-                 context: zmq.Context | None = None, in_flight_max: int = IN_FLIGHT_MAX):
+                 context: zmq.Context | None = None, in_flight_max: int = IN_FLIGHT_MAX,
+                 curve_secret: str | None = None, curve_server: str | None = None):
         self.address = address
         self.timeout_s = timeout_s
         self.late_replies = 0       # replies to requests no longer waited for
         self.unmatched_replies = 0  # replies naming no call of this client (re nil, unknown)
         self._ctx = context or zmq.Context.instance()
-        self._sock = _new_socket(self._ctx, address)
+        self._sock = _new_socket(self._ctx, address,
+                                 client_keys(curve_secret, curve_server))
         self._req = _Requests()
         self._loop = asyncio.get_running_loop()
         self._pending: dict[str, _Call] = {}  # sent calls awaiting their reply, by id

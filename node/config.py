@@ -171,6 +171,23 @@ class NodeConfig:
         "full", "When a write with storage on counts as durable: full (fsynced: survives "
         "power loss), normal (survives a process crash), off.",
         choices=("full", "normal", "off"))
+    curve: str = _opt(
+        "auto", "CURVE authentication and encryption on every ZeroMQ socket "
+        "(docs/OPERATIONS.md, 'Securing a cluster'). on: needs curve_secret and "
+        "curve_peers; off: open to anyone who can reach the ports (said loudly in the "
+        "log and /health when they are not loopback); auto: on when curve_secret is "
+        "set, else off on loopback and a config error on any other address.",
+        choices=("auto", "on", "off"))
+    curve_secret: str = _opt(
+        "", "This node's secret certificate (NAME.key_secret from 'synthesis-ctl keys "
+        "new'): its CURVE key pair.", kind="path")
+    curve_peers: str = _opt(
+        "", "Directory of public certificates (*.key) of the nodes allowed as peers; "
+        "each binds a node id (its node-id metadata, else its file name) to a key. "
+        "Re-read on SIGHUP.", kind="path")
+    curve_clients: str = _opt(
+        "", "Directory of public certificates of the clients allowed to send requests. "
+        "Re-read on SIGHUP.", kind="path")
     faults_file: str = _opt(
         "", "Testing only: a JSON file of faults to inject into peer traffic (drop, "
         "delay, duplicate, corrupt, cut, per named peer), re-read when it changes. "
@@ -201,6 +218,24 @@ class NodeConfig:
     client_reply_bytes_max: int = _opt(
         16 << 20, "Reply bytes queued for one client that it has not read; past it the "
         "client's connection is closed.", lo=1 << 16)
+    client_rate: float = _opt(
+        0.0, "Requests per second one client may send on average (a token bucket; a "
+        "client is its CURVE key, else its connection); past it 'overloaded' with a "
+        "retry hint (data.retry_after_ms). 0: unlimited, the default, because a normal "
+        "rate depends on the deployment: one benchmark client sends about 60,000 "
+        "one-way messages/s.", lo=0)
+    client_burst: int = _opt(
+        0, "Requests one client may send at once above client_rate (the bucket's size); "
+        "0 uses one second of client_rate.", lo=0)
+    client_inflight_max: int = _opt(
+        10000, "Requests from one client taken in and not yet answered (one-way ones "
+        "count only while they are taken in); past it 'overloaded'. 0: unlimited. The "
+        "default is the Python AsyncClient's own window, so it never meets it, and a "
+        "tenth of mailbox_total_max, so one client cannot fill the mailboxes.", lo=0)
+    clients_tracked_max: int = _opt(
+        16384, "Clients whose limits the node remembers at once (about 300 bytes each); "
+        "a new one past it takes the place of one with nothing in flight, else gets "
+        "'overloaded'.", lo=1, hi=1 << 24)
     mailbox_total_max: int = _opt(100000, "Messages queued in all mailboxes of the node "
                                   "before 'overloaded'.", lo=1)
     mailbox_bytes_max: int = _opt(256 << 20, "Bytes of messages queued in all mailboxes "
@@ -257,6 +292,19 @@ class NodeConfig:
             return split_address(self.metrics, port_min=0)
         host, port = split_address(self.listen, port_min=0)
         return host, _derived_port(port, 2000)
+
+    @property
+    def curve_enabled(self) -> bool:
+        """CURVE on every ZeroMQ socket (``curve`` on, or auto with a secret)."""
+        return self.curve == "on" or (self.curve == "auto" and bool(self.curve_secret))
+
+    @property
+    def exposed_without_curve(self) -> bool:
+        """Open on purpose (curve = off) on an address other machines can reach."""
+        if self.curve_enabled:
+            return False
+        hosts = (split_address(self.listen, port_min=0)[0], self._pub_host_port()[0])
+        return not all(is_loopback(h) for h in hosts)
 
     @property
     def resolved_node_id(self) -> str:
@@ -477,9 +525,29 @@ def _check_cross_fields(cfg: NodeConfig) -> None:
     if not cfg.advertise and host in _WILDCARD_HOSTS:
         raise ConfigError("advertise", f"must be set when listen binds the wildcard "
                           f"host {host!r}: peers cannot dial it")
+    _check_curve(cfg, host)
     if cfg.restart_backoff_max_s < cfg.restart_backoff_s:
         raise ConfigError("restart_backoff_max_s", "must be >= restart_backoff_s "
                           f"({cfg.restart_backoff_s}), got {cfg.restart_backoff_max_s!r}")
+
+
+def is_loopback(host: str) -> bool:
+    """True for a host only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    return host.startswith("127.") or host in ("localhost", "[::1]", "::1")
+
+
+def _check_curve(cfg: NodeConfig, listen_host: str) -> None:
+    if cfg.curve_enabled and not (cfg.curve_secret and cfg.curve_peers):
+        raise ConfigError("curve_secret" if not cfg.curve_secret else "curve_peers",
+                          "curve = on needs curve_secret (this node's key_secret file) "
+                          "and curve_peers (a directory of the peers' public keys)")
+    if cfg.curve_peers and not cfg.curve_secret:
+        raise ConfigError("curve_secret", "curve_peers is set but curve_secret is not")
+    exposed = [h for h in (listen_host, cfg._pub_host_port()[0]) if not is_loopback(h)]
+    if cfg.curve == "auto" and not cfg.curve_secret and exposed:
+        raise ConfigError("curve", f"listen or pub binds {exposed[0]!r}, reachable from "
+                          "other machines, without CURVE keys: set curve_secret and "
+                          "curve_peers, or curve = \"off\" to run open on purpose")
 
 
 # --- sources ------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any
 import core_cy
 import msgpack
 from protocols import peer, wire
+from protocols.admission import CLIENT_INFLIGHT, CLIENT_RATE, Admission, Refused
 from protocols.effects import (REPLICATE, Answer, Fail, Install, MembersChanged, QuorumChanged, Refuted,
                                Send, Surrender, Unresponsive, GOSSIP)
 from protocols.handoff import Handoff, HandoffError, previous_ring
@@ -45,6 +46,7 @@ from protocols.wire import ErrorCode, Request, WireError
 from . import logs, ready, systemd, transports
 from .agents import BUSY, AgentError, AgentHost, Supervision, load_behavior_modules
 from .config import NodeConfig
+from .curve import CurveError, NodeCurve
 from .guard import rss_bytes, trim_malloc
 from .metrics import MetricsServer, NodeMetrics
 from .parked import ParkedReplies
@@ -97,13 +99,15 @@ class Node:
                                       key=os.urandom(8))
         self.shutdown = Shutdown(config.shutdown_timeout_s)
         self.membership: Membership | None = None
+        self.curve = self._load_curve()
+        self._peer_endpoints: dict[str, dict[str, str]] = {}  # the last view's, for SIGHUP
         self.transport = transports.create(
             # An empty node id: the transport derives it once bound, as the config does.
             "zmq", node_id=config.node_id, router_bind=config.router_bind,
             router_endpoint=config.router_endpoint, pub_bind=config.pub_bind,
             pub_endpoint=config.pub_endpoint, max_message_bytes=config.max_message_bytes,
             peer_hwm=config.peer_hwm, pub_hwm=config.pub_hwm, metrics=self.metrics,
-            log=self.log, linger_ms=SHUTDOWN_LINGER_MS,
+            log=self.log, linger_ms=SHUTDOWN_LINGER_MS, curve=self.curve,
             limits={"connections_max": config.connections_max,
                     "conn_inbound_bytes_max": config.conn_inbound_bytes_max,
                     "inbound_bytes_max": config.inbound_bytes_max,
@@ -143,6 +147,10 @@ class Node:
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
         self._retry_timer: asyncio.TimerHandle | None = None
         self._parked = ParkedReplies(self.metrics)
+        # Limits per client (protocols/admission.py): a local client's handle is
+        # (transport handle, principal) from intake to reply, so the reply settles it.
+        self._admission = Admission(config.client_rate, config.client_burst,
+                                    config.client_inflight_max, config.clients_tracked_max)
         self._started_at = _now()
         self._max_bytes = config.max_message_bytes
         self._me = self.node_id
@@ -168,6 +176,7 @@ class Node:
         self._use_bound_addresses()
         self._start_metrics()
         self._install_signal_handlers()
+        self._say_if_open()
         self._open_storage()
         self._start_membership()
         self._start_memory_checks()
@@ -184,6 +193,41 @@ class Node:
             await self._stop_event.wait()
         finally:
             await self._shut_down()
+
+    def _load_curve(self) -> NodeCurve | None:
+        """The node's CURVE keys and allowed peers and clients, when CURVE is on."""
+        cfg = self.config
+        if not cfg.curve_enabled:
+            return None
+        try:
+            return NodeCurve(cfg.curve_secret, cfg.curve_peers, cfg.curve_clients, self.log)
+        except CurveError as exc:
+            self.log.error("curve_keys_unusable", error=str(exc))
+            raise SystemExit(2) from None
+
+    def _say_if_open(self) -> None:
+        """Loudly, at start: a node other machines can reach that anyone may talk to."""
+        if self.config.exposed_without_curve:
+            self.log.error("node_open", listen=self.config.listen,
+                           hint="curve = off: anyone who can reach these ports can send "
+                                "peer traffic (forged gossip, forwards, replies) and call "
+                                "any agent; see docs/OPERATIONS.md, 'Securing a cluster'")
+
+    def reload_keys(self) -> None:
+        """SIGHUP: read the CURVE key directories again (the old keys stay on error)."""
+        if self.curve is None:
+            self.log.info("keys_reload_skipped", reason="curve is off")
+            return
+        try:
+            self.curve.reload()
+        except CurveError as exc:
+            self.metrics.limited("curve_reload_failed")
+            self.log.error("keys_reload_failed", error=str(exc), kept="the keys loaded before")
+            return
+        ring = self.curve.keyring
+        self.log.info("keys_reloaded", peers=len(ring.peers), clients=len(ring.clients))
+        # Keys members advertise are checked against the new certificates now.
+        self.transport.set_peers(self._peer_endpoints, self.config.seeds)
 
     def _open_storage(self) -> None:
         """Local durability (storage_path): copies kept there come back first."""
@@ -244,6 +288,10 @@ class Node:
                 self._loop.add_signal_handler(sig, self.request_stop)
             except (NotImplementedError, RuntimeError):  # not the main thread
                 pass
+        try:
+            self._loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        except (NotImplementedError, RuntimeError):
+            pass
 
     def _start_watchdog(self) -> None:
         period_s = systemd.watchdog_interval_s()
@@ -435,6 +483,7 @@ class Node:
         members = effect.members
         self.members = {n: m for n, m in members.items() if m.state != LEFT}
         others = {n: dict(m.endpoints) for n, m in members.items() if n != self.node_id}
+        self._peer_endpoints = others
         self.transport.set_peers(others, self.config.seeds)
         self._parked.flush(set(others), self._send_parked)
         reachable = [n for n, m in members.items() if m.state in (ALIVE, SUSPECT, LEFT)]
@@ -666,8 +715,45 @@ class Node:
 
     def client(self, handle: Any, payload: bytes, principal: bytes = b"") -> None:
         """A request from a client of one of our transports (``principal``: who sent
-        it, see ``Inbound.client``)."""
-        self._accept(payload, handle, None, None, 0)
+        it, see ``Inbound.client``), admitted within that client's limits first.  An
+        admitted request is settled (``Admission.done``) exactly once: by its reply
+        in ``_send_reply``/``_on_reply``, or here when no reply is owed (one-way)."""
+        admission = self._admission
+        refused = admission.admit(principal, _now())
+        if refused is not None:
+            self._refuse_client(handle, payload, refused)
+            return
+        try:
+            owed = self._accept(payload, (handle, principal), None, None, 0)
+        except BaseException:  # a bug (the transport answers 'internal'): settle it here
+            admission.done(principal)
+            raise
+        if not owed:
+            admission.done(principal)
+
+    def _refuse_client(self, handle: Any, payload: bytes, refused: Refused) -> None:
+        """A client past its limits: 'overloaded' with a retry hint, or, for a
+        one-way request, nothing (the send-mode rule); counted either way."""
+        reason, retry_after_s = refused
+        self.metrics.limited(reason)
+        self.metrics.errored(ErrorCode.OVERLOADED)
+        known = wire.refusal(payload[:self._max_bytes], ErrorCode.OVERLOADED, "")
+        if known.one_way:
+            return
+        cfg = self.config
+        if reason == CLIENT_RATE:
+            message = (f"client is over its rate of {cfg.client_rate:g} requests/s "
+                       f"(burst {self._admission.burst:g})")
+        elif reason == CLIENT_INFLIGHT:
+            message = (f"client has {cfg.client_inflight_max} requests in flight, its "
+                       f"limit; send more as they are answered")
+        else:
+            message = (f"node tracks its limit of {cfg.clients_tracked_max} clients, "
+                       f"all with requests in flight")
+        if self.transport.reply(handle, wire.error(
+                known.request_id, ErrorCode.OVERLOADED, message, self.node_id,
+                known.traceparent, retry_after_ms=math.ceil(retry_after_s * 1000))):
+            self.metrics.sent("error")
 
     def peer(self, frames: list[bytes]) -> None:
         try:
@@ -725,20 +811,21 @@ class Node:
             self.node_id, known.traceparent))
 
     def _accept(self, payload: bytes, handle: Any, origin: str | None, token: bytes | None,
-                hops: int) -> None:
-        """Validate a request from a client (origin None) or forwarded by a peer."""
+                hops: int) -> bool:
+        """Validate a request from a client (origin None) or forwarded by a peer.
+        True when a reply is owed to the caller (sent already, or to come)."""
         arrived = _now()  # for synthesis_request_seconds
         try:
             req = wire.parse_request(payload, self._max_bytes)
         except WireError as exc:
             self.metrics.errored(exc.code)
             if exc.one_way:  # readably send/publish: never answered, only counted
-                return
+                return False
             if self._send_reply((handle, origin, token, exc.traceparent, arrived),
                                 wire.error(exc.request_id, exc.code, exc.message, self.node_id,
                                            exc.traceparent)):
                 self.metrics.sent("error")
-            return
+            return True
         self.metrics.received(req.type)
         # A forwarded call without a token has nobody to answer: one-way, like a send.
         reply_to = (None if req.mode != wire.MODE_CALL or (origin is not None and token is None)
@@ -746,8 +833,9 @@ class Node:
         if self._refusing:
             self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE, "node is shutting down",
                               req.type)
-            return
-        self._dispatch(req, payload, reply_to, hops, origin)
+        else:
+            self._dispatch(req, payload, reply_to, hops, origin)
+        return reply_to is not None
 
     # ------------------------------------------------------------------ routing
 
@@ -815,8 +903,9 @@ class Node:
             self.metrics.limited("late_reply" if self.router.owns_token(event.token)
                                  else "forged_reply")
             return
-        caller = pending.handle
-        self.transport.reply(caller[0], event.envelope)
+        handle, principal = pending.handle[0]  # our own client's (see ``client``)
+        self.transport.reply(handle, event.envelope)
+        self._admission.done(principal)
         self.metrics.sent("reply")
         self.metrics.replied_forwarded(pending.arrived, pending.forwarded_at)
         self._check_forwards_settled()
@@ -994,9 +1083,10 @@ class Node:
 
     def _send_reply(self, reply_to: tuple, payload: bytes) -> bool:
         """Send one reply to its caller; False if it was dropped."""
-        handle, origin, token, _, arrived = reply_to
-        if origin is None:
-            sent = self.transport.reply(handle, payload)
+        caller, origin, token, _, arrived = reply_to
+        if origin is None:  # our own client: (transport handle, principal)
+            sent = self.transport.reply(caller[0], payload)
+            self._admission.done(caller[1])
             self.metrics.replied_local(arrived)
             return sent
         if token is None:
@@ -1096,12 +1186,18 @@ class Node:
             "peer_queue_depth": transport.get("queued", 0),
             "members": len(self.members),
             "forwards_in_flight": self.router.in_flight,
+            "clients_tracked": len(self._admission),
         }
 
     def _health(self) -> tuple[bool, dict]:
         ok = not self._stopping and not self._closed
-        return ok, {"status": "serving" if ok else "stopping", "node": self.node_id,
-                    "members": len(self.members), "agents": len(self.host.directory)}
+        health = {"status": "serving" if ok else "stopping", "node": self.node_id,
+                  "members": len(self.members), "agents": len(self.host.directory),
+                  "security": "curve" if self.curve is not None else "open"}
+        if self.config.exposed_without_curve:
+            health["warning"] = ("open: CURVE is off on an address other machines can "
+                                 "reach; anyone there can act as a peer or a client")
+        return ok, health
 
 
 

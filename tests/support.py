@@ -48,8 +48,11 @@ class NodeProcess:
 
     def __init__(self, name: str, log_dir: Path, seeds: tuple[str, ...] = (),
                  args: tuple[str, ...] = (), metrics: bool = False,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None,
+                 client_curve: tuple[str, str] | None = None):
         self.name = name
+        # (secret certificate, the node's public one) for clients of a CURVE node
+        self.client_curve = client_curve
         self.log_path = log_dir / f"{name}.log"
         self.ready_path = log_dir / f"{name}.ready.json"
         self._ready: dict | None = None
@@ -99,7 +102,9 @@ class NodeProcess:
         raise TimeoutError(f"{self.name} wrote no ready file within {timeout_s}s:\n{self.log()}")
 
     def client(self, timeout_s: float = 5.0) -> Client:
-        return Client(self.address, timeout_s=timeout_s)
+        secret, server = self.client_curve or (None, None)
+        return Client(self.address, timeout_s=timeout_s, curve_secret=secret,
+                      curve_server=server)
 
     def wait_serving(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Until the ready file is written and the node answers a ping."""

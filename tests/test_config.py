@@ -137,7 +137,7 @@ def test_toml_accepts_native_types(tmp_path):
 
 
 def test_derived_addresses_from_listen():
-    cfg = load(parse("--listen", "tcp://10.0.0.5:7410"), environ={})
+    cfg = load(parse("--listen", "tcp://10.0.0.5:7410", "--curve", "off"), environ={})
     assert cfg.listen == "10.0.0.5:7410"
     assert cfg.router_bind == "tcp://10.0.0.5:7410"
     assert cfg.router_endpoint == "tcp://10.0.0.5:7410"
@@ -149,7 +149,7 @@ def test_derived_addresses_from_listen():
 
 def test_derived_addresses_with_advertise_pub_and_metrics():
     cfg = NodeConfig(listen="0.0.0.0:7400", advertise="node1.example:7400",
-                     pub="0.0.0.0:8000", metrics="127.0.0.1:9000", node_id="n1")
+                     pub="0.0.0.0:8000", metrics="127.0.0.1:9000", node_id="n1", curve="off")
     assert cfg.router_bind == "tcp://0.0.0.0:7400"
     assert cfg.router_endpoint == "tcp://node1.example:7400"
     assert cfg.pub_bind == "tcp://0.0.0.0:8000"
@@ -184,7 +184,8 @@ def test_bound_config_carries_the_bound_ports():
     assert bound.pub_endpoint == "tcp://127.0.0.1:41007"
     assert bound.resolved_node_id == "127.0.0.1:41000"
     assert bound.metrics_address == ("127.0.0.1", 0)
-    named = NodeConfig(listen="0.0.0.0:0", advertise="node1.example:0", node_id="n1")
+    named = NodeConfig(listen="0.0.0.0:0", advertise="node1.example:0", node_id="n1",
+                       curve="off")
     bound = named.bound("tcp://node1.example:41000", "tcp://node1.example:41001")
     assert bound.resolved_node_id == "n1"
     assert bound.pub_bind == "tcp://0.0.0.0:41001"

@@ -12,6 +12,9 @@
   carries a per-origin sequence number and subscribers count the gaps.
 - The connection guard (``node/guard.py``) bounds the bytes libzmq may hold per
   ROUTER connection, on a timer of its own.
+- With CURVE (``node/curve.py``) every socket authenticates and encrypts; each
+  message's user id is checked here: only peer keys send peer frames, each as the
+  node id its key is bound to.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from protocols.effects import seed_address
 from protocols.peer import MAGIC_FAMILY  # every peer version's magic starts so
 from protocols.membership import ZMQ, ZMQ_PUB
 
+from ..curve import KEY_ENDPOINT, PUB_DOMAIN, ROUTER_DOMAIN, NodeCurve
 from ..guard import ConnectionGuard, frame_wire_bytes
 from .base import Inbound, OnGiveUp, Transport
 from .zmq_links import LINKS_MAX, STRANGER_LINKS_MAX, PeerLinks
@@ -97,7 +101,7 @@ class ZmqTransport(Transport):
     def __init__(self, *, node_id: str, router_bind: str, router_endpoint: str,
                  pub_bind: str, pub_endpoint: str, max_message_bytes: int, peer_hwm: int,
                  pub_hwm: int, limits: Mapping[str, int], metrics: Any, log: Any,
-                 linger_ms: int = 500):
+                 linger_ms: int = 500, curve: NodeCurve | None = None):
         self._node_id = node_id.encode()
         self._router_bind = router_bind
         self._router_endpoint = router_endpoint
@@ -113,6 +117,10 @@ class ZmqTransport(Transport):
         self._ctx: zmq.Context | None = None   # made at start: a transport built
         self._links: PeerLinks | None = None   # but never started holds no sockets
         self._addresses: dict[str, str] = {}   # node id -> ROUTER endpoint
+        self._curve = curve
+        self._server_keys: dict[str, bytes] = {}  # endpoint -> its CURVE key (members)
+        self._refused_logged: set[str] = set()
+        self._handshakes_refused = 0
         self._seeds: frozenset[str] = frozenset()
         self._subscribed: set[str] = set()
         self._pub_seq = 0
@@ -135,8 +143,14 @@ class ZmqTransport(Transport):
     def start(self, loop: asyncio.AbstractEventLoop, inbound: Inbound) -> None:
         self._loop, self._inbound = loop, inbound
         self._ctx = new_context()
-        self._links = PeerLinks(self._ctx, peer_hwm=self._peer_hwm, metrics=self._metrics)
+        curve = self._curve
+        self._links = PeerLinks(self._ctx, peer_hwm=self._peer_hwm, metrics=self._metrics,
+                                dial=self._dial if curve is not None else None)
+        if curve is not None:
+            curve.start(self._ctx)  # the ZAP handler, before any socket can be reached
         router = self._router = self._ctx.socket(zmq.ROUTER)
+        if curve is not None:
+            curve.serve(router, ROUTER_DOMAIN)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises, not a silent drop
         router.setsockopt(zmq.SNDHWM, self._peer_hwm)
         router.setsockopt(zmq.RCVHWM, self._peer_hwm)
@@ -157,6 +171,8 @@ class ZmqTransport(Transport):
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.SNDHWM, self._pub_hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.serve(self._pub, PUB_DOMAIN)
         self._pub.bind(self._pub_bind)
         self._pub_endpoint = _with_bound_port(self._pub_endpoint, self._pub)
         if not self._node_id:  # a derived node id is HOST:PORT of the advertised ROUTER
@@ -184,17 +200,25 @@ class ZmqTransport(Transport):
         self._router.close(linger=linger_ms)
         for sock in (self._pub, self._sub):
             sock.close(linger=0)
+        if self._curve is not None:
+            self._curve.stop()
         self._ctx.term()
 
     def endpoints(self) -> dict[str, str]:
-        """The advertised endpoints; after ``start`` a port 0 in them is the bound one."""
-        return {ZMQ: self._router_endpoint, ZMQ_PUB: self._pub_endpoint}
+        """The advertised endpoints; after ``start`` a port 0 in them is the bound one.
+        With CURVE, also the node's public key: peers dial it with that key."""
+        endpoints = {ZMQ: self._router_endpoint, ZMQ_PUB: self._pub_endpoint}
+        if self._curve is not None:
+            endpoints[KEY_ENDPOINT] = self._curve.public.decode()
+        return endpoints
 
     # Peers -----------------------------------------------------------------
 
     def set_peers(self, peers: Mapping[str, Mapping[str, str]], seeds: Sequence[str]) -> None:
         self._addresses = {node_id: ep[ZMQ] for node_id, ep in peers.items() if ZMQ in ep}
         self._seeds = frozenset(seeds)
+        if self._curve is not None:
+            self._set_server_keys(peers)
         # Close links to addresses no member uses any more (a restarted node's old one).
         self._links.retain(set(self._addresses.values()) | self._seeds)
         for address in self._addresses.values():
@@ -209,6 +233,8 @@ class ZmqTransport(Transport):
         for pub in pubs - self._subscribed:
             if len(self._subscribed) >= LINKS_MAX:
                 break
+            if self._curve is not None and not self._dial(self._sub, pub):
+                continue
             try:
                 self._sub.connect(pub)
             except zmq.ZMQError:
@@ -231,6 +257,65 @@ class ZmqTransport(Transport):
                 return False
             stranger = address not in self._seeds and address not in self._addresses.values()
         return self._links.send(address, frames, on_give_up, now, stranger)
+
+    # CURVE --------------------------------------------------------------------
+
+    def _set_server_keys(self, peers: Mapping[str, Mapping[str, str]]) -> None:
+        """Each member's ROUTER and PUB endpoint -> the key it advertises, if a peer
+        certificate binds that key to its id; a link made with another key (the
+        member rotated its key) is closed, to be made again with the new one."""
+        keyring = self._curve.keyring
+        keys: dict[str, bytes] = {}
+        for node_id, ep in peers.items():
+            key = keyring.member_key(node_id, ep.get(KEY_ENDPOINT))
+            if key is not None:
+                keys.update({ep[name]: key for name in (ZMQ, ZMQ_PUB) if name in ep})
+        for endpoint, old in self._server_keys.items():
+            if keys.get(endpoint, old) != old:
+                self._links.drop(endpoint, "the peer's key changed")
+                if endpoint in self._subscribed:
+                    self._sub.disconnect(endpoint)
+                    self._subscribed.discard(endpoint)
+        self._server_keys = keys
+
+    def _dial(self, sock: zmq.Socket, address: str) -> bool:
+        """Set the server key for the next connect to ``address``; False (counted)
+        when no allowed key is known for it, so no link is made."""
+        key = self._server_keys.get(address) or self._curve.keyring.seed_key(address)
+        if key is None:
+            self._metrics.limited("curve_no_peer_key")
+            self._log_once(address, "curve_no_peer_key", address=address,
+                           hint="no peer certificate binds this member's advertised "
+                                "key to its node id (or, for a seed, names its address)")
+            return False
+        self._curve.dial(sock, key)
+        return True
+
+    def _authorize(self, frame: zmq.Frame, frames: list[bytes]) -> bytes | None:
+        """The principal of a message from a CURVE connection, or None when it is
+        refused: its key left the allowed set, or it sends peer frames without a
+        peer key or as another node than its key is bound to."""
+        user = frame.get("User-Id")  # stamped by libzmq from the ZAP answer
+        allowed = self._curve.keyring.allowed
+        if user not in allowed:
+            return self._refuse(user, "curve_key_revoked")
+        if len(frames) >= 3 and frames[1][:4] == MAGIC_FAMILY:
+            node = allowed[user]
+            if node is None:
+                return self._refuse(user, "curve_peer_frame_from_client")
+            if len(frames) >= 4 and frames[3] != node:
+                return self._refuse(user, "curve_sender_mismatch")
+        return user.encode()
+
+    def _refuse(self, user: str, reason: str) -> None:
+        self._metrics.limited(reason)
+        self._log_once(user + reason, reason, user_id=user)
+        return None
+
+    def _log_once(self, key: str, event: str, **fields: Any) -> None:
+        if key not in self._refused_logged and len(self._refused_logged) < 1024:
+            self._refused_logged.add(key)
+            self._log.warning(event, **fields)
 
     def drop_queued(self, peer: str) -> None:
         address = self._addresses.get(peer)
@@ -322,6 +407,7 @@ class ZmqTransport(Transport):
         recv = self._router.recv
         inbound = self._inbound
         account = self._guard.read
+        secure = self._curve is not None
         budget = BATCH_BYTES_MAX
         for _ in range(BATCH_MAX):
             if budget <= 0:
@@ -336,14 +422,19 @@ class ZmqTransport(Transport):
                 frame = recv(_NOBLOCK, copy=False)
                 frames.append(frame.bytes)
             budget -= account(first.get(_SRCFD), frames)  # which connection: its budget
+            principal = frames[0]
+            if secure:
+                principal = self._authorize(first, frames)
+                if principal is None:
+                    continue
             n = len(frames)
             try:
                 if n == 2:
-                    inbound.client((frames[0],), frames[1], frames[0])
+                    inbound.client((frames[0],), frames[1], principal)
                 elif n >= 3 and frames[1][:4] == MAGIC_FAMILY:
                     inbound.peer(frames[1:])
                 elif n == 3 and frames[1] == b"":
-                    inbound.client((frames[0], b""), frames[2], frames[0])  # REQ framing
+                    inbound.client((frames[0], b""), frames[2], principal)  # REQ framing
                 else:
                     # The error goes after the empty delimiter when the message began
                     # with one, so a REQ socket gets it.
@@ -388,6 +479,11 @@ class ZmqTransport(Transport):
         except Exception as exc:  # a timer callback must never die: re-armed below
             self._inbound.failed(None, None, exc)
             cut = 0
+        if self._curve is not None:  # counted by the ZAP thread, reported from here
+            refused = self._curve.handshakes_refused
+            if refused > self._handshakes_refused:
+                self._metrics.limited("curve_handshake_refused", refused - self._handshakes_refused)
+                self._handshakes_refused = refused
         if cut:  # under attack: look much more often for a while (a few us a look)
             self._guard_alert_until = now + GUARD_ALERT_S
         tick_s = GUARD_ALERT_TICK_S if now < self._guard_alert_until else GUARD_TICK_S
@@ -396,4 +492,6 @@ class ZmqTransport(Transport):
     # Health ----------------------------------------------------------------
 
     def health(self) -> dict:
-        return self._links.health() if self._links is not None else {}
+        health = self._links.health() if self._links is not None else {}
+        health["curve"] = self._curve is not None
+        return health

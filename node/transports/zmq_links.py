@@ -10,7 +10,7 @@ than let a client time out.
 from __future__ import annotations
 
 from collections import deque
-from typing import Sequence
+from typing import Callable, Sequence
 
 import zmq
 
@@ -40,8 +40,10 @@ class PeerLinks:
     """The DEALERs of one node, keyed by the address they dial."""
 
     def __init__(self, context: zmq.Context, *, peer_hwm: int, metrics,
-                 queue_deadline_s: float = PEER_QUEUE_DEADLINE_S):
+                 queue_deadline_s: float = PEER_QUEUE_DEADLINE_S,
+                 dial: Callable[[zmq.Socket, str], bool] | None = None):
         self._ctx = context
+        self._dial = dial  # prepares a socket to reach an address (CURVE keys), or says no
         self._peer_hwm = peer_hwm
         self._metrics = metrics
         self._deadline_s = queue_deadline_s
@@ -85,6 +87,9 @@ class PeerLinks:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if self._dial is not None and not self._dial(sock, address):
+            sock.close(linger=0)
+            return None
         try:
             sock.connect(address)
         except zmq.ZMQError:  # an address a peer made up; never let it reach the loop

@@ -1,0 +1,260 @@
+"""CURVE on real node processes (issue: who may talk to a node).
+
+Three nodes with keys of their own, peers and clients listed in directories; the
+attacks are those a plain client could make before: forged gossip and forwards,
+claiming a node id, joining with an unlisted key, and reading traffic on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from node.client import CallTimeout, Client
+from node.curve import load_secret, new_certificates, write_public_cert
+from protocols import peer
+from support import NodeProcess, member_states, member_view, wait_until
+from test_node_abuse import limited
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Keys:
+    """Every certificate of one test: node keys, a listed client, strangers."""
+
+    def __init__(self, root: Path):
+        self.own = root / "own"          # each party's secret stays here
+        self.peers = root / "peers"      # what every node lets in as a peer
+        self.clients = root / "clients"  # ... and as a client
+        self.peers.mkdir(parents=True)
+        self.clients.mkdir()
+        for name in ("n1", "n2", "n3", "alice", "mallory", "rogue"):
+            new_certificates(str(self.own), name)
+        for name in ("n1", "n2", "n3"):
+            shutil.copy(self.own / f"{name}.key", self.peers)
+        shutil.copy(self.own / "alice.key", self.clients)
+
+    def secret(self, name: str) -> str:
+        return str(self.own / f"{name}.key_secret")
+
+    def public(self, name: str) -> str:
+        return str(self.own / f"{name}.key")
+
+    def node_args(self, name: str) -> tuple[str, ...]:
+        return ("--curve-secret", self.secret(name), "--curve-peers", str(self.peers),
+                "--curve-clients", str(self.clients))
+
+    def name_seed(self, name: str, address: str) -> None:
+        """Write the seed's public certificate with its address, now that it is bound,
+        so joining nodes know which key to dial it with."""
+        public, _ = load_secret(self.secret(name))
+        write_public_cert(self.peers / f"{name}.key", public, endpoint=f"tcp://{address}")
+
+
+def start(keys: Keys, tmp_path: Path, name: str, seeds=(), key: str | None = None):
+    node = NodeProcess(name, tmp_path, seeds=seeds, metrics=True,
+                       args=keys.node_args(key or name),
+                       client_curve=(keys.secret("alice"), keys.public(key or name)))
+    return node
+
+
+@pytest.fixture
+def secured(tmp_path):
+    keys = Keys(tmp_path / "keys")
+    nodes = []
+    try:
+        first = start(keys, tmp_path, "n1")
+        nodes.append(first)
+        first.wait_serving()
+        keys.name_seed("n1", first.address)
+        for name in ("n2", "n3"):
+            nodes.append(start(keys, tmp_path, name, seeds=(first.address,)))
+        for node in nodes:
+            node.wait_serving()
+        for node in nodes:
+            wait_until(lambda: sorted(member_states(member_view(node))) == ["n1", "n2", "n3"],
+                       timeout_s=15, what=f"{node.name} sees the three nodes")
+        yield keys, nodes
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+def test_an_allowed_client_calls_agents_on_every_node(secured):
+    keys, nodes = secured
+    with nodes[0].client() as c:
+        agents = [f"counter/c{i}" for i in range(30)]
+        for i, agent in enumerate(agents):
+            assert c.call(agent, "incr", {"n": i}) == {"value": i}
+        status = c.status()
+    held = {row["node"]: row.get("agents", 0) for row in status["members"]}
+    assert sorted(held) == ["n1", "n2", "n3"]
+    assert all(count > 0 for count in held.values()), held  # the calls crossed nodes
+
+
+def test_no_key_or_an_unknown_key_never_reaches_a_handler(secured):
+    keys, nodes = secured
+    n1 = nodes[0]
+    with Client(n1.address, timeout_s=1.0) as plain:
+        with pytest.raises(CallTimeout):
+            plain.call("counter/x", "incr", {"n": 1})
+    with Client(n1.address, timeout_s=1.0, curve_secret=keys.secret("mallory"),
+                curve_server=keys.public("n1")) as stranger:
+        with pytest.raises(CallTimeout):
+            stranger.call("counter/x", "incr", {"n": 1})
+    wait_until(lambda: limited(n1, "curve_handshake_refused") >= 1, timeout_s=10,
+               what="the unknown key counted")
+    with n1.client() as c:
+        assert c.call("counter/x", "get") == {"value": 0}  # neither increment ran
+
+
+def _raw_dealer(ctx: zmq.Context, keys: Keys, key_name: str, node: NodeProcess) -> zmq.Socket:
+    """A socket that authenticates with ``key_name``'s key and sends what we like."""
+    public, secret = load_secret(keys.secret(key_name))
+    server, _ = load_secret(keys.secret(node.name))
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server, public, secret
+    sock.connect(f"tcp://{node.address}")
+    return sock
+
+
+def _forged_entry(node_id: str, address: str) -> dict:
+    return {"id": node_id, "gen": time.time_ns() + 10**9,
+            "ep": {"zmq": address, "zmq-pub": "tcp://127.0.0.1:10"}, "st": "alive"}
+
+
+def test_a_client_key_cannot_send_peer_frames(secured):
+    """Gossip and forwards from a client key are refused and counted; the ring and
+    the member view do not change."""
+    keys, nodes = secured
+    n1 = nodes[0]
+    before = member_view(n1)
+    with zmq.Context() as ctx:
+        sock = _raw_dealer(ctx, keys, "alice", n1)
+        gossip = {"k": "sync", "m": [_forged_entry("n2", "tcp://127.0.0.1:9"),
+                                     _forged_entry("evil", "tcp://127.0.0.1:11")]}
+        sock.send_multipart(peer.gossip("n2", gossip))
+        envelope = b"\x80"
+        sock.send_multipart(peer.forward("n2", "n2", 1, os.urandom(16), envelope))
+        wait_until(lambda: limited(n1, "curve_peer_frame_from_client") >= 2, timeout_s=10,
+                   what="both frames refused")
+        sock.close()
+    after = member_view(n1)
+    assert member_states(after) == member_states(before)
+    assert {m["node_id"]: m["address"] for m in after["members"]} == \
+        {m["node_id"]: m["address"] for m in before["members"]}
+
+
+def test_a_peer_key_speaks_only_for_its_own_node_id(secured):
+    """n3's key sending gossip as n2 (claiming n2 moved) is refused."""
+    keys, nodes = secured
+    n1 = nodes[0]
+    real = {m["node_id"]: m["address"] for m in member_view(n1)["members"]}
+    with zmq.Context() as ctx:
+        sock = _raw_dealer(ctx, keys, "n3", n1)
+        sock.send_multipart(peer.gossip("n2", {"k": "sync", "m": [
+            _forged_entry("n2", "tcp://127.0.0.1:9")]}))
+        wait_until(lambda: limited(n1, "curve_sender_mismatch") >= 1, timeout_s=10,
+                   what="the mismatch refused")
+        sock.close()
+    assert {m["node_id"]: m["address"] for m in member_view(n1)["members"]} == real
+
+
+def test_a_node_with_an_unlisted_key_cannot_join(secured, tmp_path):
+    keys, nodes = secured
+    n1 = nodes[0]
+    rogue = start(keys, tmp_path, "rogue", seeds=(n1.address,))
+    try:
+        rogue.wait_ready()
+        wait_until(lambda: limited(n1, "curve_handshake_refused") >= 1, timeout_s=10,
+                   what="the rogue node's handshake refused")
+        time.sleep(1.0)  # several gossip periods: it would have joined by now
+        assert "rogue" not in member_states(member_view(n1))
+    finally:
+        rogue.kill()
+
+
+class _Recorder:
+    """A TCP relay on loopback that keeps every byte it passes: the capture."""
+
+    def __init__(self, target: str):
+        self.captured = bytearray()
+        self._target = target.rsplit(":", 1)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self._listener.accept()
+        except OSError:
+            return
+        upstream = socket.create_connection((self._target[0], int(self._target[1])))
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                self.captured += data
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_traffic_on_the_wire_is_not_plaintext(secured):
+    keys, nodes = secured
+    n1 = nodes[0]
+    relay = _Recorder(n1.address)
+    marker = "plaintext-marker-" + os.urandom(6).hex()
+    try:
+        with Client(relay.address, timeout_s=5.0, curve_secret=keys.secret("alice"),
+                    curve_server=keys.public("n1")) as c:
+            assert c.call("echo/wire", "say", marker) == marker
+    finally:
+        relay.close()
+    assert len(relay.captured) > 200, "the relay saw the call"
+    assert marker.encode() not in relay.captured
+    assert b"echo/wire" not in relay.captured
+
+
+def test_keys_reload_on_sighup_revokes_and_admits_clients(secured):
+    """Removing alice's certificate and sending SIGHUP stops her calls on the
+    connection she already has; adding a new client's makes it work, no restart."""
+    keys, nodes = secured
+    n1 = nodes[0]
+    new_certificates(str(keys.own), "bob")
+    with n1.client() as alice:
+        assert alice.call("counter/r", "incr", {"n": 1}) == {"value": 1}
+        os.remove(keys.clients / "alice.key")
+        shutil.copy(keys.own / "bob.key", keys.clients)
+        n1.signal(signal.SIGHUP)
+        wait_until(lambda: "keys_reloaded" in n1.log(), timeout_s=10, what="the reload")
+        with pytest.raises(CallTimeout):
+            alice.call("counter/r", "incr", {"n": 1}, timeout_s=1.0)
+    assert limited(n1, "curve_key_revoked") >= 1
+    with Client(n1.address, timeout_s=5.0, curve_secret=keys.secret("bob"),
+                curve_server=keys.public("n1")) as bob:
+        assert bob.call("counter/r", "get") == {"value": 1}  # alice's second call never ran
+
+
+def test_a_broken_certificate_keeps_the_old_keys(secured):
+    keys, nodes = secured
+    n1 = nodes[0]
+    (keys.clients / "junk.key").write_text("not a certificate\n")
+    n1.signal(signal.SIGHUP)
+    wait_until(lambda: "keys_reload_failed" in n1.log(), timeout_s=10, what="the refusal")
+    with n1.client() as c:
+        assert c.call("counter/k", "incr", {"n": 2}) == {"value": 2}
