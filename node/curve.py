@@ -41,7 +41,9 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-KEY_ENDPOINT = "zmq-key"         # the membership endpoint that carries a node's public key
+from protocols.membership import ZMQ_KEY
+
+KEY_ENDPOINT = ZMQ_KEY           # the membership endpoint that carries a node's public key
 PEER_PREFIX = "peer/"
 CLIENT_PREFIX = "client/"
 ROUTER_DOMAIN = b"synthesis"      # ZAP domains: the ROUTER takes peers and clients,
@@ -97,6 +99,13 @@ class KeyRing:
             return None
         cert = self.peers.get(advertised.encode())
         return cert.key if cert is not None and cert.node_id == node_id else None
+
+    def member_keys(self) -> dict[str, frozenset[str]]:
+        """node id -> the keys (Z85 text) that may speak for it, for membership."""
+        keys: dict[str, set[str]] = {}
+        for cert in self.peers.values():
+            keys.setdefault(cert.node_id, set()).add(cert.key.decode())
+        return {node_id: frozenset(k) for node_id, k in keys.items()}
 
     def seed_key(self, address: str) -> bytes | None:
         """The key to dial a seed at ``address`` (``tcp://HOST:PORT``) with."""

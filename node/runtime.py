@@ -226,6 +226,8 @@ class Node:
             return
         ring = self.curve.keyring
         self.log.info("keys_reloaded", peers=len(ring.peers), clients=len(ring.clients))
+        if self.membership is not None:
+            self.membership.set_member_keys(ring.member_keys())
         # Keys members advertise are checked against the new certificates now.
         self.transport.set_peers(self._peer_endpoints, self.config.seeds)
 
@@ -470,6 +472,8 @@ class Node:
         self.membership = Membership(
             me, cfg.seeds, swim_config(cfg), wall_offset_ns=wall_offset_ns,
             generation_ahead_max_ns=int(cfg.generation_ahead_max_s * 1e9))
+        if self.curve is not None:
+            self.membership.set_member_keys(self.curve.keyring.member_keys())
         self.metrics.set_events(self._events)
         self._run(self.membership.start(_now()))
         self._arm("membership", self.membership)

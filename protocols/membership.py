@@ -77,7 +77,7 @@ import re
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from .effects import GOSSIP, MembersChanged, QuorumChanged, Refuted, Send, seed_id
 
@@ -93,6 +93,7 @@ RELAYS_MAX = 256       # ping-reqs relayed for others at once
 CONFIRMATIONS = 2      # independent suspicions that bring the timeout to its floor
 ROUND_PROBES_MAX = 20  # periods of a probe round counted before downing (see _stable_s)
 ZMQ, ZMQ_PUB = "zmq", "zmq-pub"
+ZMQ_KEY = "zmq-key"    # a CURVE node's public key (Z85), advertised like an endpoint
 ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
 STATES = (ALIVE, SUSPECT, DEAD, LEFT)
 KEEP_MAJORITY, STATIC_QUORUM = "keep-majority", "static-quorum"
@@ -360,6 +361,9 @@ class Membership:
         self._ring: frozenset[str] = frozenset((me.node_id,))
         self._ids: list[str] | None = None    # sorted member ids, while unchanged
         self._agents: dict[str, int] = {}     # member -> agents it said it holds
+        # With CURVE: node id -> the keys allowed to speak for it; a member is taken
+        # only advertising one of them (None: no keys, any id goes).
+        self._member_keys: Mapping[str, frozenset[str]] | None = None
         self.local_agents = 0                 # set by the node; sent on pings and acks
         self.stats = {"probes": 0, "probes_failed": 0, "indirect": 0, "suspected": 0,
                       "declared_dead": 0, "refuted": 0, "refused": 0, "downed": 0,
@@ -641,7 +645,16 @@ class Membership:
             else:
                 self._merge(member, sender, now, out)
 
+    def set_member_keys(self, keys: Mapping[str, frozenset[str]] | None) -> None:
+        """Bind node ids to keys (the node's peer certificates): from now on a member
+        is taken, or its entry changed, only advertising a key bound to its id."""
+        self._member_keys = keys
+
     def _merge(self, member: Member, sender: str, now: float, out: list) -> None:
+        keys = self._member_keys
+        if keys is not None and member.endpoint(ZMQ_KEY) not in keys.get(member.node_id, ()):
+            self.stats["refused"] += 1  # an id no peer certificate binds to that key
+            return
         known = self._members.get(member.node_id)
         if known is None:
             if member.state != ALIVE:

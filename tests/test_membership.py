@@ -314,6 +314,30 @@ def test_only_alive_news_creates_a_member(st):
     assert state(m, 9) == ALIVE
 
 
+def test_with_member_keys_an_entry_must_advertise_a_key_bound_to_its_id():
+    """CURVE binds node ids to keys: a member is taken, or changed, only advertising
+    a key bound to its id; the others are refused and counted."""
+    m = machine()
+    m.set_member_keys({nid(1): frozenset({"K1", "K1-new"}), nid(2): frozenset({"K2"})})
+
+    def keyed(k: int, key: str | None, gen: int = GEN) -> dict:
+        item = entry(k, gen)
+        if key is not None:
+            item["ep"]["zmq-key"] = key
+        return item
+
+    m.receive(nid(1), sync(keyed(1, "K2"), keyed(2, None), keyed(3, "K1")), 0.1)
+    assert set(m.members) == {nid(0)}
+    assert m.refused_entries == 3
+    m.receive(nid(1), sync(keyed(1, "K1"), keyed(2, "K2")), 0.2)
+    assert {nid(1), nid(2)} <= set(m.members)
+    m.receive(nid(1), sync(keyed(1, "K1-new", GEN + 1)), 0.3)  # a rotated key
+    assert m.members[nid(1)].endpoint("zmq-key") == "K1-new"
+    m.set_member_keys(None)  # no CURVE: any id goes
+    m.receive(nid(1), sync(keyed(5, None)), 0.4)
+    assert nid(5) in m.members
+
+
 def test_accusations_from_a_member_held_dead_or_a_stranger_are_ignored():
     m = knowing(1, 2, 3)
     m.receive(nid(2), sync(entry(1, st="d", by=2)), 0.1)

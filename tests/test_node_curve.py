@@ -129,7 +129,11 @@ def _raw_dealer(ctx: zmq.Context, keys: Keys, key_name: str, node: NodeProcess) 
 
 def _forged_entry(node_id: str, address: str) -> dict:
     return {"id": node_id, "gen": time.time_ns() + 10**9,
-            "ep": {"zmq": address, "zmq-pub": "tcp://127.0.0.1:10"}, "st": "alive"}
+            "ep": {"zmq": address, "zmq-pub": "tcp://127.0.0.1:10"}}
+
+
+def _sync(*entries: dict) -> dict:
+    return {"v": 2, "kind": "sync", "u": list(entries)}
 
 
 def test_a_client_key_cannot_send_peer_frames(secured):
@@ -140,8 +144,8 @@ def test_a_client_key_cannot_send_peer_frames(secured):
     before = member_view(n1)
     with zmq.Context() as ctx:
         sock = _raw_dealer(ctx, keys, "alice", n1)
-        gossip = {"k": "sync", "m": [_forged_entry("n2", "tcp://127.0.0.1:9"),
-                                     _forged_entry("evil", "tcp://127.0.0.1:11")]}
+        gossip = _sync(_forged_entry("n2", "tcp://127.0.0.1:9"),
+                       _forged_entry("evil", "tcp://127.0.0.1:11"))
         sock.send_multipart(peer.gossip("n2", gossip))
         envelope = b"\x80"
         sock.send_multipart(peer.forward("n2", "n2", 1, os.urandom(16), envelope))
@@ -161,12 +165,30 @@ def test_a_peer_key_speaks_only_for_its_own_node_id(secured):
     real = {m["node_id"]: m["address"] for m in member_view(n1)["members"]}
     with zmq.Context() as ctx:
         sock = _raw_dealer(ctx, keys, "n3", n1)
-        sock.send_multipart(peer.gossip("n2", {"k": "sync", "m": [
-            _forged_entry("n2", "tcp://127.0.0.1:9")]}))
+        sock.send_multipart(peer.gossip("n2", _sync(_forged_entry("n2", "tcp://127.0.0.1:9"))))
         wait_until(lambda: limited(n1, "curve_sender_mismatch") >= 1, timeout_s=10,
                    what="the mismatch refused")
         sock.close()
     assert {m["node_id"]: m["address"] for m in member_view(n1)["members"]} == real
+
+
+def test_a_peer_cannot_introduce_a_member_no_certificate_binds(secured):
+    """A listed peer (n3's key, as n3) gossiping a made-up member "evil", or n2 at
+    another key: membership refuses both entries."""
+    keys, nodes = secured
+    n1 = nodes[0]
+    before = {m["node_id"]: m["address"] for m in member_view(n1)["members"]}
+    evil = _forged_entry("evil", "tcp://127.0.0.1:11")
+    evil["ep"]["zmq-key"] = load_secret(keys.secret("rogue"))[0].decode()
+    moved = _forged_entry("n2", "tcp://127.0.0.1:9")
+    moved["ep"]["zmq-key"] = evil["ep"]["zmq-key"]
+    with zmq.Context() as ctx:
+        sock = _raw_dealer(ctx, keys, "n3", n1)
+        sock.send_multipart(peer.gossip("n3", _sync(evil, moved)))
+        wait_until(lambda: limited(n1, "gossip_entry_refused") >= 2, timeout_s=10,
+                   what="both entries refused")
+        sock.close()
+    assert {m["node_id"]: m["address"] for m in member_view(n1)["members"]} == before
 
 
 def test_a_node_with_an_unlisted_key_cannot_join(secured, tmp_path):
