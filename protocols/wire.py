@@ -419,10 +419,14 @@ def reply(request_id: str, data: Any, source: str, traceparent: str | None = Non
 
 
 def error(request_id: str | None, code: str, message: str, source: str,
-          traceparent: str | None = None) -> bytes:
-    """Encode an error reply.  ``request_id`` is None when the request was unreadable."""
+          traceparent: str | None = None, retry_after_ms: int | None = None) -> bytes:
+    """Encode an error reply.  ``request_id`` is None when the request was unreadable;
+    ``retry_after_ms``: when sending again may succeed (``data.retry_after_ms``)."""
+    data = {"code": code, "message": message}
+    if retry_after_ms is not None:
+        data["retry_after_ms"] = retry_after_ms
     env = {"v": VERSION, "id": request_id or "", "re": request_id, "type": TYPE_ERROR,
-           "source": source, "data": {"code": code, "message": message}}
+           "source": source, "data": data}
     if traceparent is not None:
         env["traceparent"] = traceparent
     return _packer.pack(env)
