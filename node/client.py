@@ -345,12 +345,28 @@ class Client:
     def _call(self, mtype: str, subject: str | None, data: Any, timeout_s: float | None,
               options: dict) -> Any:
         rid = self._req.next_id()
-        self._sock.send(self._req.encode(rid, mtype, subject, data, wire.MODE_CALL, options))
+        self._send(self._req.encode(rid, mtype, subject, data, wire.MODE_CALL, options))
         timeout_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
         envelope = self._reply_within(rid, timeout_ms)
         if envelope is None:
             raise CallTimeout(f"no reply to {mtype} for {subject!r} within {timeout_ms} ms")
         return _result(envelope)
+
+    def _send(self, payload: bytes) -> None:
+        """Hand a request to the connection, waiting at most ``timeout_s`` for one.
+
+        A DEALER has nowhere to put a message while it has no connection (the node
+        is down, or a CURVE handshake was refused: a wrong or unlisted key), and a
+        plain send would then block for good; this raises CallTimeout instead."""
+        try:
+            self._sock.send(payload, _NOBLOCK)
+            return
+        except zmq.Again:
+            pass
+        if not self._sock.poll(int(1000 * self.timeout_s), zmq.POLLOUT):
+            raise CallTimeout(f"no connection to {self.address} within {self.timeout_s} s "
+                              "(node down, or its CURVE handshake refused our key)")
+        self._sock.send(payload, _NOBLOCK)
 
     def _reply_within(self, rid: str, timeout_ms: int) -> dict | None:
         """The reply to ``rid`` if it comes within ``timeout_ms``; other replies read
@@ -378,14 +394,14 @@ class Client:
         rid, payload = self._req.guaranteed(mtype, subject, data, mode, consistency,
                                             delivery, options)
         if mode != wire.MODE_CALL:  # a causal send: stamped, sent once, no reply
-            self._sock.send(payload)
+            self._send(payload)
             return None
         attempts = _Attempts(self._req, mtype, subject, delivery, self.timeout_s
                              if timeout_s is None else timeout_s, time.monotonic())
         action = "send"
         while action != "done":
             if action == "send":
-                self._sock.send(payload)
+                self._send(payload)
                 attempts.sent(time.monotonic())
             # Rounded up: a wait cut to 0 ms just before the deadline would resend in
             # a loop until the deadline passed (25 copies seen in one call).
@@ -406,12 +422,12 @@ class Client:
                              options)
             return
         rid = self._req.next_id()
-        self._sock.send(self._req.encode(rid, type, agent, data, wire.MODE_SEND, options))
+        self._send(self._req.encode(rid, type, agent, data, wire.MODE_SEND, options))
 
     def publish(self, group: str, type: str, data: Any = None, **options: Any) -> None:
         """One-way message to every agent that joined ``group``, on every node."""
         rid = self._req.next_id()
-        self._sock.send(self._req.encode(rid, type, group, data, wire.MODE_PUBLISH, options))
+        self._send(self._req.encode(rid, type, group, data, wire.MODE_PUBLISH, options))
 
     def spawn(self, behavior: str, agent: str, init: Any = None, **options: Any) -> dict:
         return self._call(wire.TYPE_SPAWN, agent, {"behavior": behavior, "init": init}, None, options)

@@ -7,10 +7,14 @@ claiming a node id, joining with an unlisted key, and reading traffic on loopbac
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
+import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,9 +23,9 @@ import pytest
 import zmq
 
 from node.client import CallTimeout, Client
-from node.curve import load_secret, new_certificates, write_public_cert
+from node.curve import load_keyring, load_secret, new_certificates, write_public_cert
 from protocols import peer
-from support import NodeProcess, member_states, member_view, wait_until
+from support import REPO, NodeProcess, child_env, member_states, member_view, wait_until
 from test_node_abuse import limited
 
 pytestmark = pytest.mark.timeout(120)
@@ -280,3 +284,98 @@ def test_a_broken_certificate_keeps_the_old_keys(secured):
     wait_until(lambda: "keys_reload_failed" in n1.log(), timeout_s=10, what="the refusal")
     with n1.client() as c:
         assert c.call("counter/k", "incr", {"n": 2}) == {"value": 2}
+
+
+def test_multicast_reaches_members_on_every_node_over_curve(secured):
+    """PUB and SUB run CURVE too: the SUBs dial each PUB with its node's key."""
+    keys, nodes = secured
+    agents = [f"member/m{i}" for i in range(12)]
+    with nodes[0].client() as c:
+        owners = {c.spawn("member", a, init={"group": "g"})["node"] for a in agents}
+    assert owners == {"n1", "n2", "n3"}, owners
+    deadline = time.monotonic() + 10
+    with nodes[1].client() as pub, nodes[2].client() as reader:
+        while time.monotonic() < deadline:  # SUBs connect asynchronously: probe first
+            pub.publish("g", "note", "probe")
+            time.sleep(0.1)
+            if all("probe" in reader.call(a, "seen")["seen"] for a in agents):
+                break
+        else:
+            pytest.fail("multicast never reached every member over CURVE")
+
+
+def test_a_client_key_cannot_subscribe_to_multicast(secured):
+    """The PUB's ZAP domain takes peer keys only: a client key's SUB is refused."""
+    keys, nodes = secured
+    n1 = nodes[0]
+    pub_address = n1.wait_ready()["pub"]
+    before = limited(n1, "curve_handshake_refused")
+    with zmq.Context() as ctx:
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        public, secret = load_secret(keys.secret("alice"))
+        sub.curve_serverkey = load_secret(keys.secret("n1"))[0]
+        sub.curve_publickey, sub.curve_secretkey = public, secret
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(pub_address)
+        wait_until(lambda: limited(n1, "curve_handshake_refused") > before, timeout_s=10,
+                   what="the client's SUB refused")
+        sub.close()
+
+
+def test_an_exposed_node_needs_keys_or_says_loudly_that_it_is_open():
+    """No process binds here: the config refuses a non-loopback listen without keys;
+    with curve = off the node says so at start and in /health."""
+    from node.config import ConfigError, NodeConfig
+    from node.runtime import Node
+
+    with pytest.raises(ConfigError, match="curve"):
+        NodeConfig(listen="0.0.0.0:0", advertise="127.0.0.1:0", metrics="off")
+    node = Node(NodeConfig(listen="0.0.0.0:0", advertise="127.0.0.1:0", metrics="off",
+                           curve="off"))
+    said = []
+    node.log = type("Recorder", (), {"error": lambda self, event, **kw: said.append(event)})()
+    node._say_if_open()
+    assert said == ["node_open"]
+    ok, health = node._health()
+    assert health["security"] == "open" and "open" in health["warning"]
+    loopback = Node(NodeConfig(listen="127.0.0.1:0", metrics="off"))
+    assert "warning" not in loopback._health()[1]
+
+
+def _ctl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import sys; from node.cli import ctl_main; "
+                           "sys.exit(ctl_main())", *args],
+                          capture_output=True, text=True, timeout=30,
+                          env=child_env(**(env or {})), cwd=str(REPO))
+
+
+def test_ctl_keys_new_writes_a_public_and_a_private_certificate(tmp_path):
+    done = _ctl("keys", "new", str(tmp_path / "k"), "n9", "--node-id", "node-9",
+                "--endpoint", "tcp://127.0.0.1:7400")
+    assert done.returncode == 0, done.stderr
+    public, secret = tmp_path / "k" / "n9.key", tmp_path / "k" / "n9.key_secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert "secret-key" not in public.read_text()
+    ring = load_keyring(str(tmp_path / "k"), "")
+    (cert,) = ring.peers.values()
+    assert (cert.node_id, cert.endpoint) == ("node-9", "tcp://127.0.0.1:7400")
+    assert ring.seed_key("tcp://127.0.0.1:7400") == cert.key
+    again = _ctl("keys", "new", str(tmp_path / "k"), "n9")
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+
+
+def test_ctl_calls_a_curve_node_with_flags_or_environment(secured):
+    keys, nodes = secured
+    n1 = nodes[0]
+    flags = ("--node", n1.address, "--curve-secret", keys.secret("alice"),
+             "--curve-server", keys.public("n1"))
+    done = _ctl(*flags, "call", "counter/ctl", "incr", '{"n": 3}')
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"value": 3}
+    env = {"SYNTHESIS_CURVE_SECRET": keys.secret("alice"),
+           "SYNTHESIS_CURVE_SERVER": keys.public("n1")}
+    done = _ctl("--node", n1.address, "call", "counter/ctl", "get", env=env)
+    assert json.loads(done.stdout) == {"value": 3}, done.stderr
+    without = _ctl("--node", n1.address, "--timeout", "1", "call", "counter/ctl", "get")
+    assert without.returncode == 3  # no key: the node never answers
