@@ -84,6 +84,8 @@ GAUGE_HELP = {
     "peers_connected": "Peer links opened (members and seeds, dead ones included); "
                        "not a count of live connections.",
     "peer_queue_depth": "Sends waiting for a peer link to come up.",
+    "clients_tracked": "Clients (CURVE keys, else connections) whose rate and in-flight "
+                       "requests the node tracks now (at most clients_tracked_max).",
     "members": "Members in this node's view, itself and dead members included.",
     "mailbox_bytes": "Envelope bytes of the messages waiting in all agent mailboxes.",
     "forwards_in_flight": "Calls of this node's clients forwarded to their owners and "
