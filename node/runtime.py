@@ -31,8 +31,9 @@ import core_cy
 import msgpack
 from protocols import peer, wire
 from protocols.admission import CLIENT_INFLIGHT, CLIENT_RATE, Admission, Refused
-from protocols.effects import (REPLICATE, Answer, Fail, Install, MembersChanged, QuorumChanged, Refuted,
-                               Send, Surrender, Unresponsive, GOSSIP)
+from protocols.effects import (REPLICATE, Answer, Fail, ForwardTo, Install, MembersChanged,
+                               QuorumChanged, Refuted, Relay, Route, Send, Surrender,
+                               Unresponsive, GOSSIP)
 from protocols.handoff import Handoff, HandoffError, previous_ring
 from protocols.machine import Effects
 from protocols.membership import (ALIVE, LEFT, SUSPECT, ZMQ, ZMQ_PUB, Member, Membership,
@@ -41,6 +42,7 @@ from protocols.replication import batch
 from protocols.routing import Refusal, Router
 from protocols.shutdown import Phase, Shutdown
 from protocols.status import StatusCollector, StatusError
+from protocols.strategies import STRATEGY, Strategies
 from protocols.wire import ErrorCode, Request, WireError
 
 from . import logs, ready, systemd, transports
@@ -95,6 +97,7 @@ class Node:
             mailbox_bytes_max=config.mailbox_bytes_max,
         )
         self.router = self._new_router()
+        self.strategies = self._new_strategies()
         self.status = StatusCollector(self.node_id, config.status_timeout_s,
                                       key=os.urandom(8))
         self.shutdown = Shutdown(config.shutdown_timeout_s)
@@ -138,6 +141,7 @@ class Node:
             Answer: self._do_answer, Fail: self._do_fail, Phase: self._on_phase,
             Unresponsive: self._on_unresponsive, QuorumChanged: self._on_quorum,
             Surrender: self._on_surrender, Install: self._on_install,
+            Relay: self._do_relay, Route: self._do_route, ForwardTo: self._do_forward_to,
         })
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -249,6 +253,11 @@ class Node:
             self._stopping = True
             self._stop_event.set()
 
+    def _new_strategies(self) -> Strategies:
+        cfg = self.config
+        return Strategies(self.node_id, reply_bytes_max=cfg.max_message_bytes,
+                          default_timeout_s=cfg.handler_timeout_s + cfg.forward_margin_s)
+
     def _new_router(self) -> Router:
         cfg = self.config
         return Router(self.node_id, os.urandom(8), max_hops=cfg.max_hops,
@@ -265,6 +274,7 @@ class Node:
         if node_id != self.node_id:
             self.node_id = self._me = self.metrics.node_id = node_id
             self.router = self._new_router()
+            self.strategies = self._new_strategies()
             self.status = StatusCollector(node_id, self.config.status_timeout_s,
                                           key=os.urandom(8))
             logs.set_node_id(node_id)
@@ -359,6 +369,7 @@ class Node:
                 pass
         self._run(self.shutdown.forwards_settled(_now()) or self.shutdown.tick(math.inf))
         self._run(self.router.stop())   # whatever is left is answered 'unavailable'
+        self._run(self.strategies.stop())
         self._release_join_held(False)
         self._run(self.state.machine.stop())
         if self.handoff is not None:
@@ -687,7 +698,8 @@ class Node:
                             "duplicates": h.duplicates, "timed_out": h.timed_out,
                             "owner_lost": h.owner_lost, "refused": h.refused,
                             "rerouted": h.rerouted},
-                "replication": self.state.events()}
+                "replication": self.state.events(),
+                "routing": dict(self.strategies.stats)}
 
     def _on_refuted(self, effect: Refuted) -> None:
         self.metrics.refuted()
@@ -858,16 +870,62 @@ class Node:
                               f"{LARGE_REQUEST_BYTES} bytes are refused for now", req.type)
         elif self._joining:
             self._hold_until_joined(req, payload, reply_to, hops, origin)
+        elif req.routing is not None:
+            self._dispatch_routed(req, payload, reply_to, hops, origin, hold)
         else:
-            target = self.router.route(req.subject, req.ttl, hops)
-            if target == self._me and self._moved_to:
-                target = self._after_move(req.subject, req.ttl, hops)
-            if target == self._me:
-                self._handle_local(req, reply_to, (payload, hops, origin), hold)
-            elif type(target) is Refusal:
-                self._reply_error(reply_to, req.id, target.code, target.message, req.type)
-            else:
-                self._forward(target, req, payload, reply_to, hops, origin)
+            self._route_direct(req, payload, reply_to, hops, origin, hold)
+
+    def _route_direct(self, req: Request, payload: bytes, reply_to: Any, hops: int,
+                      origin: str | None, hold: bool) -> None:
+        """One agent, through its owner: handled here, forwarded, or refused."""
+        target = self._owner_of(req.subject, req.ttl, hops)
+        if target == self._me:
+            self._handle_local(req, reply_to, (payload, hops, origin), hold)
+        elif type(target) is Refusal:
+            self._reply_error(reply_to, req.id, target.code, target.message, req.type)
+        else:
+            self._forward(target, req, payload, reply_to, hops, origin)
+
+    def _dispatch_routed(self, req: Request, payload: bytes, reply_to: Any, hops: int,
+                         origin: str | None, hold: bool) -> None:
+        """Scatter and pipeline (protocols/strategies.py); a gossip publish went to
+        ``_publish`` already."""
+        now = _now()
+        if req.routing == wire.ROUTING_SCATTER:
+            owners = {agent: self._owner_of(agent, req.ttl, hops) for agent in req.targets}
+            self._run(self.strategies.scatter(req, reply_to, owners, hops, now))
+            self._arm("strategies", self.strategies)
+            return
+        if reply_to is not None and reply_to[1] is None:  # our own client's pipeline
+            entry = self.strategies.pipeline_entry(req, reply_to, now)
+            if type(entry) is Fail:
+                self._do_fail(entry)
+                return
+            reply_to = entry
+            self._arm("strategies", self.strategies)
+        self._route_direct(req, payload, reply_to, hops, origin, hold)
+
+    def _owner_of(self, agent: str, ttl: int | None, hops: int) -> str | Refusal:
+        target = self.router.route(agent, ttl, hops)
+        if target == self._me and self._moved_to:
+            target = self._after_move(agent, ttl, hops)
+        return target
+
+    def _do_route(self, effect: Route) -> None:
+        self._dispatch(effect.request, effect.payload, effect.reply_to, effect.hops, None)
+
+    def _do_forward_to(self, effect: ForwardTo) -> None:
+        self._forward(effect.owner, effect.request, effect.payload, effect.reply_to,
+                      effect.hops, None)
+
+    def _do_relay(self, effect: Relay) -> None:
+        if self._send_reply(effect.reply_to, effect.payload):
+            self.metrics.sent("reply")
+
+    def _strategy_answer(self, slot: Any, payload: bytes) -> None:
+        """A piece of a scatter or pipeline was answered (protocols/strategies.py)."""
+        self._run(self.strategies.answered(slot, payload, _now()))
+        self._arm("strategies", self.strategies)
 
     def _forward(self, owner: str, req: Request, payload: bytes, reply_to: Any, hops: int,
                  origin: str | None) -> None:
@@ -877,7 +935,7 @@ class Node:
         if reply_to is None:  # one-way: nothing to answer
             frames = peer.forward(self._me, origin or self._me, hops + 1, b"", payload)
             give_up = None
-        elif reply_to[1] is None:
+        elif reply_to[1] is None or reply_to[1] is STRATEGY:  # answered through us
             token = self.router.forward_started(reply_to, req.id, req.type, owner, _now(),
                                                 reply_to[4], req.nbytes)
             if type(token) is Refusal:
@@ -906,6 +964,10 @@ class Node:
             # left), or a token we never issued (forged).  Never routed to a client.
             self.metrics.limited("late_reply" if self.router.owns_token(event.token)
                                  else "forged_reply")
+            return
+        if pending.handle[1] is STRATEGY:  # a piece of a scatter or pipeline
+            self._strategy_answer(pending.handle[0], event.envelope)
+            self._check_forwards_settled()
             return
         handle, principal = pending.handle[0]  # our own client's (see ``client``)
         self.transport.reply(handle, event.envelope)
@@ -956,6 +1018,8 @@ class Node:
         if req.delivery == CAUSAL:
             self.state.deliver_causal(agent_id, act, req, reply_to)
             return
+        if req.routing == wire.ROUTING_PIPELINE:  # its answer moves the pipeline on
+            reply_to = self.strategies.stage(req, reply_to, _now())
         self.host.deliver(agent_id, act, req, reply_to)
 
     def _system_request(self, req: Request, reply_to: Any) -> None:
@@ -1093,6 +1157,9 @@ class Node:
             self._admission.done(caller[1])
             self.metrics.replied_local(arrived)
             return sent
+        if origin is STRATEGY:  # a piece of a scatter or pipeline, answered
+            self._strategy_answer(caller, payload)
+            return True
         if token is None:
             return False  # a forwarded one-way message: nobody to answer
         if origin == self._me:  # our own forward came back round to us

@@ -178,3 +178,35 @@ class Forget:
     """This node holds no copy of ``agent_id`` any more: drop it from local storage."""
 
     agent_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """Send ``payload`` (an encoded reply or error envelope) to the caller behind
+    ``reply_to``, unchanged (protocols/strategies.py)."""
+
+    reply_to: Any
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Route ``request`` (encoded as ``payload``) as if it had just arrived, its
+    answer going to ``reply_to``: a pipeline's next stage, one agent of a scatter."""
+
+    request: Any
+    payload: bytes
+    reply_to: Any
+    hops: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardTo:
+    """Forward ``request`` (``payload``) to the node ``owner`` (it owns the agents
+    it names), its answer going to ``reply_to``: one part of a scatter."""
+
+    owner: str
+    request: Any
+    payload: bytes
+    reply_to: Any
+    hops: int

@@ -11,7 +11,9 @@ context), ``vclock`` (causality, carried only), ``seq``/``ack`` (reserved),
 ``ttl`` (routing: forwarding hops allowed), and the per-message guarantees
 ``consistency`` (how many replicas hold a write before it is acknowledged) and
 ``delivery`` (at most / at least / exactly once, or causal with ``session`` and
-``vc``: the sender's process id and its vector clock).
+``vc``: the sender's process id and its vector clock), and ``routing`` (the
+strategy: direct, multicast, gossip, pipeline with ``stages``, scatter with
+``targets``; PROTOCOL.md 2.5).
 """
 
 from __future__ import annotations
@@ -41,6 +43,21 @@ DELIVERY_EXACTLY_ONCE = "exactly_once"    # resent, and the owner runs it once p
 DELIVERY_CAUSAL = "causal"                # held until what it depends on was delivered
 DELIVERIES = frozenset((DELIVERY_AT_MOST_ONCE, DELIVERY_AT_LEAST_ONCE,
                         DELIVERY_EXACTLY_ONCE, DELIVERY_CAUSAL))
+
+# Routing strategy of a request (absent or nil: direct, or multicast for a publish).
+ROUTING_DIRECT = "direct"        # one agent, through its owner
+ROUTING_MULTICAST = "multicast"  # publish: PUB/SUB to the group's members, best effort
+ROUTING_GOSSIP = "gossip"        # publish: epidemic broadcast, repaired, at most once per agent
+ROUTING_PIPELINE = "pipeline"    # call: a chain of stages, each reply the next one's data
+ROUTING_SCATTER = "scatter"      # call: one message to many agents, replies gathered
+ROUTINGS = frozenset((ROUTING_DIRECT, ROUTING_MULTICAST, ROUTING_GOSSIP, ROUTING_PIPELINE,
+                      ROUTING_SCATTER))
+ROUTINGS_BY_MODE = {MODE_CALL: frozenset((ROUTING_DIRECT, ROUTING_PIPELINE, ROUTING_SCATTER)),
+                    MODE_SEND: frozenset((ROUTING_DIRECT,)),
+                    MODE_PUBLISH: frozenset((ROUTING_MULTICAST, ROUTING_GOSSIP))}
+STAGES_MAX = 16            # stages of one pipeline, the first one included
+TARGETS_MAX = 1000         # agents of one scatter
+TIMEOUT_MS_MAX = 600_000   # a pipeline's or scatter's own deadline, at most 10 minutes
 
 # Types reserved for the runtime.  Agent message types may not start with "syn.".
 SYSTEM_PREFIX = "syn."
@@ -139,6 +156,7 @@ class Request:
 
     __slots__ = ("id", "type", "subject", "mode", "data", "ttl", "raw", "nbytes")
 
+    routing: str | None = None            # None: direct (multicast for a publish)
     consistency: str | None = None        # one of CONSISTENCIES, None: the node's default
     delivery: str | None = None           # one of DELIVERIES, None: at_most_once
     session: str | None = None            # causal only: the sender's process id
@@ -157,6 +175,24 @@ class Request:
 
     def __repr__(self) -> str:
         return f"Request(id={self.id!r}, type={self.type!r}, subject={self.subject!r}, mode={self.mode!r})"
+
+
+class RoutedRequest(Request):
+    """A request that named a ``routing`` other than the default: the same fields
+    with the strategy's own (PROTOCOL.md 2.5).  It takes no delivery guarantee."""
+
+    __slots__ = ("routing", "stages", "stage", "targets", "timeout_ms")
+
+    def __init__(self, id: str, type: str, subject: str | None, mode: str, data: Any,
+                 ttl: int | None, raw: dict, *, routing: str,
+                 stages: tuple[tuple[str, str], ...] = (), stage: int = 0,
+                 targets: tuple[str, ...] = (), timeout_ms: int | None = None):
+        super().__init__(id, type, subject, mode, data, ttl, raw)
+        self.routing = routing
+        self.stages = stages          # pipeline: the stages after this one, (agent, type)
+        self.stage = stage            # pipeline: this stage's index, 0 for the first
+        self.targets = targets        # scatter: the agents, in the caller's order
+        self.timeout_ms = timeout_ms  # pipeline, scatter: the deadline the caller gave
 
 
 class GuaranteedRequest(Request):
@@ -305,6 +341,9 @@ def validate_request(env: dict) -> Request:
     elif type(mode) is not str or mode not in MODES:
         raise _bad(f"'mode' must be one of {sorted(MODES)}", env)
     subject = env.get("subject")
+    routing = env.get("routing")
+    if routing is not None:
+        return _routed(rid, mtype, mode, subject, env, routing)
     if subject is None:
         if mtype not in NODE_TYPES:
             raise _bad("'subject' (the agent id or group) is required", env)
@@ -324,6 +363,82 @@ def validate_request(env: dict) -> Request:
         _validate_system(mtype, mode, env)
     return GuaranteedRequest(rid, mtype, subject, mode, env.get("data"), ttl, env,
                              consistency=consistency, delivery=delivery, session=session, vc=vc)
+
+
+def _routed(rid: str, mtype: str, mode: str, subject: Any, env: dict,
+            routing: Any) -> Request:
+    """A request with a ``routing`` attribute (PROTOCOL.md 2.5): the default
+    strategies make a plain request; the others a checked RoutedRequest."""
+    allowed = ROUTINGS_BY_MODE[mode]
+    if type(routing) is not str or routing not in allowed:
+        raise _bad(f"'routing' of a {mode} must be one of {sorted(allowed)} (or absent)", env)
+    if routing == ROUTING_DIRECT or routing == ROUTING_MULTICAST:
+        plain = dict(env)
+        del plain["routing"]
+        req = validate_request(plain)
+        req.raw = env
+        return req
+    if mtype.startswith(SYSTEM_PREFIX):
+        raise _bad(f"'routing' {routing!r} carries agent messages, not {mtype}", env)
+    if env.get("delivery") is not None or env.get("consistency") is not None:
+        raise _bad(f"'routing' {routing!r} takes no 'delivery' or 'consistency'", env)
+    ttl = env.get("ttl")
+    if ttl is not None and (type(ttl) is not int or not 0 <= ttl <= TTL_MAX):
+        raise _bad(f"'ttl' must be an integer 0..{TTL_MAX}", env)
+    timeout_ms = env.get("timeout_ms")
+    if timeout_ms is not None and (type(timeout_ms) is not int
+                                   or not 0 < timeout_ms <= TIMEOUT_MS_MAX):
+        raise _bad(f"'timeout_ms' must be an integer 1..{TIMEOUT_MS_MAX}", env)
+    data = env.get("data")
+    if routing == ROUTING_SCATTER:
+        return RoutedRequest(rid, mtype, None, mode, data, ttl, env, routing=routing,
+                             targets=_targets(env), timeout_ms=timeout_ms)
+    _check_agent(subject, "'subject'", env)
+    if routing == ROUTING_GOSSIP:
+        return RoutedRequest(rid, mtype, subject, mode, data, ttl, env, routing=routing)
+    stages, stage = _stages(env)
+    return RoutedRequest(rid, mtype, subject, mode, data, ttl, env, routing=routing,
+                         stages=stages, stage=stage, timeout_ms=timeout_ms)
+
+
+def _check_agent(value: Any, what: str, env: dict) -> str:
+    if type(value) is not str or not 0 < len(value) <= SUBJECT_LEN_MAX:
+        raise _bad(f"{what} must be a string of 1..{SUBJECT_LEN_MAX} characters", env)
+    return value
+
+
+def _stages(env: dict) -> tuple[tuple[tuple[str, str], ...], int]:
+    """A pipeline's remaining ``stages`` and this stage's index ``stage``."""
+    stages, stage = env.get("stages"), env.get("stage", 0)
+    if type(stage) is not int or not 0 <= stage < STAGES_MAX:
+        raise _bad(f"'stage' must be an integer 0..{STAGES_MAX - 1}", env)
+    if type(stages) is not list or not 0 < len(stages) + stage + 1 <= STAGES_MAX \
+            or not stages and stage == 0:
+        raise _bad(f"'stages' must list the stages after the first as [agent, type] "
+                   f"pairs, {STAGES_MAX} stages in all at most", env)
+    checked = []
+    for pair in stages:
+        if type(pair) is not list or len(pair) != 2:
+            raise _bad("each of 'stages' must be an [agent, type] pair", env)
+        agent, mtype = pair
+        _check_agent(agent, "a stage's agent", env)
+        if type(mtype) is not str or not 0 < len(mtype) <= TYPE_LEN_MAX \
+                or mtype.startswith(SYSTEM_PREFIX):
+            raise _bad(f"a stage's type must be an agent message type of 1..{TYPE_LEN_MAX} "
+                       f"characters", env)
+        checked.append((agent, mtype))
+    return tuple(checked), stage
+
+
+def _targets(env: dict) -> tuple[str, ...]:
+    targets = env.get("targets")
+    if type(targets) is not list or not 0 < len(targets) <= TARGETS_MAX:
+        raise _bad(f"'targets' must list 1..{TARGETS_MAX} agent ids", env)
+    for agent in targets:
+        _check_agent(agent, "each of 'targets'", env)
+    if len(set(targets)) != len(targets):
+        raise _bad("'targets' must not name an agent twice", env)
+    return tuple(targets)
 
 
 def _guarantees(mtype: str, mode: str, consistency: Any, delivery: Any,
