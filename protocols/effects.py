@@ -174,6 +174,16 @@ class Persist:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupDeliver:
+    """A gossiped broadcast reached this node (``protocols/epidemic.py``, once per
+    message id): hand ``envelope`` (the application's bytes, untouched) to every
+    local member of ``group``."""
+
+    group: str
+    envelope: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Forget:
     """This node holds no copy of ``agent_id`` any more: drop it from local storage."""
 

@@ -1,0 +1,481 @@
+"""Gossip broadcast (``protocols/epidemic.py``): unit tests and properties.
+
+Machines here talk through a list of ``Send`` effects handed over in process (and
+through the peer codec where the wire matters); the simulator runs in
+``tests/test_epidemic_sim.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from protocols import peer
+from protocols.effects import GOSSIP, GroupDeliver, Send
+from protocols.epidemic import (COPIES_SLACK, DIGEST, DIGEST_RANGES_MAX, ENVELOPE_BYTES_MAX,
+                                KINDS, PUSH, PUSH_ITEMS_MAX, WANT,
+                                WANT_IDS_MAX, Epidemic, EpidemicError, EpidemicFull)
+
+SEQ0 = 1_700_000_000 * 10**9
+
+
+def machine(node_id: str = "a", peers=("b", "c", "d", "e"), seed: int = 1, **kwargs) -> Epidemic:
+    m = Epidemic(node_id, rng=random.Random(seed), seq_start=kwargs.pop("seq_start", SEQ0),
+                 **kwargs)
+    m.set_peers(peers)
+    m.start(0.0)
+    return m
+
+
+def delivered(effects: list) -> list[GroupDeliver]:
+    return [e for e in effects if type(e) is GroupDeliver]
+
+
+def sends(effects: list, kind: str | None = None) -> list[Send]:
+    return [e for e in effects if type(e) is Send and (kind is None or e.message["kind"] == kind)]
+
+
+def push(origin: str, seq: int, envelope: bytes = b"x", age_ms: int = 0, group: str = "g",
+         repair: bool = False) -> dict:
+    message = {"v": 2, "kind": PUSH, "m": [{"o": origin, "s": seq, "g": group, "a": age_ms,
+                                             "e": envelope}]}
+    if repair:
+        message["r"] = True
+    return message
+
+
+def next_interval(m: Epidemic) -> float:
+    """Tick ``m`` until its next anti-entropy exchange (a fresh repair budget)."""
+    digests = m.stats["digests"]
+    while m.stats["digests"] == digests:
+        now = m.next_deadline()
+        m.tick(now)
+    return now
+
+
+def digest_of(m: Epidemic, now: float) -> dict:
+    """The digest ``m`` sends on its next anti-entropy tick."""
+    out = sends(m.tick(max(now, m.next_deadline())), DIGEST)
+    assert len(out) == 1
+    return out[0].message
+
+
+# --------------------------------------------------------------------------- publish
+
+def test_publish_delivers_here_and_pushes_to_fanout_peers():
+    m = machine(fanout=3)
+    effects = m.publish("room", b"hello", 0.5)
+    assert delivered(effects) == [GroupDeliver("room", b"hello")]
+    out = sends(effects, PUSH)
+    assert len(out) == 3 and len({s.to for s in out}) == 3
+    assert all(s.channel == GOSSIP and s.to != "a" for s in out)
+    item = out[0].message["m"][0]
+    assert item == {"o": "a", "s": SEQ0, "g": "room", "a": 0, "e": b"hello"}
+    assert m.stats["published"] == 1 and m.stats["delivered"] == 1 and m.stats["pushed"] == 3
+
+
+def test_ids_count_up_from_seq_start():
+    m = machine(seq_start=42)
+    seqs = [sends(m.publish("g", b"", t))[0].message["m"][0]["s"] for t in (0.1, 0.2, 0.3)]
+    assert seqs == [42, 43, 44]
+
+
+@pytest.mark.parametrize("group, envelope", [
+    ("", b"x"), ("g" * 256, b"x"), (b"g", b"x"), ("\ud800", b"x"), (None, b"x"),
+    ("g", "text"), ("g", bytearray(b"x")), ("g", bytes(ENVELOPE_BYTES_MAX + 1))])
+def test_publish_refuses_bad_group_or_envelope(group, envelope):
+    m = machine()
+    with pytest.raises(ValueError):
+        m.publish(group, envelope, 0.1)
+    assert m.stats["published"] == 0 and m.held == 0
+
+
+def test_publish_with_no_peers_delivers_and_sends_nothing():
+    m = machine(peers=())
+    effects = m.publish("g", b"alone", 0.1)
+    assert effects == [GroupDeliver("g", b"alone")]
+
+
+# --------------------------------------------------------------------------- dedup
+
+def test_new_message_delivered_once_then_counted_as_duplicate():
+    m = machine("b", peers=("a", "c", "d", "e", "f"))
+    first = m.receive("c", push("a", 7, b"env"), 1.0)
+    assert delivered(first) == [GroupDeliver("g", b"env")]
+    assert {s.to for s in sends(first)}.isdisjoint({"a", "c", "b"})  # origin, sender, me
+    again = m.receive("d", push("a", 7, b"env"), 1.1)
+    assert again == []
+    assert m.stats["delivered"] == 1 and m.stats["duplicates"] == 1
+
+
+def test_same_seq_from_two_origins_are_two_messages():
+    m = machine("b")
+    assert delivered(m.receive("c", push("a", 1), 1.0))
+    assert delivered(m.receive("c", push("c", 1), 1.0))
+
+
+def test_small_cluster_pushes_only_to_who_may_lack_it():
+    """Three nodes: the publisher pushes to both others; a receiver never pushes
+    back to the origin or its sender, so only to the third, and once: then every
+    peer is known to hold it, and its rounds are over."""
+    a = machine("a", peers=("b", "c"))
+    b = machine("b", peers=("a", "c"))
+    out = sends(a.publish("g", b"x", 0.1))
+    assert sorted(s.to for s in out) == ["b", "c"]
+    assert [s.to for s in sends(b.receive("a", out[0].message, 0.11))] == ["c"]
+    for _ in range(3):
+        assert sends(b.tick(b.next_deadline()), PUSH) == []
+
+
+# --------------------------------------------------------------------------- rounds
+
+def test_copies_grow_like_ln_n():
+    for n in (3, 10, 100, 1000):
+        m = machine(peers=[f"p{i}" for i in range(n - 1)])
+        assert m.copies() == math.ceil(math.log(n) + COPIES_SLACK)
+    assert machine(fanout=2, rounds=4).copies() == 8
+
+
+def test_rounds_push_the_remaining_copies_then_stop():
+    peers = [f"p{i:03d}" for i in range(999)]
+    m = machine(peers=peers, fanout=3, round_interval_s=0.2)
+    effects = m.publish("g", b"x", 1.0)
+    pushed = [s.to for s in sends(effects)]
+    ticks = 0
+    while m.stats["pushed"] < m.copies():
+        now = m.next_deadline()
+        assert now <= 1.0 + 0.2 * 4
+        pushed += [s.to for s in sends(m.tick(now), PUSH)]
+        ticks += 1
+    assert len(pushed) == len(set(pushed)) == m.copies() == 9  # ceil(ln 1000 + 2)
+    assert m.stats["rounds"] == 2
+    quiet = m.next_deadline()
+    assert quiet >= 1.0 + 0.2 * 2 and sends(m.tick(quiet), PUSH) == []  # no more rounds
+
+
+def test_rounds_batch_messages_per_peer_within_a_body():
+    """The hot messages of a round go to each peer as few pushes (at most three
+    of the largest envelopes each), every one a body the peer codec carries."""
+    m = machine(peers=("b", "d"), fanout=1, rounds=2)
+    for i in range(10):  # each pushed at once to b or d, on the round to the other
+        m.receive("c", push("c", i, bytes(ENVELOPE_BYTES_MAX)), 1.0)
+    out = sends(m.tick(1.2), PUSH)
+    per_peer = {p: sum(len(s.message["m"]) for s in out if s.to == p) for p in ("b", "d")}
+    assert sum(per_peer.values()) == 10
+    assert len(out) == sum(math.ceil(k / 3) for k in per_peer.values())
+    for s in out:
+        frames = peer.encode(GOSSIP, "a", s.message)  # ValueError beyond 1 MiB
+        assert peer.decode(frames).message == s.message
+
+
+def test_repaired_message_is_delivered_but_not_pushed_on():
+    m = machine("b")
+    effects = m.receive("c", push("a", 1, repair=True), 1.0)
+    assert delivered(effects) and sends(effects) == []
+    assert m.stats["repaired"] == 1
+
+
+# --------------------------------------------------------------------------- bounds
+
+def test_count_bound_refuses_new_ids_and_never_forgets_early():
+    m = machine(window_ids_max=2, window_s=90.0, keep_s=30.0)
+    m.publish("g", b"1", 0.0)
+    m.receive("c", push("c", 1), 0.1)
+    with pytest.raises(EpidemicFull):
+        m.publish("g", b"3", 0.2)
+    assert m.receive("c", push("c", 2), 0.3) == []  # refused, not delivered
+    assert m.receive("c", push("c", 1), 0.3) == []  # still remembered: a duplicate
+    assert m.stats["dropped_by_bounds"] == 2 and m.stats["duplicates"] == 1
+    m.tick(90.0)  # the first id is forgotten: room for one
+    assert m.held == 1
+    assert delivered(m.receive("c", push("c", 2), 90.05))
+
+
+def test_bytes_bound_drops_oldest_envelope_but_keeps_its_id():
+    m = machine(keep_bytes_max=ENVELOPE_BYTES_MAX)
+    m.receive("c", push("c", 1, bytes(200_000)), 1.0)
+    m.receive("c", push("c", 2, bytes(200_000)), 1.1)
+    assert m.kept_bytes == 200_000 and m.stats["dropped_by_bounds"] == 1
+    assert digest_of(m, 1.2)["d"] == [["c", 2, 2]]
+    assert m.receive("d", push("c", 1, bytes(200_000)), 1.3) == []  # dedup holds
+    assert m.stats["duplicates"] == 1
+
+
+def test_time_bounds_keep_then_forget():
+    m = machine(keep_s=30.0, window_s=90.0)
+    m.receive("c", push("c", 1, age_ms=10_000), 5.0)  # 10 s old: born at -5 s here
+    assert digest_of(m, 6.0)["d"] == [["c", 1, 1]]
+    m.tick(25.0)  # born + keep_s
+    assert m.kept_bytes == 0 and digest_of(m, 25.0)["d"] == []
+    assert m.held == 1 and m.receive("d", push("c", 1), 60.0) == []
+    m.tick(95.0)  # arrived + window_s
+    assert m.held == 0
+
+
+def test_stale_message_is_refused():
+    m = machine(keep_s=30.0)
+    assert m.receive("c", push("c", 1, age_ms=30_000), 1.0) == []
+    assert m.stats["dropped_by_bounds"] == 1 and m.held == 0
+
+
+def test_next_deadline_covers_rounds_anti_entropy_and_expiry():
+    m = Epidemic("a", rng=random.Random(1), seq_start=0, keep_s=5.0, window_s=10.0,
+                 anti_entropy_interval_s=20.0)
+    assert m.next_deadline() is None  # no clock yet
+    m.set_peers(["b"])
+    m.start(100.0)
+    first = m.next_deadline()
+    assert 100.0 <= first <= 120.0  # the first exchange, at a random phase
+    m.tick(first)
+    assert m.next_deadline() == first + 20.0
+    m.receive("b", push("b", 1, age_ms=4_500), first + 0.1)
+    assert m.next_deadline() == pytest.approx(first + 0.6)  # its envelope expires at 5 s
+    m.tick(first + 0.6)
+    assert m.next_deadline() == pytest.approx(first + 10.1)  # its id is forgotten
+    m.tick(first + 10.1)
+    assert m.held == 0 and m.next_deadline() == first + 20.0
+    m.publish("g", b"x", first + 11.0)  # pushed to b at once; a round follows
+    assert m.next_deadline() == pytest.approx(first + 11.0 + m.round_interval_s)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(fanout=0), dict(rounds=0), dict(rounds=13), dict(keep_s=30.0, window_s=30.0),
+    dict(window_ids_max=0), dict(keep_bytes_max=1000), dict(round_interval_s=0),
+    dict(repair_bytes_per_interval=1000), dict(repair_messages_per_interval=1),
+    dict(seq_start=-1), dict(seq_start=2**63)])
+def test_bad_configuration_is_refused(kwargs):
+    kwargs.setdefault("seq_start", 0)
+    with pytest.raises(ValueError):
+        Epidemic("a", rng=random.Random(1), **kwargs)
+
+
+# --------------------------------------------------------------------------- repair
+
+def test_digest_answered_with_what_the_asker_lacks_and_a_want_for_the_rest():
+    a, b = machine("a", peers=("b",)), machine("b", peers=("a",))
+    for envelope in (b"1", b"2", b"3"):
+        a.publish("g", envelope, 1.0)
+    b.receive("a", push("a", SEQ0 + 1), 1.0)  # b has a's second message only
+    b.receive("c", push("c", 5, b"c5"), 1.0)  # and one a lacks
+    answer = a.receive("b", digest_of(b, 1.5), 2.0)
+    repair = sends(answer, PUSH)[0].message
+    assert repair["r"] is True
+    assert [i["s"] for i in repair["m"]] == [SEQ0, SEQ0 + 2]
+    want = sends(answer, WANT)[0].message
+    assert want["w"] == [["c", 5]]
+    got = b.receive("a", repair, 2.1)
+    assert [d.envelope for d in delivered(got)] == [b"1", b"3"] and sends(got) == []
+    back = b.receive("a", want, 2.1)
+    assert delivered(a.receive("b", sends(back, PUSH)[0].message, 2.2)) == [
+        GroupDeliver("g", b"c5")]
+    assert a.stats["repaired"] == 1 and b.stats["repaired"] == 2
+
+
+def test_digest_compresses_consecutive_seqs_into_ranges():
+    m = machine()
+    for seq in (1, 2, 3, 5, 7, 8):
+        m.receive("c", push("c", seq), 1.0)
+    m.receive("d", push("d", 9), 1.0)
+    assert digest_of(m, 1.1)["d"] == [["d", 9, 9], ["c", 1, 3], ["c", 5, 5], ["c", 7, 8]]
+
+
+def test_digest_is_bounded():
+    m = machine(window_ids_max=10_000)
+    for seq in range(0, 2 * (DIGEST_RANGES_MAX + 10), 2):  # no two consecutive
+        m.receive("c", push("c", seq), 1.0)
+    assert len(digest_of(m, 1.1)["d"]) == DIGEST_RANGES_MAX
+
+
+def test_want_is_bounded():
+    m = machine("b")
+    answer = m.receive("a", {"v": 2, "kind": DIGEST, "d": [["a", 0, 10_000]]}, 1.0)
+    assert len(sends(answer, WANT)[0].message["w"]) == WANT_IDS_MAX
+
+
+def test_repair_traffic_is_bounded_per_interval():
+    """A node keeping 40 large messages, asked by several empty peers in one
+    interval, answers within its budget; the next interval it answers again."""
+    m = machine(peers=("b",), repair_bytes_per_interval=2 << 20,
+                repair_messages_per_interval=4)
+    for seq in range(40):
+        m.receive("c", push("c", seq, bytes(100_000)), 1.0)
+    now = next_interval(m)
+    empty = {"v": 2, "kind": DIGEST, "d": []}
+    answers = [m.receive("b", empty, now + 0.1) for _ in range(6)]
+    sizes = [len(s.message["m"]) for a in answers for s in sends(a)]
+    assert sizes == [10, 10]  # 1 MiB bodies, 2 MiB an interval
+    assert m.stats["repair_skipped"] == 6 * 40 - 20
+    now = next_interval(m)
+    assert len(sends(m.receive("b", empty, now + 0.1))) == 1
+
+
+def test_restarted_node_is_repaired_from_one_digest():
+    a = machine("a", peers=("b",))
+    a.publish("g", b"x", 1.0)
+    fresh = machine("b", peers=("a",), seq_start=SEQ0 + 10**9)
+    repair = sends(a.receive("b", digest_of(fresh, 2.0), 2.0))[0].message
+    assert delivered(fresh.receive("a", repair, 2.1)) == [GroupDeliver("g", b"x")]
+
+
+# --------------------------------------------------------------------------- junk
+
+JUNK = [
+    None, [], "bc.push", {"kind": PUSH}, {"v": 1, "kind": PUSH, "m": []}, {"v": "2", "kind": PUSH},
+    {"v": True, "kind": PUSH, "m": []}, {"v": 2, "kind": "ping"}, {"v": 2, "kind": None},
+    {"v": 2, "kind": PUSH}, {"v": 2, "kind": PUSH, "m": []}, {"v": 2, "kind": PUSH, "m": {}},
+    {"v": 2, "kind": PUSH, "m": [None]},
+    {"v": 2, "kind": PUSH, "m": [{"o": "a", "s": 1, "g": "g", "a": 0}]},
+    {"v": 2, "kind": PUSH, "m": [{"o": "", "s": 1, "g": "g", "a": 0, "e": b""}]},
+    {"v": 2, "kind": PUSH, "m": [{"o": "a" * 256, "s": 1, "g": "g", "a": 0, "e": b""}]},
+    {"v": 2, "kind": PUSH, "m": [{"o": "c", "s": -1, "g": "g", "a": 0, "e": b""}]},
+    {"v": 2, "kind": PUSH, "m": [{"o": "c", "s": 2**63, "g": "g", "a": 0, "e": b""}]},
+    {"v": 2, "kind": PUSH, "m": [{"o": "c", "s": 1.0, "g": "g", "a": 0, "e": b""}]},
+    {"v": 2, "kind": PUSH, "m": [{"o": "c", "s": True, "g": "g", "a": 0, "e": b""}]},
+    {"v": 2, "kind": PUSH, "m": [{"o": "c", "s": 1, "g": 5, "a": 0, "e": b""}]},
+    {"v": 2, "kind": PUSH, "m": [{"o": "c", "s": 1, "g": "g", "a": -1, "e": b""}]},
+    {"v": 2, "kind": PUSH, "m": [{"o": "c", "s": 1, "g": "g", "a": 0.5, "e": b""}]},
+    {"v": 2, "kind": PUSH, "m": [{"o": "c", "s": 1, "g": "g", "a": 0, "e": "text"}]},
+    {"v": 2, "kind": PUSH, "m": [{"o": "c", "s": 1, "g": "g", "a": 0,
+                                  "e": bytes(ENVELOPE_BYTES_MAX + 1)}]},
+    {"v": 2, "kind": PUSH, "m": [{"o": "c", "s": i, "g": "g", "a": 0,
+                                  "e": bytes(ENVELOPE_BYTES_MAX)} for i in range(5)]},
+    {"v": 2, "kind": PUSH, "m": [{"o": "c", "s": i, "g": "g", "a": 0, "e": b""}
+                                 for i in range(PUSH_ITEMS_MAX + 1)]},
+    {"v": 2, "kind": PUSH, "m": [{"o": "c", "s": 1, "g": "g", "a": 0, "e": b""}], "r": 1},
+    {"v": 2, "kind": PUSH, "m": [{"o": "a", "s": SEQ0, "g": "g", "a": 0, "e": b""}]},  # unminted
+    {"v": 2, "kind": DIGEST}, {"v": 2, "kind": DIGEST, "d": None},
+    {"v": 2, "kind": DIGEST, "d": [["c", 1]]}, {"v": 2, "kind": DIGEST, "d": [["c", 5, 1]]},
+    {"v": 2, "kind": DIGEST, "d": [[1, 1, 2]]}, {"v": 2, "kind": DIGEST, "d": ["c"]},
+    {"v": 2, "kind": DIGEST, "d": [["c", 0, 1]] * (DIGEST_RANGES_MAX + 1)},
+    {"v": 2, "kind": WANT}, {"v": 2, "kind": WANT, "w": []}, {"v": 2, "kind": WANT, "w": [["c"]]},
+    {"v": 2, "kind": WANT, "w": [["c", "1"]]},
+    {"v": 2, "kind": WANT, "w": [["c", 1]] * (WANT_IDS_MAX + 1)},
+]
+
+
+@pytest.mark.parametrize("message", JUNK, ids=range(len(JUNK)))
+def test_junk_is_refused_with_epidemic_error_and_changes_nothing(message):
+    m = machine()
+    m.receive("c", push("c", 1), 1.0)
+    before = dict(m.stats), m.held, m.kept_bytes
+    with pytest.raises(EpidemicError):
+        m.receive("c", message, 1.5)
+    assert (dict(m.stats), m.held, m.kept_bytes) == before
+
+
+def test_a_bad_item_after_good_ones_applies_none_of_them():
+    m = machine()
+    message = push("c", 1)
+    message["m"].append({"o": "c", "s": 2, "g": "g", "a": 0})
+    with pytest.raises(EpidemicError):
+        m.receive("c", message, 1.0)
+    assert m.held == 0
+
+
+def test_newer_version_and_unknown_keys_are_accepted():
+    message = push("c", 1)
+    message["v"], message["future"] = 3, [1, 2]
+    assert delivered(machine().receive("c", message, 1.0))
+
+
+def test_kinds_are_exported_and_prefixed():
+    assert KINDS == {PUSH, DIGEST, WANT} and all(k.startswith("bc.") for k in KINDS)
+
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats(allow_nan=False)
+    | st.text(max_size=8) | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner,
+                                                                 max_size=4),
+    max_leaves=12)
+kinds = st.sampled_from(sorted(KINDS) + ["x"])
+shaped = st.fixed_dictionaries({"v": st.sampled_from([2, 1, "2"]), "kind": kinds},
+                               optional={"m": values, "d": values, "w": values, "r": values})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(values, shaped))
+def test_arbitrary_input_raises_only_epidemic_error(message):
+    m = machine()
+    try:
+        effects = m.receive("c", message, 1.0)
+    except EpidemicError:
+        return
+    assert all(type(e) in (GroupDeliver, Send) for e in effects)
+
+
+# --------------------------------------------------------------------------- properties
+
+NODES = ("a", "b", "c", "d", "e")
+
+
+def cluster(seed: int, **kwargs) -> dict[str, Epidemic]:
+    return {n: machine(n, peers=NODES, seed=seed * 31 + i, seq_start=SEQ0 + i, **kwargs)
+            for i, n in enumerate(NODES)}
+
+
+def run(machines: dict, queue: list, now: float, drop, counts: dict) -> None:
+    """Hand every queued Send to its machine (``drop(i)`` loses the i-th), and what
+    that sends in turn, until none is left; count deliveries per node and envelope."""
+    i = 0
+    while queue:
+        sender, effect = queue.pop(0)
+        i += 1
+        if drop(i):
+            continue
+        carry(effect.to, machines[effect.to].receive(sender, effect.message, now), queue, counts)
+
+
+def carry(node: str, effects: list, queue: list, counts: dict) -> None:
+    for effect in effects:
+        if type(effect) is GroupDeliver:
+            key = (node, effect.envelope)
+            counts[key] = counts.get(key, 0) + 1
+        else:
+            queue.append((node, effect))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6),
+       publishes=st.lists(st.tuples(st.sampled_from(NODES), st.binary(max_size=40)),
+                          min_size=1, max_size=8),
+       loss=st.floats(0.0, 0.95))
+def test_every_node_delivers_every_message_exactly_once(seed, publishes, loss):
+    """Any publishes, any messages lost while they spread: each node delivers each
+    message at most once; then, with no more loss, anti-entropy brings every
+    message to every node, exactly once.  The bounds hold throughout."""
+    machines, counts, queue = cluster(seed, window_ids_max=64, keep_bytes_max=1 << 20), {}, []
+    lossy = random.Random(seed)
+    now = 1.0
+    for k, (node, body) in enumerate(publishes):
+        envelope = bytes([k]) + body  # distinct
+        carry(node, machines[node].publish("g", envelope, now), queue, counts)
+        run(machines, queue, now, lambda i: lossy.random() < loss, counts)
+        now += 0.05
+        for name, m in machines.items():
+            if m.next_deadline() <= now:
+                carry(name, m.tick(now), queue, counts)
+        assert all(c == 1 for c in counts.values())
+    for _ in range(40):  # healed: anti-entropy ticks, nothing lost
+        now += 0.5
+        for name, m in machines.items():
+            if m.next_deadline() <= now:
+                carry(name, m.tick(now), queue, counts)
+        run(machines, queue, now, lambda i: False, counts)
+    expected = {(n, bytes([k]) + body) for n in NODES for k, (_, body) in enumerate(publishes)}
+    assert counts == dict.fromkeys(expected, 1)
+    for m in machines.values():
+        assert m.held <= 64 and m.kept_bytes <= 1 << 20
+
+
+def test_same_seed_same_effects():
+    def effects() -> list:
+        m = machine(peers=[f"p{i}" for i in range(50)], seed=9)
+        out = m.publish("g", b"x", 1.0)
+        out += m.tick(m.next_deadline())
+        return out
+    assert effects() == effects()
