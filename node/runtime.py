@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import random
 import signal
 import time
 from collections import OrderedDict
@@ -31,7 +32,9 @@ import core_cy
 import msgpack
 from protocols import peer, wire
 from protocols.admission import CLIENT_INFLIGHT, CLIENT_RATE, Admission, Refused
-from protocols.effects import (REPLICATE, Answer, Fail, ForwardTo, Install, MembersChanged,
+from protocols import epidemic
+from protocols.effects import (REPLICATE, Answer, Fail, ForwardTo, GroupDeliver, Install,
+                               MembersChanged,
                                QuorumChanged, Refuted, Relay, Route, Send, Surrender,
                                Unresponsive, GOSSIP)
 from protocols.handoff import Handoff, HandoffError, previous_ring
@@ -102,6 +105,7 @@ class Node:
                                       key=os.urandom(8))
         self.shutdown = Shutdown(config.shutdown_timeout_s)
         self.membership: Membership | None = None
+        self.epidemic: epidemic.Epidemic | None = None  # gossip broadcast, made at start
         self.curve = self._load_curve()
         self._peer_endpoints: dict[str, dict[str, str]] = {}  # the last view's, for SIGHUP
         self.transport = transports.create(
@@ -142,6 +146,7 @@ class Node:
             Unresponsive: self._on_unresponsive, QuorumChanged: self._on_quorum,
             Surrender: self._on_surrender, Install: self._on_install,
             Relay: self._do_relay, Route: self._do_route, ForwardTo: self._do_forward_to,
+            GroupDeliver: self._on_group_deliver,
         })
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -485,9 +490,14 @@ class Node:
             generation_ahead_max_ns=int(cfg.generation_ahead_max_s * 1e9))
         if self.curve is not None:
             self.membership.set_member_keys(self.curve.keyring.member_keys())
+        # Gossip broadcast ids start at our generation: a restart never reuses one.
+        self.epidemic = epidemic.Epidemic(self.node_id, seq_start=me.generation,
+                                          rng=random.Random(os.urandom(8)))
         self.metrics.set_events(self._events)
         self._run(self.membership.start(_now()))
         self._arm("membership", self.membership)
+        self._run(self.epidemic.start(_now()))
+        self._arm("epidemic", self.epidemic)
 
     def _on_members(self, effect: MembersChanged) -> None:
         """The view changed: peers to reach, the ring, and agents that move.
@@ -500,6 +510,8 @@ class Node:
         others = {n: dict(m.endpoints) for n, m in members.items() if n != self.node_id}
         self._peer_endpoints = others
         self.transport.set_peers(others, self.config.seeds)
+        self.epidemic.set_peers(n for n, m in members.items()
+                                if n != self.node_id and m.state in (ALIVE, SUSPECT))
         self._parked.flush(set(others), self._send_parked)
         reachable = [n for n, m in members.items() if m.state in (ALIVE, SUSPECT, LEFT)]
         self._run(self.handoff.members_changed(reachable))
@@ -699,7 +711,8 @@ class Node:
                             "owner_lost": h.owner_lost, "refused": h.refused,
                             "rerouted": h.rerouted},
                 "replication": self.state.events(),
-                "routing": dict(self.strategies.stats)}
+                "routing": dict(self.strategies.stats),
+                "gossip": dict(self.epidemic.stats) if self.epidemic else {}}
 
     def _on_refuted(self, effect: Refuted) -> None:
         self.metrics.refuted()
@@ -710,6 +723,9 @@ class Node:
                             "enable CURVE authentication on untrusted networks")
 
     def _on_gossip(self, event: peer.Gossiped) -> None:
+        if event.message.get("kind") in epidemic.KINDS:  # a gossip broadcast, not SWIM
+            self._on_broadcast(event)
+            return
         membership = self.membership
         refused_before = membership.refused_entries
         try:
@@ -726,6 +742,25 @@ class Node:
                                     "sent by the member itself, or the member limit")
         self._run(effects)
         self._arm("membership", membership)
+
+    def _on_broadcast(self, event: peer.Gossiped) -> None:
+        try:
+            effects = self.epidemic.receive(event.sender, event.message, _now())
+        except epidemic.EpidemicError as exc:
+            self.metrics.errored(ErrorCode.BAD_REQUEST, "syn.gossip")
+            self.log.warning("bad_gossip", error=str(exc))
+            return
+        self._run(effects)
+        self._arm("epidemic", self.epidemic)
+
+    def _on_group_deliver(self, effect: GroupDeliver) -> None:
+        """A gossip broadcast reached this node (once): to the group's agents here."""
+        try:
+            req = wire.parse_request(effect.envelope, self._max_bytes)
+        except WireError as exc:
+            self.metrics.errored(exc.code, "syn.gossip")
+            return
+        self._deliver_to_group(effect.group, req)
 
     # ------------------------------------------------------------------ inbound (transport)
 
@@ -1046,10 +1081,29 @@ class Node:
     # ------------------------------------------------------------------ multicast
 
     def _publish(self, req: Request, payload: bytes) -> None:
+        if req.routing == wire.ROUTING_GOSSIP:
+            self._gossip(req, payload)
+            return
         group = req.subject
         self.transport.broadcast(group.encode(), [payload])
         self.metrics.sent("publish")
         self._deliver_to_group(group, req)
+
+    def _gossip(self, req: Request, payload: bytes) -> None:
+        """Start an epidemic broadcast (protocols/epidemic.py); delivered here too.
+        One-way: a refusal is counted, never answered (the send-mode rule)."""
+        if len(payload) > epidemic.ENVELOPE_BYTES_MAX:
+            self.metrics.errored(ErrorCode.TOO_LARGE, req.type)
+            return
+        try:
+            effects = self.epidemic.publish(req.subject, payload, _now())
+        except epidemic.EpidemicFull:
+            self.metrics.limited("gossip_window_full")
+            self.metrics.errored(ErrorCode.OVERLOADED, req.type)
+            return
+        self.metrics.sent("publish")
+        self._run(effects)
+        self._arm("epidemic", self.epidemic)
 
     def _deliver_to_group(self, group: str, req: Request) -> None:
         members = self.host.groups.get(group)
