@@ -71,9 +71,16 @@ setup(
         "structlog>=23.1",
         "prometheus-client>=0.17",
         "xxhash>=3.0",
+        # The bridges beside ZeroMQ (node/transports/quic.py, http2.py): aioquic is the
+        # maintained pure-Python QUIC stack (TLS 1.3 through cryptography), h2 the
+        # HTTP/2 state machine; both do what we would otherwise write by hand.
+        "aioquic>=1.2",
+        "h2>=4.1",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "hypothesis>=6.80", "pyyaml>=6.0"],
+        # httpx: an HTTP/2 client from outside the project, for the bridge's tests
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "hypothesis>=6.80", "pyyaml>=6.0",
+                 "httpx[http2]>=0.27"],
         "bench": ["uhashring>=2.1"],
         # scripts/mutation.sh (docs/TESTING.md); pinned: mutant names and results change
         # between mutmut releases, and docs/TESTING.md lists equivalent mutants by name.

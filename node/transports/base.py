@@ -50,8 +50,33 @@ class Inbound(Protocol):
     def failed(self, handle: Any, payload: bytes | None, exc: Exception) -> None: ...
 
 
+# Called with (peer, ok) as sends to a peer succeed (acknowledged or written) or fail
+# (given up): the circuit breakers of node/transports/select.py count them.
+OnOutcome = Callable[[str, bool], None]
+
+
+class BridgeHandle:
+    """Base of the reply handles a transport other than ZeroMQ mints: it names the
+    transport, so replies find their way back through a set of transports."""
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: "Transport"):
+        self.transport = transport
+
+
 class Transport(abc.ABC):
     name: str = ""
+
+    def set_outcome(self, on_outcome: OnOutcome | None) -> None:
+        """Report each peer send's outcome to ``on_outcome`` (circuit breakers);
+        a transport that cannot tell success reports failures only."""
+        self._on_outcome = on_outcome
+
+    def _outcome(self, peer: str, ok: bool) -> None:
+        report = getattr(self, "_on_outcome", None)
+        if report is not None:
+            report(peer, ok)
 
     @abc.abstractmethod
     def start(self, loop: asyncio.AbstractEventLoop, inbound: Inbound) -> None:
