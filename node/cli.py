@@ -21,7 +21,8 @@ from protocols import wire
 from . import config as config_mod
 from . import curve, logs, ready
 from .agents import BehaviorError
-from .client import RESENT, CallTimeout, Client, RemoteError
+from .client import (RESENT, CallTimeout, Client, RemoteError, check_agent, check_stages,
+                     check_targets, check_type)
 
 EXIT_REMOTE_ERROR = 1   # ctl: the node answered with an error; node: cannot start
 EXIT_USAGE = 2          # a bad argument, config value or behavior module
@@ -239,6 +240,23 @@ DELIVERY_CHOICES = (wire.DELIVERY_AT_MOST_ONCE, wire.DELIVERY_AT_LEAST_ONCE,
                     wire.DELIVERY_EXACTLY_ONCE, wire.DELIVERY_CAUSAL)
 
 
+STAGE_HELP = ("a stage: AGENT:TYPE (split at the last ':'), e.g. counter/a:incr; 2..16 "
+              "stages. The last argument is the data instead when it starts with {, [ or \" "
+              "or has no ':' (e.g. 5, null); or give the data with --data")
+TARGETS_HELP = "agent ids, 1..1000, each once"
+STRATEGY_HELP = ("multicast: PUB/SUB, best effort (the default); gossip: an epidemic "
+                 "broadcast that repairs what PUB/SUB dropped, each member handles it once")
+BROADCAST_EPILOG = """\
+output: one line per agent, in the order given: AGENT and its reply as JSON, or
+AGENT error CODE: message; with --json a map AGENT -> {"data": ...} or
+{"error": {"code": ..., "message": ...}}. An agent that did not answer before the
+deadline (a little under --timeout) has error timeout. When any agent answered an
+error, all are printed and the exit code is 1.
+
+""" + CTL_EPILOG
+_NO_DATA = object()  # pipeline --data not given (null is data)
+
+
 def _guarantee_options(parser: argparse.ArgumentParser) -> None:
     """--consistency and --delivery of call and send (docs/PROTOCOL.md section 2.4)."""
     parser.add_argument("--consistency", choices=CONSISTENCY_CHOICES, help=CONSISTENCY_HELP)
@@ -254,7 +272,8 @@ def _ctl_parser() -> argparse.ArgumentParser:
     sub_add = sub.add_parser
 
     def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return sub_add(name, parents=[_common_options(False)], epilog=CTL_EPILOG,
+        kwargs.setdefault("epilog", CTL_EPILOG)
+        return sub_add(name, parents=[_common_options(False)],
                        formatter_class=_HelpFormatter, description=kwargs.get("help"),
                        **kwargs)
     sub.add_parser = add_parser
@@ -278,6 +297,17 @@ def _ctl_parser() -> argparse.ArgumentParser:
     p.add_argument("group", help="group name, as agents joined it")
     p.add_argument("type", help="message type the members' behaviors handle")
     p.add_argument("data", nargs="?", type=_json_arg, help=DATA_HELP)
+    p.add_argument("--strategy", choices=("multicast", "gossip"), help=STRATEGY_HELP)
+    p = sub.add_parser("pipeline", help="run data through a chain of agents, each stage's "
+                                        "reply the next one's data; prints the last reply "
+                                        "as JSON")
+    p.add_argument("stages", nargs="+", metavar="AGENT:TYPE", help=STAGE_HELP)
+    p.add_argument("--data", type=_json_arg, default=_NO_DATA, help=DATA_HELP)
+    p = sub.add_parser("broadcast", help="one message to many agents; prints each one's "
+                                         "reply or error", epilog=BROADCAST_EPILOG)
+    p.add_argument("agents", nargs="+", metavar="AGENT", help=TARGETS_HELP)
+    p.add_argument("--type", required=True, help=TYPE_HELP)
+    p.add_argument("--data", type=_json_arg, help=DATA_HELP)
     p = sub.add_parser("join", help="make an agent join a group")
     p.add_argument("agent", help="agent id")
     p.add_argument("group", help="group name")
@@ -301,6 +331,43 @@ def _ctl_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default="", metavar="tcp://HOST:PORT",
                    help="the node's address, so nodes that have it as a seed know its key")
     return parser
+
+
+def _looks_like_data(text: str) -> bool:
+    """The rule for pipeline's last argument: data, not a stage (STAGE_HELP)."""
+    return text[:1] in ("{", "[", '"') or ":" not in text
+
+
+def _stage_arg(text: str) -> tuple[str, str]:
+    agent, _, mtype = text.rpartition(":")
+    if not agent or not mtype:
+        raise ValueError(f"{text!r} is not AGENT:TYPE")
+    return check_agent(agent, "a stage's agent"), check_type(mtype, "a stage's type")
+
+
+def _check_routed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """pipeline and broadcast arguments, checked as the client checks them, so a bad
+    one is exit 2 before anything is sent; pipeline's stages become (agent, type)."""
+    try:
+        if args.command == "pipeline":
+            stages = list(args.stages)
+            if _looks_like_data(stages[-1]):
+                if args.data is not _NO_DATA:
+                    raise ValueError("the data is given twice: as the last argument and "
+                                     "with --data")
+                try:
+                    args.data = _json_arg(stages.pop())
+                except argparse.ArgumentTypeError as exc:
+                    parser.error(f"argument data: {exc} (a stage is AGENT:TYPE)")
+            elif args.data is _NO_DATA:
+                args.data = None
+            args.stages = check_stages([_stage_arg(stage) for stage in stages])
+        elif args.command == "broadcast":
+            check_targets(args.agents)
+            check_type(args.type, "--type")
+    except ValueError as exc:
+        what = "AGENT:TYPE" if args.command == "pipeline" else "AGENT"
+        parser.error(f"argument {what}: {exc}")
 
 
 def _keys_command(args: argparse.Namespace) -> int:
@@ -333,9 +400,13 @@ def _run_command(client: Client, args: argparse.Namespace) -> Any:
     if cmd == "stop":
         return client.stop(args.agent)
     if cmd == "publish":
-        client.publish(args.group, args.type, args.data)
+        client.publish(args.group, args.type, args.data, strategy=args.strategy)
         client.ping()
         return None
+    if cmd == "pipeline":
+        return client.pipeline(args.stages, args.data)
+    if cmd == "broadcast":
+        return broadcast_entries(client.broadcast(args.agents, args.type, args.data))
     if cmd == "join":
         return client.join(args.agent, args.group)
     if cmd == "leave":
@@ -409,9 +480,46 @@ def _timeout_message(client: Client, args: argparse.Namespace) -> str:
             f"(the node at {args.node} answers; the request did not finish in time)")
 
 
+def broadcast_entries(gathered: dict[str, Any]) -> dict[str, dict]:
+    """Client.broadcast's map -> the wire's: AGENT -> {"data": ...} or {"error": {...}}."""
+    return {agent: {"error": {"code": value.code, "message": value.message}}
+            if isinstance(value, RemoteError) else {"data": value}
+            for agent, value in gathered.items()}
+
+
+def format_broadcast(entries: dict[str, dict]) -> str:
+    """One line per agent, in the order given: its reply as JSON, or its error."""
+    width = max(len(agent) for agent in entries)
+    return "\n".join(
+        f"{agent.ljust(width)}  error {entry['error']['code']}: {entry['error']['message']}"
+        if "error" in entry else
+        f"{agent.ljust(width)}  {json.dumps(entry['data'], sort_keys=True, default=_json_default)}"
+        for agent, entry in entries.items())
+
+
+def _broadcast_failures(entries: dict[str, dict]) -> str | None:
+    """The 'error CODE: ...' line for a broadcast some agents answered with errors."""
+    failed = [(agent, entry["error"]) for agent, entry in entries.items() if "error" in entry]
+    if not failed:
+        return None
+    agent, first = failed[0]
+    return (f"error {first['code']}: {len(failed)} of {len(entries)} agents answered "
+            f"errors; first {agent}: {first['message']}")
+
+
+def _error_line(exc: RemoteError) -> str:
+    """'error CODE: message', naming a pipeline's failing stage if the message does not."""
+    message = exc.message
+    if exc.stage is not None and not message.startswith(f"stage {exc.stage} "):
+        message = f"stage {exc.stage} ({exc.agent}): {message}"
+    return f"error {exc.code}: {message}"
+
+
 def _print_result(args: argparse.Namespace, result: Any) -> None:
     if args.command == "status" and not args.json:
         print(format_status(result))
+    elif args.command == "broadcast" and not args.json:
+        print(format_broadcast(result))
     elif args.command == "members":
         print(json.dumps(members_json(result), sort_keys=True) if args.json
               else format_members(result))
@@ -424,7 +532,9 @@ def _print_result(args: argparse.Namespace, result: Any) -> None:
 
 
 def ctl_main(argv: list[str] | None = None) -> int:
-    args = _ctl_parser().parse_args(argv)
+    parser = _ctl_parser()
+    args = parser.parse_args(argv)
+    _check_routed(parser, args)
     if args.command == "keys":
         return _keys_command(args)
     try:
@@ -440,7 +550,7 @@ def ctl_main(argv: list[str] | None = None) -> int:
     try:
         result = _run_command(client, args)
     except RemoteError as exc:
-        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+        print(_error_line(exc), file=sys.stderr)
         return EXIT_REMOTE_ERROR
     except CallTimeout:
         print(_timeout_message(client, args), file=sys.stderr)
@@ -452,6 +562,10 @@ def ctl_main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
     except BrokenPipeError:  # `| head` closed the pipe: the command itself succeeded
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    failures = _broadcast_failures(result) if args.command == "broadcast" else None
+    if failures is not None:
+        print(failures, file=sys.stderr)
+        return EXIT_REMOTE_ERROR
     return 0
 
 

@@ -34,6 +34,13 @@ unique among all clients.  With causal, the client stamps each message with its
 vector clock for that agent (``session`` is this client's process id, a uuid4 hex)
 and merges the ``vc`` of each reply.  Calls without these options take the same
 path as before.
+
+Routing strategies (PROTOCOL.md 2.5): ``pipeline`` (a chain of ``(agent, type)``
+stages, each reply the next stage's data), ``broadcast`` (one message to many agents,
+replies gathered by the node) and ``publish(..., strategy="gossip")``.  A pipeline or
+broadcast asks the node for a deadline a little under the client's own timeout
+(``routed_timeout_ms``), so the node's answer, with whatever it gathered, arrives
+before the client gives up.
 """
 
 from __future__ import annotations
@@ -65,18 +72,24 @@ _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: flag enums cost on the hot path
 ATTEMPT_TIMEOUT_S = 1.0   # at_least_once / exactly_once: resend after this long without a reply
 RESENT = frozenset((wire.DELIVERY_AT_LEAST_ONCE, wire.DELIVERY_EXACTLY_ONCE))
 RETRY_CODES = frozenset((wire.ErrorCode.UNAVAILABLE, wire.ErrorCode.OVERLOADED))
+ROUTED_MARGIN_S = 0.5         # a pipeline's or broadcast's deadline at the node: this much
+ROUTED_MARGIN_FRACTION = 0.1  # (or a tenth of the timeout, if less) before the client's own
+PUBLISH_STRATEGIES = (None, wire.ROUTING_MULTICAST, wire.ROUTING_GOSSIP)
 
 
 class RemoteError(Exception):
     """The node answered with an error envelope."""
 
     def __init__(self, code: str, message: str, request_id: str | None = None,
-                 retry_after_s: float | None = None):
+                 retry_after_s: float | None = None, stage: int | None = None,
+                 agent: str | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.request_id = request_id
         self.retry_after_s = retry_after_s  # the node's hint (data.retry_after_ms), or None
+        self.stage = stage  # a pipeline's failing stage, from 0 (data.stage), or None
+        self.agent = agent  # ... and that stage's agent (data.agent), or None
 
 
 class CallTimeout(TimeoutError):
@@ -113,13 +126,21 @@ def _decode(raw: bytes) -> dict | None:
 
 
 def _remote_error(envelope: dict) -> RemoteError:
-    err = envelope.get("data")
+    return _error_from(envelope.get("data"), envelope.get("re"))
+
+
+def _error_from(err: Any, request_id: Any) -> RemoteError:
+    """An error's data (``{"code", "message", ...}``) -> RemoteError; fields of the
+    wrong type are left out rather than trusted."""
     if not isinstance(err, dict):
         err = {}
     hint = err.get("retry_after_ms")
     retry_after_s = hint / 1000 if type(hint) in (int, float) and hint >= 0 else None
+    stage, agent = err.get("stage"), err.get("agent")
     return RemoteError(err.get("code", wire.ErrorCode.INTERNAL), err.get("message", ""),
-                       envelope.get("re"), retry_after_s)
+                       request_id, retry_after_s,
+                       stage if type(stage) is int else None,
+                       agent if type(agent) is str else None)
 
 
 def _result(envelope: dict) -> Any:
@@ -127,6 +148,104 @@ def _result(envelope: dict) -> Any:
     if envelope.get("type") == wire.TYPE_ERROR:
         raise _remote_error(envelope)
     return envelope.get("data")
+
+
+# Routing strategies: argument checks and envelopes shared by both clients ------------
+
+
+def routed_timeout_ms(timeout_s: float) -> int:
+    """The deadline a pipeline or broadcast asks the node for (``timeout_ms``): the
+    client's timeout less min(ROUTED_MARGIN_S, a tenth of it), so the node answers
+    (with a broadcast's missing agents marked ``timeout``) before the client stops
+    waiting; at most wire.TIMEOUT_MS_MAX."""
+    margin_s = min(ROUTED_MARGIN_S, ROUTED_MARGIN_FRACTION * timeout_s)
+    return min(wire.TIMEOUT_MS_MAX, max(1, int(1000 * (timeout_s - margin_s))))
+
+
+def check_agent(agent: Any, what: str) -> str:
+    if type(agent) is not str or not 0 < len(agent) <= wire.SUBJECT_LEN_MAX:
+        raise ValueError(f"{what} must be an agent id of 1..{wire.SUBJECT_LEN_MAX} "
+                         f"characters, got {agent!r}")
+    return agent
+
+
+def check_type(mtype: Any, what: str = "type") -> str:
+    if type(mtype) is not str or not 0 < len(mtype) <= wire.TYPE_LEN_MAX \
+            or mtype.startswith(wire.SYSTEM_PREFIX):
+        raise ValueError(f"{what} must be an agent message type of 1..{wire.TYPE_LEN_MAX} "
+                         f"characters not starting with {wire.SYSTEM_PREFIX!r}, got {mtype!r}")
+    return mtype
+
+
+def check_stages(stages: Any) -> list[tuple[str, str]]:
+    """A pipeline's stages, checked: 2..STAGES_MAX (agent, type) pairs; else ValueError."""
+    if not isinstance(stages, (list, tuple)):
+        raise ValueError(f"stages must be a list of (agent, type) pairs, got "
+                         f"{type(stages).__name__}")
+    if not 2 <= len(stages) <= wire.STAGES_MAX:
+        raise ValueError(f"a pipeline has 2..{wire.STAGES_MAX} stages, got {len(stages)}")
+    checked = []
+    for index, pair in enumerate(stages):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"stage {index} must be an (agent, type) pair, got {pair!r}")
+        checked.append((check_agent(pair[0], f"stage {index}'s agent"),
+                        check_type(pair[1], f"stage {index}'s type")))
+    return checked
+
+
+def check_targets(agents: Any) -> list[str]:
+    """A broadcast's agents, checked: 1..TARGETS_MAX distinct agent ids; else ValueError."""
+    if not isinstance(agents, (list, tuple)):  # a lone str would be taken letter by letter
+        raise ValueError(f"agents must be a list of agent ids, got {type(agents).__name__}")
+    if not 0 < len(agents) <= wire.TARGETS_MAX:
+        raise ValueError(f"a broadcast goes to 1..{wire.TARGETS_MAX} agents, got {len(agents)}")
+    seen: set[str] = set()
+    for agent in agents:
+        if check_agent(agent, "each agent") in seen:
+            raise ValueError(f"agent {agent!r} is named twice")
+        seen.add(agent)
+    return list(agents)
+
+
+def _pipeline_call(stages: Any, wait_s: float) -> tuple[str, str, dict]:
+    """(type, subject, envelope options) of a pipeline call the client waits
+    ``wait_s`` for: the first stage is its subject and type, the others ``stages``."""
+    (agent, mtype), *rest = check_stages(stages)
+    return mtype, agent, {"routing": wire.ROUTING_PIPELINE,
+                          "stages": [[a, t] for a, t in rest],
+                          "timeout_ms": routed_timeout_ms(wait_s)}
+
+
+def _scatter_options(agents: list[str], mtype: Any, wait_s: float) -> dict:
+    """Envelope options of a broadcast (a scatter call, no subject) of checked ``agents``."""
+    check_type(mtype)
+    return {"routing": wire.ROUTING_SCATTER, "targets": agents,
+            "timeout_ms": routed_timeout_ms(wait_s)}
+
+
+def _publish_options(strategy: str | None, options: dict) -> dict:
+    if strategy not in PUBLISH_STRATEGIES:
+        raise ValueError(f"strategy must be None, {wire.ROUTING_MULTICAST!r} or "
+                         f"{wire.ROUTING_GOSSIP!r}, got {strategy!r}")
+    return options if strategy is None else dict(options, routing=strategy)
+
+
+def _gathered(agents: list[str], data: Any) -> dict[str, Any]:
+    """A scatter's answer -> {agent: its reply data, or a RemoteError}, in the order
+    the caller named the agents.  An agent the node's map lacks (never, from a
+    conforming node) gets an ``internal`` RemoteError rather than a KeyError."""
+    entries = data if isinstance(data, dict) else {}
+    gathered: dict[str, Any] = {}
+    for agent in agents:
+        entry = entries.get(agent)
+        if isinstance(entry, dict) and "data" in entry:
+            gathered[agent] = entry["data"]
+        elif isinstance(entry, dict) and isinstance(entry.get("error"), dict):
+            gathered[agent] = _error_from(entry["error"], None)
+        else:
+            gathered[agent] = RemoteError(wire.ErrorCode.INTERNAL, f"the node's answer "
+                                          f"has no entry for {agent!r}")
+    return gathered
 
 
 class _Requests:
@@ -424,10 +543,46 @@ class Client:
         rid = self._req.next_id()
         self._send(self._req.encode(rid, type, agent, data, wire.MODE_SEND, options))
 
-    def publish(self, group: str, type: str, data: Any = None, **options: Any) -> None:
-        """One-way message to every agent that joined ``group``, on every node."""
+    def publish(self, group: str, type: str, data: Any = None, *,
+                strategy: str | None = None, **options: Any) -> None:
+        """One-way message to every agent that joined ``group``, on every node.
+
+        ``strategy``: None or "multicast" (PUB/SUB, best effort: drops at the
+        high-water mark are counted, not repaired) or "gossip" (an epidemic broadcast
+        that repairs what was missed; each member handles it at most once).
+        """
+        options = _publish_options(strategy, options)
         rid = self._req.next_id()
         self._send(self._req.encode(rid, type, group, data, wire.MODE_PUBLISH, options))
+
+    def pipeline(self, stages: list[tuple[str, str]], data: Any = None, *,
+                 timeout_s: float | None = None) -> Any:
+        """Run ``data`` through ``stages``, a list of 2..16 ``(agent, type)`` pairs:
+        each stage's reply data is the next stage's data; returns the last reply's.
+
+        The chain moves from owner to owner in the cluster.  A failing stage raises
+        RemoteError with ``stage`` (its index, from 0) and ``agent`` set; the whole
+        pipeline not finishing in time raises RemoteError ``timeout`` (the node's
+        deadline, ``routed_timeout_ms``) or CallTimeout.  Bad stages: ValueError.
+        """
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
+        mtype, subject, options = _pipeline_call(stages, wait_s)
+        return self._call(mtype, subject, data, timeout_s, options)
+
+    def broadcast(self, agents: list[str], type: str, data: Any = None, *,
+                  timeout_s: float | None = None) -> dict[str, Any]:
+        """Send one message to each of ``agents`` (1..1000 distinct ids) and gather
+        the answers: ``{agent: reply data, or a RemoteError}``, in the order given.
+
+        An agent's error is a RemoteError *value* in the map, never raised (as
+        ``asyncio.gather(..., return_exceptions=True)``); one that did not answer
+        before the deadline has code ``timeout``.  Raises only when the broadcast as
+        a whole failed (RemoteError, CallTimeout), or ValueError for bad arguments.
+        """
+        agents = check_targets(agents)
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
+        options = _scatter_options(agents, type, wait_s)
+        return _gathered(agents, self._call(type, None, data, timeout_s, options))
 
     def spawn(self, behavior: str, agent: str, init: Any = None, **options: Any) -> dict:
         return self._call(wire.TYPE_SPAWN, agent, {"behavior": behavior, "init": init}, None, options)
@@ -596,11 +751,29 @@ class AsyncClient:
         self._enqueue(self._req.encode(self._req.next_id(), type, agent, data,
                                        wire.MODE_SEND, options))
 
-    async def publish(self, group: str, type: str, data: Any = None, **options: Any) -> None:
-        """One-way message to every agent that joined ``group``, on every node."""
+    async def publish(self, group: str, type: str, data: Any = None, *,
+                      strategy: str | None = None, **options: Any) -> None:
+        """As ``Client.publish``."""
+        options = _publish_options(strategy, options)
         await self._outbox_room()
         self._enqueue(self._req.encode(self._req.next_id(), type, group, data,
                                        wire.MODE_PUBLISH, options))
+
+    def pipeline(self, stages: list[tuple[str, str]], data: Any = None, *,
+                 timeout_s: float | None = None) -> "asyncio.Future[Any]":
+        """As ``Client.pipeline``; like ``call``, it returns an awaitable future
+        (bad stages raise ValueError here, at once)."""
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
+        mtype, subject, options = _pipeline_call(stages, wait_s)
+        return self._call(mtype, subject, data, timeout_s, options)
+
+    async def broadcast(self, agents: list[str], type: str, data: Any = None, *,
+                        timeout_s: float | None = None) -> dict[str, Any]:
+        """As ``Client.broadcast``."""
+        agents = check_targets(agents)
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
+        options = _scatter_options(agents, type, wait_s)
+        return _gathered(agents, await self._call(type, None, data, timeout_s, options))
 
     async def spawn(self, behavior: str, agent: str, init: Any = None, **options: Any) -> dict:
         return await self._call(wire.TYPE_SPAWN, agent, {"behavior": behavior, "init": init},
