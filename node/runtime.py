@@ -917,9 +917,17 @@ class Node:
         if target == self._me:
             self._handle_local(req, reply_to, (payload, hops, origin), hold)
         elif type(target) is Refusal:
-            self._reply_error(reply_to, req.id, target.code, target.message, req.type)
+            self._refuse_request(req, reply_to, target.code, target.message)
         else:
             self._forward(target, req, payload, reply_to, hops, origin)
+
+    def _refuse_request(self, req: Request, reply_to: Any, code: str, message: str) -> None:
+        """Answer an error before any handler ran.  A pipeline stage's error names
+        its stage and agent, like its handler's would (the stage is wrapped only
+        here and at delivery: requests held for a handoff come back through)."""
+        if req.routing == wire.ROUTING_PIPELINE and reply_to is not None:
+            reply_to = self.strategies.stage(req, reply_to, _now())
+        self._reply_error(reply_to, req.id, code, message, req.type)
 
     def _dispatch_routed(self, req: Request, payload: bytes, reply_to: Any, hops: int,
                          origin: str | None, hold: bool) -> None:
@@ -1022,9 +1030,9 @@ class Node:
         (payload, hops, origin)."""
         agent_id = req.subject
         if self._stalled():
-            self._reply_error(reply_to, req.id, ErrorCode.UNAVAILABLE,
-                              "node was stalled and may have been declared dead; "
-                              "send again", req.type)
+            self._refuse_request(req, reply_to, ErrorCode.UNAVAILABLE,
+                                 "node was stalled and may have been declared dead; "
+                                 "send again")
             return
         try:
             if wire.is_system_type(req.type):
@@ -1038,17 +1046,17 @@ class Node:
                     return
                 act = self.host.resolve(agent_id)
         except AgentError as exc:
-            self._reply_error(reply_to, req.id, exc.code, exc.message, req.type)
+            self._refuse_request(req, reply_to, exc.code, exc.message)
             return
         except Exception as exc:
             self.log.error("activation_failed", agent_id=agent_id, error=repr(exc))
-            self._reply_error(reply_to, req.id, ErrorCode.INTERNAL,
-                              f"activating {agent_id!r} failed: {exc!r}", req.type)
+            self._refuse_request(req, reply_to, ErrorCode.INTERNAL,
+                                 f"activating {agent_id!r} failed: {exc!r}")
             return
         if act is None:
-            self._reply_error(reply_to, req.id, ErrorCode.UNKNOWN_AGENT,
-                              f"no agent {agent_id!r} and no behavior named "
-                              f"{agent_id.partition('/')[0]!r}", req.type)
+            self._refuse_request(req, reply_to, ErrorCode.UNKNOWN_AGENT,
+                                 f"no agent {agent_id!r} and no behavior named "
+                                 f"{agent_id.partition('/')[0]!r}")
             return
         if req.delivery == CAUSAL:
             self.state.deliver_causal(agent_id, act, req, reply_to)

@@ -93,9 +93,6 @@ def test_a_failing_middle_stage_names_its_index_and_agent(cluster3, node_ids, sp
     assert after == [before[0] + 1, before[1]]  # stage 0 ran, stage 2 never did
 
 
-@pytest.mark.xfail(strict=True, reason="node bug: an error raised before the stage's "
-                   "handler runs (unknown agent, activation failure, routing refusal) "
-                   "bypasses strategies.stage(), so it carries no stage or agent")
 def test_an_unknown_agent_at_a_stage_names_its_index_and_agent(cluster3, node_ids, spread):
     a, _, c = node_ids
     with cluster3.nodes[0].client() as client:

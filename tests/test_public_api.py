@@ -8,7 +8,7 @@ import node
 from node import AsyncClient, Client
 
 CLIENT_METHODS = {"call", "send", "publish", "spawn", "stop", "join", "leave", "status",
-                  "ping", "members", "close"}
+                  "ping", "members", "close", "pipeline", "broadcast"}
 
 
 def test_node_exports():
