@@ -33,6 +33,14 @@ BEHAVIORS_MAX = 256
 
 _WILDCARD_HOSTS = frozenset({"0.0.0.0", "*", "::", "[::]"})
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_NAME = r"[A-Za-z0-9_.-]{1,64}"
+# Items of the list kinds beyond addresses and modules, each checked whole.
+_LIST_ITEM_RE = {
+    "transports": re.compile(rf"^{_NAME}$"),
+    "labels": re.compile(rf"^{_NAME}={_NAME}$"),
+    "policy": re.compile(rf"^{_NAME}={_NAME}:{_NAME}(/{_NAME})*$"),
+    "binds": re.compile(rf"^{_NAME}=\S+:[0-9]{{1,5}}$"),
+}
 _PORT_MAX = 65535
 
 
@@ -188,6 +196,40 @@ class NodeConfig:
     curve_clients: str = _opt(
         "", "Directory of public certificates of the clients allowed to send requests. "
         "Re-read on SIGHUP.", kind="path")
+    http2: str = _opt(
+        "", "HTTP/2 bridge address HOST:PORT (clients: POST /v1/agents/ID/messages/TYPE; "
+        "peers configured for it forward over it); h2c unless tls_cert and tls_key are "
+        "set; empty: off. See docs/PROTOCOL.md 12.", kind="address0?")
+    quic: str = _opt(
+        "", "QUIC bridge address HOST:PORT (UDP; needs tls_cert, tls_key and tls_ca); "
+        "empty: off.", kind="address0?")
+    tls_cert: str = _opt("", "PEM certificate of this node for the bridges "
+                         "('synthesis-ctl certs DIR NAME' writes one).", kind="path")
+    tls_key: str = _opt("", "PEM private key of tls_cert.", kind="path")
+    tls_ca: str = _opt("", "PEM CA certificate the bridges verify peers against (QUIC: "
+                       "required; HTTP/2: peers must present a certificate it signed).",
+                       kind="path")
+    labels: tuple[str, ...] = _opt(
+        (), "This node's labels, KEY=VALUE (zone=eu, dc=fra1, transport=quic: a "
+        "preferred transport), advertised to peers for transport_policy.", kind="labels")
+    transport_order: tuple[str, ...] = _opt(
+        ("zmq",), "Transports tried, in order, for a peer no transport_policy rule "
+        "matches (only those the peer serves); the next is tried when one fails.",
+        kind="transports")
+    transport_policy: tuple[str, ...] = _opt(
+        (), "Rules LABEL=VALUE:T1/T2/...: a peer with that label is tried over T1, then "
+        "T2, ...; the first matching rule wins. A peer labelled transport=T without a "
+        "rule gets T first.", kind="policy")
+    transport_modules: tuple[str, ...] = _opt(
+        (), "Python modules to import that register transports of their own "
+        "(node.transports.register); enable one with transport_binds.", kind="modules")
+    transport_binds: tuple[str, ...] = _opt(
+        (), "NAME=HOST:PORT: start the registered transport NAME on that address "
+        "(http2 and quic have keys of their own).", kind="binds")
+    breaker_failures: int = _opt(5, "Failures in a row that open a peer's circuit "
+                                 "breaker for one transport.", lo=1, hi=1000)
+    breaker_open_s: float = _opt(5.0, "How long an open breaker turns sends away before "
+                                 "it lets one trial through.", lo=0, lo_open=True)
     faults_file: str = _opt(
         "", "Testing only: a JSON file of faults to inject into peer traffic (drop, "
         "delay, duplicate, corrupt, cut, per named peer), re-read when it changes. "
@@ -386,6 +428,14 @@ def _requirement(f: dataclasses.Field) -> str:
         return f"a list of at most {BEHAVIORS_MAX} dotted Python module names"
     if kind == "node_id":
         return "a printable string without whitespace, at most 255 bytes of UTF-8"
+    if kind == "transports":
+        return "a list of transport names (letters, digits, _ . -)"
+    if kind == "labels":
+        return "a list of KEY=VALUE labels"
+    if kind == "policy":
+        return "a list of rules LABEL=VALUE:TRANSPORT/TRANSPORT/..."
+    if kind == "binds":
+        return "a list of NAME=HOST:PORT"
     if m["choices"]:
         return "one of " + "|".join(m["choices"])
     noun = "an integer" if f.type in (int, "int") else "a number"
@@ -404,7 +454,7 @@ def _num(x: float) -> str:
 def _check(f: dataclasses.Field, value: Any) -> Any:
     """Return ``value`` coerced and normalised for field ``f``, or raise ConfigError."""
     kind = f.metadata["kind"]
-    if kind in ("addresses", "modules"):
+    if kind in ("addresses", "modules") or kind in _LIST_ITEM_RE:
         return _check_list(f, value)
     if f.type in (int, "int"):
         return _check_int(f, value)
@@ -479,6 +529,12 @@ def _check_list(f: dataclasses.Field, value: Any) -> tuple[str, ...]:
     limit = SEEDS_MAX if f.metadata["kind"] == "addresses" else BEHAVIORS_MAX
     if len(items) > limit:
         raise _bad(f.name, _requirement(f), value)
+    pattern = _LIST_ITEM_RE.get(f.metadata["kind"])
+    if pattern is not None:
+        bad = [item for item in items if not pattern.match(item)]
+        if bad:
+            raise _bad(f.name, _requirement(f), bad[0])
+        return tuple(dict.fromkeys(items))
     if f.metadata["kind"] == "modules":
         bad = [item for item in items if not _MODULE_RE.match(item)]
         if bad:
@@ -526,6 +582,7 @@ def _check_cross_fields(cfg: NodeConfig) -> None:
         raise ConfigError("advertise", f"must be set when listen binds the wildcard "
                           f"host {host!r}: peers cannot dial it")
     _check_curve(cfg, host)
+    _check_bridges(cfg)
     if cfg.restart_backoff_max_s < cfg.restart_backoff_s:
         raise ConfigError("restart_backoff_max_s", "must be >= restart_backoff_s "
                           f"({cfg.restart_backoff_s}), got {cfg.restart_backoff_max_s!r}")
@@ -534,6 +591,22 @@ def _check_cross_fields(cfg: NodeConfig) -> None:
 def is_loopback(host: str) -> bool:
     """True for a host only this machine can reach (127.0.0.0/8, ::1, localhost)."""
     return host.startswith("127.") or host in ("localhost", "[::1]", "::1")
+
+
+def _check_bridges(cfg: NodeConfig) -> None:
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("tls_key" if cfg.tls_cert else "tls_cert",
+                          "tls_cert and tls_key go together")
+    if cfg.quic and not (cfg.tls_cert and cfg.tls_ca):
+        raise ConfigError("quic", "QUIC needs TLS: set tls_cert, tls_key and tls_ca "
+                          "('synthesis-ctl certs DIR NAME' makes them)")
+    if cfg.http2 and not cfg.tls_cert and cfg.curve != "off" \
+            and not is_loopback(split_address(cfg.http2, port_min=0)[0]):
+        raise ConfigError("http2", "h2c (no TLS) is for loopback: set tls_cert and "
+                          "tls_key, or curve = \"off\" to run open on purpose")
+    ports = [split_address(a, port_min=0)[1] for a in (cfg.listen, cfg.http2) if a]
+    if cfg.http2 and ports[0] and ports[0] == ports[1]:
+        raise ConfigError("http2", "the HTTP/2 port is the listen port")
 
 
 def _check_curve(cfg: NodeConfig, listen_host: str) -> None:

@@ -173,6 +173,8 @@ class NodeMetrics:
         self._mailbox_wait = [0] * _ROW_LEN
         self._forward = [0] * _ROW_LEN
         self._replication_lag = [0] * _ROW_LEN
+        self._transport_latency: dict[str, list] = {}  # transport -> histogram row
+        self._transports: Callable[[], dict] | None = None
         self._plain = {attr: 0 for attr, _, _ in _PLAIN_COUNTERS}
         self._gauges: Callable[[], dict[str, float]] | None = None
         self._events: Callable[[], dict[str, dict[str, int]]] | None = None
@@ -294,6 +296,28 @@ class NodeMetrics:
     def agent_moved_out(self) -> None:
         self._plain["agents_moved_out"] += 1
 
+    def transport_latency(self, transport: str, seconds: float) -> None:
+        """A bridge's send was acknowledged by the peer ``seconds`` after it left."""
+        row = self._transport_latency.get(transport)
+        if row is None:
+            row = self._transport_latency[transport] = [0] * _ROW_LEN
+        _observe(row, seconds)
+
+    def set_transports(self, fn: Callable[[], dict]) -> None:
+        """Register the function read at scrape time for the transports:
+        ``{"stats": {transport: {stat: count}}, "breakers": {(peer, transport):
+        state code}}`` (node/transports/select.py)."""
+        self._transports = fn
+
+    def read_transports(self) -> tuple[dict, dict]:
+        if self._transports is None:
+            return {}, {}
+        try:
+            seen = self._transports()
+            return dict(seen.get("stats", {})), dict(seen.get("breakers", {}))
+        except Exception:  # noqa: BLE001 - never a failed scrape
+            return {}, {}
+
     def set_events(self, fn: Callable[[], dict[str, dict[str, int]]]) -> None:
         """Register the function read at scrape time for protocol event counters:
         ``{family: {event: count}}``, e.g. ``{"membership": {"probes": 10, ...}}``
@@ -384,6 +408,7 @@ class _Collector:
                          "From an owner sending a write's delta to a replica's ack of it: "
                          "the time a write takes to reach another node.",
                          {"": m._replication_lag})
+        yield from _transport_families(m)
         for attr, name, help_text in _PLAIN_COUNTERS:
             yield CounterMetricFamily(PREFIX + name, help_text, value=m._plain[attr])
         yield _by_label("log_events_suppressed_total",
@@ -438,6 +463,37 @@ def _histogram(name: str, help_text: str, labelled: dict[str, Any]) -> Metric:
         buckets.append(("+Inf", cumulative + row[-2]))
         family.add_metric([value] if label else [], buckets, sum_value=row[-1])
     return family
+
+
+TRANSPORT_STATS = {
+    "messages": "Peer messages handed to each transport (a fallback counts on each it tried).",
+    "bytes": "Bytes of peer messages handed to each transport.",
+    "errors": "Peer sends each transport gave up on.",
+    "fallbacks": "Peer sends that went to a transport after an earlier one in the order "
+                 "failed.",
+    "skipped_open": "Peer sends that skipped a transport because its circuit breaker was "
+                    "open.",
+}
+
+
+def _transport_families(m: NodeMetrics) -> Iterator[Metric]:
+    stats, breakers = m.read_transports()
+    if not stats:
+        return
+    for stat, help_text in TRANSPORT_STATS.items():
+        family = CounterMetricFamily(PREFIX + f"transport_{stat}_total", help_text,
+                                     labels=["transport"])
+        for name, counts in sorted(stats.items()):
+            family.add_metric([name], counts.get(stat, 0))
+        yield family
+    state = GaugeMetricFamily(PREFIX + "transport_breaker_state",
+                              "Circuit breaker per peer and transport: 0 closed, 1 half-open, "
+                              "2 open.", labels=["peer", "transport"])
+    for (peer, name), code in sorted(breakers.items()):
+        state.add_metric([peer, name], code)
+    yield state
+    yield _histogram("transport_seconds", "From a bridge's peer send to the peer's "
+                     "acknowledgement, by transport.", {"transport": m._transport_latency})
 
 
 def _process_families(process: psutil.Process) -> Iterator[Metric]:

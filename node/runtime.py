@@ -57,6 +57,7 @@ from .metrics import MetricsServer, NodeMetrics
 from .parked import ParkedReplies
 from .state import CAUSAL, ReplicatedState
 from .transports import faults
+from .transports.select import Policy, TransportSet
 
 RETRY_INTERVAL_S = 0.02    # how often queued peer sends are retried
 SHUTDOWN_LINGER_MS = 500   # time given to last replies on close
@@ -107,18 +108,9 @@ class Node:
         self.membership: Membership | None = None
         self.epidemic: epidemic.Epidemic | None = None  # gossip broadcast, made at start
         self.curve = self._load_curve()
+        self._transport_set: TransportSet | None = None  # with bridges configured
         self._peer_endpoints: dict[str, dict[str, str]] = {}  # the last view's, for SIGHUP
-        self.transport = transports.create(
-            # An empty node id: the transport derives it once bound, as the config does.
-            "zmq", node_id=config.node_id, router_bind=config.router_bind,
-            router_endpoint=config.router_endpoint, pub_bind=config.pub_bind,
-            pub_endpoint=config.pub_endpoint, max_message_bytes=config.max_message_bytes,
-            peer_hwm=config.peer_hwm, pub_hwm=config.pub_hwm, metrics=self.metrics,
-            log=self.log, linger_ms=SHUTDOWN_LINGER_MS, curve=self.curve,
-            limits={"connections_max": config.connections_max,
-                    "conn_inbound_bytes_max": config.conn_inbound_bytes_max,
-                    "inbound_bytes_max": config.inbound_bytes_max,
-                    "client_reply_bytes_max": config.client_reply_bytes_max})
+        self.transport = self._build_transport()
         if config.faults_file:  # testing only (docs/OPERATIONS.md, "Fault injection")
             self.transport = faults.wrap(self.transport, config.faults_file, self.log,
                                          self.metrics)
@@ -202,6 +194,39 @@ class Node:
             await self._stop_event.wait()
         finally:
             await self._shut_down()
+
+    def _build_transport(self) -> transports.Transport:
+        """ZeroMQ, and beside it the bridges the config names: then a TransportSet
+        chooses per peer, falls back and keeps circuit breakers."""
+        cfg = self.config
+        native = transports.create(
+            # An empty node id: the transport derives it once bound, as the config does.
+            "zmq", node_id=cfg.node_id, router_bind=cfg.router_bind,
+            router_endpoint=cfg.router_endpoint, pub_bind=cfg.pub_bind,
+            pub_endpoint=cfg.pub_endpoint, max_message_bytes=cfg.max_message_bytes,
+            peer_hwm=cfg.peer_hwm, pub_hwm=cfg.pub_hwm, metrics=self.metrics,
+            log=self.log, linger_ms=SHUTDOWN_LINGER_MS, curve=self.curve,
+            limits={"connections_max": cfg.connections_max,
+                    "conn_inbound_bytes_max": cfg.conn_inbound_bytes_max,
+                    "inbound_bytes_max": cfg.inbound_bytes_max,
+                    "client_reply_bytes_max": cfg.client_reply_bytes_max})
+        transports.load_modules(cfg.transport_modules)
+        binds = [("http2", cfg.http2), ("quic", cfg.quic)]
+        binds += [tuple(item.split("=", 1)) for item in cfg.transport_binds]
+        bridges = [transports.create(
+            name, node_id=cfg.node_id, bind=bind, advertise="", tls_cert=cfg.tls_cert,
+            tls_key=cfg.tls_key, tls_ca=cfg.tls_ca, max_message_bytes=cfg.max_message_bytes,
+            metrics=self.metrics, log=self.log) for name, bind in binds if bind]
+        if not bridges:
+            return native
+        self._transport_set = TransportSet(
+            [native, *bridges], Policy(cfg.transport_order, cfg.transport_policy),
+            labels=",".join(cfg.labels), breaker_failures=cfg.breaker_failures,
+            breaker_open_s=cfg.breaker_open_s, metrics=self.metrics)
+        self.metrics.set_transports(lambda: {
+            "stats": self._transport_set.stats,
+            "breakers": self._transport_set.breaker_states()})
+        return self._transport_set
 
     def _load_curve(self) -> NodeCurve | None:
         """The node's CURVE keys and allowed peers and clients, when CURVE is on."""
@@ -995,7 +1020,8 @@ class Node:
 
             def give_up(code: str, reason: str) -> None:
                 self._reply_error(reply_to, req.id, code, reason, req.type)
-        if self.transport.send(owner, frames, give_up, _now()):
+        prefer = req.raw.get("transport") if self._transport_set is not None else None
+        if self.transport.send(owner, frames, give_up, _now(), prefer=prefer):
             self.metrics.forwarded(req.type)
             self.metrics.sent("forward")
         self._ensure_retry()
@@ -1157,8 +1183,17 @@ class Node:
             "ring": {"vnodes": ring.vnodes, "points_per_vnode": core_cy.POINTS_PER_VNODE,
                      "weight": ring.weight(self.node_id)},
             "replication": self.state.machine.counts(),
+            "transports": self._transports_status(),
             "reachable": True,
         }
+
+    def _transports_status(self) -> dict:
+        """What synthesis-ctl status shows of the transports: which run here, and
+        every circuit breaker that is not closed."""
+        if self._transport_set is None:
+            return {"running": ["zmq"], "breakers": []}
+        return {"running": sorted(self._transport_set.stats),
+                "breakers": self._transport_set.breakers()}
 
     def _answer_status_query(self, event: peer.StatusQueried) -> None:
         if event.sender not in self.members:

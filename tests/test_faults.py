@@ -43,7 +43,7 @@ class Recorder:
         self.peer_frames.append(frames)
         self.arrived.set()
 
-    def client(self, handle, payload: bytes) -> None:
+    def client(self, handle, payload: bytes, principal: bytes = b"") -> None:
         self.clients.append((handle, payload))
         self.arrived.set()
 

@@ -97,10 +97,11 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def send(self, peer: str, frames: Sequence[bytes], on_give_up: OnGiveUp | None = None,
-             now: float = 0.0) -> bool:
+             now: float = 0.0, prefer: str | None = None) -> bool:
         """Send peer frames to node ``peer`` now, or queue them (bounded in count and
         time) until its link is up.  False when they could be neither sent nor
-        queued; ``on_give_up(code, reason)`` is called, once, for any send that fails."""
+        queued; ``on_give_up(code, reason)`` is called, once, for any send that fails.
+        ``prefer`` names a transport to try first where there is a choice (a set)."""
 
     @abc.abstractmethod
     def drop_queued(self, peer: str) -> None:

@@ -342,7 +342,7 @@ class FaultyTransport(Transport):
     # Peers (faulted) -------------------------------------------------------
 
     def send(self, peer: str, frames: Sequence[bytes], on_give_up: OnGiveUp | None = None,
-             now: float = 0.0) -> bool:
+             now: float = 0.0, **options: Any) -> bool:
         """Sends what the faults leave.  A lost message counts as sent (the network
         lost it, the sender cannot tell); only the first copy may call ``on_give_up``."""
         sent = True
@@ -352,7 +352,7 @@ class FaultyTransport(Transport):
                 self._delayed_sends += 1
                 self._later(delay_s, self._send_delayed, peer, copy, give_up, now + delay_s)
             elif n == 0:
-                sent = self._inner.send(peer, copy, give_up, now)
+                sent = self._inner.send(peer, copy, give_up, now, **options)
             else:
                 self._inner.send(peer, copy, None, now)
         return sent

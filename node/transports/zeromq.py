@@ -242,7 +242,7 @@ class ZmqTransport(Transport):
             self._subscribed.add(pub)
 
     def send(self, peer: str, frames: Sequence[bytes], on_give_up: OnGiveUp | None = None,
-             now: float = 0.0) -> bool:
+             now: float = 0.0, prefer: str | None = None) -> bool:
         if self._closed:
             self._metrics.peer_send_failed()
             return False
