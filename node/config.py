@@ -203,6 +203,10 @@ class NodeConfig:
     quic: str = _opt(
         "", "QUIC bridge address HOST:PORT (UDP; needs tls_cert, tls_key and tls_ca); "
         "empty: off.", kind="address0?")
+    http2_advertise: str = _opt("", "Address peers dial for the HTTP/2 bridge; empty "
+                                "uses http2 (its bound port).", kind="address0?")
+    quic_advertise: str = _opt("", "Address peers dial for the QUIC bridge; empty uses "
+                               "quic (its bound port).", kind="address0?")
     tls_cert: str = _opt("", "PEM certificate of this node for the bridges "
                          "('synthesis-ctl certs DIR NAME' writes one).", kind="path")
     tls_key: str = _opt("", "PEM private key of tls_cert.", kind="path")

@@ -211,12 +211,12 @@ class Node:
                     "inbound_bytes_max": cfg.inbound_bytes_max,
                     "client_reply_bytes_max": cfg.client_reply_bytes_max})
         transports.load_modules(cfg.transport_modules)
-        binds = [("http2", cfg.http2), ("quic", cfg.quic)]
-        binds += [tuple(item.split("=", 1)) for item in cfg.transport_binds]
+        binds = [("http2", cfg.http2, cfg.http2_advertise), ("quic", cfg.quic, cfg.quic_advertise)]
+        binds += [(*item.split("=", 1), "") for item in cfg.transport_binds]
         bridges = [transports.create(
-            name, node_id=cfg.node_id, bind=bind, advertise="", tls_cert=cfg.tls_cert,
+            name, node_id=cfg.node_id, bind=bind, advertise=advertise, tls_cert=cfg.tls_cert,
             tls_key=cfg.tls_key, tls_ca=cfg.tls_ca, max_message_bytes=cfg.max_message_bytes,
-            metrics=self.metrics, log=self.log) for name, bind in binds if bind]
+            metrics=self.metrics, log=self.log) for name, bind, advertise in binds if bind]
         if not bridges:
             return native
         self._transport_set = TransportSet(

@@ -74,6 +74,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import reprlib
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -194,7 +195,7 @@ class Member:
     @classmethod
     def from_wire(cls, item: object) -> "Member":
         if not isinstance(item, dict):
-            raise MembershipError(f"a member entry must be a map, got {item!r:.80}")
+            raise MembershipError(f"a member entry must be a map, got {reprlib.repr(item)}")
         node_id, generation, endpoints = item.get("id"), item.get("gen"), item.get("ep")
         if not (isinstance(node_id, str) and 0 < len(node_id) <= FIELD_LEN_MAX):
             raise MembershipError(f"member 'id' must be a string of 1..{FIELD_LEN_MAX}")
@@ -206,7 +207,8 @@ class Member:
             _check_endpoint(name, endpoint)
         if ZMQ not in endpoints or ZMQ_PUB not in endpoints:
             raise MembershipError(f"member {node_id!r:.40} lacks a '{ZMQ}' or '{ZMQ_PUB}' endpoint")
-        state = _STATE_OF.get(item.get("st", "a"))
+        code = item.get("st", "a")
+        state = _STATE_OF.get(code) if type(code) is str else None
         if state is None:
             raise MembershipError(f"member 'st' must be one of a, s, d, l ({node_id!r:.40})")
         by = item.get("by", "")
@@ -403,7 +405,8 @@ class Membership:
             member = self._members[node_id]
             agents = self.local_agents if node_id == self.me.node_id else self._agents.get(node_id)
             rows.append({"node_id": node_id, "address": member.address, "state": member.state,
-                         "incarnation": member.generation, "agents": agents})
+                         "incarnation": member.generation, "agents": agents,
+                         "endpoints": dict(member.endpoints)})
         return rows
 
     def counts(self) -> dict[str, int]:
@@ -506,10 +509,10 @@ class Membership:
         version = message.get("v")
         if type(version) is not int or version < VERSION:
             raise MembershipError(f"membership messages need an integer 'v' >= {VERSION} "
-                                  f"(got {version!r:.20}: a node of an older version?)")
+                                  f"(got {reprlib.repr(version)}: a node of an older version?)")
         kind = message.get("kind")
-        if kind not in _KINDS:
-            raise MembershipError(f"unknown membership message kind {kind!r:.40}")
+        if type(kind) is not str or kind not in _KINDS:
+            raise MembershipError(f"unknown membership message kind {reprlib.repr(kind)}")
         return kind
 
     @staticmethod
