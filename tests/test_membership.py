@@ -622,7 +622,8 @@ def test_rows_and_counts_for_the_cli():
     rows = m.rows()
     assert [r["node_id"] for r in rows] == [nid(k) for k in range(4)]
     assert rows[0] == {"node_id": nid(0), "address": addr(0), "state": ALIVE,
-                       "incarnation": GEN, "agents": 4}
+                       "incarnation": GEN, "agents": 4,
+                       "endpoints": {"zmq": addr(0), "zmq-pub": addr(0).replace(":7400", ":7401")}}
     assert rows[3]["state"] == DEAD and rows[1]["agents"] is None
     assert m.counts() == {ALIVE: 3, SUSPECT: 0, DEAD: 1, LEFT: 0}
 
