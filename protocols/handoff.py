@@ -369,7 +369,7 @@ class Handoff:
         held = self._take_held(agent_id)
         self._remember(agent_id, sender, seq, now)
         self.installed += 1
-        return [Install(agent_id, message["behavior"], message["state"],
+        return [Install(agent_id, message.get("behavior"), message.get("state"),
                         tuple(message["groups"]), held), ack]
 
     def _on_none(self, sender: str, agent_id: str, now: float) -> list:

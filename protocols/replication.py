@@ -53,6 +53,7 @@ shapes raises ``ReplicationError(reason)`` (the node counts it).
 from __future__ import annotations
 
 import heapq
+import reprlib
 from collections import deque
 from typing import Any, Callable, Iterable
 
@@ -853,7 +854,7 @@ def _check(message: Any) -> tuple[str, str]:
         raise ReplicationError("bad_message", "a replication message is a map")
     kind = message.get("k")
     if type(kind) is not str or kind not in KINDS:
-        raise ReplicationError("bad_kind", f"unknown kind {kind!r}")
+        raise ReplicationError("bad_kind", f"unknown kind {reprlib.repr(kind)}")
     agent_id = message.get("a")
     if type(agent_id) is not str or not 0 < len(agent_id) <= AGENT_ID_CHARS_MAX:
         raise ReplicationError("bad_agent", f"'a' is 1..{AGENT_ID_CHARS_MAX} characters")

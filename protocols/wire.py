@@ -18,6 +18,7 @@ strategy: direct, multicast, gossip, pipeline with ``stages``, scatter with
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 import msgpack
@@ -331,7 +332,8 @@ def validate_request(env: dict) -> Request:
         raise _bad(f"'id' must be a string of 1..{ID_LEN_MAX} characters", env)
     version = env.get("v")
     if type(version) is not int or version != VERSION:  # True == 1 and 1.0 == 1 in Python
-        raise _bad(f"unsupported protocol version {version!r}; this node speaks {VERSION}", env)
+        raise _bad(f"unsupported protocol version {reprlib.repr(version)}; this node speaks "
+                   f"{VERSION}", env)
     mtype = env.get("type")
     if type(mtype) is not str or not 0 < len(mtype) <= TYPE_LEN_MAX:
         raise _bad(f"'type' must be a string of 1..{TYPE_LEN_MAX} characters", env)

@@ -8,6 +8,7 @@ other side has.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, Callable
 
 from .base import TYPES, Crdt, CrdtError
@@ -58,7 +59,7 @@ def decode_fields(data: Any) -> dict[str, Crdt]:
         tag, wire = item
         cls = TYPES.get(tag) if isinstance(tag, str) else None
         if cls is None:
-            raise CrdtError(f"field {name!r} has an unknown type tag {tag!r:.20}")
+            raise CrdtError(f"field {name!r} has an unknown type tag {reprlib.repr(tag)}")
         fields[name] = cls.from_wire(wire)
     return fields
 

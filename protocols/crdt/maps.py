@@ -12,6 +12,7 @@ uses (:func:`plain_value`, :func:`wire_list`, :func:`wire_u64`).
 
 from __future__ import annotations
 
+import reprlib
 from array import array
 from bisect import bisect_left
 from typing import Any, Callable
@@ -43,7 +44,7 @@ I64_MIN = -(1 << 63)
 # -- shared checks ----------------------------------------------------------------------
 def wire_u64(x: Any, what: str) -> int:
     if type(x) is not int or not 0 <= x <= U64_MAX:
-        raise CrdtError(f"{what}: expected an int in 0..2**64-1, got {x!r:.60}")
+        raise CrdtError(f"{what}: expected an int in 0..2**64-1, got {reprlib.repr(x)}")
     return x
 
 
@@ -95,7 +96,8 @@ def plain_value(value: Any, _depth: int = 0) -> Any:
 
 def _check_key(key: Any) -> str:
     if not isinstance(key, str) or len(key) > KEY_CHARS_MAX:
-        raise CrdtError(f"map keys are str of at most {KEY_CHARS_MAX} chars, got {key!r:.60}")
+        raise CrdtError(f"map keys are str of at most {KEY_CHARS_MAX} chars, "
+                        f"got {reprlib.repr(key)}")
     return key
 
 
@@ -585,7 +587,7 @@ def _decode_value(tag: Any, wire: Any, depth: int) -> Crdt:
     """A nested ORMap value from its tag and wire form (ORMaps bounded in depth)."""
     cls = TYPES.get(tag) if isinstance(tag, str) else None
     if cls is None:
-        raise CrdtError(f"unknown CRDT tag {tag!r:.60}")
+        raise CrdtError(f"unknown CRDT tag {reprlib.repr(tag)}")
     if cls is ORMap:
         if depth >= ORMAP_DEPTH_MAX:
             raise CrdtError(f"ORMaps nest at most {ORMAP_DEPTH_MAX} deep")

@@ -7,6 +7,7 @@ element (as in a Python set).
 
 from __future__ import annotations
 
+import reprlib
 from array import array
 from typing import Any, Hashable, Iterable
 
@@ -26,7 +27,8 @@ def check_element(e: Any) -> Hashable:
         return e
     if type(e) is int and I64_MIN <= e <= U64_MAX:
         return e
-    raise CrdtError(f"an element must be str, bytes, int (i64/u64), bool or None, got {e!r:.40}")
+    raise CrdtError(f"an element must be str, bytes, int (i64/u64), bool or None, "
+                    f"got {reprlib.repr(e)}")
 
 
 def element_key(e: Any) -> tuple:

@@ -18,6 +18,7 @@ it also means order against such a replica's last messages is no longer enforced
 
 from __future__ import annotations
 
+import reprlib
 from array import array
 from bisect import bisect_left
 from typing import Any, Iterable
@@ -50,7 +51,7 @@ EMPTY_Q = array(Q)
 def u64(x: Any, what: str) -> int:
     """``x`` if it is an int (not a bool) in 0..U64_MAX, else CrdtError."""
     if type(x) is not int or not 0 <= x <= U64_MAX:
-        raise CrdtError(f"{what} must be an int in 0..2**64-1, got {x!r:.40}")
+        raise CrdtError(f"{what} must be an int in 0..2**64-1, got {reprlib.repr(x)}")
     return x
 
 
