@@ -12,10 +12,11 @@ Two levels, one engine (``Simulator``):
   ``tests/test_membership.py`` runs Membership machines with.  Handled effects:
   ``Send``, ``MembersChanged``, ``Refuted``.
 - **Whole nodes** (``NodeSim``): each node is a ``SimNode`` (Membership + Router +
-  Handoff + Replication + StatusCollector + a small agent host with sync counter
-  handlers, wired together like the node's runtime and ``node/state.py`` wire
-  them); simulated clients send request envelopes to
-  random live entry nodes; ``Answer``/``Fail`` effects go back to those clients.
+  Handoff + Replication + StatusCollector + Strategies + a small agent host with
+  sync counter handlers, wired together like the node's runtime and
+  ``node/state.py`` wire them); simulated clients send request envelopes (direct
+  calls, pipelines, scatter-gathers) to random live entry nodes; ``Answer``/``Fail``
+  effects go back to those clients.
   Invariants are checked after every step (see ``NodeSim``); a failure raises
   ``InvariantViolation`` with the seed and the one command that replays it::
 
@@ -53,9 +54,9 @@ from core_cy import replica_id
 
 from . import peer, wire
 from .crdt import PNCounter, bind_fields, decode_fields, encode_fields, merge_fields, take_deltas
-from .effects import (GOSSIP, STATUS_ANSWER, Activate, Answer, Fail, Install, MembersChanged,
-                      QuorumChanged, Refuted, Restore, Send, Surrender, Unresponsive, WriteDone,
-                      seed_address)
+from .effects import (GOSSIP, STATUS_ANSWER, Activate, Answer, Fail, ForwardTo, Install,
+                      MembersChanged, QuorumChanged, Refuted, Relay, Restore, Route, Send,
+                      Surrender, Unresponsive, WriteDone, seed_address)
 from .handoff import Handoff, HandoffError, previous_ring
 from .machine import Effects
 from .membership import (ALIVE, LEFT, SUSPECT, Member, Membership, MembershipError,
@@ -63,6 +64,7 @@ from .membership import (ALIVE, LEFT, SUSPECT, Member, Membership, MembershipErr
 from .replication import ALL, CONSISTENCIES, QUORUM, Replication, ReplicationError
 from .routing import Refusal, Router
 from .status import StatusCollector, StatusError
+from .strategies import STRATEGY, Strategies
 from .wire import ErrorCode, WireError
 
 _START, _TICK, _MESSAGE, _CALL, _ACTION = range(5)
@@ -549,6 +551,12 @@ class CounterHost:
                 counter.decrement(-data)
         return True, self.value(agent_id), ""
 
+    @classmethod
+    def resolves(cls, agent_id: str) -> bool:
+        """True if a message to ``agent_id`` activates an agent (the node's host
+        resolving a behavior by the id's prefix)."""
+        return agent_id.startswith(cls.PREFIX)
+
     def activate(self, agent_id: str) -> dict:
         fields = self.active[agent_id] = self._state_for(agent_id)
         self.version += 1
@@ -596,8 +604,8 @@ class _HeldReply:
 
 class SimNode:
     """One whole node: Membership + Router + Handoff + Replication + StatusCollector +
-    CounterHost, wired as the node's runtime (and ``node/state.py``) wires them,
-    behind the machine contract.
+    Strategies + CounterHost, wired as the node's runtime (and ``node/state.py``)
+    wires them, behind the machine contract.
 
     Replication (``replicas`` > 1) as ``node/state.py`` drives it: an agent's fields
     are its record's (``Replication.primary``); after each turn the deltas
@@ -614,13 +622,20 @@ class SimNode:
     ``node/runtime.py``: ``MembersChanged`` rebuilds the router's ring from the
     membership's ring, tells the handoff machine, and hands every agent another node
     owns now to that node with its value (``_move_out``); ``QuorumChanged`` gates
-    the router; ``Surrender``/``Install`` move agents; ``Send``, ``Refuted`` and
-    ``Answer``/``Fail`` go out.
+    the router; ``Surrender``/``Install`` move agents; ``Answer``/``Fail`` are
+    replies to a ``reply_to`` (``_reply``); ``Send`` and ``Refuted`` go out.
 
-    Routing follows the runtime (``_dispatch``, ``_forward``, ``_send_reply``,
-    ``_on_reply``, ``_handle_local`` with its handoff hold).  ``syn.status`` runs a
-    StatusCollector collection.  Frames and answers that break a protocol are
-    counted in ``remote_errors`` by reason, never raised.
+    Routing follows the runtime (``_dispatch``, ``_dispatch_routed``, ``_owner_of``,
+    ``_forward``, ``_send_reply``, ``_on_reply``, ``_handle_local`` with its handoff
+    hold and its pipeline stage wrap).  A ``reply_to`` is the runtime's
+    ``(caller, origin, token, traceparent, arrived)``: origin None for this node's
+    client (caller: the client's handle), a node id for a call forwarded here, or
+    ``STRATEGY`` for a piece of a scatter or pipeline (caller: the slot of
+    ``protocols/strategies.py`` its answer goes to); None for a one-way message.
+    Scatter-gather and pipelines run ``Strategies`` as the runtime does: its
+    ``Route``/``ForwardTo``/``Relay`` effects, its timer and its ``stop``.
+    ``syn.status`` runs a StatusCollector collection.  Frames and answers that break
+    a protocol are counted in ``remote_errors`` by reason, never raised.
     """
 
     def __init__(self, me: Member, seeds: Iterable[str], *, key: bytes,
@@ -641,6 +656,9 @@ class SimNode:
         self.handoff = Handoff(me.node_id, timeout_s=handoff_timeout_s,
                                window_s=handoff_window_s, seq_start=me.generation)
         self.status = StatusCollector(me.node_id, status_timeout_s)
+        # As the runtime: a scatter or pipeline without timeout_ms has a forward's.
+        self.strategies = Strategies(me.node_id, default_timeout_s=forward_timeout_s,
+                                     reply_bytes_max=MESSAGE_BYTES_MAX)
         # Replicated state, as node/state.py: the replica id and the epochs come from
         # the node's generation; replicas 0 or 1 turn replication off.
         self.replica = replica_id(f"{me.node_id}/{me.generation}")
@@ -667,7 +685,10 @@ class SimNode:
         self.handoff_conflicts = 0           # moved states merged into an active agent
         self._out: list = []
         out = self._out.append
-        self._effects = Effects({Send: out, Refuted: out, Answer: out, Fail: out,
+        self._effects = Effects({Send: out, Refuted: out,
+                                 Answer: self._do_answer, Fail: self._do_fail,
+                                 Relay: self._do_relay, Route: self._do_route,
+                                 ForwardTo: self._do_forward_to,
                                  MembersChanged: self._on_members,
                                  QuorumChanged: self._on_quorum,
                                  Surrender: self._on_surrender, Install: self._on_install,
@@ -687,6 +708,7 @@ class SimNode:
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (self.membership.next_deadline(), self.router.next_deadline(),
                                  self.status.next_deadline(), self.handoff.next_deadline(),
+                                 self.strategies.next_deadline(),
                                  self.replication and self.replication.next_deadline())
                      if d is not None]
         return min(deadlines) if deadlines else None
@@ -696,6 +718,7 @@ class SimNode:
         self._effects.run(self.membership.tick(now))
         self._effects.run(self.router.tick(now))
         self._effects.run(self.handoff.tick(now))
+        self._effects.run(self.strategies.tick(now))
         self._tick_replication(now)
         return self._run(self.status.tick(now))
 
@@ -753,11 +776,12 @@ class SimNode:
         return self._take()
 
     def stop(self, now: float) -> list:
-        """The end of a graceful stop: every forward, held write, held request and
-        status collection in flight is answered."""
+        """The end of a graceful stop: every forward, scatter, pipeline, held write,
+        held request and status collection in flight is answered."""
         self._now = now
         self._stopping = True
         self._effects.run(self.router.stop())
+        self._effects.run(self.strategies.stop())
         for req, _, reply_to, _ in self.handoff.stop():
             self._refuse_stopping(req, reply_to)
         if self.replication is not None:
@@ -794,30 +818,59 @@ class SimNode:
     # -- routing -----------------------------------------------------------------
     def _accept(self, envelope: bytes, handle: Any, origin: str | None, token: bytes | None,
                 hops: int, now: float) -> None:
-        reply_to = (handle, origin, token)
+        """A request from this node's client (origin None) or forwarded by a peer."""
         try:
             req = wire.parse_request(envelope, MESSAGE_BYTES_MAX)
         except WireError as exc:
-            self._reply(reply_to, exc.request_id or "", False, exc.code, exc.message, "")
+            if not exc.one_way:  # readably send/publish: never answered
+                self._reply((handle, origin, token, exc.traceparent, now),
+                            exc.request_id or "", False, exc.code, exc.message, "")
             return
-        if req.type == wire.TYPE_STATUS:
-            members = {n: self._addresses.get(n, "") for n in sorted(self.view | {self.node_id})}
-            self._effects.run(self.status.start(handle, req.id, self.local_status(),
-                                                members, now))
-            return
-        self._route(req, envelope, reply_to, hops, now)
+        # A forwarded call without a token has nobody to answer: one-way, like a send.
+        reply_to = (None if req.mode != wire.MODE_CALL or (origin is not None and token is None)
+                    else (handle, origin, token, req.raw.get("traceparent"), now))
+        self._dispatch(req, envelope, reply_to, hops, now)
 
-    def _route(self, req: wire.Request, envelope: bytes, reply_to: tuple, hops: int,
-               now: float, hold: bool = True) -> None:
-        target = self.router.route(req.subject, req.ttl, hops)
-        if target == self.node_id and self._moved_to:
-            target = self._after_move(req.subject, req.ttl, hops)
+    def _dispatch(self, req: wire.Request, envelope: bytes, reply_to: tuple | None, hops: int,
+                  now: float, hold: bool = True) -> None:
+        if req.type == wire.TYPE_STATUS:
+            self._node_request(req, reply_to, now)
+        elif req.routing is not None:
+            self._dispatch_routed(req, envelope, reply_to, hops, now, hold)
+        else:
+            self._route_direct(req, envelope, reply_to, hops, now, hold)
+
+    def _route_direct(self, req: wire.Request, envelope: bytes, reply_to: tuple | None,
+                      hops: int, now: float, hold: bool) -> None:
+        """One agent, through its owner: handled here, forwarded, or refused."""
+        target = self._owner_of(req.subject, req.ttl, hops)
         if target == self.node_id:
             self._handle_local(req, envelope, reply_to, hops, now, hold)
         elif type(target) is Refusal:
             self._reply(reply_to, req.id, False, target.code, target.message, req.type)
         else:
             self._forward(target, req, envelope, reply_to, hops, now)
+
+    def _dispatch_routed(self, req: wire.RoutedRequest, envelope: bytes, reply_to: tuple | None,
+                         hops: int, now: float, hold: bool) -> None:
+        """Scatter and pipeline (protocols/strategies.py)."""
+        if req.routing == wire.ROUTING_SCATTER:
+            owners = {agent: self._owner_of(agent, req.ttl, hops) for agent in req.targets}
+            self._effects.run(self.strategies.scatter(req, reply_to, owners, hops, now))
+            return
+        if reply_to is not None and reply_to[1] is None:  # our own client's pipeline
+            entry = self.strategies.pipeline_entry(req, reply_to, now)
+            if type(entry) is Fail:
+                self._do_fail(entry)
+                return
+            reply_to = entry
+        self._route_direct(req, envelope, reply_to, hops, now, hold)
+
+    def _owner_of(self, agent_id: str, ttl: int | None, hops: int) -> str | Refusal:
+        target = self.router.route(agent_id, ttl, hops)
+        if target == self.node_id and self._moved_to:
+            target = self._after_move(agent_id, ttl, hops)
+        return target
 
     def _after_move(self, agent_id: str, ttl: int | None, hops: int) -> str | Refusal:
         """We own it by our ring, but handed it to a node whose ring is ahead of
@@ -827,10 +880,32 @@ class SimNode:
             return self.node_id
         return self.router.follow(agent_id, moved, ttl, hops)
 
-    def _handle_local(self, req: wire.Request, envelope: bytes, reply_to: tuple, hops: int,
-                      now: float, hold: bool = True) -> None:
+    def _do_route(self, effect: Route) -> None:
+        self._dispatch(effect.request, effect.payload, effect.reply_to, effect.hops, self._now)
+
+    def _do_forward_to(self, effect: ForwardTo) -> None:
+        self._forward(effect.owner, effect.request, effect.payload, effect.reply_to,
+                      effect.hops, self._now)
+
+    def _do_relay(self, effect: Relay) -> None:
+        self._send_reply(effect.reply_to, effect.payload)
+
+    def _strategy_answer(self, slot: Any, payload: bytes) -> None:
+        """A piece of a scatter or pipeline was answered (protocols/strategies.py)."""
+        self._effects.run(self.strategies.answered(slot, payload, self._now))
+
+    def _node_request(self, req: wire.Request, reply_to: tuple | None, now: float) -> None:
+        """``syn.status``: a StatusCollector collection over the ring."""
+        if reply_to is not None:
+            members = {n: self._addresses.get(n, "") for n in sorted(self.view | {self.node_id})}
+            self._effects.run(self.status.start(reply_to, req.id, self.local_status(),
+                                                members, now))
+
+    def _handle_local(self, req: wire.Request, envelope: bytes, reply_to: tuple | None,
+                      hops: int, now: float, hold: bool = True) -> None:
         """As the runtime: on a miss the request waits for the agent's state, from its
-        previous owner (``hold``) or gathered from its replicas."""
+        previous owner (``hold``) or gathered from its replicas; a pipeline's stage
+        has its answer move the pipeline on."""
         if req.subject not in self.host.active:
             item = (req, envelope, reply_to, hops)
             if hold and self.handoff.expecting(req.subject, now) is not None:
@@ -842,6 +917,12 @@ class SimNode:
                 self._held_or_refused(machine.gather(req.subject, item, req.nbytes, now),
                                       req, reply_to)
                 return
+            if not self.host.resolves(req.subject):  # the runtime: no behavior by that name
+                self._reply(reply_to, req.id, False, ErrorCode.UNKNOWN_AGENT,
+                            f"no agent {req.subject!r}", req.type)
+                return
+        if req.routing == wire.ROUTING_PIPELINE:  # its answer moves the pipeline on
+            reply_to = self.strategies.stage(req, reply_to, now)
         ok, value, message = self.host.handle(req.subject, req.type, req.data)
         if ok and self.replication is not None:
             self._turn_done(req, reply_to, value)
@@ -849,13 +930,13 @@ class SimNode:
             self._reply(reply_to, req.id, ok, value, message, req.type)
 
     def _held_or_refused(self, held: list | Refusal, req: wire.Request,
-                         reply_to: tuple) -> None:
+                         reply_to: tuple | None) -> None:
         if type(held) is Refusal:
             self._reply(reply_to, req.id, False, held.code, held.message, req.type)
         else:
             self._effects.run(held)
 
-    def _turn_done(self, req: wire.Request, reply_to: tuple, value: Any) -> None:
+    def _turn_done(self, req: wire.Request, reply_to: tuple | None, value: Any) -> None:
         """After a turn (node/state.py ``turn_done``): ship its deltas; the reply waits
         until the request's consistency is met (``WriteDone``)."""
         machine = self.replication
@@ -868,51 +949,84 @@ class SimNode:
         self._effects.run(machine.wrote(agent_id, deltas, req.consistency or self.consistency,
                                         held, self._now))
 
-    def _forward(self, owner: str, req: wire.Request, envelope: bytes, reply_to: tuple,
+    def _forward(self, owner: str, req: wire.Request, envelope: bytes, reply_to: tuple | None,
                  hops: int, now: float) -> None:
-        """One hop on.  Our own client's call is recorded in the router; a call
-        forwarded to us keeps its origin and token."""
-        handle, origin, token = reply_to
-        if origin is None:
-            token = self.router.forward_started(handle, req.id, req.type, owner, now, now)
+        """One hop on.  Our own client's call, and a piece of a scatter or pipeline, is
+        recorded in the router (answered exactly once, whatever happens); a call
+        forwarded to us keeps its origin and token, so the owner replies to the entry
+        node directly."""
+        if reply_to is None:  # one-way: nothing to answer
+            frames = peer.forward(self.node_id, self.node_id, hops + 1, b"", envelope)
+        elif reply_to[1] is None or reply_to[1] is STRATEGY:  # answered through us
+            token = self.router.forward_started(reply_to, req.id, req.type, owner, now,
+                                                reply_to[4], req.nbytes)
             if type(token) is Refusal:
                 self._reply(reply_to, req.id, False, token.code, token.message, req.type)
                 return
-            origin = self.node_id
-        self._out.append(SendFrames(owner, peer.forward(self.node_id, origin, hops + 1,
-                                                        token, envelope)))
+            frames = peer.forward(self.node_id, self.node_id, hops + 1, token, envelope)
+        else:
+            frames = peer.forward(self.node_id, reply_to[1], hops + 1, reply_to[2], envelope)
+        self._out.append(SendFrames(owner, frames))
 
-    def _reply(self, reply_to: tuple, request_id: str, ok: bool, value: Any, message: str,
-               mtype: str) -> None:
-        """The one place results leave (the runtime's ``_reply_data``/``_reply_error``)."""
-        handle, origin, token = reply_to
-        if origin is None:  # our client, directly
+    # -- replies (the runtime's _reply_data/_reply_error, _send_reply, _on_reply) --------
+    def _do_answer(self, effect: Answer) -> None:
+        self._reply(effect.handle, effect.request_id, True, effect.data, "", "")
+
+    def _do_fail(self, effect: Fail) -> None:
+        self._reply(effect.handle, effect.request_id, False, effect.code, effect.message,
+                    effect.mtype)
+
+    def _reply(self, reply_to: tuple | None, request_id: str, ok: bool, value: Any,
+               message: str, mtype: str) -> None:
+        """The one place results leave: ``value`` is the result, or the ErrorCode.
+        This node's client gets an ``Answer`` or ``Fail`` effect (the simulated
+        client reads effects, not envelopes); anyone else an envelope."""
+        if reply_to is None:
+            return  # a one-way message
+        if reply_to[1] is None:  # our client, directly
+            handle = reply_to[0]
             self._out.append(Answer(handle, request_id, value) if ok else
                              Fail(handle, request_id, value, message, mtype))
             return
-        if token is None:
-            return  # a forwarded one-way message
-        envelope = (wire.reply(request_id, value, self.node_id) if ok else
-                    wire.error(request_id, value, message, self.node_id))
-        if origin == self.node_id:  # a forward that came back round to its origin
-            self._on_reply(token, envelope)
+        traceparent = reply_to[3]
+        self._send_reply(reply_to, wire.reply(request_id, value, self.node_id, traceparent)
+                         if ok else wire.error(request_id, value, message, self.node_id,
+                                               traceparent))
+
+    def _send_reply(self, reply_to: tuple, payload: bytes) -> None:
+        """Send one reply envelope to its caller."""
+        caller, origin, token, _, _ = reply_to
+        if origin is None:  # our own client
+            self._to_client(caller, payload, "")
+        elif origin is STRATEGY:  # a piece of a scatter or pipeline, answered
+            self._strategy_answer(caller, payload)
+        elif token is None:
+            return  # a forwarded one-way message: nobody to answer
+        elif origin == self.node_id:  # our own forward came back round to us
+            self._on_reply(token, payload)
         else:
-            self._out.append(SendFrames(origin, peer.reply(self.node_id, token, envelope)))
+            self._out.append(SendFrames(origin, peer.reply(self.node_id, token, payload)))
 
     def _on_reply(self, token: bytes, envelope: bytes) -> None:
         pending = self.router.reply_arrived(token)
         if pending is None:
             self.late_replies += 1  # a duplicate, or after its timeout: answered already
             return
-        # The runtime passes the envelope on untouched; the simulated client reads it.
+        if pending.handle[1] is STRATEGY:  # a piece of a scatter or pipeline
+            self._strategy_answer(pending.handle[0], envelope)
+            return
+        self._to_client(pending.handle[0], envelope, pending.mtype)
+
+    def _to_client(self, handle: Any, envelope: bytes, mtype: str) -> None:
+        """The runtime passes the envelope to its client untouched; the simulated
+        client reads it as an ``Answer`` or ``Fail`` effect."""
         reply = wire.decode_map(envelope, MESSAGE_BYTES_MAX)
-        handle = pending.handle
+        request_id = reply.get("re") or ""
         if reply.get("type") == wire.TYPE_ERROR:
             error = reply["data"]
-            self._out.append(Fail(handle, pending.request_id, error["code"], error["message"],
-                                  pending.mtype))
+            self._out.append(Fail(handle, request_id, error["code"], error["message"], mtype))
         else:
-            self._out.append(Answer(handle, pending.request_id, reply.get("data")))
+            self._out.append(Answer(handle, request_id, reply.get("data")))
 
     # -- effects -------------------------------------------------------------------
     def _on_members(self, effect: MembersChanged) -> None:
@@ -979,7 +1093,7 @@ class SimNode:
             else:
                 self.host.install(effect.agent_id, effect.state)
         for req, envelope, reply_to, hops in effect.held:  # routed again: owners move
-            self._route(req, envelope, reply_to, hops, self._now, hold=False)
+            self._dispatch(req, envelope, reply_to, hops, self._now, hold=False)
         owner = self.router.ring.owner(effect.agent_id)
         if effect.agent_id in self.host.active and owner != self.node_id:
             self._hand_to(effect.agent_id, owner)  # given back, or moved on: pass it on
@@ -1013,7 +1127,7 @@ class SimNode:
             if self._stopping:
                 self._refuse_stopping(req, reply_to)
             else:
-                self._route(req, envelope, reply_to, hops, self._now, hold=False)
+                self._dispatch(req, envelope, reply_to, hops, self._now, hold=False)
 
     def _on_activate(self, effect: Activate) -> None:
         """Failover: we own an agent we hold a copy of; wake it (paced)."""
@@ -1088,6 +1202,11 @@ class Scenario:
     fast_restarts: bool = False   # replicated: a crashed node may restart before it is downed
     exact: bool = False           # check counter values (needs a fault-free run)
     steps_max: int = 0            # 0: no bound
+    pipelines_per_s: float = 0.0  # client pipelines (routing "pipeline"), besides calls_per_s
+    scatters_per_s: float = 0.0   # client scatter-gathers (routing "scatter")
+    stages: int = 3               # stages of each pipeline
+    targets: int = 24             # agents of each scatter
+    routed_timeout_ms: int = 0    # their timeout_ms; 0: none (the node's default)
 
     def network(self) -> NetworkConfig:
         return NetworkConfig(self.drop_rate, self.dup_rate, self.delay_min_s, self.delay_max_s)
@@ -1113,14 +1232,20 @@ STRONG = frozenset((QUORUM, ALL))  # consistencies whose acknowledged writes out
 
 class _Call:
     __slots__ = ("entry", "mtype", "subject", "n", "issued_at", "answer", "lost",
-                 "acked_before", "consistency")
+                 "acked_before", "consistency", "routing", "targets", "deadline",
+                 "answered_at")
 
     def __init__(self, entry: str, mtype: str, subject: str, n: int, issued_at: float,
-                 consistency: str | None = None):
+                 consistency: str | None = None, routing: str | None = None,
+                 targets: tuple = (), deadline: float | None = None):
         self.entry, self.mtype, self.subject, self.n = entry, mtype, subject, n
         self.issued_at = issued_at
         self.consistency = consistency  # what the request named (None: the node's default)
-        self.answer: Any = None      # ("data", value) or ("error", code)
+        self.routing = routing          # None (direct), "pipeline" or "scatter"
+        self.targets = targets          # a scatter's agents, in order
+        self.deadline = deadline        # a pipeline's or scatter's: answered by then
+        self.answer: Any = None      # ("data", value) or ("error", code, message)
+        self.answered_at: float | None = None
         self.lost = False            # its entry node crashed before answering
         self.acked_before = 0        # exact mode: acknowledged incr sum when issued
 
@@ -1188,6 +1313,12 @@ class NodeSim:
         is skipped and counted); a crashed or stopped node restarts only once the
         others took it off the ring, unless ``fast_restarts``.
 
+    (f) a pipeline or scatter (``issue_pipeline``, ``issue_scatter``; random ones
+        with ``pipelines_per_s``, ``scatters_per_s``) is answered by its deadline
+        (its timeout_ms, else the forward timeout) unless its entry was paused; its
+        answer has the strategy's shape (an int; a map of every target in order to
+        its data or its error), and without faults holds no error.
+
     A machine raising is a violation too (with the seed and the replay command).
     """
 
@@ -1218,6 +1349,7 @@ class NodeSim:
         self.replicated = s.replicas > 1
         self._acked_strong: dict[str, int] = {}
         self.losses_skipped = 0                     # crashes/stops that found no window
+        self.losses: list[tuple[float, str, bool]] = []  # (when, node, graceful) per crash/stop
         self._generation_ns = 1
         self._calling = True
         self.sim.observe(self._after_step)
@@ -1266,8 +1398,11 @@ class NodeSim:
             sim.at(start, self._pause_one(start + rng.uniform(0.01, 0.1) * span))
         if self.bounded:
             sim.at(s.warmup_s, self._check_converged)
-        if s.calls_per_s > 0:
-            sim.at(s.warmup_s, self._next_call)
+        for rate, issue_one in ((s.calls_per_s, self._one_call),
+                                (s.pipelines_per_s, self._one_pipeline),
+                                (s.scatters_per_s, self._one_scatter)):
+            if rate > 0:
+                sim.at(s.warmup_s, self._client(rate, issue_one))
 
     def _check_converged(self, sim: Simulator) -> None:
         """Exact values need owners that no longer move: every view full by then."""
@@ -1369,10 +1504,16 @@ class NodeSim:
     LEAVE_WAIT_MAX_S = 10.0  # a leaving node waits this long for its handoffs at most
     LEAVE_QUIET_S = 0.5      # ... and until none has been in flight for this long
 
+    def crash(self, victim: str, restart_at: float) -> None:
+        """Crash node ``victim`` now (a scripted fault); it restarts, fresh, at
+        ``restart_at`` (later, with replication on, as ``_restart`` says)."""
+        self._crash(victim, False, restart_at)
+
     def _crash(self, victim: str, graceful: bool, restart_at: float) -> None:
         """The node is gone (state lost); calls that entered it are lost with it,
         except that a graceful stop must have answered every one."""
         sim = self.sim
+        self.losses.append((sim.now, victim, graceful))
         self._forget_node(victim)
         sim.crash(victim)
         for call_id, call in self.calls.items():
@@ -1411,28 +1552,54 @@ class NodeSim:
         return pause
 
     # -- clients ---------------------------------------------------------------------
-    def _next_call(self, sim: Simulator) -> None:
-        if not self._calling:
-            return
-        s, rng = self.scenario, sim.rng
-        ids = sim.up_ids()
-        if ids:
-            entry = ids[rng.randrange(len(ids))]
-            subject = f"counter/{rng.randrange(s.counters)}"
-            kind = rng.random()
-            if kind < 0.6:
-                self.issue(entry, "incr", subject, rng.randint(1, 5))
-            elif kind < 0.98:
-                self.issue(entry, "get", subject, None)
-            else:
-                self.issue(entry, wire.TYPE_STATUS, None, None)
-        sim.at(sim.now + rng.expovariate(s.calls_per_s), self._next_call)
+    def _client(self, rate_per_s: float, issue_one: Callable[[str, random.Random], None]
+                ) -> Callable[[Simulator], None]:
+        """A client load: ``issue_one(entry, rng)`` at a random live entry node, at
+        ``rate_per_s`` on average (Poisson), until the clients stop."""
+        def next_one(sim: Simulator) -> None:
+            if not self._calling:
+                return
+            ids = sim.up_ids()
+            if ids:
+                issue_one(ids[sim.rng.randrange(len(ids))], sim.rng)
+            sim.at(sim.now + sim.rng.expovariate(rate_per_s), next_one)
+        return next_one
+
+    def _one_call(self, entry: str, rng: random.Random) -> None:
+        subject = f"counter/{rng.randrange(self.scenario.counters)}"
+        kind = rng.random()
+        if kind < 0.6:
+            self.issue(entry, "incr", subject, rng.randint(1, 5))
+        elif kind < 0.98:
+            self.issue(entry, "get", subject, None)
+        else:
+            self.issue(entry, wire.TYPE_STATUS, None, None)
+
+    # Composite calls touch counters of their own (``counter/s...`` for scatters, a
+    # pipeline's incr stages fresh ``counter/p<call>.<stage>`` ones): the direct
+    # calls' counter checks, (d) and (e), see none of their writes, and an incr
+    # stage's data (the previous stage's answer) never compounds.
+    def _one_pipeline(self, entry: str, rng: random.Random) -> None:
+        s, call_id = self.scenario, len(self.calls) + 1
+        stages = [(f"counter/p{call_id}.{i}", "incr") if rng.random() < 0.6
+                  else (self.scatter_counter(rng.randrange(2 * s.targets)), "get")
+                  for i in range(s.stages)]
+        self.issue_pipeline(entry, stages, rng.randint(1, 5), s.routed_timeout_ms or None)
+
+    def _one_scatter(self, entry: str, rng: random.Random) -> None:
+        s = self.scenario
+        targets = [self.scatter_counter(i) for i in rng.sample(range(2 * s.targets), s.targets)]
+        mtype, data = ("incr", rng.randint(1, 5)) if rng.random() < 0.5 else ("get", None)
+        self.issue_scatter(entry, mtype, targets, data, s.routed_timeout_ms or None)
+
+    @staticmethod
+    def scatter_counter(i: int) -> str:
+        return f"{CounterHost.PREFIX}s{i}"
 
     def issue(self, entry: str, mtype: str, subject: str | None, data: Any,
               ttl: int | None = None, consistency: str | None = None) -> int:
         """A client sends a call to node ``entry``; returns the call id.  An incr
         names ``consistency`` (default: the scenario's)."""
-        call_id = len(self.calls) + 1
         if mtype == "incr":
             consistency = consistency or self.scenario.consistency
         call = _Call(entry, mtype, subject, data if mtype == "incr" else 0, self.sim.now,
@@ -1441,17 +1608,46 @@ class NodeSim:
             call.acked_before = self._acked.get(subject, 0)
         if mtype == "incr" and type(data) is int:
             self._issued[subject] = self._issued.get(subject, 0) + data
+        return self._send(call, lambda rid: wire.request(rid, mtype, subject, data, ttl=ttl,
+                                                         consistency=consistency))
+
+    def issue_pipeline(self, entry: str, stages: list[tuple[str, str]], data: Any,
+                       timeout_ms: int | None = None) -> int:
+        """A client sends a pipeline of ``(agent, type)`` stages to node ``entry``;
+        returns the call id.  Its answer is due by ``timeout_ms`` (default: the
+        node's, a forward's timeout)."""
+        (agent, mtype), rest = stages[0], [list(stage) for stage in stages[1:]]
+        call = _Call(entry, mtype, agent, 0, self.sim.now, routing=wire.ROUTING_PIPELINE,
+                     deadline=self._deadline(timeout_ms))
+        return self._send(call, lambda rid: wire.request(
+            rid, mtype, agent, data, routing=wire.ROUTING_PIPELINE, stages=rest,
+            timeout_ms=timeout_ms))
+
+    def issue_scatter(self, entry: str, mtype: str, targets: list[str], data: Any,
+                      timeout_ms: int | None = None) -> int:
+        """A client sends ``mtype`` to every agent of ``targets`` (routing
+        "scatter") through node ``entry``; returns the call id."""
+        call = _Call(entry, mtype, None, 0, self.sim.now, routing=wire.ROUTING_SCATTER,
+                     targets=tuple(targets), deadline=self._deadline(timeout_ms))
+        return self._send(call, lambda rid: wire.request(
+            rid, mtype, None, data, routing=wire.ROUTING_SCATTER, targets=list(targets),
+            timeout_ms=timeout_ms))
+
+    def _deadline(self, timeout_ms: int | None) -> float:
+        timeout_s = timeout_ms / 1000 if timeout_ms else self.scenario.forward_timeout_s
+        return self.sim.now + timeout_s
+
+    def _send(self, call: _Call, envelope_for: Callable[[str], dict]) -> int:
+        call_id = len(self.calls) + 1
         self.calls[call_id] = call
         self.unanswered += 1
-        request_id = f"r{call_id}"
 
         def lost() -> None:  # the entry crashed as the call arrived
             if call.answer is None and not call.lost:
                 call.lost = True
                 self.unanswered -= 1
-        envelope = wire.encode(wire.request(request_id, mtype, subject, data, ttl=ttl,
-                                            consistency=consistency))
-        self.sim.inject(entry, lambda node, now: node.call(call_id, envelope, now), lost)
+        envelope = wire.encode(envelope_for(f"r{call_id}"))
+        self.sim.inject(call.entry, lambda node, now: node.call(call_id, envelope, now), lost)
         return call_id
 
     # -- invariants --------------------------------------------------------------------
@@ -1472,15 +1668,24 @@ class NodeSim:
         if node != call.entry:
             self._violate(f"(a) call {effect.handle} entered {call.entry} but {node} answered")
         self.unanswered -= 1
+        call.answered_at = self.sim.now
+        if call.deadline is not None:
+            self._check_deadline(effect.handle, call)
         if isinstance(effect, Fail):
-            call.answer = ("error", effect.code)
+            call.answer = ("error", effect.code, effect.message)
             if effect.code not in ErrorCode.ALL:
                 self._violate(f"(c) error code {effect.code!r} is not an ErrorCode: {effect!r:.200}")
             elif self.scenario.exact:
                 self._violate(f"(d) call {effect.handle} failed in a fault-free run: {effect!r:.200}")
             return
         call.answer = ("data", effect.data)
-        if call.mtype == wire.TYPE_STATUS:
+        if call.routing == wire.ROUTING_SCATTER:
+            self._check_gathered(effect.handle, call, effect.data)
+        elif call.routing == wire.ROUTING_PIPELINE:
+            if type(effect.data) is not int:
+                self._violate(f"(c) pipeline call {effect.handle} answered "
+                              f"{effect.data!r:.80}, not an int")
+        elif call.mtype == wire.TYPE_STATUS:
             self._check_status(node, effect.handle, effect.data)
         elif type(effect.data) is not int:
             self._violate(f"(c) {call.mtype} answered {effect.data!r:.80}, not an int")
@@ -1489,6 +1694,36 @@ class NodeSim:
                 self._acked_strong[call.subject] = self._acked_strong.get(call.subject, 0) + call.n
             if self.bounded:
                 self._check_counter(effect.handle, call, effect.data)
+
+    DEADLINE_SLACK_S = 1e-6  # the entry answers at its own timer: float rounding only
+
+    def _check_deadline(self, call_id: int, call: _Call) -> None:
+        """(f) A pipeline or scatter is answered by its deadline, by the entry node's
+        own timer (a paused entry answers when it runs again: not checked then)."""
+        late = self.sim.now - call.deadline
+        if late > self.DEADLINE_SLACK_S and not self.scenario.pauses:
+            self._violate(f"(f) {call.routing} call {call_id} answered {late:.3f} s after "
+                          f"its deadline")
+
+    def _check_gathered(self, call_id: int, call: _Call, data: Any) -> None:
+        """(c) A scatter's answer maps each target, in order, to ``{"data": int}`` or
+        ``{"error": {"code", "message"}}``; (d) without faults, never an error."""
+        if not isinstance(data, dict) or tuple(data) != call.targets:
+            self._violate(f"(c) scatter call {call_id} answered {data!r:.200}, not a map "
+                          f"of its {len(call.targets)} targets in order")
+            return
+        for agent, entry in data.items():
+            error = entry.get("error") if isinstance(entry, dict) else None
+            if isinstance(entry, dict) and list(entry) == ["data"] and type(entry["data"]) is int:
+                continue
+            if (isinstance(error, dict) and list(entry) == ["error"]
+                    and error.get("code") in ErrorCode.ALL
+                    and type(error.get("message")) is str):
+                if self.scenario.exact:
+                    self._violate(f"(d) scatter call {call_id}: {agent} failed in a "
+                                  f"fault-free run: {entry!r:.200}")
+                continue
+            self._violate(f"(c) scatter call {call_id}: {agent} answered {entry!r:.200}")
 
     def _check_status(self, node: str, call_id: int, data: Any) -> None:
         rows = data.get("members") if isinstance(data, dict) else None
@@ -1596,9 +1831,10 @@ class NodeSim:
         sim.heal()
         for n in sim.node_ids:
             sim.resume(n)
-        # Past the last forward's deadline, plus the slowest message, plus a margin.
-        sim.run_for(s.forward_timeout_s + 2 * s.delay_max_s + 1.0,
-                    max_steps=s.steps_max or None)
+        # Past the last forward's (or pipeline's, scatter's) deadline, plus the
+        # slowest message, plus a margin.
+        sim.run_for(max(s.forward_timeout_s, s.routed_timeout_ms / 1000)
+                    + 2 * s.delay_max_s + 1.0, max_steps=s.steps_max or None)
 
     SETTLE_MAX_S = 120.0  # after heal: time for views to agree and replication to go quiet
     SETTLE_STEP_S = 1.0
