@@ -973,6 +973,14 @@ class Node:
             self._arm("strategies", self.strategies)
         self._route_direct(req, payload, reply_to, hops, origin, hold)
 
+    def _piece_timeout(self, reply_to: tuple, now: float) -> float | None:
+        """How long a forwarded piece of a scatter or pipeline may take: until its
+        whole request's deadline (the router's forward timeout is the floor)."""
+        if reply_to[1] is not STRATEGY:
+            return None
+        deadline = Strategies.deadline_of(reply_to[0])
+        return None if deadline is None else deadline - now
+
     def _owner_of(self, agent: str, ttl: int | None, hops: int) -> str | Refusal:
         target = self.router.route(agent, ttl, hops)
         if target == self._me and self._moved_to:
@@ -1004,8 +1012,10 @@ class Node:
             frames = peer.forward(self._me, origin or self._me, hops + 1, b"", payload)
             give_up = None
         elif reply_to[1] is None or reply_to[1] is STRATEGY:  # answered through us
-            token = self.router.forward_started(reply_to, req.id, req.type, owner, _now(),
-                                                reply_to[4], req.nbytes)
+            now = _now()
+            token = self.router.forward_started(reply_to, req.id, req.type, owner, now,
+                                                reply_to[4], req.nbytes,
+                                                self._piece_timeout(reply_to, now))
             if type(token) is Refusal:
                 self._reply_error(reply_to, req.id, token.code, token.message, req.type)
                 return

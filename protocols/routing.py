@@ -29,6 +29,7 @@ The table is bounded in count (``forwards_max``) and in envelope bytes
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import struct
 from collections import OrderedDict
@@ -93,6 +94,10 @@ class Router:
         self._cache: dict[str, str] = {}
         # One timeout for all, so insertion order is deadline order: the oldest is first.
         self._pending: OrderedDict[bytes, Pending] = OrderedDict()
+        # Forwards given longer (a piece of a pipeline or scatter with a deadline of its
+        # own): kept apart, in deadline order on a heap, so the common case stays a queue.
+        self._long: dict[bytes, Pending] = {}
+        self._long_heap: list[tuple[float, bytes]] = []
         self._counter = itertools.count(1)
         self._quorate = True
         self._minority = Refusal(ErrorCode.UNAVAILABLE, "")
@@ -153,7 +158,8 @@ class Router:
         self._cache = {}
         self._members = wanted
         answering = wanted if reachable is None else wanted | frozenset(reachable)
-        gone = [p for p in self._pending.values() if p.owner not in answering]
+        gone = [p for p in (*self._pending.values(), *self._long.values())
+                if p.owner not in answering]
         return [self._end(p, ErrorCode.UNAVAILABLE, f"owner {p.owner!r} left the member view")
                 for p in gone]
 
@@ -181,25 +187,33 @@ class Router:
     # --- forwards in flight -----------------------------------------------------------
 
     def forward_started(self, handle: Any, request_id: str, mtype: str, owner: str,
-                        now: float, arrived: float, nbytes: int = 0) -> bytes | Refusal:
+                        now: float, arrived: float, nbytes: int = 0,
+                        timeout_s: float | None = None) -> bytes | Refusal:
         """Record a forwarded call of ``nbytes``; its token, or a Refusal when the
-        table is full (in count or in bytes)."""
-        if len(self._pending) >= self._forwards_max:
+        table is full (in count or in bytes).  ``timeout_s`` longer than the forward
+        timeout gives it that long (a pipeline's or scatter's own deadline)."""
+        if len(self._pending) + len(self._long) >= self._forwards_max:
             return Refusal(ErrorCode.OVERLOADED,
                            f"{self._forwards_max} forwards in flight on this node")
         if self._bytes + nbytes > self._bytes_max:
             return Refusal(ErrorCode.OVERLOADED,
                            f"{self._bytes} bytes of forwards in flight on this node")
         token = _TOKEN.pack(self._key, next(self._counter))
-        self._pending[token] = Pending(token, handle, request_id, mtype, owner,
-                                       now + self._timeout_s, arrived, now, nbytes)
+        long = timeout_s is not None and timeout_s > self._timeout_s
+        pending = Pending(token, handle, request_id, mtype, owner,
+                          now + (timeout_s if long else self._timeout_s), arrived, now, nbytes)
+        if long:
+            self._long[token] = pending
+            heapq.heappush(self._long_heap, (pending.deadline, token))
+        else:
+            self._pending[token] = pending
         self._bytes += nbytes
         return token
 
     def reply_arrived(self, token: bytes) -> Pending | None:
         """The owner answered: the pending forward, ended; None if it had already
         ended or was never ours (counted in ``late_replies``)."""
-        pending = self._pending.pop(token, None)
+        pending = self._pending.pop(token, None) or self._long.pop(token, None)
         if pending is None:
             self.late_replies += 1
         else:
@@ -207,7 +221,7 @@ class Router:
         return pending
 
     def send_failed(self, token: bytes, code: str, message: str) -> list:
-        pending = self._pending.get(token)
+        pending = self._pending.get(token) or self._long.get(token)
         return [] if pending is None else [self._end(pending, code, message)]
 
     def owns_token(self, token: bytes) -> bool:
@@ -216,14 +230,18 @@ class Router:
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._long)
 
     # --- the machine contract -----------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        if not self._pending:
-            return None
-        return next(iter(self._pending.values())).deadline
+        heap = self._long_heap
+        while heap and heap[0][1] not in self._long:
+            heapq.heappop(heap)  # ended already
+        first = next(iter(self._pending.values())).deadline if self._pending else None
+        if heap and (first is None or heap[0][0] < first):
+            return heap[0][0]
+        return first
 
     def tick(self, now: float) -> list:
         """Answer ``timeout`` for every forward past its deadline (the oldest first),
@@ -239,6 +257,13 @@ class Router:
                                      f"{self._timeout_s:g} s"))
             if oldest.owner not in silent:
                 silent.append(oldest.owner)
+        heap = self._long_heap
+        while heap and heap[0][0] <= now:
+            _, token = heapq.heappop(heap)
+            pending = self._long.get(token)
+            if pending is not None:
+                effects.append(self._end(pending, ErrorCode.TIMEOUT,
+                                         f"owner {pending.owner!r} did not answer in time"))
         return effects + [Unresponsive(owner) for owner in silent]
 
     def receive(self, sender: str, message: Any, now: float) -> list:
@@ -249,13 +274,14 @@ class Router:
     def stop(self) -> list:
         """The node is shutting down: every forward still in flight is answered."""
         return [self._end(p, ErrorCode.UNAVAILABLE, "node is shutting down")
-                for p in list(self._pending.values())]
+                for p in [*self._pending.values(), *self._long.values()]]
 
     @property
     def bytes_in_flight(self) -> int:
         return self._bytes
 
     def _end(self, pending: Pending, code: str, message: str) -> Fail:
-        del self._pending[pending.token]
+        if self._pending.pop(pending.token, None) is None:
+            del self._long[pending.token]
         self._bytes -= pending.nbytes
         return Fail(pending.handle, pending.request_id, code, message, pending.mtype)

@@ -847,9 +847,17 @@ class SimNode:
         if target == self.node_id:
             self._handle_local(req, envelope, reply_to, hops, now, hold)
         elif type(target) is Refusal:
-            self._reply(reply_to, req.id, False, target.code, target.message, req.type)
+            self._refuse_request(req, reply_to, target.code, target.message, now)
         else:
             self._forward(target, req, envelope, reply_to, hops, now)
+
+    def _refuse_request(self, req: wire.Request, reply_to: tuple | None, code: str,
+                        message: str, now: float) -> None:
+        """As the runtime: an error before any handler ran; a pipeline stage's names
+        its stage and agent."""
+        if req.routing == wire.ROUTING_PIPELINE and reply_to is not None:
+            reply_to = self.strategies.stage(req, reply_to, now)
+        self._reply(reply_to, req.id, False, code, message, req.type)
 
     def _dispatch_routed(self, req: wire.RoutedRequest, envelope: bytes, reply_to: tuple | None,
                          hops: int, now: float, hold: bool) -> None:
@@ -918,8 +926,8 @@ class SimNode:
                                       req, reply_to)
                 return
             if not self.host.resolves(req.subject):  # the runtime: no behavior by that name
-                self._reply(reply_to, req.id, False, ErrorCode.UNKNOWN_AGENT,
-                            f"no agent {req.subject!r}", req.type)
+                self._refuse_request(req, reply_to, ErrorCode.UNKNOWN_AGENT,
+                                     f"no agent {req.subject!r}", now)
                 return
         if req.routing == wire.ROUTING_PIPELINE:  # its answer moves the pipeline on
             reply_to = self.strategies.stage(req, reply_to, now)
@@ -959,7 +967,8 @@ class SimNode:
             frames = peer.forward(self.node_id, self.node_id, hops + 1, b"", envelope)
         elif reply_to[1] is None or reply_to[1] is STRATEGY:  # answered through us
             token = self.router.forward_started(reply_to, req.id, req.type, owner, now,
-                                                reply_to[4], req.nbytes)
+                                                reply_to[4], req.nbytes,
+                                                self._piece_timeout(reply_to, now))
             if type(token) is Refusal:
                 self._reply(reply_to, req.id, False, token.code, token.message, req.type)
                 return
@@ -967,6 +976,15 @@ class SimNode:
         else:
             frames = peer.forward(self.node_id, reply_to[1], hops + 1, reply_to[2], envelope)
         self._out.append(SendFrames(owner, frames))
+
+    @staticmethod
+    def _piece_timeout(reply_to: tuple, now: float) -> float | None:
+        """As the runtime: a piece of a scatter or pipeline may take until its whole
+        request's deadline."""
+        if reply_to[1] is not STRATEGY:
+            return None
+        deadline = Strategies.deadline_of(reply_to[0])
+        return None if deadline is None else deadline - now
 
     # -- replies (the runtime's _reply_data/_reply_error, _send_reply, _on_reply) --------
     def _do_answer(self, effect: Answer) -> None:

@@ -171,9 +171,11 @@ class Strategies:
              hops: int) -> Route:
         env = wire.request(req.id, req.type, agent, req.data,
                            traceparent=req.raw.get("traceparent"), ttl=req.ttl)
-        one = wire.Request(req.id, req.type, agent, wire.MODE_CALL, req.data, req.ttl, env)
+        encoded = wire.encode(env)
+        one = wire.Request(req.id, req.type, agent, wire.MODE_CALL, req.data, req.ttl, env,
+                           len(encoded))  # its bytes count against the node's budgets
         slot = (Part(gather, (agent,), False), STRATEGY, None, reply_to[3], reply_to[4])
-        return Route(one, wire.encode(env), slot, hops)
+        return Route(one, encoded, slot, hops)
 
     def _part(self, gather: Gather, req: wire.RoutedRequest, owner: str, agents: tuple,
               reply_to: tuple, hops: int, now: float) -> ForwardTo:
@@ -186,8 +188,10 @@ class Strategies:
                                   env, routing=wire.ROUTING_SCATTER, targets=agents,
                                   timeout_ms=sub_ms)
         self.stats["scatter_parts"] += 1
+        encoded = wire.encode(env)
+        part.nbytes = len(encoded)
         slot = (Part(gather, agents, True), STRATEGY, None, reply_to[3], reply_to[4])
-        return ForwardTo(owner, part, wire.encode(env), slot, hops)
+        return ForwardTo(owner, part, encoded, slot, hops)
 
     def _part_answered(self, part: Part, payload: bytes) -> list:
         gather = part.gather
@@ -249,10 +253,12 @@ class Strategies:
 
     def stage(self, req: wire.RoutedRequest, reply_to: tuple | None, now: float) -> tuple | None:
         """The reply_to of one stage run here: its answer moves the pipeline on."""
-        if reply_to is None:
-            return None
+        if reply_to is None or type(reply_to[0]) is Stage:
+            return reply_to  # nobody to answer, or wrapped already (held, then run)
         self.stats["stages"] += 1
-        deadline = reply_to[4] + req.timeout_ms / 1000 if req.timeout_ms else None
+        # From now: ``timeout_ms`` is what was left when this stage's request was made
+        # (by the caller, or by the stage before it, on this node or another).
+        deadline = now + req.timeout_ms / 1000 if req.timeout_ms else None
         return (Stage(req, reply_to, deadline), STRATEGY, None, reply_to[3], reply_to[4])
 
     def _stage_answered(self, stage: Stage, payload: bytes, now: float) -> list:
@@ -321,6 +327,12 @@ class Strategies:
         if kind is Stage:
             return self._stage_answered(slot, payload, now)
         return self._whole_answered(slot, payload)
+
+    @staticmethod
+    def deadline_of(slot: Any) -> float | None:
+        """When the scatter or pipeline a piece belongs to must be answered (None:
+        a stage of a pipeline that gave no deadline)."""
+        return slot.gather.deadline if type(slot) is Part else slot.deadline
 
     @property
     def in_flight(self) -> int:

@@ -37,7 +37,7 @@ modules_default=(
 # The tests that hold a module: small and fast (no node processes).
 tests_for() {
     case "$1" in
-        protocols/wire.py) echo tests/test_wire.py tests/test_wire_delivery.py ;;
+        protocols/wire.py) echo tests/test_wire.py tests/test_wire_delivery.py tests/test_wire_routing.py ;;
         protocols/routing.py | protocols/status.py | protocols/shutdown.py | protocols/machine.py)
             echo tests/test_machines.py ;;
         core_cy/_hashring_py.py) echo tests/test_core_hashring.py tests/test_core_api.py ;;

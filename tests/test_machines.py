@@ -78,6 +78,37 @@ def test_a_silent_owner_is_answered_timeout_by_the_entry_node():
     assert r.reply_arrived(t1) is None  # the owner answering late changes nothing
 
 
+def test_a_forward_given_longer_ends_at_its_own_deadline_and_only_once():
+    """A piece of a pipeline or scatter waits for its request's deadline, beyond the
+    forward timeout; the usual forwards time out around it as before."""
+    r = router()
+    long = r.forward_started("p", "r1", "t", "b", now=0.0, arrived=0.0, timeout_s=20.0)
+    short = r.forward_started("s", "r2", "t", "b", now=1.0, arrived=1.0, timeout_s=2.0)
+    r.forward_started("d", "r3", "t", "c", now=2.0, arrived=2.0)
+    assert r.in_flight == 3 and r.next_deadline() == 1.0 + TIMEOUT_S  # 2 s is no longer
+    first = r.tick(2.0 + TIMEOUT_S)
+    assert [f.handle for f in first if type(f) is Fail] == ["s", "d"]
+    assert r.next_deadline() == 20.0
+    assert r.tick(19.9) == []
+    [fail] = r.tick(20.0)
+    assert (fail.handle, fail.code) == ("p", "timeout") and r.in_flight == 0
+    assert r.reply_arrived(long) is None and r.reply_arrived(short) is None
+    assert r.next_deadline() is None
+
+
+def test_forwards_given_longer_end_on_reply_leave_and_stop():
+    r = router()
+    t1 = r.forward_started("p1", "r1", "t", "b", now=0.0, arrived=0.0, timeout_s=60.0)
+    r.forward_started("p2", "r2", "t", "c", now=0.0, arrived=0.0, timeout_s=60.0)
+    r.forward_started("p3", "r3", "t", "b", now=0.0, arrived=0.0, timeout_s=60.0)
+    assert r.reply_arrived(t1).handle == "p1"
+    [gone] = r.members_changed(("a", "b"))
+    assert (gone.handle, gone.code) == ("p2", "unavailable")
+    [stopped] = r.stop()
+    assert stopped.handle == "p3" and r.in_flight == 0 and r.next_deadline() is None
+    assert r.tick(100.0) == []
+
+
 def test_forwards_to_an_owner_that_left_are_answered_unavailable():
     r = router()
     r.forward_started("c1", "r1", "get", "b", now=0.0, arrived=0.0)

@@ -321,9 +321,6 @@ def timed_pipeline(seed: int, stages_on: list[int], timeout_ms: int, **options) 
     return ns
 
 
-@pytest.mark.xfail(strict=True, reason="node/runtime.py _forward: a pipeline's first forward "
-                   "is a router forward with the forward timeout, which ends the whole "
-                   "pipeline whatever its timeout_ms")
 def test_a_pipeline_may_take_longer_than_one_forward():
     """4 stages on 4 nodes need 4 hops (200 ms) of their 1,000 ms; the forward
     timeout is 120 ms.  The entry answers 'timeout' at 120 ms."""
@@ -331,9 +328,6 @@ def test_a_pipeline_may_take_longer_than_one_forward():
     assert ns.calls[1].answer == ("data", 1), ns.calls[1].answer
 
 
-@pytest.mark.xfail(strict=True, reason="protocols/strategies.py stage(): a stage's deadline "
-                   "counts from reply_to[4], the arrival of the first of consecutive "
-                   "stages on one node, so each such stage loses the time spent before it")
 def test_consecutive_stages_on_one_node_keep_the_pipeline_deadline():
     """4 stages on n000 (the entry), each waiting for a replica's ack (~100 ms).
     The first pipeline, with a 5 s deadline, shows how long it takes; the second
@@ -345,9 +339,6 @@ def test_consecutive_stages_on_one_node_keep_the_pipeline_deadline():
     assert ns.calls[2].answer == ("data", 1), ns.calls[2].answer
 
 
-@pytest.mark.xfail(strict=True, reason="node/runtime.py _handle_local: the stage wrap comes "
-                   "after the activation, so an unknown agent at stage k is answered "
-                   "without the stage and agent")
 def test_an_unknown_agent_at_a_stage_is_named_in_the_error():
     ns = NodeSim(Scenario(seed=6, nodes=4, duration_s=4.0, calls_per_s=0.0))
     ns.sim.at(3.0, lambda sim: ns.issue_pipeline(
