@@ -318,6 +318,10 @@ def _ctl_parser() -> argparse.ArgumentParser:
     sub.add_parser("ping", help="check that the node answers")
     sub.add_parser("members", help="the member list as the node sees it: id, address, "
                                    "state (alive, suspect, dead, left), incarnation, agents")
+    certs = sub.add_parser("certs", help="TLS certificates for the QUIC and HTTP/2 bridges: "
+                                         "DIR [NAMES...] [--host H]... [--client NAME]...",
+                           add_help=False)
+    certs.add_argument("certs_args", nargs=argparse.REMAINDER)
     keys = sub.add_parser("keys", help="CURVE certificates (docs/OPERATIONS.md, 'Securing "
                                        "a cluster')")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -532,11 +536,18 @@ def _print_result(args: argparse.Namespace, result: Any) -> None:
 
 
 def ctl_main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if raw[:1] == ["certs"]:  # its own parser, --help included (node/transports/certs.py)
+        from .transports.certs import certs_main
+        return certs_main(raw[1:])
     parser = _ctl_parser()
     args = parser.parse_args(argv)
     _check_routed(parser, args)
     if args.command == "keys":
         return _keys_command(args)
+    if args.command == "certs":  # a CA and node certificates (node/transports/certs.py)
+        from .transports.certs import certs_main
+        return certs_main(args.certs_args)
     try:
         client = Client(args.node, timeout_s=args.timeout, curve_secret=args.curve_secret,
                         curve_server=args.curve_server)

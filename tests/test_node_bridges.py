@@ -200,3 +200,147 @@ def _sees(node: NodeProcess, other: str) -> bool:
     with node.client() as c:
         return any(m["node_id"] == other and m["state"] == "alive"
                    for m in c.members()["members"])
+
+
+# --- QUIC ------------------------------------------------------------------------------
+
+def quic_args(certs_dir, name: str, *extra: str) -> tuple[str, ...]:
+    return ("--quic", "127.0.0.1:0", "--tls-cert", str(certs_dir / f"{name}.pem"),
+            "--tls-key", str(certs_dir / f"{name}.key"), "--tls-ca", str(certs_dir / "ca.pem"),
+            "--transport-order", "quic,zmq", *extra)
+
+
+@pytest.fixture
+def certs(tmp_path):
+    from node.cli import ctl_main
+    directory = tmp_path / "certs"
+    assert ctl_main(["certs", str(directory), "n0", "n1", "--client", "ops"]) == 0
+    return directory
+
+
+def test_forwards_go_over_quic_and_a_quic_client_calls_an_agent(tmp_path, certs):
+    from node.quic_client import QuicClient
+    cluster = Cluster(2, tmp_path, metrics=True, node_args=lambda name: quic_args(certs, name))
+    try:
+        n0 = cluster.nodes[0]
+        agents = owned_by(n0, "n1")
+        before = transport_count(n0, "messages", "quic")
+        with n0.client() as c:  # a ZeroMQ client; its calls reach n1 over QUIC
+            for i, agent in enumerate(agents):
+                assert c.call(agent, "incr", {"n": i + 1}) == {"value": i + 1}
+        assert transport_count(n0, "messages", "quic") >= before + len(agents)
+        assert transport_count(n0, "fallbacks", "zmq") == 0
+        quic = _advertised(n0, "quic")
+        with QuicClient(quic, str(certs / "ca.pem"), str(certs / "ops.pem"),
+                        str(certs / "ops.key")) as qc:
+            assert qc.call(agents[0], "get") == {"value": 1}
+            assert qc.call("counter/q", "incr", {"n": 4}) == {"value": 4}
+    finally:
+        cluster.close()
+
+
+def _advertised(node: NodeProcess, transport: str) -> str:
+    with node.client() as c:
+        for row in c.members()["members"]:
+            endpoint = (row.get("endpoints") or {}).get(transport)
+            if row["node_id"] == node.name and endpoint:
+                return endpoint
+    raise AssertionError(f"{node.name} advertises no {transport} endpoint")
+
+
+class UdpRelay:
+    """A UDP relay on a fixed loopback port; ``cut`` drops everything (the peer's
+    listener is gone, as far as anyone can tell), ``mend`` relays again."""
+
+    def __init__(self, port: int, target: tuple[str, int]):
+        self.target = target
+        self.cut_off = False
+        self._front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._front.bind(("127.0.0.1", port))
+        self._backs: dict[tuple, socket.socket] = {}
+        self._closed = False
+        threading.Thread(target=self._front_loop, daemon=True).start()
+
+    def _front_loop(self) -> None:
+        while not self._closed:
+            try:
+                data, source = self._front.recvfrom(65536)
+            except OSError:
+                return
+            back = self._backs.get(source)
+            if back is None:
+                back = self._backs[source] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                back.connect(self.target)
+                threading.Thread(target=self._back_loop, args=(back, source),
+                                 daemon=True).start()
+            if not self.cut_off:
+                back.send(data)
+
+    def _back_loop(self, back: socket.socket, source: tuple) -> None:
+        while not self._closed:
+            try:
+                data = back.recv(65536)
+            except OSError:
+                return
+            if not self.cut_off:
+                try:
+                    self._front.sendto(data, source)
+                except OSError:  # closed meanwhile
+                    return
+
+    def close(self) -> None:
+        self._closed = True
+        self._front.close()
+        for back in self._backs.values():
+            back.close()
+
+
+def test_a_quic_peer_that_goes_silent_falls_back_opens_the_breaker_and_recovers(tmp_path, certs):
+    """n1's QUIC endpoint is reached through a UDP relay; the relay goes silent: calls
+    go on over ZeroMQ and n0's breaker for (n1, quic) opens; the relay relays again:
+    a trial goes through after the open time and the breaker closes."""
+    fast = ("--breaker-failures", "2", "--breaker-open-s", "1", "--handler-timeout-s", "2",
+            "--forward-margin-s", "1")
+    n0 = NodeProcess("n0", tmp_path, metrics=True, args=quic_args(certs, "n0", *fast))
+    nodes, relay = [n0], None
+    try:
+        n0.wait_serving()
+        relay_port, quic_port = free_port(), free_port()
+        n1 = NodeProcess("n1", tmp_path, seeds=(n0.address,), metrics=True,
+                         args=(*quic_args(certs, "n1"), "--quic", f"127.0.0.1:{quic_port}",
+                               "--quic-advertise", f"127.0.0.1:{relay_port}"))
+        nodes.append(n1)
+        relay = UdpRelay(relay_port, ("127.0.0.1", quic_port))
+        n1.wait_serving()
+        wait_until(lambda: _sees(n0, "n1"), timeout_s=15, what="n0 sees n1")
+        agents = owned_by(n0, "n1")
+        with n0.client(timeout_s=10) as c:
+            assert c.call(agents[0], "incr") == {"value": 1}
+            relay.cut_off = True
+            _keep_calling(c, agents[1], lambda: breaker_state(n0, "n1", "quic") == 2)
+            assert breaker_state(n0, "n1", "quic") == 2, "the breaker never opened"
+            before = c.call(agents[1], "get")["value"]
+            assert c.call(agents[1], "incr") == {"value": before + 1}  # over ZeroMQ
+            assert transport_count(n0, "fallbacks", "zmq") >= 1
+            relay.cut_off = False
+            _keep_calling(c, agents[2], lambda: breaker_state(n0, "n1", "quic") == 0)
+            assert breaker_state(n0, "n1", "quic") == 0, "the breaker never closed again"
+            assert c.call(agents[2], "get")["value"] >= 1
+    finally:
+        if relay is not None:
+            relay.close()
+        for node in nodes:
+            node.kill()
+
+
+def _keep_calling(client, agent: str, until, timeout_s: float = 30.0) -> None:
+    """Call ``agent`` until ``until()`` (at most ``timeout_s``).  A call in flight
+    when the path broke may time out: that is what the breaker exists to end."""
+    from node.client import CallTimeout, RemoteError
+    deadline = time.monotonic() + timeout_s
+    while not until() and time.monotonic() < deadline:
+        try:
+            client.call(agent, "incr")
+        except (RemoteError, CallTimeout):
+            pass
+        time.sleep(0.1)

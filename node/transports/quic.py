@@ -51,7 +51,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicErrorCode
 from aioquic.tls import AlertBadCertificate, AlertCertificateExpired, verify_certificate
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocols import wire
 from protocols.peer import MAGIC_FAMILY
@@ -61,14 +61,16 @@ from .base import BridgeHandle, Inbound, OnGiveUp, Transport
 from .framing import MESSAGE_BYTES_MAX, FramingError, decode_frames, encode_frames
 from .quic_io import (CONN_BAD_CERTIFICATE, CONN_REFUSED, STREAM_REFUSED, STREAM_TOO_LARGE,
                       Backlog, BatchedConnection, Inflow, StreamTooLarge, UdpEndpoint,
-                      ask_client_certificate, configuration, connected_socket, read_ca,
-                      split_endpoint)
+                      ask_client_certificate, configuration, connected_socket,
+                      oldest_unacked_stream, read_ca, split_endpoint)
 
 QUIC = "quic"                   # the endpoint name members advertise
 HANDSHAKE_TIMEOUT_S = 3.0       # a dial not connected by then fails
 PEER_QUEUE_MAX = 10_000         # sends waiting for one peer's handshake
 PEER_QUEUE_DEADLINE_S = 1.0     # how long such a send may wait
 REDIAL_AFTER_S = (0.1, 5.0)     # a failed dial waits this long (doubling) before the next
+ACK_DEADLINE_S = 2.0            # a link whose oldest unacknowledged stream stays so long is dead
+WATCH_INTERVAL_S = 0.25         # how often links are checked for that
 LINKS_MAX = 1024 + 64           # peers dialed at once (members and a few more)
 CONNECTIONS_MAX = 1024          # connections accepted at once
 CONN_INBOUND_BYTES_MAX = 64 << 20  # unfinished streams' bytes per connection
@@ -205,6 +207,7 @@ class _Accepted(_Connection):
         super().__init__(quic, owner)
         ask_client_certificate(quic)
         self.is_peer = False
+        self.node_name = b""   # a peer's certificate common name: the node id it speaks as
         self.verified = False  # the handshake completed and the certificate checked
         self.principal = b""
         self.awaiting: set[int] = set()  # bidirectional streams owed an answer
@@ -241,6 +244,7 @@ class _Accepted(_Connection):
         except (AlertBadCertificate, AlertCertificateExpired) as exc:
             return f"client certificate: {exc}"
         self.is_peer = _is_node_certificate(cert)
+        self.node_name = _common_name(cert).encode()
         self.principal = cert.subject.rfc4514_string().encode()
         return None
 
@@ -256,7 +260,7 @@ class _Accepted(_Connection):
         elif not stream_id & 2:
             owner.on_request(self, stream_id, payload)
         elif self.is_peer:
-            owner.on_peer_message(payload)
+            owner.on_peer_message(self, payload)
         else:
             owner.on_one_way(self, stream_id, payload)
 
@@ -281,7 +285,7 @@ class _Link:
     """The connection this node dials to one peer endpoint, and what waits for it."""
 
     __slots__ = ("endpoint", "conn", "up", "queue", "queued_bytes", "sent", "failed",
-                 "redial_at", "redial_s", "dialing", "timer")
+                 "redial_at", "redial_s", "dialing", "timer", "stalled_stream", "stalled_since")
 
     def __init__(self, endpoint: str):
         self.endpoint = endpoint
@@ -295,6 +299,8 @@ class _Link:
         self.redial_s = REDIAL_AFTER_S[0]
         self.dialing: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.stalled_stream: int | None = None  # the oldest stream still unacknowledged
+        self.stalled_since = 0.0
 
 
 class _Dialed(_Connection):
@@ -330,6 +336,11 @@ class _Dialed(_Connection):
             self.owner.link_down(self.link, reason, clean and self.link.up)
         if self._transport is not None:
             self._transport.close()
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
 
 
 def _is_node_certificate(cert: x509.Certificate) -> bool:
@@ -387,6 +398,7 @@ class QuicTransport(Transport):
         self._queued = 0
         self._logged: set[str] = set()
         self._closed = False
+        self._watch_timer: asyncio.TimerHandle | None = None
 
     # Lifecycle -------------------------------------------------------------------
 
@@ -412,6 +424,27 @@ class QuicTransport(Transport):
         self._server = QuicServer(configuration=self._server_config,
                                   create_protocol=self._accept)
         self._udp = UdpEndpoint(loop, sock, self._server)
+        self._watch_timer = loop.call_later(WATCH_INTERVAL_S, self._watch)
+
+    def _watch(self) -> None:
+        """Close links the peer stopped acknowledging (its listener went away, the
+        path broke): QUIC would only notice at its idle timeout, and until then every
+        send to it would be lost in silence.  Later sends then fail fast, so the
+        circuit breaker opens and traffic falls back to another transport."""
+        if self._closed:
+            return
+        now = self._loop.time()
+        for link in list(self._links.values()):
+            if not link.up or link.conn is None:
+                continue
+            oldest = oldest_unacked_stream(link.conn._quic)
+            if oldest is None or oldest != link.stalled_stream:
+                link.stalled_stream, link.stalled_since = oldest, now
+            elif now - link.stalled_since > ACK_DEADLINE_S:
+                self.count("quic_link_stalled")
+                self.link_down(link, f"{link.endpoint} acknowledged nothing for "
+                                     f"{ACK_DEADLINE_S} s")
+        self._watch_timer = self._loop.call_later(WATCH_INTERVAL_S, self._watch)
 
     def _accept(self, quic: QuicConnection, stream_handler: Any = None) -> _Accepted:
         over = len(self._accepted) >= self._connections_max
@@ -427,6 +460,8 @@ class QuicTransport(Transport):
         if self._closed or self._loop is None:
             return
         self._closed = True
+        if self._watch_timer is not None:
+            self._watch_timer.cancel()
         for link in list(self._links.values()):
             self._close_link(link, "node is shutting down")
         for conn in list(self._accepted):
@@ -504,7 +539,7 @@ class QuicTransport(Transport):
 
     # Peers: inbound -------------------------------------------------------------------
 
-    def on_peer_message(self, payload: bytes) -> None:
+    def on_peer_message(self, conn: Any, payload: bytes) -> None:
         try:
             frames = decode_frames(payload)
         except FramingError as exc:
@@ -512,6 +547,13 @@ class QuicTransport(Transport):
             return
         if frames[0][:4] != MAGIC_FAMILY:
             self._bad_peer_message("no peer protocol magic")
+            return
+        if len(frames) > 2 and frames[2] != conn.node_name:
+            # A node certificate speaks for the node id it names (its common name),
+            # as a CURVE key does for the id its certificate binds.
+            self.metrics.limited("quic_sender_mismatch")
+            self._bad_peer_message(f"sender {frames[2][:64]!r} is not the certificate's "
+                                   f"{conn.node_name[:64]!r}")
             return
         try:
             self._inbound.peer(frames)

@@ -119,6 +119,13 @@ def unacked_bytes(quic: QuicConnection) -> int:
     return sum(len(stream.sender._buffer) for stream in quic._streams.values())
 
 
+def oldest_unacked_stream(quic: QuicConnection) -> int | None:
+    """The lowest id of this end's streams still holding unacknowledged data, or None.
+    (Same aioquic internals as ``unacked_bytes``.)"""
+    waiting = [sid for sid, stream in quic._streams.items() if stream.sender._buffer]
+    return min(waiting) if waiting else None
+
+
 # Streams being received ------------------------------------------------------------
 
 
