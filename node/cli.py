@@ -437,6 +437,11 @@ def format_status(status: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.append(f"{len(rows) - 1} node(s); answered by {status.get('node', '?')}")
+    for m in status.get("members", []):  # circuit breakers that are not closed
+        for b in (m.get("transports") or {}).get("breakers", []):
+            lines.append(f"breaker {m.get('node')} -> {b.get('peer')} over "
+                         f"{b.get('transport')}: {b.get('state')} (opened {b.get('opened')} "
+                         f"times, {b.get('rejected')} sends turned away)")
     return "\n".join(lines)
 
 

@@ -216,3 +216,16 @@ def test_closed_stdout_is_not_a_traceback(node_factory):
     finally:
         proc.kill()
     assert proc.returncode == 0 and b"Traceback" not in err, err
+
+
+def test_status_lists_breakers_that_are_not_closed():
+    from node.cli import format_status
+    status = {"node": "n0", "members": [
+        {"node": "n0", "address": "tcp://h:1", "reachable": True,
+         "transports": {"running": ["http2", "zmq"], "breakers": [
+             {"peer": "n1", "transport": "http2", "state": "open", "opened": 2,
+              "rejected": 7}]}},
+        {"node": "n1", "address": "tcp://h:2", "reachable": True}]}
+    text = format_status(status)
+    assert "breaker n0 -> n1 over http2: open (opened 2 times, 7 sends turned away)" in text
+    assert "2 node(s); answered by n0" in text

@@ -183,6 +183,9 @@ def test_a_bridge_that_goes_away_falls_back_opens_its_breaker_and_recovers(tmp_p
             wait_until(lambda: breaker_state(n0, "n1", "http2") == 2, timeout_s=10,
                        what="the breaker open")
             assert transport_count(n0, "fallbacks", "zmq") >= 1
+            row = next(r for r in c.status()["members"] if r["node"] == "n0")
+            assert {(b["peer"], b["transport"], b["state"]) for b in
+                    row["transports"]["breakers"]} >= {("n1", "http2", "open")}
             relay.open()
             deadline = time.monotonic() + 20
             while breaker_state(n0, "n1", "http2") != 0 and time.monotonic() < deadline:
