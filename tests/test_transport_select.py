@@ -150,3 +150,17 @@ def test_breaker_never_allows_while_open_and_always_recovers(outcomes):
 def test_bad_breaker_settings_are_refused():
     with pytest.raises(ValueError):
         Breaker(failures_max=0)
+
+
+def test_a_module_named_in_config_registers_its_transport():
+    from node import transports
+    assert "test-h2" not in transports.available()
+    transports.load_modules(["synthesis_test_transport"])
+    assert {"zmq", "http2", "quic", "test-h2"} <= set(transports.available())
+    made = transports.create("test-h2", node_id="n", bind="127.0.0.1:0", max_message_bytes=1024,
+                             metrics=None, log=None)
+    assert made.name == "test-h2"
+    with pytest.raises(ValueError, match="unknown transport"):
+        transports.create("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        transports.register("zmq", object)
