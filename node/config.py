@@ -608,6 +608,9 @@ def _check_bridges(cfg: NodeConfig) -> None:
             and not is_loopback(split_address(cfg.http2, port_min=0)[0]):
         raise ConfigError("http2", "h2c (no TLS) is for loopback: set tls_cert and "
                           "tls_key, or curve = \"off\" to run open on purpose")
+    if cfg.http2 and cfg.curve_enabled and not (cfg.tls_cert and cfg.tls_ca):
+        raise ConfigError("http2", "with CURVE on, the HTTP/2 bridge needs tls_cert, tls_key "
+                          "and tls_ca: its peers must authenticate as CURVE peers do")
     ports = [split_address(a, port_min=0)[1] for a in (cfg.listen, cfg.http2) if a]
     if cfg.http2 and ports[0] and ports[0] == ports[1]:
         raise ConfigError("http2", "the HTTP/2 port is the listen port")

@@ -292,3 +292,20 @@ def test_node_id_fits_a_peer_frame(node_id, ok):
         with pytest.raises(ConfigError) as err:
             NodeConfig(node_id=node_id)
         assert err.value.key == "node_id"
+
+
+def test_bridges_need_tls_where_their_peers_must_authenticate():
+    with pytest.raises(ConfigError, match="QUIC needs TLS"):
+        NodeConfig(quic="127.0.0.1:0")
+    with pytest.raises(ConfigError, match="go together"):
+        NodeConfig(http2="127.0.0.1:0", tls_cert="c.pem")
+    with pytest.raises(ConfigError, match="h2c"):
+        NodeConfig(http2="10.0.0.5:7480", listen="10.0.0.5:7400", curve_secret="s",
+                   curve_peers="p")
+    with pytest.raises(ConfigError, match="with CURVE on"):
+        NodeConfig(http2="127.0.0.1:0", curve_secret="s", curve_peers="p")
+    with pytest.raises(ConfigError, match="listen port"):
+        NodeConfig(http2="127.0.0.1:7400")
+    ok = NodeConfig(http2="127.0.0.1:0", curve_secret="s", curve_peers="p", tls_cert="c",
+                    tls_key="k", tls_ca="a")
+    assert ok.curve_enabled and ok.http2 == "127.0.0.1:0"

@@ -589,9 +589,15 @@ def test_tls_clients_peers_and_bad_handshakes(pki):
 
         # peers verify each other against the CA, in both directions
         a.set_peers(endpoints_of(b), [])
-        frames = [b"SYNP3", b"GOSSIP", b"a", b"over tls", b"crc!"]
+        frames = [b"SYNP3", b"GOSSIP", b"node-a", b"over tls", b"crc!"]  # its CN
         assert a.send("b", frames)
         await asyncio.wait_for(node_b.peer_arrived.wait(), 10)
+        assert node_b.peer_messages == [frames]
+        # a node certificate speaks only for the node it names
+        refused = asyncio.Event()
+        assert a.send("b", [b"SYNP3", b"GOSSIP", b"node-b", b"forged", b"crc!"],
+                      lambda code, reason: refused.set())
+        await asyncio.wait_for(refused.wait(), 10)
         assert node_b.peer_messages == [frames]
 
         async with httpx.AsyncClient(http2=True, verify=_client_context(pki["ca"], None)) as client:

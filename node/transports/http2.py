@@ -245,6 +245,14 @@ def _answer_of(envelope: bytes, msgpack_reply: bool) -> tuple[int, bytes, bytes,
             _error_body(code, str(data.get("message", "")), retry_ms), b"", headers)
 
 
+def _common_name(cert: dict) -> str:
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return ""
+
+
 def _subject(cert: dict) -> str:
     """An X.509 subject as 'CN=a,O=b' (from ``SSLObject.getpeercert()``)."""
     return ",".join(f"{key}={value}" for rdn in cert.get("subject", ()) for key, value in rdn)
@@ -411,6 +419,7 @@ class _ServerConnection(_H2Protocol):
         super().__init__(owner)
         self.principal = b""
         self.has_peer_cert = False
+        self.cert_name = b""  # the client certificate's common name: the node id it speaks as
         self.opened_at = 0.0
         self.last_read = 0.0  # 0 until the first bytes came
         self._receiving: dict[int, _Receiving] = {}
@@ -431,6 +440,7 @@ class _ServerConnection(_H2Protocol):
         cert = transport.get_extra_info("peercert")
         if cert:  # verified against tls_ca, or the handshake had failed
             self.has_peer_cert = True
+            self.cert_name = _common_name(cert).encode()
             self.principal = b"http2-cert:" + _subject(cert).encode()
         else:
             peer = transport.get_extra_info("peername") or ("?", 0)
@@ -590,6 +600,12 @@ class _ServerConnection(_H2Protocol):
                 frames = decode_frames(body)
             except FramingError as exc:
                 raise _Refused(400, ErrorCode.BAD_REQUEST, str(exc)) from None
+            if owner.tls_ca and len(frames) > 2 and frames[2] != self.cert_name:
+                # A node certificate speaks only for the node id it names (its common
+                # name), as a CURVE key does for the id its certificate binds.
+                owner.metrics.limited("http2_sender_mismatch")
+                raise _Refused(403, "forbidden", "the peer frames' sender is not the node "
+                                                 "the client certificate names")
             self.respond(stream_id, 204, b"")
             owner.count("peer_received")
             try:
