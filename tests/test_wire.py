@@ -196,6 +196,14 @@ def test_error_is_a_decodable_envelope(rid, code, message, source):
                    "data": {"code": code, "message": message}}
 
 
+def test_error_carries_retry_after_ms_only_when_given():
+    def data(**kw):
+        return msgpack.unpackb(wire.error("r", "overloaded", "busy", "n1", **kw), raw=False)["data"]
+    assert data(retry_after_ms=250) == {"code": "overloaded", "message": "busy",
+                                        "retry_after_ms": 250}
+    assert data(retry_after_ms=None) == data() == {"code": "overloaded", "message": "busy"}
+
+
 def test_error_codes_are_stable():
     assert ErrorCode.ALL == {"bad_request", "too_large", "unknown_agent", "unknown_type",
                              "overloaded", "timeout", "unavailable", "internal"}
@@ -275,6 +283,12 @@ def test_unhashable_mode_is_bad_request(mode):
 @pytest.mark.parametrize("version", [True, 1.0])
 def test_version_must_be_the_integer_1(version):
     assert wire_error(base(v=version)).code == ErrorCode.BAD_REQUEST
+
+
+@pytest.mark.parametrize("version, shown", [(2, "2"), ("1", "'1'"), (None, "None")])
+def test_a_version_refusal_names_the_version_it_got(version, shown):
+    assert wire_error(base(v=version)).message == \
+        f"unsupported protocol version {shown}; this node speaks 1"
 
 
 def test_subject_optional_only_for_node_types():
@@ -462,7 +476,9 @@ def test_protocol_doc_examples_are_exact():
         wire.reply("1", {"value": 0}, "node-a").hex(),
         wire.error("1", ErrorCode.UNKNOWN_AGENT, "no agent x", "node-a").hex(),
     ]
-    [client] = re.findall(r"```python\n(.*?)```", text, re.S)
+    # The raw example client; other sections show the project's own clients.
+    [client] = re.findall(r"### Example client[^\n]*\n\n```python\n(.*?)```", text,
+                          re.S)
     ast.parse(client)
     assert "import synthesis" not in client and "from node" not in client
     assert "Agent placement hash" in text
