@@ -411,7 +411,9 @@ def _check_agent(value: Any, what: str, env: dict) -> str:
 
 def _stages(env: dict) -> tuple[tuple[tuple[str, str], ...], int]:
     """A pipeline's remaining ``stages`` and this stage's index ``stage``."""
-    stages, stage = env.get("stages"), env.get("stage", 0)
+    stages, stage = env.get("stages"), env.get("stage")
+    if stage is None:  # absent or nil: the first stage, as nil means absent everywhere
+        stage = 0
     if type(stage) is not int or not 0 <= stage < STAGES_MAX:
         raise _bad(f"'stage' must be an integer 0..{STAGES_MAX - 1}", env)
     if type(stages) is not list or not 0 < len(stages) + stage + 1 <= STAGES_MAX \

@@ -215,3 +215,8 @@ def test_a_timeout_is_1_to_600000_ms(routing, extra):
     for timeout_ms in (0, 600_001, True, 1.5):
         assert "'timeout_ms' must be an integer 1..600000" in refused(
             routing=routing, timeout_ms=timeout_ms, **extra)
+
+
+def test_a_nil_stage_is_the_first_stage_as_nil_means_absent():
+    p = req(subject="a/1", routing="pipeline", stages=[["b/2", "u"]], stage=None)
+    assert p.stage == 0
