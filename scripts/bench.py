@@ -26,9 +26,12 @@ Rows (each with its ratio to the raw pyzmq baseline of the same run):
                       local, quorum and all on 3 nodes against raw pyzmq, replication
                       lag p50/p99, and kill -9 to the victim's counters answering with
                       their state
+  curve               (scripts/bench_curve.py) the one-way, call and in-flight rows
+                      with CURVE off and on, side by side, at about 100 B and 1 KiB,
+                      raw pyzmq and synthesis (direct and forwarded one hop)
 
 Usage: scripts/bench.py [--quick]
-                        [--only patterns|membership|membership-sim|replication]
+                        [--only patterns|membership|membership-sim|replication|curve]
                         [--repeat R] [--large]
 """
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import multiprocessing as mp
 import os
 import platform
@@ -57,6 +61,7 @@ sys.path.insert(0, str(REPO))
 import bench_membership  # noqa: E402  (scripts/, this file's directory)
 import bench_replication  # noqa: E402
 from node.client import AsyncClient, Client  # noqa: E402
+from node.curve import load_secret, new_certificates, write_public_cert  # noqa: E402
 
 TRIALS = 3
 ENVELOPE = {"v": 1, "id": "1", "type": "incr", "subject": "counter/bench", "mode": "send",
@@ -72,9 +77,55 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------- raw pyzmq
 
 
-def _raw_sink(port: int, n: int, ready, out) -> None:
+@dataclasses.dataclass(frozen=True)
+class RawCurve:
+    """CURVE keys (Z85) for the raw baseline: the server takes any client key (no ZAP
+    handler), so what is measured is libzmq's handshake and per-frame crypto."""
+
+    server_public: bytes
+    server_secret: bytes
+    client_public: bytes
+    client_secret: bytes
+
+    @classmethod
+    def new(cls) -> RawCurve:
+        return cls(*zmq.curve_keypair(), *zmq.curve_keypair())
+
+    def dial(self, sock: zmq.Socket) -> None:
+        sock.curve_serverkey = self.server_public
+        sock.curve_publickey, sock.curve_secretkey = self.client_public, self.client_secret
+
+
+# A ROUTER drops what it cannot queue: with the default high-water mark of 1,000 and
+# 1,000 requests in flight, a reply now and then (more often with CURVE slowing the
+# I/O thread) was dropped and the in-flight baseline waited for it forever.
+RAW_HWM = 100_000
+
+
+def _raw_server(port: int, server_secret: bytes | None) -> zmq.Socket:
+    """The baseline's ROUTER, a CURVE server when given its secret key."""
     sock = zmq.Context().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.SNDHWM, RAW_HWM)
+    sock.setsockopt(zmq.RCVHWM, RAW_HWM)
+    if server_secret is not None:
+        sock.curve_server = True
+        sock.curve_secretkey = server_secret
     sock.bind(f"tcp://127.0.0.1:{port}")
+    return sock
+
+
+def _raw_dealer(port: int, curve: RawCurve | None) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.SNDHWM, RAW_HWM)
+    sock.setsockopt(zmq.RCVHWM, RAW_HWM)
+    if curve is not None:
+        curve.dial(sock)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    return sock
+
+
+def _raw_sink(port: int, n: int, ready, out, server_secret: bytes | None = None) -> None:
+    sock = _raw_server(port, server_secret)
     ready.set()
     poller_first = sock.recv_multipart()
     started = time.perf_counter()
@@ -84,9 +135,8 @@ def _raw_sink(port: int, n: int, ready, out) -> None:
     out.put(time.perf_counter() - started)
 
 
-def _raw_echo(port: int, ready, stop) -> None:
-    sock = zmq.Context().socket(zmq.ROUTER)
-    sock.bind(f"tcp://127.0.0.1:{port}")
+def _raw_echo(port: int, ready, stop, server_secret: bytes | None = None) -> None:
+    sock = _raw_server(port, server_secret)
     ready.set()
     while not stop.is_set():
         if sock.poll(100):
@@ -95,20 +145,25 @@ def _raw_echo(port: int, ready, stop) -> None:
             sock.send_multipart([ident, msgpack.packb({"v": 1, "re": env["id"], "data": env.get("data")})])
 
 
-def raw_one_way(n: int) -> float:
+def _server_secret(curve: RawCurve | None) -> bytes | None:
+    return curve.server_secret if curve is not None else None
+
+
+def raw_one_way(n: int, curve: RawCurve | None = None, data: Any = None) -> float:
+    """msgs/s from a DEALER to a ROUTER that decodes each; ``data`` replaces the
+    envelope's (the message size), ``curve`` turns CURVE on."""
     port = free_port()
     ctx = mp.get_context("spawn")
     ready, out = ctx.Event(), ctx.Queue()
-    proc = ctx.Process(target=_raw_sink, args=(port, n, ready, out))
+    proc = ctx.Process(target=_raw_sink, args=(port, n, ready, out, _server_secret(curve)))
     proc.start()
     ready.wait(10)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.connect(f"tcp://127.0.0.1:{port}")
+    sock = _raw_dealer(port, curve)
     time.sleep(0.2)
+    base = ENVELOPE if data is None else dict(ENVELOPE, data=data)
     started = time.perf_counter()
     for i in range(n):
-        env = dict(ENVELOPE, id=str(i))
+        env = dict(base, id=str(i))
         sock.send(msgpack.packb(env))
     elapsed = out.get(timeout=120)
     total = time.perf_counter() - started
@@ -120,15 +175,18 @@ def raw_one_way(n: int) -> float:
 class RawEcho:
     """A raw pyzmq ROUTER echo server in its own process, and a DEALER connected to it."""
 
+    def __init__(self, curve: RawCurve | None = None):
+        self._curve = curve
+
     def __enter__(self) -> zmq.Socket:
         port = free_port()
         ctx = mp.get_context("spawn")
         ready, self._stop = ctx.Event(), ctx.Event()
-        self._proc = ctx.Process(target=_raw_echo, args=(port, ready, self._stop))
+        self._proc = ctx.Process(target=_raw_echo,
+                                 args=(port, ready, self._stop, _server_secret(self._curve)))
         self._proc.start()
         ready.wait(10)
-        self._sock = zmq.Context.instance().socket(zmq.DEALER)
-        self._sock.connect(f"tcp://127.0.0.1:{port}")
+        self._sock = _raw_dealer(port, self._curve)
         return self._sock
 
     def __exit__(self, *exc) -> None:
@@ -137,20 +195,23 @@ class RawEcho:
         self._sock.close(linger=0)
 
 
-def _ping(i: int) -> bytes:
-    return msgpack.packb({"v": 1, "id": str(i), "type": "ping", "subject": "echo/x", "data": i})
+def _ping(i: int, data: Any = None) -> bytes:
+    return msgpack.packb({"v": 1, "id": str(i), "type": "ping", "subject": "echo/x",
+                          "data": i if data is None else data})
 
 
-def raw_pipelined(n: int, window: int) -> float:
+def raw_pipelined(n: int, window: int, curve: RawCurve | None = None,
+                  data: Any = None) -> float:
     """Raw round trips/s with ``window`` requests outstanding (the in-flight baseline)."""
-    with RawEcho() as sock:
+    with RawEcho(curve) as sock:
         sent = got = 0
         started = time.perf_counter()
         while got < n:
             while sent < n and sent - got < window:
-                sock.send(_ping(sent))
+                sock.send(_ping(sent, data))
                 sent += 1
-            sock.poll(1000)
+            if not sock.poll(10_000):
+                raise RuntimeError(f"raw echo: {sent - got} replies lost")
             while True:
                 try:
                     msgpack.unpackb(sock.recv(zmq.NOBLOCK))
@@ -160,12 +221,13 @@ def raw_pipelined(n: int, window: int) -> float:
         return n / (time.perf_counter() - started)
 
 
-def raw_round_trip(n: int) -> tuple[list[float], float]:
+def raw_round_trip(n: int, curve: RawCurve | None = None,
+                   data: Any = None) -> tuple[list[float], float]:
     samples = []
-    with RawEcho() as sock:
+    with RawEcho(curve) as sock:
         for i in range(n + 200):
             t0 = time.perf_counter()
-            sock.send(_ping(i))
+            sock.send(_ping(i, data))
             msgpack.unpackb(sock.recv())
             if i >= 200:  # warm-up
                 samples.append(time.perf_counter() - t0)
@@ -176,27 +238,37 @@ def raw_round_trip(n: int) -> tuple[list[float], float]:
 
 
 class Nodes:
-    """Real synthesis-node processes for the run."""
+    """Real synthesis-node processes for the run; with ``curve_dir`` every node runs
+    CURVE with keys written there (see NodeKeys) and clients need ``client(i)``;
+    ``args`` go to every node."""
 
-    def __init__(self, count: int):
+    def __init__(self, count: int, curve_dir: Path | None = None, args: tuple[str, ...] = ()):
         self.procs: list[subprocess.Popen] = []
-        self.addresses: list[str] = []
+        self.addresses = [f"127.0.0.1:{free_port()}" for _ in range(count)]
+        self.keys = NodeKeys(curve_dir, count, self.addresses[0]) if curve_dir else None
         seed: list[str] = []
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        for i in range(count):
-            address = f"127.0.0.1:{free_port()}"
+        for i, address in enumerate(self.addresses):
             cmd = [sys.executable, "-m", "node.cli", "--node-id", f"b{i}", "--listen", address,
                    "--pub", f"127.0.0.1:{free_port()}", "--metrics", "off",
-                   "--log-level", "warning", "--gossip-interval-s", "0.2", *seed]
+                   "--log-level", "warning", "--gossip-interval-s", "0.2", *seed,
+                   *(self.keys.node_args(i) if self.keys else ()), *args]
             self.procs.append(subprocess.Popen(cmd, env=env))
-            self.addresses.append(address)
             seed = ["--seed", self.addresses[0]]
-        self._wait_converged(count)
+        try:
+            self._wait_converged(count)
+        except BaseException:
+            self.close()  # no node outlives a failed start
+            raise
+
+    def client(self, index: int = 0) -> dict[str, str]:
+        """Client keyword arguments to reach node ``index`` (CURVE keys, or none)."""
+        return self.keys.client(index) if self.keys else {}
 
     def _wait_converged(self, count: int) -> None:
         deadline = time.monotonic() + 20
-        for address in self.addresses:
-            with Client(address, timeout_s=0.5) as c:
+        for index, address in enumerate(self.addresses):
+            with Client(address, timeout_s=0.5, **self.client(index)) as c:
                 while True:
                     try:
                         rows = c.status()["members"]
@@ -221,16 +293,51 @@ class Nodes:
                 p.kill()
 
 
-def synthesis_one_way(nodes: Nodes, n: int) -> float:
-    """Client.send to 1000 counter agents; done when the node counts all n handled."""
-    with Client(nodes.addresses[0], timeout_s=30) as c, \
-            Client(nodes.addresses[0], timeout_s=30) as watcher:
+class NodeKeys:
+    """CURVE certificates for a bench cluster: node ``b<i>``'s pair, the peers and
+    clients directories every node reads, and one client key (``bench``)."""
+
+    def __init__(self, root: Path, count: int, seed_address: str):
+        self.own, self.peers, self.clients = root / "own", root / "peers", root / "clients"
+        self.peers.mkdir(parents=True)
+        self.clients.mkdir()
+        for i in range(count):
+            public, _ = new_certificates(str(self.own), f"b{i}")
+            (self.peers / public.name).write_bytes(public.read_bytes())
+        client_public, _ = new_certificates(str(self.own), "bench")
+        (self.clients / client_public.name).write_bytes(client_public.read_bytes())
+        # The seed's certificate names its address: how joining nodes find its key.
+        seed_key, _ = load_secret(self.own / "b0.key_secret")
+        write_public_cert(self.peers / "b0.key", seed_key, endpoint=f"tcp://{seed_address}")
+
+    def node_args(self, index: int) -> tuple[str, ...]:
+        return ("--curve-secret", str(self.own / f"b{index}.key_secret"),
+                "--curve-peers", str(self.peers), "--curve-clients", str(self.clients))
+
+    def client(self, index: int) -> dict[str, str]:
+        return {"curve_secret": str(self.own / "bench.key_secret"),
+                "curve_server": str(self.own / f"b{index}.key")}
+
+
+# What synthesis_one_way sends by default: counter increments over 1000 agents.
+COUNTER_INCR = ([f"counter/ow-{i}" for i in range(1000)], "incr", {"n": 1})
+
+
+def synthesis_one_way(nodes: Nodes, n: int, work: tuple[list[str], str, Any] = COUNTER_INCR,
+                      counted_on: int = 0) -> float:
+    """Client.send of n messages ``work`` = (agents, type, data) to the first node,
+    spread over the agents; done when node ``counted_on`` counts all n handled."""
+    agents, type_, data = work
+    with Client(nodes.addresses[0], timeout_s=30, **nodes.client(0)) as c, \
+            Client(nodes.addresses[counted_on], timeout_s=30,
+                   **nodes.client(counted_on)) as watcher:
         def handled() -> int:
-            return watcher.status()["members"][0]["handled"]
+            rows = watcher.status()["members"]
+            return next(r for r in rows if r["node"] == f"b{counted_on}")["handled"]
         before = handled()
         started = time.perf_counter()
         for i in range(n):
-            c.send(f"counter/ow-{i % 1000}", "incr", {"n": 1})
+            c.send(agents[i % len(agents)], type_, data)
         deadline = time.monotonic() + 120
         while handled() < before + n:
             if time.monotonic() > deadline:
@@ -240,39 +347,51 @@ def synthesis_one_way(nodes: Nodes, n: int) -> float:
     return n / elapsed
 
 
-def synthesis_round_trip(address: str, agent: str, n: int) -> tuple[list[float], float]:
+ROUND_TRIP_WARMUP = 200  # calls made before the round-trip samples
+
+
+def synthesis_round_trip(address: str, agent: str, n: int, data: Any = None,
+                         client: dict | None = None) -> tuple[list[float], float]:
     samples = []
-    with Client(address) as c:
-        for i in range(n + 200):
+    with Client(address, **(client or {})) as c:
+        for i in range(n + ROUND_TRIP_WARMUP):
             t0 = time.perf_counter()
-            c.call(agent, "ping", i)
-            if i >= 200:
+            c.call(agent, "ping", i if data is None else data)
+            if i >= ROUND_TRIP_WARMUP:
                 samples.append(time.perf_counter() - t0)
     return samples, n / sum(samples)
 
 
-def owned_by(nodes: Nodes, owner_index: int, prefix: str) -> str:
-    """An echo agent id whose owner is node ``owner_index``."""
-    with Client(nodes.addresses[0]) as c:
-        for i in range(1000):
+def owned_by(nodes: Nodes, owner_index: int, prefix: str, count: int = 1) -> list[str]:
+    """``count`` echo agent ids whose owner is node ``owner_index`` (spawned there)."""
+    found: list[str] = []
+    with Client(nodes.addresses[0], **nodes.client()) as c:
+        for i in range(100 * count):
             agent = f"echo/{prefix}-{i}"
             if c.spawn("echo", agent)["node"] == f"b{owner_index}":
-                return agent
+                found.append(agent)
+                if len(found) == count:
+                    return found
     raise RuntimeError("no agent id found for that owner")
 
 
-def synthesis_in_flight(address: str, n: int, concurrency: int) -> float:
+def synthesis_in_flight(address: str, n: int, concurrency: int, agents: list[str] | None = None,
+                        data: Any = None, client: dict | None = None) -> float:
     """``concurrency`` coroutines sharing one AsyncClient, each making calls back to
-    back: ``concurrency`` calls are in flight at any moment."""
+    back: ``concurrency`` calls are in flight at any moment.  Coroutine k calls
+    ``agents[k % len(agents)]`` (default: an echo agent of its own)."""
+    agents = agents or [f"echo/if-{k}" for k in range(concurrency)]
+
     async def main() -> float:
-        async with AsyncClient(address, timeout_s=60) as c:
+        async with AsyncClient(address, timeout_s=60, **(client or {})) as c:
             async def worker(k: int) -> None:
-                agent = f"echo/if-{k}"
+                agent = agents[k % len(agents)]
                 for i in range(n // concurrency):
-                    if await c.call(agent, "ping", i) != i:
+                    sent = i if data is None else data
+                    if await c.call(agent, "ping", sent) != sent:
                         raise RuntimeError("wrong reply")
 
-            await asyncio.gather(*(c.call(f"echo/if-{k}", "ping") for k in range(concurrency)))
+            await asyncio.gather(*(c.call(agent, "ping") for agent in agents))
             started = time.perf_counter()
             await asyncio.gather(*(worker(k) for k in range(concurrency)))
             return (n // concurrency) * concurrency / (time.perf_counter() - started)
@@ -393,16 +512,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
     parser.add_argument("--only", choices=("all", "patterns", "membership", "membership-sim",
-                                           "replication"),
+                                           "replication", "curve"),
                         default="all",
                         help="'patterns': only the client-pattern rows, against one node; "
                              "'membership': only the membership rows (processes and "
                              "simulator); 'membership-sim': only the simulator's; "
-                             "'replication': only the replication rows "
-                             "(default: %(default)s)")
+                             "'replication': only the replication rows; 'curve': only "
+                             "the CURVE off/on rows (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=5, metavar="R",
-                        help="repetitions of each membership and failover measurement "
-                             "(default: 5)")
+                        help="repetitions of each membership, failover and CURVE "
+                             "measurement (default: 5)")
     parser.add_argument("--large", action="store_true",
                         help="simulate membership at n = 500 and 1000 too (about a minute)")
     args = parser.parse_args()
@@ -419,6 +538,10 @@ def main() -> None:
         return
     if args.only == "replication":
         bench_replication.main(args.repeat, args.quick)
+        return
+    if args.only == "curve":
+        import bench_curve  # it imports this module: not at the top
+        bench_curve.main(args.repeat, args.quick)
         return
     if args.only == "patterns":
         one = Nodes(1)
@@ -448,7 +571,7 @@ def main() -> None:
         one.close()
     two = Nodes(2)
     try:
-        remote = owned_by(two, 1, "fwd")
+        remote, = owned_by(two, 1, "fwd")
         fwd, _ = synthesis_round_trip(two.addresses[0], remote, n_rtt)
     finally:
         two.close()
@@ -471,11 +594,15 @@ def main() -> None:
     bench_membership.main(args.repeat, args.large)
     print()
     bench_replication.main(args.repeat, args.quick)
+    print()
+    import bench_curve
+    bench_curve.main(args.repeat, args.quick)
 
 
-def print_rows(rows: list[tuple[str, str, str, str]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    header = ("measure", "result", "ratio (vs raw unless said)", "target")
+def print_rows(rows: list[tuple[str, ...]],
+               header: tuple[str, ...] = ("measure", "result", "ratio (vs raw unless said)",
+                                          "target")) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     widths = [max(w, len(h)) for w, h in zip(widths, header)]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
     print(line)
