@@ -47,21 +47,27 @@ _BYTES_RECEIVED_AT = 128   # struct tcp_info: __u64 tcpi_bytes_received
 _U64 = struct.Struct("=Q")
 TRIM_TICKS = 5             # ticks after a cut that return freed memory (malloc_trim)
 HANDSHAKE_BYTES = 512      # ZMTP greeting and READY command with metadata, generously
+CURVE_HANDSHAKE_BYTES = 1024  # CURVE's HELLO and INITIATE (with metadata) instead, generously
+# CURVE sends each frame as a MESSAGE command: 8 bytes of name, a flags byte, an
+# 8-byte nonce and a 16-byte tag around the frame's bytes (RFC 26).
+CURVE_FRAME_OVERHEAD = 33
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 _GONE = (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED)
 
 
-def frame_wire_bytes(size: int) -> int:
-    """Bytes a ZMTP 3 frame of ``size`` takes on the wire: a short header up to 255."""
+def frame_wire_bytes(size: int, overhead: int = 0) -> int:
+    """Bytes a ZMTP 3 frame of ``size`` takes on the wire: a short header up to 255;
+    ``overhead``: what the security mechanism adds to each frame (CURVE: 33)."""
+    size += overhead
     return size + (2 if size <= 255 else 9)
 
 
 class _Conn:
     __slots__ = ("read", "written", "identity", "unread")
 
-    def __init__(self) -> None:
-        self.read = HANDSHAKE_BYTES     # bytes accounted for on the way in
+    def __init__(self, handshake: int) -> None:
+        self.read = handshake           # bytes accounted for on the way in
         self.written = 0                # bytes the node wrote to it (replies)
         self.identity: bytes | None = None
         self.unread = 0                 # as of its last check
@@ -72,7 +78,12 @@ class ConnectionGuard:
 
     def __init__(self, router: zmq.Socket, *, metrics: Any, log: Any, connections_max: int,
                  conn_inbound_bytes_max: int, inbound_bytes_max: int,
-                 reply_bytes_max: int):
+                 reply_bytes_max: int, curve: bool = False):
+        # Under CURVE every frame is longer on the wire, and the handshake too: counted
+        # as plain ZMTP, a healthy connection's bytes would look unread and grow
+        # until the guard cut it (seen after ~250k forwards on a peer link).
+        self.frame_overhead = CURVE_FRAME_OVERHEAD if curve else 0
+        self._handshake = CURVE_HANDSHAKE_BYTES if curve else HANDSHAKE_BYTES
         self._metrics = metrics
         self._log = log
         self._connections_max = connections_max
@@ -96,9 +107,9 @@ class ConnectionGuard:
     def read(self, fd: int, frames: list[bytes]) -> int:
         """The node read one message (routing id first) from connection ``fd``;
         returns its size on the wire."""
-        total = 0
+        total, overhead = 0, self.frame_overhead
         for frame in frames[1:]:  # the routing id is added by the ROUTER, not sent
-            size = len(frame)
+            size = len(frame) + overhead
             total += size + (2 if size <= 255 else 9)
         conn = self._conns.get(fd)
         if conn is None:
@@ -200,7 +211,7 @@ class ConnectionGuard:
                     self._shutdown(fd)
                     self._count("connections", f"{len(self._conns)} connections")
                 else:
-                    self._conns[fd] = _Conn()
+                    self._conns[fd] = _Conn(self._handshake)
             elif event["event"] in _GONE:
                 self._forget(fd)
 

@@ -461,7 +461,10 @@ class Node:
         frames = peer.encode(effect.channel, self._me, effect.message)
         if effect.channel == GOSSIP:
             self.metrics.gossip_sent(sum(map(len, frames)))
-        if self.transport.send(effect.to, frames, None, _now()):
+        # Control traffic (membership, status) goes over ZeroMQ first, not a bridge:
+        # probes must measure the peer, not a bridge's queue behind bulk forwards
+        # (h2load over HTTP/2 delayed acks until a healthy peer was declared dead).
+        if self.transport.send(effect.to, frames, None, _now(), prefer=ZMQ):
             self.metrics.sent(effect.channel)
         self._ensure_retry()
 

@@ -379,3 +379,25 @@ def test_ctl_calls_a_curve_node_with_flags_or_environment(secured):
     assert json.loads(done.stdout) == {"value": 3}, done.stderr
     without = _ctl("--node", n1.address, "--timeout", "1", "call", "counter/ctl", "get")
     assert without.returncode == 3  # no key: the node never answers
+
+
+def test_curve_frames_are_counted_as_they_are_on_the_wire(tmp_path):
+    """The connection guard compares the kernel's byte count with what the node read.
+    CURVE adds 33 bytes per frame: counted as plain ZMTP, a healthy connection's
+    reads fell 33 bytes behind per frame and it was cut as a hoarder (seen after
+    ~250k forwards).  With a 64 KiB budget, 6,000 calls on one connection would fall
+    198 KB behind."""
+    keys = Keys(tmp_path / "keys")
+    node = NodeProcess("n1", tmp_path, metrics=True,
+                       args=(*keys.node_args("n1"), "--conn-inbound-bytes-max", "65536"),
+                       client_curve=(keys.secret("alice"), keys.public("n1")))
+    try:
+        node.wait_serving()
+        with node.client(timeout_s=10) as c:  # calls in turn: nothing is ever left unread
+            for i in range(6000):
+                c.call("echo/wire", "say", i)
+            assert c.call("echo/wire", "say", "last") == "last"
+        assert limited(node, "conn_inbound_bytes") == 0
+        assert "connection_cut" not in node.log()
+    finally:
+        node.kill()

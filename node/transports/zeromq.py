@@ -167,7 +167,7 @@ class ZmqTransport(Transport):
             connections_max=limits["connections_max"],
             conn_inbound_bytes_max=limits["conn_inbound_bytes_max"],
             inbound_bytes_max=limits["inbound_bytes_max"],
-            reply_bytes_max=limits["client_reply_bytes_max"])
+            reply_bytes_max=limits["client_reply_bytes_max"], curve=curve is not None)
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.SNDHWM, self._pub_hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
@@ -346,7 +346,10 @@ class ZmqTransport(Transport):
             self._metrics.client_send_failed()
             sent = False
         else:  # counted against the client's reply budget until its peer acknowledges
-            self._guard.wrote(handle[0], frame_wire_bytes(len(payload)) + 2 * (len(handle) - 1))
+            guard = self._guard  # REQ framing's empty delimiter is a frame of its own
+            overhead = guard.frame_overhead
+            guard.wrote(handle[0], frame_wire_bytes(len(payload), overhead)
+                        + frame_wire_bytes(0, overhead) * (len(handle) - 1))
         if not self._in_pump:
             # A send outside the pump can consume the FD's edge: look again.
             self._schedule_pump()
