@@ -29,9 +29,18 @@ Rows (each with its ratio to the raw pyzmq baseline of the same run):
   curve               (scripts/bench_curve.py) the one-way, call and in-flight rows
                       with CURVE off and on, side by side, at about 100 B and 1 KiB,
                       raw pyzmq and synthesis (direct and forwarded one hop)
+  transports          (scripts/bench_transports.py) a forwarding hop over ZeroMQ, QUIC
+                      and HTTP/2; h2load (100 streams) against the HTTP/2 bridge and
+                      the QUIC client beside the ZeroMQ client (needs h2load:
+                      apt-get install -y nghttp2-client)
+  routing             (scripts/bench_routing.py) a 3-stage pipeline, scatter-gather to
+                      100 agents and gossip broadcast on 3 nodes against 3 calls, 100
+                      calls in flight and PUB/SUB; gossip in the simulator at 100 and
+                      1,000 nodes
 
 Usage: scripts/bench.py [--quick]
-                        [--only patterns|membership|membership-sim|replication|curve]
+                        [--only patterns|membership|membership-sim|replication|curve|
+                                transports|routing]
                         [--repeat R] [--large]
 """
 
@@ -44,7 +53,6 @@ import multiprocessing as mp
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -512,13 +520,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
     parser.add_argument("--only", choices=("all", "patterns", "membership", "membership-sim",
-                                           "replication", "curve"),
+                                           "replication", "curve", "transports", "routing"),
                         default="all",
                         help="'patterns': only the client-pattern rows, against one node; "
                              "'membership': only the membership rows (processes and "
                              "simulator); 'membership-sim': only the simulator's; "
                              "'replication': only the replication rows; 'curve': only "
-                             "the CURVE off/on rows (default: %(default)s)")
+                             "the CURVE off/on rows; 'transports', 'routing': only "
+                             "those (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=5, metavar="R",
                         help="repetitions of each membership, failover and CURVE "
                              "measurement (default: 5)")
@@ -542,6 +551,9 @@ def main() -> None:
     if args.only == "curve":
         import bench_curve  # it imports this module: not at the top
         bench_curve.main(args.repeat, args.quick)
+        return
+    if args.only in ("transports", "routing"):
+        bench_more(args, args.only)
         return
     if args.only == "patterns":
         one = Nodes(1)
@@ -597,6 +609,21 @@ def main() -> None:
     print()
     import bench_curve
     bench_curve.main(args.repeat, args.quick)
+    for name in ("transports", "routing"):
+        print()
+        bench_more(args, name)
+
+
+def bench_more(args: argparse.Namespace, name: str) -> None:
+    """The transports or routing table (their scripts import this module, so they
+    are imported here, not at the top; the routing one is also the nodes' behavior
+    module)."""
+    if name == "transports":
+        import bench_transports
+        print_rows(bench_transports.run(args), header=bench_transports.HEADER)
+    else:
+        import bench_routing
+        print_rows(bench_routing.run(args), bench_routing.COLUMNS)
 
 
 def print_rows(rows: list[tuple[str, ...]],
