@@ -698,7 +698,8 @@ class AgentHost:
         act.used = True
         if act.lifecycle is Lifecycle.FAILED:
             self._fail(reply_to, req.id, ErrorCode.UNAVAILABLE,
-                       f"agent {agent_id!r} has failed (restart limit reached)", req.type)
+                       f"agent {agent_id!r} has failed (restart limit reached, or its "
+                       f"supervision escalated)", req.type)
             return
         h = act.cls._handlers.get(req.type) or act.cls._handlers.get(_ANY)
         if h is None:
