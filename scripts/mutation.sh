@@ -29,7 +29,7 @@ JOBS="${MUTATION_JOBS:-$(nproc)}"
 
 modules_default=(
     protocols/wire.py protocols/routing.py protocols/status.py protocols/shutdown.py
-    protocols/machine.py
+    protocols/machine.py protocols/strategies.py protocols/breaker.py protocols/admission.py
     core_cy/_hashring_py.py core_cy/_crdtmerge_py.py core_cy/_common.py
     node/client.py
 )
@@ -40,6 +40,11 @@ tests_for() {
         protocols/wire.py) echo tests/test_wire.py tests/test_wire_delivery.py tests/test_wire_routing.py ;;
         protocols/routing.py | protocols/status.py | protocols/shutdown.py | protocols/machine.py)
             echo tests/test_machines.py ;;
+        protocols/strategies.py) echo tests/test_strategies.py ;;
+        # (less the transport-registry test: it registers a module once per process)
+        protocols/breaker.py) echo tests/test_transport_select.py --deselect \
+            tests/test_transport_select.py::test_a_module_named_in_config_registers_its_transport ;;
+        protocols/admission.py) echo tests/test_admission.py ;;
         core_cy/_hashring_py.py) echo tests/test_core_hashring.py tests/test_core_api.py ;;
         core_cy/_crdtmerge_py.py) echo tests/test_core_crdtmerge.py tests/test_core_api.py ;;
         core_cy/_common.py)

@@ -183,3 +183,63 @@ def test_a_steady_client_under_the_rate_is_never_refused(times):
     adm = Admission(rate=10.0, burst=1)
     for t in sorted(set(t - t % 100 for t in times)):   # at most one per 100 ms
         assert adm.admit(A, t / 1000) is None
+
+
+# ------------------------------------------------------------------ exact edges
+# (each pins one boundary or count that scripts/mutation.sh found no test holding)
+
+def test_defaults_and_every_bad_setting_refused_with_the_rules():
+    assert Admission().tracked_max == 16_384
+    for bad in ({"rate": -1.0}, {"burst": -1}, {"inflight_max": -1}, {"tracked_max": 0}):
+        with pytest.raises(ValueError, match=r"^rate, burst and inflight_max must be >= 0, "
+                                             r"tracked_max >= 1$"):
+            Admission(**bad)
+
+
+def test_stats_are_exactly_these_counts():
+    adm = Admission(inflight_max=1, tracked_max=1)
+    assert adm.admit(A, 0.0) is None
+    adm.done(A)
+    adm.done(A)                          # unmatched
+    assert adm.admit(B, 0.0) is None     # A idle: evicted
+    assert adm.admit(B, 0.0) is not None
+    assert adm.stats() == {"admitted": 2, "refused_client_rate": 0,
+                           "refused_client_inflight": 1, "refused_clients_tracked": 0,
+                           "tracked": 1, "evicted": 1, "forgiven": 0, "unmatched": 1}
+
+
+def test_a_token_short_only_by_rounding_is_admitted():
+    adm = Admission(rate=1.0, burst=1)
+    assert adm.admit(A, 0.0) is None
+    assert adm.admit(A, 1.0 - 1e-6) is None   # exactly the rounding allowance short
+    assert adm.admit(A, 1.0 - 1e-6) is not None
+
+
+def test_without_a_rate_an_entry_with_nothing_in_flight_is_idle():
+    adm = Admission(inflight_max=5, tracked_max=1)
+    for i in range(3):
+        assert adm.admit(b"c%d" % i, float(i)) is None
+        adm.done(b"c%d" % i)
+    assert adm.evicted == 2 and adm.forgiven == 0
+
+
+def test_idle_means_the_bucket_refilled_to_exactly_the_burst():
+    # rate 2, burst 2: one request at 10.0 leaves 1 token, full again at 10.5
+    def table_after(one_at: float, newcomer_at: float) -> Admission:
+        adm = Admission(rate=2.0, burst=2, tracked_max=1, inflight_max=1)
+        assert adm.admit(A, one_at) is None
+        adm.done(A)
+        assert adm.admit(B, newcomer_at) is None
+        return adm
+
+    assert table_after(10.0, 10.25).forgiven == 1   # 1.5 tokens: not full yet
+    assert table_after(10.0, 10.5).evicted == 1     # 2.0 tokens: exactly full
+    assert table_after(0.0, 0.25).forgiven == 1
+
+
+def test_counts_of_forgiven_entries_add_up():
+    adm = Admission(rate=1.0, burst=1, tracked_max=1)
+    for i in range(3):
+        assert adm.admit(b"c%d" % i, 0.0) is None   # each leaves a drained bucket
+        adm.done(b"c%d" % i)
+    assert adm.forgiven == 2 and adm.evicted == 0 and adm.admitted == 3

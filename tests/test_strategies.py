@@ -224,3 +224,227 @@ def test_every_scatter_is_answered_exactly_once_whatever_the_order(plan, rnd):
     assert len(answers) == 1
     assert list(answers[0].data) == targets
     assert m.in_flight == 0
+
+
+# ------------------------------------------------------------------ exact pieces
+# What each piece carries, field by field (scripts/mutation.sh found these unheld).
+
+TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+ARRIVED = ("h", "n9", b"t" * 16, "tp-3", 4.5)  # reply_to with every field distinct
+ZERO_STATS = {"scatters": 0, "scatter_targets": 0, "scatter_parts": 0, "pipelines": 0,
+              "stages": 0, "timed_out": 0, "late": 0, "refused": 0}
+
+
+def carried(request, payload) -> None:
+    """The request object is the payload it travels as."""
+    assert request.raw == msgpack.unpackb(payload, raw=False)
+    assert request.nbytes == len(payload) and request.mode == "call"
+
+
+def test_a_new_machine_counts_nothing():
+    assert machine().stats == ZERO_STATS
+
+
+def test_scatter_pieces_carry_id_type_data_ttl_and_traceparent():
+    m = machine()
+    owners = {"a/1": ME, "a/2": "n1", "a/3": "n1"}
+    req = scatter_req(owners, data={"k": 1}, ttl=3, traceparent=TP, timeout_ms=1000)
+    route, forward = m.scatter(req, ARRIVED, owners, 2, 10.0)
+    one = route.request
+    assert (one.id, one.type, one.subject, one.data, one.ttl) == ("r1", "get", "a/1",
+                                                                  {"k": 1}, 3)
+    carried(one, route.payload)
+    assert one.raw["traceparent"] == TP and route.hops == 2
+    assert (one.raw["data"], one.raw["ttl"]) == ({"k": 1}, 3)   # what travels, not only the object
+    assert route.reply_to[1:] == (STRATEGY, None, "tp-3", 4.5)
+    part = forward.request
+    assert (part.id, part.type, part.subject, part.data, part.ttl) == ("r1", "get", None,
+                                                                       {"k": 1}, 3)
+    assert (part.routing, part.targets, part.timeout_ms) == ("scatter", ("a/2", "a/3"), 900)
+    carried(part, forward.payload)
+    assert part.raw["traceparent"] == TP and part.raw["targets"] == ["a/2", "a/3"]
+    assert (part.raw["data"], part.raw["ttl"], "subject" in part.raw) == ({"k": 1}, 3, False)
+    assert forward.hops == 2 and forward.reply_to[1:] == (STRATEGY, None, "tp-3", 4.5)
+    assert m.stats == {**ZERO_STATS, "scatters": 1, "scatter_targets": 3, "scatter_parts": 1}
+    assert m.deadline_of(route.reply_to[0]) == m.deadline_of(forward.reply_to[0]) == 11.0
+
+
+@pytest.mark.parametrize("timeout_ms, sub_ms", [(5000, 4800), (1000, 900), (1, 1)])
+def test_an_owners_part_ends_a_margin_before_the_gather(timeout_ms, sub_ms):
+    """The margin: 0.2 s, or a tenth of the time left when that is less; 1 ms at least."""
+    m = machine()
+    owners = {"a/1": "n1"}
+    (forward,) = m.scatter(scatter_req(owners, timeout_ms=timeout_ms), CLIENT, owners, 0, 3.0)
+    assert forward.request.timeout_ms == sub_ms
+
+
+def test_unreadable_answers_become_internal_errors():
+    m = machine()
+    owners = {f"a/{i}": ME for i in range(3)} | {"b/1": "n1"}
+    effects = m.scatter(scatter_req(owners), CLIENT, owners, 0, 0.0)
+    slots = [e.reply_to[0] for e in effects]
+    unreadable = {"error": {"code": "internal", "message": "unreadable answer"}}
+    m.answered(slots[0], b"\xc1", 0.1)                        # not msgpack
+    m.answered(slots[1], msgpack.packb([1, 2]), 0.1)          # not a map
+    m.answered(slots[2], msgpack.packb({"type": "syn.error", "data": {"code": 7}}), 0.1)
+    data = answer_of(m.answered(slots[3], reply([1]), 0.1))   # an owner's map is not a map
+    assert data == {"a/0": unreadable, "a/1": unreadable, "a/2": unreadable,
+                    "b/1": {"error": {"code": "internal",
+                                      "message": "the owner's answer lacks 'b/1'"}}}
+
+
+def test_a_reply_whose_map_has_integer_keys_is_carried():
+    m = machine()
+    owners = {"a/1": ME}
+    (route,) = m.scatter(scatter_req(owners), CLIENT, owners, 0, 0.0)
+    data = answer_of(m.answered(route.reply_to[0], reply({1: "x"}), 0.1))
+    assert data == {"a/1": {"data": {1: "x"}}}
+
+
+def test_gathered_bytes_may_reach_the_bound_exactly():
+    first, second = reply("x" * 20), reply("y" * 30)
+    for bound, code in ((len(first) + len(second), None),
+                        (len(first) + len(second) - 1, "too_large")):
+        m = machine(reply_bytes_max=bound)
+        owners = {"a/1": ME, "a/2": ME}
+        r1, r2 = m.scatter(scatter_req(owners), CLIENT, owners, 0, 0.0)
+        m.answered(r1.reply_to[0], first, 0.1)
+        data = answer_of(m.answered(r2.reply_to[0], second, 0.1))
+        if code is None:
+            assert data["a/2"] == {"data": "y" * 30}
+        else:
+            assert data["a/2"] == {"error": {"code": "too_large", "message":
+                                             f"the gathered answers exceed {bound} bytes"}}
+
+
+def test_refusals_name_the_limit_and_the_request():
+    m = machine(in_flight_max=1)
+    owners = {"a/1": "n1"}
+    m.scatter(scatter_req(owners), CLIENT, owners, 0, 0.0)
+    why = "1 scatters and pipelines in flight on this node"
+    assert m.scatter(scatter_req(owners), ARRIVED, owners, 0, 0.0) == [
+        Fail(ARRIVED, "r1", "overloaded", why, "get")]
+    assert m.pipeline_entry(pipeline_req(), ARRIVED, 0.0) == Fail(ARRIVED, "r1", "overloaded",
+                                                                  why, "t0")
+    assert m.stats["refused"] == 2
+
+
+def test_expiry_and_stop_answer_with_these_messages_and_count():
+    m = machine(timeout_s=2.0)
+    for _ in range(3):
+        m.pipeline_entry(pipeline_req(timeout_ms=None), ARRIVED, 0.0)
+    owners = {"a/1": "n1"}
+    m.scatter(scatter_req(owners, timeout_ms=500), CLIENT, owners, 0, 0.0)
+    m.scatter(scatter_req(owners, timeout_ms=700), CLIENT, owners, 0, 0.0)
+    assert m.in_flight == 5 and m.next_deadline() == 0.5
+    (scattered,) = m.tick(0.5)
+    assert answer_of([scattered]) == {"a/1": {"error": {
+        "code": "timeout", "message": "no answer before the scatter's deadline"}}}
+    assert m.in_flight == 4 and m.next_deadline() == 0.7
+    m.tick(0.7)
+    assert m.stats["timed_out"] == 2 and m.in_flight == 3
+    assert m.next_deadline() == 2.0       # the pipelines' default timeout
+    late = m.pipeline_entry(pipeline_req(timeout_ms=100), ARRIVED, 1.0)
+    assert m.tick(1.1) == [Fail(ARRIVED, "r1", "timeout",
+                                "the pipeline did not finish before its deadline", "t0")]
+    assert m.in_flight == 3 and m.stats["timed_out"] == 3
+    for _ in range(2):
+        assert m.answered(late[0], reply(1), 1.2) == []
+    assert m.stats["late"] == 2
+    stopped = m.stop()
+    assert stopped == [Fail(ARRIVED, "r1", "unavailable", "node is shutting down", "t0")] * 3
+    assert m.in_flight == 0
+
+
+def test_stop_answers_scatter_targets_shutting_down():
+    m = machine()
+    owners = {"a/1": "n1"}
+    m.scatter(scatter_req(owners), CLIENT, owners, 0, 0.0)
+    assert answer_of(m.stop()) == {"a/1": {"error": {"code": "unavailable",
+                                                     "message": "node is shutting down"}}}
+
+
+def test_the_entry_wraps_the_reply_to_and_answers_it_once():
+    m = machine()
+    first = m.pipeline_entry(pipeline_req(timeout_ms=300), ARRIVED, 1.0)
+    second = m.pipeline_entry(pipeline_req(timeout_ms=300), ARRIVED, 1.0)
+    assert first[1:] == (STRATEGY, None, "tp-3", 4.5) and m.deadline_of(first[0]) == 1.3
+    assert m.stats["pipelines"] == 2 and m.in_flight == 2
+    assert m.answered(first[0], reply(1), 1.1) == [Relay(ARRIVED, reply(1))]
+    assert m.in_flight == 1
+    assert m.answered(second[0], reply(2), 1.1) == [Relay(ARRIVED, reply(2))]
+    assert m.in_flight == 0
+
+
+def test_a_stage_wraps_its_reply_to_once_with_its_own_deadline():
+    m = machine()
+    slot = m.stage(pipeline_req(timeout_ms=400), ARRIVED, 2.0)
+    assert slot[1:] == (STRATEGY, None, "tp-3", 4.5) and m.deadline_of(slot[0]) == 2.4
+    assert m.stage(pipeline_req(), slot, 2.1) is slot          # wrapped already
+    no_deadline = m.stage(pipeline_req(timeout_ms=None), ARRIVED, 2.0)
+    assert m.deadline_of(no_deadline[0]) is None
+    assert m.stats["stages"] == 2 and m.stage(pipeline_req(), None, 2.0) is None
+
+
+def test_the_next_stage_request_carries_everything_on():
+    m = machine()
+    req = pipeline_req(ttl=4, traceparent=TP, stage=2)
+    slot = m.stage(req, ARRIVED, 5.0)
+    (route,) = m.answered(slot[0], reply({"x": 1}), 5.25)
+    nxt = route.request
+    assert (nxt.id, nxt.type, nxt.subject, nxt.data, nxt.ttl) == ("r1", "t1", "s/1",
+                                                                  {"x": 1}, 4)
+    assert (nxt.routing, nxt.stages, nxt.stage, nxt.timeout_ms) == (
+        "pipeline", (("s/2", "t2"),), 3, 750)
+    carried(nxt, route.payload)
+    assert nxt.raw["traceparent"] == TP and route.reply_to is ARRIVED
+    assert (nxt.raw["data"], nxt.raw["ttl"], nxt.raw["timeout_ms"]) == ({"x": 1}, 4, 750)
+    assert m.answered(slot[0], reply({"x": 1}), 5.3) == []     # answered once
+    untimed = m.stage(pipeline_req(timeout_ms=None), ARRIVED, 5.0)
+    (route,) = m.answered(untimed[0], reply(1), 99.0)
+    assert route.request.timeout_ms is None and "timeout_ms" not in route.request.raw
+
+
+def stage_error_env(relay: Relay) -> dict:
+    return msgpack.unpackb(relay.payload, raw=False)
+
+
+def test_a_stage_error_is_this_exact_envelope():
+    m = machine()
+    req = pipeline_req(traceparent=TP, stage=1)
+    slot = m.stage(req, ARRIVED, 0.0)
+    (relay,) = m.answered(slot[0], msgpack.packb(
+        {"type": "syn.error", "data": {"code": "bad_request"}}), 0.1)
+    assert relay.reply_to is ARRIVED
+    assert stage_error_env(relay) == {
+        "v": 1, "id": "r1", "re": "r1", "type": "syn.error", "source": ME, "traceparent": TP,
+        "data": {"code": "bad_request", "message": "stage 1 (s/0 t0): ", "stage": 1,
+                 "agent": "s/0"}}
+    plain = m.stage(pipeline_req(), ARRIVED, 0.0)
+    (relay,) = m.answered(plain[0], error("x", "y"), 0.1)
+    assert "traceparent" not in stage_error_env(relay)
+
+
+def test_a_stage_answered_exactly_at_its_deadline_times_out():
+    m = machine()
+    slot = m.stage(pipeline_req(timeout_ms=500), ARRIVED, 1.0)
+    (relay,) = m.answered(slot[0], reply(1), 1.5)
+    assert relay.reply_to is ARRIVED and stage_error_env(relay)["data"]["message"] == (
+        "stage 0 (s/0 t0): the pipeline's deadline passed")
+
+
+def test_a_stage_reply_too_large_for_the_next_request_ends_the_pipeline():
+    data = "z" * 100
+    probe = wire.encode(wire.request("r1", "t1", "s/1", data, routing="pipeline",
+                                     stages=[["s/2", "t2"]], stage=1, timeout_ms=1000))
+    for bound, ends in ((len(probe), False), (len(probe) - 1, True)):
+        m = machine(reply_bytes_max=bound)
+        slot = m.stage(pipeline_req(), ARRIVED, 0.0)
+        (effect,) = m.answered(slot[0], reply(data), 0.0)
+        assert (type(effect) is Relay) is ends
+        if ends:
+            assert effect.reply_to is ARRIVED
+            assert stage_error_env(effect)["data"] == {
+                "code": "too_large", "stage": 0, "agent": "s/0",
+                "message": f"stage 0 (s/0 t0): its reply makes a request of {len(probe)} "
+                           f"bytes, over {bound}"}

@@ -164,3 +164,112 @@ def test_a_module_named_in_config_registers_its_transport():
         transports.create("nope")
     with pytest.raises(ValueError, match="already registered"):
         transports.register("zmq", object)
+
+
+# --- the breaker alone, exactly (mutation testing: scripts/mutation.sh) -------------
+
+def test_breaker_defaults_are_the_documented_ones():
+    b = Breaker()
+    assert (b.failures_max, b.failure_rate, b.window, b.open_s) == (5, 0.5, 20, 5.0)
+    assert (b.state, b.opened, b.rejected) == (CLOSED, 0, 0)
+
+
+@pytest.mark.parametrize("settings", [
+    {"failures_max": 0}, {"failure_rate": 0.0}, {"failure_rate": 1.01}, {"window": 0},
+    {"open_s": 0.0}, {"failures_max": 1, "window": 0}, {"failure_rate": 0.5, "window": 0},
+    {"window": 1, "open_s": 0.0}])
+def test_each_bad_breaker_setting_is_refused_with_the_rules(settings):
+    with pytest.raises(ValueError, match=r"^failures_max >= 1, 0 < failure_rate <= 1, "
+                                         r"window >= 1, open_s > 0$"):
+        Breaker(**settings)
+
+
+def test_the_edge_breaker_settings_are_accepted():
+    b = Breaker(failures_max=1, failure_rate=1.0, window=1, open_s=0.001)
+    assert (b.failure_rate, b.window) == (1.0, 1)
+
+
+def test_a_fresh_breaker_opened_late_on_a_clock_far_from_zero():
+    b = Breaker(failures_max=1, open_s=1.0)
+    assert b.allow(0.5) and b.allow(1000.0)    # closed: no clock involved
+    b.record(False, 1000.0)
+    assert not b.allow(1000.5) and b.rejected == 1
+    assert not b.allow(1000.999) and b.rejected == 2   # one each: counted exactly
+    assert b.allow(1001.0) and b.state == HALF_OPEN    # exactly open_s later: a trial
+
+
+def test_the_half_open_trial_waits_exactly_open_s_then_counts_as_failed():
+    b = Breaker(failures_max=1, open_s=1.0)
+    b.record(False, 10.0)
+    assert b.allow(11.0)                     # the trial goes out at 11.0
+    assert not b.allow(11.999) and b.rejected == 1
+    assert not b.allow(12.0)                 # open_s after the trial: failed, open again
+    assert (b.state, b.opened, b.rejected, b.opened_at) == (OPEN, 2, 2, 12.0)
+    assert not b.allow(12.5) and b.rejected == 3
+    assert b.allow(13.0) and b.trial_at == 13.0
+
+
+def test_a_closing_trial_forgets_the_failures_before_it():
+    b = Breaker(failures_max=2, failure_rate=1.0, window=3, open_s=1.0)
+    b.record(False, 0.0)
+    b.record(False, 0.0)
+    assert b.allow(1.0)
+    b.record(True, 1.0)
+    assert (b.state, b.trial_at) == (CLOSED, None)
+    b.record(False, 1.1)                     # one failure after closing: not two in a row
+    assert b.state == CLOSED
+    b.record(True, 1.2)
+    b.record(False, 1.3)                     # the window holds F T F: rate 2/3 < 1
+    assert b.state == CLOSED
+    b.record(False, 1.4)
+    assert b.state == OPEN and b.opened == 2
+
+
+def test_a_success_resets_the_run_of_failures_to_zero():
+    b = Breaker(failures_max=2, failure_rate=1.0, window=20)
+    b.record(False, 0.0)
+    b.record(True, 0.0)
+    b.record(False, 0.0)
+    assert b.state == CLOSED                 # F T F: never two in a row
+    b.record(False, 0.0)
+    assert b.state == OPEN
+
+
+def test_the_failure_rate_counts_failures_only_over_a_full_window():
+    b = Breaker(failures_max=100, failure_rate=0.5, window=4)
+    for ok in (False, False, True):
+        b.record(ok, 0.0)
+    assert b.state == CLOSED                 # 2 of 3: the window is not full yet
+    b.record(True, 0.0)
+    assert b.state == OPEN                   # 2 of 4 = the rate
+    c = Breaker(failures_max=100, failure_rate=0.5, window=4)
+    for ok in (True, True, True, False):
+        c.record(ok, 0.0)
+    assert c.state == CLOSED                 # 1 of 4 is under the rate
+
+
+def test_outcomes_reported_while_open_change_nothing():
+    b = Breaker(failures_max=1, failure_rate=1.0, window=2, open_s=1.0)
+    b.record(False, 0.0)
+    b.record(True, 0.5)
+    b.record(False, 0.5)
+    assert (b.state, b.opened, b.opened_at) == (OPEN, 1, 0.0)
+
+
+def test_a_failed_trial_opens_for_open_s_from_its_outcome():
+    b = Breaker(failures_max=1, open_s=1.0)
+    b.record(False, 0.0)
+    assert not b.allow(0.5) and b.allow(1.0)
+    assert not b.allow(1.2) and not b.allow(1.4) and b.rejected == 3   # the trial is out
+    b.record(False, 1.5)
+    assert (b.state, b.opened_at) == (OPEN, 1.5)
+    assert not b.allow(2.4) and b.allow(2.5)
+
+
+def test_the_failure_rate_window_slides_over_the_last_outcomes():
+    b = Breaker(failures_max=100, failure_rate=0.5, window=4)
+    for ok in (True, True, True, True, False):
+        b.record(ok, 0.0)
+    assert b.state == CLOSED                 # the last 4: T T T F
+    b.record(False, 0.0)
+    assert b.state == OPEN                   # the last 4: T T F F
