@@ -130,11 +130,13 @@ def wire_trip(obj: Crdt) -> Crdt:
 
 # -- laws --------------------------------------------------------------------------------
 @SETTINGS
-@given(st.sampled_from(TYPES).flatmap(
-    lambda cls: st.tuples(st.just(cls), history(cls), history(cls), history(cls))))
+@given(any_history())
 def test_merge_is_commutative_associative_idempotent(case):
-    cls, (xs, _), (ys, _), (zs, _) = case
-    a, b, c = xs[0], ys[1], zs[2]
+    """Three replicas of one run.  (Replicas of three separate runs shared replica ids,
+    so one dot could stand for two elements: a state no cluster can reach, and
+    hypothesis once found that it merges differently one way round.)"""
+    cls, (objs, _) = case
+    a, b, c = objs
     for impl in core_cy.implementations().values():
         with kernels(impl):
             ab, ba = joined(cls, [a, b]), joined(cls, [b, a])
