@@ -211,8 +211,10 @@ def test_killed_node_is_dead_everywhere_within_bound_and_its_agents_move(cluster
     victim, survivors = cluster.nodes[3], cluster.nodes[:3] + cluster.nodes[4:]
     owners = ring_owners(cluster.nodes)
     with survivors[0].client(timeout_s=5.0) as c:
-        for agent in COUNTERS:
-            assert c.call(agent, "incr") == {"value": 1}
+        for agent in COUNTERS:  # quorum: acknowledged once replicas hold it, so it
+            # survives the kill (a local write's delta may still be on its way: the
+            # last one was lost once in .ci/run, killed within its loop pass)
+            assert c.call(agent, "incr", consistency="quorum") == {"value": 1}
 
     victim.kill()  # SIGKILL: no goodbye
     killed_at = time.monotonic()
@@ -230,7 +232,7 @@ def test_killed_node_is_dead_everywhere_within_bound_and_its_agents_move(cluster
         assert detected_s <= CRASH_DETECTED_BOUND_S
         assert served_s <= CRASH_DETECTED_BOUND_S
         # Replicated: the victim's counters come back on their new owners with
-        # their state (the increment reached the replicas before the kill).
+        # their state (the quorum increment reached the replicas before the kill).
         assert read_counters(c) == {a: 1 for a in COUNTERS}
     assert 0 < sum(owners[a] == victim.name for a in COUNTERS) < len(COUNTERS)
 
