@@ -204,7 +204,14 @@ class Router:
                           now + (timeout_s if long else self._timeout_s), arrived, now, nbytes)
         if long:
             self._long[token] = pending
-            heapq.heappush(self._long_heap, (pending.deadline, token))
+            heap = self._long_heap
+            if len(heap) > 2 * len(self._long) + 1024:
+                # Answered forwards leave their heap entry behind until its deadline
+                # (up to 10 minutes): drop them now, so the heap stays within twice
+                # what is in flight however fast forwards come and go.
+                heap[:] = [e for e in heap if e[1] in self._long]
+                heapq.heapify(heap)
+            heapq.heappush(heap, (pending.deadline, token))
         else:
             self._pending[token] = pending
         self._bytes += nbytes

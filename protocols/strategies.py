@@ -383,4 +383,11 @@ class Strategies:
 
     def _arm(self, deadline: float, item: Any) -> None:
         self._live += 1
-        heapq.heappush(self._timers, (deadline, next(self._seq), item))
+        timers = self._timers
+        if len(timers) > 2 * self._live + 1024:
+            # Answered gathers and pipelines leave their timer behind until its
+            # deadline (up to 10 minutes): drop them, so the heap stays bounded by
+            # what is in flight, not by the request rate.
+            timers[:] = [t for t in timers if not t[2].done]
+            heapq.heapify(timers)
+        heapq.heappush(timers, (deadline, next(self._seq), item))

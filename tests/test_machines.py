@@ -494,3 +494,13 @@ def test_a_request_follows_an_agent_handed_away_within_the_hop_limit():
     assert type(refusal) is Refusal and refusal.code == ErrorCode.UNAVAILABLE
     assert "moving to 'b'" in refusal.message and "(2)" in refusal.message
     assert type(r.follow("kv/1", "b", 0, 0)) is Refusal  # ttl 0: the entry must own it
+
+
+def test_forwards_given_longer_leave_no_heap_behind_once_answered():
+    """Answered long forwards must not pile up on the deadline heap for 10 minutes."""
+    r = router()
+    for i in range(20_000):
+        token = r.forward_started("p", f"r{i}", "t", "b", now=0.0, arrived=0.0,
+                                  timeout_s=600.0)
+        r.reply_arrived(token)
+    assert r.in_flight == 0 and len(r._long_heap) <= 1024 + 1

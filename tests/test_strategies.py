@@ -448,3 +448,12 @@ def test_a_stage_reply_too_large_for_the_next_request_ends_the_pipeline():
                 "code": "too_large", "stage": 0, "agent": "s/0",
                 "message": f"stage 0 (s/0 t0): its reply makes a request of {len(probe)} "
                            f"bytes, over {bound}"}
+
+
+def test_answered_requests_leave_no_timers_behind():
+    """A pipeline answered at once must not keep its 10-minute timer on the heap."""
+    m = machine()
+    for i in range(20_000):
+        slot = m.pipeline_entry(pipeline_req(timeout_ms=600_000), CLIENT, 0.0)
+        m.answered(slot[0], reply("done"), 0.0)
+    assert m.in_flight == 0 and len(m._timers) <= 1024 + 1
