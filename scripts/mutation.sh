@@ -50,6 +50,16 @@ tests_for() {
         core_cy/_common.py)
             echo tests/test_core_hashring.py tests/test_core_crdtmerge.py tests/test_core_api.py ;;
         node/client.py) echo tests/test_client.py ;;
+        protocols/membership.py) echo tests/test_membership.py ;;
+        protocols/epidemic.py) echo tests/test_epidemic.py tests/test_epidemic_sim.py ;;
+        protocols/peer.py) echo tests/test_peer.py ;;
+        protocols/handoff.py) echo tests/test_handoff.py ;;
+        protocols/replication.py) echo tests/test_replication.py ;;
+        protocols/delivery.py) echo tests/test_delivery.py ;;
+        protocols/effects.py) echo tests/test_machines.py tests/test_membership.py \
+            tests/test_epidemic.py tests/test_replication.py tests/test_handoff.py ;;
+        protocols/crdt/*.py) echo tests/test_crdt_core.py tests/test_crdt_fields.py \
+            tests/test_crdt_maps.py tests/test_crdt_sequence.py ;;
         *) echo "mutation.sh: no test set is known for $1 (add it to tests_for)" >&2; return 1 ;;
     esac
 }
