@@ -260,3 +260,137 @@ def test_lwwmap_laws(impl, a, b, c):
     assert m(a, b) == m(b, a)
     assert m(m(a, b), c) == m(a, m(b, c))
     assert m(a, a) == a
+
+
+# -- input errors: each names the argument and the rule it breaks ---------------------
+# Both implementations give the same texts (a caller's log is all that tells which
+# column of which side was wrong).  One fault per case, every argument once.
+
+
+def _clock_args(**bad):
+    args = {"a_ids": array(Q, [1, 2]), "a_counts": array(Q, [5, 6]),
+            "b_ids": array(Q, [1, 3]), "b_counts": array(Q, [7, 8])}
+    return [bad.get(k, v) for k, v in args.items()]
+
+
+def _pn_args(**bad):
+    args = {"a_ids": array(Q, [1, 2]), "a_p": array(Q, [5, 6]), "a_n": array(Q, [1, 1]),
+            "b_ids": array(Q, [1, 3]), "b_p": array(Q, [7, 8]), "b_n": array(Q, [0, 2])}
+    return [bad.get(k, v) for k, v in args.items()]
+
+
+def _orset_with(**cols):
+    good = ORSetState(array(Q, [1, 1, 2]), array(Q, [1, 2, 1]), ["x", "y", "z"],
+                      array(Q, [1, 2]), array(Q, [2, 1]), array(Q, [3, 3]), array(Q, [2, 4]))
+    return good._replace(**cols)
+
+
+def _lww_with(**cols):
+    return LWWMapState([b"a", b"b"], array(Q, [1, 2]), array(Q, [1, 1]), [10, 20])._replace(**cols)
+
+
+CLOCK_KERNELS = ("gcounter_merge", "vclock_merge", "vclock_compare")
+COL = r"must be array\('Q'\), got list$"
+INPUT_ERRORS = [
+    *[(k, _clock_args(**{n: [1, 2]}), TypeError, f"^{n} {COL}")
+      for k in CLOCK_KERNELS for n in ("a_ids", "a_counts", "b_ids", "b_counts")],
+    *[(k, _clock_args(a_counts=array(Q, [5])), ValueError,
+       r"^a: columns differ in length \(2 != 1\)$") for k in CLOCK_KERNELS],
+    *[(k, _clock_args(b_counts=array(Q, [5, 6, 7])), ValueError,
+       r"^b: columns differ in length \(2 != 3\)$") for k in CLOCK_KERNELS],
+    *[(k, _clock_args(**{side: array(Q, ids), side.replace("ids", "counts"): array(Q, [1, 1])}),
+       ValueError, f"^{side} must be strictly ascending$")
+      for k in CLOCK_KERNELS for side in ("a_ids", "b_ids") for ids in ([2, 1], [4, 4])],
+    *[("pncounter_merge", _pn_args(**{n: [1, 2]}), TypeError, f"^{n} {COL}")
+      for n in ("a_ids", "a_p", "a_n", "b_ids", "b_p", "b_n")],
+    *[("pncounter_merge", _pn_args(**{n: array(Q, [9])}), ValueError,
+       rf"^{n[0]}: columns differ in length \(2 != 1\)$") for n in ("a_p", "a_n", "b_p", "b_n")],
+    *[("pncounter_merge", _pn_args(**{side: array(Q, ids)}), ValueError,
+       f"^{side} must be strictly ascending$")
+      for side in ("a_ids", "b_ids") for ids in ([2, 1], [4, 4])],
+    ("orset_merge", ((1, 2), _orset_with()), TypeError, r"^a must be an ORSetState$"),
+    ("orset_merge", (_orset_with(), list(_orset_with())), TypeError, r"^b must be an ORSetState$"),
+    ("orset_merge", (_orset_with(elems=("x", "y", "z")), _orset_with()), TypeError,
+     r"^a\.elems must be a list$"),
+    ("orset_merge", (_orset_with(), _orset_with(elems=("x", "y", "z"))), TypeError,
+     r"^b\.elems must be a list$"),
+    *[("orset_merge", (_orset_with(**{c: [1]}), _orset_with()) if side == "a" else (_orset_with(), _orset_with(**{c: [1]})),
+       TypeError, f"^{side}\\.{c} {COL}")
+      for side in ("a", "b")
+      for c in ("dot_reps", "dot_ctrs", "ctx_ids", "ctx_ctrs", "cloud_reps", "cloud_ctrs")],
+    *[("orset_merge", (bad, _orset_with()) if side == "a" else (_orset_with(), bad), ValueError,
+       f"^{side} {what}: columns differ in length \\({n1} != {n2}\\)$")
+      for side in ("a", "b")
+      for bad, what, n1, n2 in (
+          (_orset_with(dot_ctrs=array(Q, [1, 2])), "dots", 3, 2),
+          (_orset_with(elems=["x"]), "dots/elems", 3, 1),
+          (_orset_with(ctx_ctrs=array(Q, [2])), "context", 2, 1),
+          (_orset_with(cloud_ctrs=array(Q, [2])), "cloud", 2, 1))],
+    *[("orset_merge", (bad, _orset_with()) if side == "a" else (_orset_with(), bad), ValueError,
+       f"^{side}{what} must be strictly ascending{tail}$")
+      for side in ("a", "b")
+      for bad, what, tail in (
+          (_orset_with(ctx_ids=array(Q, [2, 1])), ".ctx_ids", ""),
+          (_orset_with(ctx_ids=array(Q, [2, 2])), ".ctx_ids", ""),
+          (_orset_with(dot_reps=array(Q, [2, 1, 2])), " dots", r" by \(replica, counter\)"),
+          (_orset_with(dot_ctrs=array(Q, [2, 2, 1])), " dots", r" by \(replica, counter\)"),
+          (_orset_with(dot_ctrs=array(Q, [2, 1, 1])), " dots", r" by \(replica, counter\)"),
+          (_orset_with(cloud_reps=array(Q, [4, 3])), " cloud", r" by \(replica, counter\)"),
+          (_orset_with(cloud_ctrs=array(Q, [4, 4])), " cloud", r" by \(replica, counter\)"))],
+    ("lwwmap_merge", (_lww_with()[:3], _lww_with()), TypeError, r"^a must be an LWWMapState$"),
+    ("lwwmap_merge", (_lww_with(), list(_lww_with())), TypeError, r"^b must be an LWWMapState$"),
+    *[("lwwmap_merge", (bad, _lww_with()) if side == "a" else (_lww_with(), bad), TypeError,
+       f"^{side}\\.keys and {side}\\.vals must be lists$")
+      for side in ("a", "b") for bad in (_lww_with(keys=(b"a", b"b")), _lww_with(vals=(10, 20)))],
+    *[("lwwmap_merge", (_lww_with(**{c: [1, 2]}), _lww_with()) if side == "a" else (_lww_with(), _lww_with(**{c: [1, 2]})),
+       TypeError, f"^{side}\\.{c} {COL}") for side in ("a", "b") for c in ("ts", "reps")],
+    *[("lwwmap_merge", (bad, _lww_with()) if side == "a" else (_lww_with(), bad), ValueError,
+       rf"^{side}: columns differ in length \(2 != 1\)$")
+      for side in ("a", "b")
+      for bad in (_lww_with(ts=array(Q, [1])), _lww_with(reps=array(Q, [1])), _lww_with(vals=[1]))],
+    *[("lwwmap_merge", (bad, _lww_with()) if side == "a" else (_lww_with(), bad), err,
+       f"^{side}\\.keys must be {rule}$")
+      for side in ("a", "b")
+      for bad, err, rule in ((_lww_with(keys=[b"a", "b"]), TypeError, "bytes"),
+                             (_lww_with(keys=[b"b", b"a"]), ValueError, "strictly ascending"),
+                             (_lww_with(keys=[b"a", b"a"]), ValueError, "strictly ascending"))],
+]
+
+
+@pytest.mark.parametrize("kernel, args, error, message", INPUT_ERRORS,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(INPUT_ERRORS)])
+def test_input_errors_name_the_argument_and_the_rule(impl, kernel, args, error, message):
+    with pytest.raises(error, match=message):
+        getattr(impl, kernel)(*args)
+
+
+@pytest.mark.parametrize("kernel", ["gcounter_merge", "vclock_compare", "pncounter_merge",
+                                    "orset_merge", "lwwmap_merge"])
+def test_one_row_and_empty_inputs_are_valid(impl, kernel):
+    """The ordering checks start at the second row: one row is always in order."""
+    one = {"gcounter_merge": (array(Q, [7]), array(Q, [1]), array(Q), array(Q)),
+           "vclock_compare": (array(Q, [7]), array(Q, [1]), array(Q), array(Q)),
+           "pncounter_merge": (array(Q, [7]), array(Q, [1]), array(Q, [0]), array(Q), array(Q), array(Q)),
+           "orset_merge": (_orset_with(dot_reps=array(Q, [1]), dot_ctrs=array(Q, [1]), elems=["x"],
+                                  ctx_ids=array(Q, [1]), ctx_ctrs=array(Q, [1]),
+                                  cloud_reps=array(Q, [3]), cloud_ctrs=array(Q, [3])),
+                           core_cy.empty_orset()),
+           "lwwmap_merge": (_lww_with(keys=[b"k"], ts=array(Q, [1]), reps=array(Q, [1]), vals=[1]),
+                            core_cy.empty_lwwmap())}[kernel]
+    getattr(impl, kernel)(*one)
+
+
+def test_lwwmap_equal_stamps_keep_the_row_from_a(impl):
+    """Equal (ts, rep) identify one write: the merge keeps a's row, never b's."""
+    a = LWWMapState([b"k"], array(Q, [5]), array(Q, [2]), ["from a"])
+    b = LWWMapState([b"k"], array(Q, [5]), array(Q, [2]), ["from b"])
+    assert impl.lwwmap_merge(a, b).vals == ["from a"]
+    assert impl.lwwmap_merge(b, a).vals == ["from b"]
+
+
+def test_pncounter_columns_hold_the_whole_u64_range(impl):
+    """Every output column is array('Q'): counts up to 2**64-1 from either side."""
+    out = impl.pncounter_merge(array(Q, [1]), array(Q, [1]), array(Q, [1]),
+                               array(Q, [1, 2]), array(Q, [U64, U64]), array(Q, [U64, 3]))
+    assert [col.typecode for col in out] == ["Q", "Q", "Q"]
+    assert [list(col) for col in out] == [[1, 2], [U64, U64], [U64, 3]]
