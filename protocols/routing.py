@@ -99,15 +99,14 @@ class Router:
         self._long: dict[bytes, Pending] = {}
         self._long_heap: list[tuple[float, bytes]] = []
         self._counter = itertools.count(1)
-        self._quorate = True
-        self._minority = Refusal(ErrorCode.UNAVAILABLE, "")
+        self._minority: Refusal | None = None  # the refusal while on a split's minority side
         self.late_replies = 0  # replies whose forward had already ended (or never was)
 
     # --- the hot path ---------------------------------------------------------------
 
     def route(self, subject: str, ttl: int | None, hops: int) -> str | Refusal:
         """The owner's node id for ``subject``, or why the request cannot go there."""
-        if not self._quorate:
+        if self._minority is not None:
             return self._minority
         owner = self._cache.get(subject)
         if owner is None:
@@ -163,19 +162,18 @@ class Router:
         return [self._end(p, ErrorCode.UNAVAILABLE, f"owner {p.owner!r} left the member view")
                 for p in gone]
 
-    def set_quorate(self, quorate: bool, reachable: int = 0, reference: int = 0) -> None:
+    def set_quorate(self, quorate: bool, reachable: int, reference: int) -> None:
         """The downing strategy's verdict (membership's ``QuorumChanged``): a node
         that may not own agents refuses every agent request ``unavailable`` rather
         than let two sides of a split own one agent."""
-        self._quorate = quorate
-        self._minority = Refusal(
+        self._minority = None if quorate else Refusal(
             ErrorCode.UNAVAILABLE,
             f"this node is on the minority side of a split ({reachable} of {reference} "
             f"members reachable): it serves no agents until the cluster heals")
 
     @property
     def quorate(self) -> bool:
-        return self._quorate
+        return self._minority is None
 
     @property
     def ring(self) -> HashRing:

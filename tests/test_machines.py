@@ -403,9 +403,15 @@ def test_a_minority_node_refuses_every_agent_request_unavailable():
     r.set_quorate(False, 2, 5)
     refusal = r.route("kv/1", None, 0)
     assert type(refusal) is Refusal and refusal.code == ErrorCode.UNAVAILABLE
-    assert "2 of 5" in refusal.message
-    r.set_quorate(True)
-    assert r.route("kv/1", None, 0) in ("a", "b", "c")
+    assert refusal.message == ("this node is on the minority side of a split (2 of 5 members "
+                               "reachable): it serves no agents until the cluster heals")
+    assert not r.quorate
+    r.set_quorate(True, 3, 5)
+    assert r.quorate and r.route("kv/1", None, 0) in ("a", "b", "c")
+
+
+def test_a_new_router_is_quorate_until_told_otherwise():
+    assert router().quorate and router().route("kv/1", None, 0) in ("a", "b", "c")
 
 
 def test_the_owner_cache_is_bounded():
@@ -504,3 +510,59 @@ def test_forwards_given_longer_leave_no_heap_behind_once_answered():
                                   timeout_s=600.0)
         r.reply_arrived(token)
     assert r.in_flight == 0 and len(r._long_heap) <= 1024 + 1
+
+
+def test_the_long_forward_heap_is_compacted_just_past_twice_the_live_count_plus_1024():
+    """The bound is exact: with 11 long forwards live (10 waiting, 1 just started),
+    the heap grows to 2 * 11 + 1024 + 1 entries and is compacted on the next start."""
+    r = router()
+    for i in range(10):
+        r.forward_started("w", f"w{i}", "t", "b", now=0.0, arrived=0.0, timeout_s=600.0)
+    sizes = []
+    for i in range(3000):
+        token = r.forward_started("p", f"r{i}", "t", "b", now=0.0, arrived=0.0, timeout_s=600.0)
+        sizes.append(len(r._long_heap))
+        r.reply_arrived(token)
+    assert max(sizes) == 2 * 11 + 1024 + 1
+    assert min(sizes[1100:]) == 11  # compacted down to the live ones, then the new one
+    assert r.in_flight == 10
+
+
+def test_the_forward_table_bound_counts_long_forwards_too():
+    r = router(forwards_max=3)
+    r.forward_started("p", "1", "t", "b", 0.0, 0.0, timeout_s=60.0)
+    r.forward_started("p", "2", "t", "b", 0.0, 0.0, timeout_s=60.0)
+    r.forward_started("c", "3", "t", "b", 0.0, 0.0)
+    refusal = r.forward_started("c", "4", "t", "b", 0.0, 0.0)
+    assert type(refusal) is Refusal and refusal.message == "3 forwards in flight on this node"
+
+
+def test_forwards_to_a_leaving_owner_that_still_answers_are_kept():
+    """A node leaving gracefully is off the ring but answers what it was sent."""
+    r = router()
+    r.forward_started("c1", "r1", "get", "b", now=0.0, arrived=0.0)
+    r.forward_started("c2", "r2", "get", "c", now=0.0, arrived=0.0, timeout_s=60.0)
+    assert r.members_changed(["a", "c"], reachable=["b"]) == []
+    assert r.in_flight == 2
+    [fail] = r.members_changed(["a"], reachable=["b"])
+    assert (fail.request_id, fail.code) == ("r2", "unavailable")
+    assert fail.message == "owner 'c' left the member view"
+
+
+def test_a_long_forward_the_transport_gave_up_is_answered_once():
+    r = router()
+    token = r.forward_started("p", "r1", "t", "b", now=0.0, arrived=0.0, timeout_s=60.0)
+    [fail] = r.send_failed(token, "unavailable", "no route to b")
+    assert (fail.handle, fail.code, fail.message) == ("p", "unavailable", "no route to b")
+    assert r.send_failed(token, "unavailable", "again") == [] and r.in_flight == 0
+
+
+def test_timeouts_say_which_owner_did_not_answer():
+    r = router()
+    r.forward_started("s", "r1", "t", "b", now=0.0, arrived=0.0)
+    r.forward_started("p", "r2", "t", "c", now=0.0, arrived=0.0, timeout_s=60.0)
+    [short, unresponsive] = r.tick(TIMEOUT_S)
+    assert short.message == f"owner 'b' did not answer within {TIMEOUT_S:g} s"
+    assert unresponsive == Unresponsive("b")
+    [long] = r.tick(60.0)
+    assert long.message == "owner 'c' did not answer in time"
