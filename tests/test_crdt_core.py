@@ -22,6 +22,7 @@ from protocols.crdt import (
     BEFORE,
     CONCURRENT,
     EQUAL,
+    TYPES as CRDT_TYPES,
     VCLOCK_ENTRIES_MAX,
     Crdt,
     CrdtError,
@@ -537,3 +538,522 @@ def test_empty_objects_share_no_mutable_columns():
     c, d = VClock().bind(1), VClock().bind(2)
     c.tick()
     assert d.value() == {} and VClock().value() == {}
+
+
+# -- exact errors and boundaries (pinned for mutation testing) ----------------------------
+# The messages are part of the API (clients and logs read them): each test provokes one
+# error and checks its exact text; boundaries are tested at the exact value.
+def test_lww_register_clock_boundaries_and_messages():
+    """A clock of 0 is valid; a negative, bool or non-int clock is refused with the
+    exact message; a clock past u64 is capped at U64."""
+    r = LWWRegister().bind(4, lambda: 0)
+    r.set("at zero")
+    assert r.stamp() == (1, 4)  # the clock says 0, the write still follows ts 0 seen
+    for bad, shown in ((-1, "-1"), (True, "True"), ("12", "'12'"), (1.0, "1.0")):
+        with pytest.raises(CrdtError, match=rf"^the clock must give an int >= 0, got {shown}$"):
+            LWWRegister().bind(1, lambda bad=bad: bad).set(1)
+    with pytest.raises(CrdtError, match=r"^the clock must give an int >= 0, got 'x{39}$"):
+        LWWRegister().bind(1, lambda: "x" * 100).set(1)  # the shown clock is cut at 40 chars
+    fast = LWWRegister().bind(1, lambda: U64 + 5)
+    fast.set("capped")
+    assert fast.stamp() == (U64, 1)
+
+
+def test_lww_register_refuses_to_pass_u64_at_exactly_u64():
+    """A register stamped U64 - 1 takes one more write (stamped U64); at U64 it refuses."""
+    almost = LWWRegister.from_wire([U64 - 1, 1, "v"]).bind(2, lambda: 0)
+    almost.set("last")
+    assert almost.stamp() == (U64, 2)
+    with pytest.raises(CrdtError, match=r"^register timestamp would pass 2\*\*64-1$"):
+        almost.set("one too many")
+    assert almost.value() == "last"
+
+
+def test_lww_register_plain_data_keeps_str_and_int_keys_and_names_the_error():
+    r = LWWRegister().bind(1, lambda: 1)
+    r.set({1: "one", "s": b"b"})
+    assert r.value() == {1: "one", "s": b"b"}  # str stays str, int keys are allowed
+    assert LWWRegister.from_wire([1, 1, {2: "two"}]).value() == {2: "two"}
+    for bad in ({1, 2}, 2**64, object()):
+        with pytest.raises(CrdtError, match=r"^value is not msgpack data: \w"):
+            r.set(bad)
+
+
+def test_lww_register_equal_stamps_keep_the_larger_packed_value_both_ways():
+    """Two values under one stamp (a faulty peer): both merge orders keep the value
+    whose packed form is larger, and the same value under one stamp changes nothing."""
+    small, large = LWWRegister.from_wire([5, 1, "a"]), LWWRegister.from_wire([5, 1, "b"])
+    for first, second in ((small, large), (large, small)):
+        target = LWWRegister.from_wire(first.to_wire())
+        target.merge(second)
+        assert target.value() == "b" and target.stamp() == (5, 1)
+    older = LWWRegister.from_wire([4, 9, "z"])
+    target = LWWRegister.from_wire(small.to_wire())
+    target.merge(older)
+    assert target.value() == "a"
+
+
+def test_lww_register_wire_errors_are_exact():
+    for bad in ([1, 2], (1, 2, 3), "x", [1, 2, 3, 4]):
+        with pytest.raises(CrdtError, match=r"^LWWRegister wire form must be \[ts, replica, value\]$"):
+            LWWRegister.from_wire(bad)
+    with pytest.raises(CrdtError, match=r"^LWWRegister ts must be an int in 0\.\.2\*\*64-1, got -1$"):
+        LWWRegister.from_wire([-1, 2, None])
+    with pytest.raises(CrdtError, match=r"^LWWRegister replica must be an int in 0\.\.2\*\*64-1, got True$"):
+        LWWRegister.from_wire([1, True, None])
+    with pytest.raises(CrdtError, match=r"^value is not msgpack data: "):
+        LWWRegister.from_wire([1, 2, {1, 2}])
+    assert LWWRegister.from_wire([U64, U64, None]).stamp() == (U64, U64)
+
+
+def _full_clock(n: int = VCLOCK_ENTRIES_MAX, first: int = 0) -> VClock:
+    return VClock.from_wire([list(range(first, first + n)), [1] * n])
+
+
+def test_vclock_size_bound_is_exact():
+    """A clock may name exactly VCLOCK_ENTRIES_MAX replicas: ticking a known replica
+    of a full clock works, a new one is refused; a merge reaching exactly the bound
+    works, one past it is refused (and leaves the clock as it was)."""
+    almost = _full_clock(VCLOCK_ENTRIES_MAX - 1).bind(10**6)
+    almost.tick()  # the 256th replica
+    assert len(almost.value()) == VCLOCK_ENTRIES_MAX
+    almost.bind(3).tick()  # already named: fine although full
+    assert almost.get(3) == 2
+    with pytest.raises(CrdtError, match=r"^vector clock is full \(256 replicas\): prune it$"):
+        almost.bind(10**6 + 1).tick()
+    merged = _full_clock(VCLOCK_ENTRIES_MAX - 1)
+    merged.merge(_full_clock(1, first=VCLOCK_ENTRIES_MAX - 1))
+    assert len(merged.value()) == VCLOCK_ENTRIES_MAX
+    with pytest.raises(CrdtError, match=r"^merged vector clock would name 257 replicas, more than 256: "
+                                        r"prune departed replicas$"):
+        merged.merge(_full_clock(1, first=10**6))
+    assert len(merged.value()) == VCLOCK_ENTRIES_MAX and merged.get(10**6) == 0
+    with pytest.raises(CrdtError, match=r"^vector clock has 257 entries, more than 256$"):
+        _full_clock(VCLOCK_ENTRIES_MAX + 1)
+
+
+def test_vclock_entry_stops_at_u64():
+    top = VClock.from_wire([[5], [U64 - 1]]).bind(5)
+    assert top.tick().value() == {5: U64}
+    with pytest.raises(CrdtError, match=r"^vector clock entry of replica 5 would pass 2\*\*64-1$"):
+        top.tick()
+    assert top.get(5) == U64
+
+
+def test_vclock_tick_delta_and_pending_delta():
+    c = VClock().bind(7)
+    first = c.tick()
+    second = c.tick()
+    assert first.value() == {7: 1} and second.value() == {7: 2}
+    assert c.take_delta().value() == {7: 2} and c.take_delta() is None
+    assert c.to_wire() == [[7], [2]]
+
+
+def test_vclock_get_and_prune_edges():
+    """get finds the first, the last and a missing replica between rows; prune to
+    nothing leaves an empty clock that can tick again, and prune of nothing drops 0."""
+    c = VClock.from_wire([[2, 4, 6], [1, 2, 3]]).bind(9)
+    assert (c.get(2), c.get(6), c.get(3), c.get(7), c.get(0)) == (1, 3, 0, 0, 0)
+    assert c.prune([2, 4, 6, 8]) == 0 and c.value() == {2: 1, 4: 2, 6: 3}
+    assert c.prune([4]) == 2 and c.to_wire() == [[4], [2]]
+    assert c.prune([]) == 1 and c.to_wire() == [[], []]
+    c.tick()
+    assert c.to_wire() == [[9], [1]]
+    d = VClock().bind(5)
+    d.tick()
+    d.bind(1).tick()  # inserted before the first row
+    d.bind(3).tick()  # and between two rows
+    assert d.to_wire() == [[1, 3, 5], [1, 1, 1]]
+
+
+def test_vclock_zero_entries_compare_as_missing():
+    zero = VClock.from_wire([[1], [0]])
+    assert zero.value() == {} and zero == VClock() and zero.compare(VClock()) == EQUAL
+    assert not VClock.from_wire([[1], [1]]).compare(VClock()) == EQUAL
+    assert VClock.from_wire([[1], [1]]).dominates(zero) and zero.dominates(VClock())
+    assert not zero.dominates(VClock.from_wire([[1], [1]]))
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"a": 1}, r"^vector clock must be a list of 2 columns$"),
+    ([[1]], r"^vector clock must be a list of 2 columns$"),
+    ([[1], [1], [1]], r"^vector clock must be a list of 2 columns$"),
+    ([(1,), [1]], r"^vector clock must be a list, got tuple$"),
+    ([[1], [-1]], r"^vector clock must be an int in 0\.\.2\*\*64-1, got -1$"),
+    ([[1, 2], [1]], r"^vector clock: columns differ in length$"),
+    ([[1], [1, 2]], r"^vector clock: columns differ in length$"),
+    ([[2, 2], [1, 1]], r"^vector clock replica ids must be strictly ascending$"),
+    ([[3, 2], [1, 1]], r"^vector clock replica ids must be strictly ascending$"),
+])
+def test_vclock_wire_errors_are_exact(data, message):
+    with pytest.raises(CrdtError, match=message):
+        VClock.from_wire(data)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([], r"^a vector clock must be a map, got list$"),
+    ({"a": 1}, r"^vector clock replica must be an int in 0\.\.2\*\*64-1, got 'a'$"),
+    ({1: 2**64}, r"^vector clock counter must be an int in 0\.\.2\*\*64-1, got 18446744073709551616$"),
+    (dict.fromkeys(range(VCLOCK_ENTRIES_MAX + 1), 1), r"^a vector clock has 257 entries, more than 256$"),
+])
+def test_dict_clock_errors_are_exact(bad, message):
+    with pytest.raises(CrdtError, match=message):
+        vc_compare({}, bad)
+
+
+def test_dict_clock_merge_bound_is_exact():
+    low = dict.fromkeys(range(VCLOCK_ENTRIES_MAX - 1), 1)
+    assert len(vc_merge(low, {10**6: 2})) == VCLOCK_ENTRIES_MAX
+    assert vc_merge({1: 3, 2: 1}, {2: 4}) == {1: 3, 2: 4}
+    with pytest.raises(CrdtError, match=r"^merged vector clock would name more than 256 replicas$"):
+        vc_merge(low, {10**6: 1, 10**6 + 1: 1})
+    assert vc_compare({1: 1}, {1: 2}) == BEFORE and vc_compare({}, {}) == EQUAL
+
+
+def test_counter_amount_errors_are_exact_and_zero_is_a_no_op():
+    g, p = GCounter().bind(1), PNCounter().bind(1)
+    with pytest.raises(CrdtError, match=r"^a counter amount must be an int, got float$"):
+        g.increment(1.0)
+    with pytest.raises(CrdtError, match=r"^a counter amount must be an int, got bool$"):
+        p.decrement(True)
+    with pytest.raises(CrdtError, match=r"^a GCounter only grows: increment\(-1\) is negative$"):
+        g.increment(-1)
+    for counter in (g, p):  # zero changes nothing and records no delta
+        assert counter.increment(0).to_wire() == type(counter)().to_wire()
+        assert counter.take_delta() is None and counter.replicas() == []
+    p.decrement()
+    p.increment()
+    assert p.to_wire() == [[1], [1], [1], []] and p.value() == 0
+
+
+def test_counter_count_past_u64_names_the_replica():
+    g = GCounter().bind(42)
+    g.increment(U64)
+    with pytest.raises(CrdtError, match=r"^count of replica 42 would pass 2\*\*64-1$"):
+        g.increment(1)
+    assert g.value() == U64
+
+
+def test_counter_returned_deltas_stay_as_returned():
+    """The pending delta is a separate object: later writes do not change a delta
+    already handed to the caller, and the pending one is the join of all of them."""
+    for cls in (GCounter, PNCounter):
+        c = cls().bind(3)
+        first = c.increment(1)
+        second = c.increment(2)
+        assert first.value() == 1 and second.value() == 3
+        pending = c.take_delta()
+        assert pending.value() == 3 and pending is not first and pending is not second
+        c.increment(4)
+        assert pending.value() == 3 and c.take_delta().value() == 7
+
+
+def test_counter_copy_is_independent():
+    owner = PNCounter().bind(1, lambda: 5)
+    owner.increment(2)
+    owner.merge(PNCounter.from_wire([[2], [3], [0], []]))
+    owner.fold([2], into=1, now_ns=0, ttl_ns=10)
+    twin = owner.copy()
+    assert twin == owner and twin.replica == 1 and twin.clock is owner.clock
+    assert twin.take_delta() is None
+    owner.increment(10)
+    owner.fold([9], into=1, now_ns=0, ttl_ns=10)
+    owner.expire_folds(100)
+    assert twin.value() == 5 and twin.folds() == {2: (3, 0, 10)}
+    assert GCounter().copy().to_wire() == [[], [], []]
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(retired=[2], into=-1, now_ns=0, ttl_ns=1), r"^into must be an int in 0\.\.2\*\*64-1, got -1$"),
+    (dict(retired=[2], into=1, now_ns=1.5, ttl_ns=1), r"^now_ns must be an int in 0\.\.2\*\*64-1, got 1\.5$"),
+    (dict(retired=[2], into=1, now_ns=0, ttl_ns=None), r"^ttl_ns must be an int in 0\.\.2\*\*64-1, got None$"),
+    (dict(retired=["2"], into=1, now_ns=0, ttl_ns=1),
+     r"^retired replica must be an int in 0\.\.2\*\*64-1, got '2'$"),
+    (dict(retired=[1], into=1, now_ns=0, ttl_ns=1), r"^cannot fold into replica 1: it is retired or folded$"),
+])
+def test_fold_argument_errors_are_exact(args, message):
+    g = GCounter().bind(1)
+    g.increment()
+    with pytest.raises(CrdtError, match=message):
+        g.fold(**args)
+    assert g.to_wire() == [[1], [1], []]
+
+
+def test_fold_into_a_folded_replica_is_refused_by_name():
+    g = GCounter.from_wire([[1, 2], [1, 1], []])
+    g.fold([2], into=1, now_ns=0, ttl_ns=1)
+    with pytest.raises(CrdtError, match=r"^cannot fold into replica 2: it is retired or folded$"):
+        g.fold([1], into=2, now_ns=0, ttl_ns=1)
+    with pytest.raises(CrdtError, match=r"^now_ns must be an int in 0\.\.2\*\*64-1, got -1$"):
+        g.expire_folds(-1)
+
+
+def test_fold_expiry_caps_at_u64_and_a_refold_keeps_the_later_expiry():
+    g = GCounter.from_wire([[1, 2, 3], [1, 4, 6], []])
+    delta = g.fold([2], into=1, now_ns=U64, ttl_ns=5)
+    assert g.folds() == {2: (4, U64)} and delta.to_wire() == [[1], [5], [[2, 4, U64]]]
+    g = GCounter.from_wire([[1, 2], [1, 4], [[2, 3, 500]]])  # 1 of the 4 is a zombie's excess
+    delta = g.fold([2], into=1, now_ns=0, ttl_ns=100)  # an earlier expiry than the marker's
+    assert g.folds() == {2: (4, 500)} and g.to_wire() == [[1], [2], [[2, 4, 500]]]
+    assert delta.to_wire() == [[1], [2], [[2, 4, 500]]] and g.value() == 2
+    assert g.take_delta().to_wire() == delta.to_wire()
+
+
+def test_fold_of_rows_below_their_marker_gains_nothing():
+    """A stale row under its marker adds 0 (not a negative amount) to the target."""
+    g = GCounter.from_wire([[1, 2, 3], [10, 2, 7], [[2, 5, 99]]])
+    g.fold([2, 3], into=1, now_ns=0, ttl_ns=1)
+    assert g.to_wire() == [[1], [17], [[2, 5, 99], [3, 7, 1]]] and g.value() == 17
+
+
+def test_fold_keeps_a_zombie_row_above_its_marker_and_drops_one_equal_to_it():
+    g = GCounter.from_wire([[1, 2], [1, 5], [[2, 5, 9]]])
+    assert g.to_wire() == [[1], [1], [[2, 5, 9]]] and g.replicas() == [1]
+    h = GCounter.from_wire([[1, 2], [1, 6], [[2, 5, 9]]])
+    assert h.replicas() == [1, 2] and h.value() == 2
+    p = PNCounter.from_wire([[1, 2], [0, 5], [0, 3], [[2, 5, 2, 9]]])  # one side above
+    assert p.replicas() == [1, 2] and p.value() == -1  # its decrements' excess
+
+
+def test_merged_markers_take_the_max_of_each_part():
+    a = PNCounter.from_wire([[], [], [], [[2, 5, 1, 30], [4, 1, 1, 1]]])
+    b = PNCounter.from_wire([[], [], [], [[2, 3, 4, 20], [3, 1, 1, 1]]])
+    a.merge(b)
+    assert a.folds() == {2: (5, 4, 30), 3: (1, 1, 1), 4: (1, 1, 1)}
+    empty = PNCounter()
+    empty.merge(b)
+    assert empty.folds() == b.folds()
+    b.merge(PNCounter())
+    assert b.folds() == {2: (3, 4, 20), 3: (1, 1, 1)}
+
+
+def test_expire_folds_keeps_markers_of_unfolded_rows_and_counts_what_went():
+    g = GCounter.from_wire([[1, 2], [1, 9], [[2, 5, 10], [3, 1, 10], [4, 1, 11]]])
+    assert g.expire_folds(9) == 0 and len(g.folds()) == 3
+    assert g.expire_folds(10) == 1 and sorted(g.folds()) == [2, 4]  # 2 still has a row
+    assert g.expire_folds(11) == 1 and sorted(g.folds()) == [2]
+    assert g.value() == 5  # 1 + the zombie's excess 4
+    assert GCounter().expire_folds(U64) == 0
+    g = GCounter.from_wire([[], [], [[3, 1, 10]]])
+    assert g.expire_folds(10) == 1 and g.folds() == {} and g.to_wire() == [[], [], []]
+
+
+@pytest.mark.parametrize("cls, data, message", [
+    (GCounter, [[1], [1]], r"^GCounter wire form must be a list of 3 items$"),
+    (PNCounter, [[1], [1], []], r"^PNCounter wire form must be a list of 4 items$"),
+    (GCounter, ([], [], []), r"^GCounter wire form must be a list of 3 items$"),
+    (GCounter, [[], [], {}], r"^GCounter fold markers must be a list of at most 1048576 rows$"),
+    (GCounter, [[], [], [[2, 1]]], r"^GCounter fold marker must be a list of 3 ints$"),
+    (GCounter, [[], [], [(2, 1, 1)]], r"^GCounter fold marker must be a list of 3 ints$"),
+    (PNCounter, [[], [], [], [[2, 1, 1]]], r"^PNCounter fold marker must be a list of 4 ints$"),
+    (GCounter, [[], [], [[2, -1, 1]]], r"^GCounter fold marker must be an int in 0\.\.2\*\*64-1, got -1$"),
+    (GCounter, [[], [], [[2, 1, 1], [2, 1, 1]]],
+     r"^GCounter fold markers must be strictly ascending by replica$"),
+    (GCounter, [[1, 1], [1, 1], []], r"^GCounter replica ids must be strictly ascending$"),
+    (GCounter, [[1], [], []], r"^GCounter: columns differ in length$"),
+])
+def test_counter_wire_errors_are_exact(cls, data, message):
+    with pytest.raises(CrdtError, match=message):
+        cls.from_wire(data)
+
+
+def test_counter_fold_markers_of_replica_zero_and_u64_read_back():
+    g = GCounter.from_wire([[0], [3], [[0, 1, 5], [U64, 2, U64]]])
+    assert g.folds() == {0: (1, 5), U64: (2, U64)} and g.value() == 2
+    assert GCounter.from_wire(g.to_wire()) == g
+    with pytest.raises(CrdtError, match=r"fold markers must be a list of at most"):
+        GCounter.from_wire([[], [], [None] * (counters.ELEMENTS_MAX + 1)])
+
+
+# -- sets: exact errors and boundaries ------------------------------------------------------
+I64_MIN = -(2**63)
+
+
+def test_set_elements_at_the_int_bounds():
+    """Ints are elements from -2**63 to 2**64-1 inclusive; one past either end, or any
+    other type, is refused with the exact message."""
+    g = GSet().bind(1)
+    for ok in (I64_MIN, U64, 0, None, True, b"", ""):
+        g.add(ok)
+    for bad, shown in ((I64_MIN - 1, str(I64_MIN - 1)), (U64 + 1, str(U64 + 1)), (1.5, "1.5"),
+                       ([1], r"\[1\]"), (bytearray(b"x"), r"bytearray\(b'x'\)")):
+        with pytest.raises(CrdtError, match=r"^an element must be str, bytes, int \(i64/u64\), bool or None, "
+                                            rf"got {shown}$"):
+            g.add(bad)
+
+
+def test_set_wire_order_is_none_then_numbers_then_bytes_then_str():
+    elems = ["b", "a", b"b", b"a", U64, 2, True, -1, I64_MIN, None]
+    for cls in (GSet, TwoPSet, ORSet):
+        s = cls().bind(1)
+        for e in elems:
+            s.add(e)
+        got = s.to_wire() if cls is GSet else s.to_wire()[0] if cls is TwoPSet else sorted(
+            s.value(), key=sets.element_key)
+        assert got == [None, I64_MIN, -1, True, 2, U64, b"a", b"b", "a", "b"]
+    assert [sets.element_key(e) for e in (None, False, 3, b"x", "x")] == [
+        (0, 0), (1, 0), (1, 3), (2, b"x"), (3, "x")]
+
+
+def test_set_element_lists_at_their_size_bound():
+    assert GSet.from_wire([0] * counters.ELEMENTS_MAX).value() == {0}
+    for cls, data in ((GSet, [0] * (counters.ELEMENTS_MAX + 1)), (GSet, (1,)),
+                      (TwoPSet, [[], [0] * (counters.ELEMENTS_MAX + 1)])):
+        with pytest.raises(CrdtError, match=rf"^{cls.__name__} must be a list of at most 1048576 elements$"):
+            cls.from_wire(data)
+
+
+def test_gset_reads_and_merges_from_empty():
+    a, b = GSet(), GSet().bind(2)
+    assert "x" not in a and len(a) == 0 and a.value() == frozenset() and a.to_wire() == []
+    a.merge(GSet())
+    assert a.to_wire() == [] and a == GSet()
+    b.add("x")
+    a.merge(b)
+    b.add("y")  # a's set is its own, not b's
+    assert a.value() == {"x"} and b.value() == {"x", "y"}
+    assert b.take_delta().to_wire() == ["x", "y"]
+    assert GSet.from_wire([]) == GSet() and GSet.from_wire(["x", "x"]).to_wire() == ["x"]
+
+
+def test_twopset_add_after_remove_still_ships_the_add():
+    s = TwoPSet().bind(1)
+    assert "x" not in s and len(s) == 0
+    s.remove("x")  # barred in advance
+    delta = s.add("x")
+    assert delta.to_wire() == [["x"], []] and s.to_wire() == [[], ["x"]] and "x" not in s
+    assert s.removed() == {"x"} and TwoPSet().removed() == frozenset()
+    s.add("y")
+    assert "y" in s and len(s) == 1 and s.value() == {"y"}
+    assert s.take_delta().to_wire() == [["y"], ["x"]]
+    fresh = TwoPSet()
+    fresh.merge(TwoPSet.from_wire([["a", "b"], ["b"]]))
+    assert fresh.to_wire() == [["a"], ["b"]] and fresh == TwoPSet.from_wire([["a"], ["b"]])
+    fresh.merge(TwoPSet.from_wire([[], ["a"]]))
+    assert fresh.value() == frozenset() and fresh.to_wire() == [[], ["a", "b"]]
+    gone = TwoPSet().bind(1)
+    gone.add("z")
+    gone.remove("z")
+    assert gone.to_wire() == [[], ["z"]] and gone == TwoPSet.from_wire([[], ["z"]])
+
+
+@pytest.mark.parametrize("data", [[[]], [[], [], []], ([], []), "ab"])
+def test_twopset_wire_shape_error_is_exact(data):
+    with pytest.raises(CrdtError, match=r"^TwoPSet wire form must be \[added, removed\]$"):
+        TwoPSet.from_wire(data)
+
+
+def test_orset_counter_stops_at_u64():
+    near = ORSet.from_wire([[5], [U64 - 1], ["a"], [5], [U64 - 1], [], []]).bind(5)
+    near.add("b")
+    assert near.to_wire()[:2] == [[5, 5], [U64 - 1, U64]]
+    with pytest.raises(CrdtError, match=r"^dot counter of replica 5 would pass 2\*\*64-1$"):
+        near.add("c")
+    cloud = ORSet.from_wire([[5], [U64], ["a"], [], [], [5], [U64]]).bind(5)
+    with pytest.raises(CrdtError, match=r"^dot counter of replica 5 would pass 2\*\*64-1$"):
+        cloud.add("c")
+
+
+def test_orset_next_counter_follows_the_context_and_the_cloud():
+    s = ORSet.from_wire([[], [], [], [1, 2], [4, 9], [2, 3], [11, 2]]).bind(2)
+    s.add("x")
+    assert s.to_wire()[:3] == [[2], [12], ["x"]]
+    t = ORSet.from_wire([[], [], [], [1, 2], [4, 9], [], []]).bind(1)
+    assert t.add("y").to_wire()[:3] == [[1], [5], ["y"]]
+
+
+def test_orset_reads_and_empty_removes():
+    s = ORSet().bind(1)
+    assert len(s) == 0 and "x" not in s and s.clear().to_wire() == ORSet().to_wire()
+    assert s.take_delta() is None
+    s.add("x")
+    s.add("x")
+    s.add("y")
+    assert len(s) == 2 and "x" in s and s.value() == {"x", "y"}
+    removal = s.remove("x")
+    assert removal.to_wire() == [[], [], [], [], [], [1], [2]]  # the context: x's dot, no more
+    assert s.to_wire() == [[1], [3], ["y"], [1], [3], [], []]
+
+
+@pytest.mark.parametrize("data, message", [
+    ([[], [], [], [], [], []], r"^ORSet wire form must be a list of 7 columns$"),
+    ("1234567", r"^ORSet wire form must be a list of 7 columns$"),
+    ([[1], [1], "a", [1], [1], [], []], r"^ORSet elems must be a list, one element per dot$"),
+    ([[1], [1], [], [1], [1], [], []], r"^ORSet elems must be a list, one element per dot$"),
+    ([[1], [2], ["a"], [1], [1], [], []], r"^ORSet dot \(1, 2\) is not in its own causal context$"),
+    ([[1], [2], ["a"], [2], [5], [], []], r"^ORSet dot \(1, 2\) is not in its own causal context$"),
+    ([[1], [], [], [], [], [], []], r"^ORSet dots: columns differ in length$"),
+    ([[1], [0], ["a"], [1], [1], [], []], r"^ORSet dots: a dot counter is >= 1$"),
+    ([[], [], [], [], [], [1], [0]], r"^ORSet cloud: a dot counter is >= 1$"),
+    ([[1, 1], [1, 1], ["a", "b"], [1], [1], [], []],
+     r"^ORSet dots must be strictly ascending by \(replica, counter\)$"),
+    ([[], [], [], [], [], [2, 1], [1, 1]],
+     r"^ORSet cloud must be strictly ascending by \(replica, counter\)$"),
+    ([[], [], [], [1, 1], [1, 1], [], []], r"^ORSet context replica ids must be strictly ascending$"),
+    ([[1], [1], [1.5], [1], [1], [], []], r"^an element must be str"),
+])
+def test_orset_wire_errors_are_exact(data, message):
+    with pytest.raises(CrdtError, match=message):
+        ORSet.from_wire(data)
+
+
+def test_orset_wire_accepts_dots_at_the_edge_of_their_context():
+    """A dot whose counter equals its replica's context entry, or that sits in the
+    cloud, is inside the context; the read state is folded to its canonical form."""
+    s = ORSet.from_wire([[1, 2], [3, 7], ["a", "b"], [1], [3], [2], [7]])
+    assert s.value() == {"a", "b"}
+    assert s == ORSet.from_wire(s.to_wire())
+    folded = ORSet.from_wire([[1], [2], ["a"], [], [], [1, 1], [1, 2]])
+    assert folded.to_wire() == [[1], [2], ["a"], [1], [2], [], []]
+    assert ORSet.from_wire([[], [], [], [1], [0], [], []]) == ORSet()  # a zero entry is none
+
+
+# -- the base contract -------------------------------------------------------------------------
+def test_a_taken_tag_cannot_be_registered_twice():
+    with pytest.raises(TypeError, match=r"^CRDT tag 'gc' is taken by GCounter$"):
+        type("Impostor", (GCounter,), {"TAG": "gc"})
+    assert CRDT_TYPES["gc"] is GCounter
+    untagged = type("Untagged", (Crdt,), {})
+    assert untagged.TAG == "" and "" not in CRDT_TYPES
+
+
+def test_merge_of_another_type_names_both():
+    with pytest.raises(CrdtError, match=r"^cannot merge PNCounter into GCounter$"):
+        GCounter().merge(PNCounter())
+    with pytest.raises(CrdtError, match=r"^cannot merge GSet into ORSet$"):
+        ORSet().merge(GSet())
+
+
+def test_a_fresh_object_has_no_clock_replica_zero_and_no_delta():
+    r = LWWRegister()
+    assert r.replica == 0 and r.take_delta() is None
+    with pytest.raises(CrdtError, match=r"^this object has no clock: the node binds one \(crdt\.clock = fn\)$"):
+        r.set(1)
+
+
+def test_pending_delta_is_a_copy_of_the_first_delta():
+    """The first delta of a turn is copied into the pending delta: later writes merge
+    into that copy, never into the delta already returned to the caller."""
+    s = GSet().bind(1)
+    first = s.add("a")
+    s.add("b")
+    assert first.value() == {"a"} and s.take_delta().value() == {"a", "b"}
+    r = LWWRegister().bind(1, lambda: 5)
+    first = r.set("x")
+    r.set("y")
+    assert first.value() == "x" and r.take_delta().value() == "y"
+
+
+def test_copy_bind_eq_and_repr():
+    def clock():
+        return 9
+
+    g = GCounter().bind(3, clock)
+    g.increment(2)
+    twin = ORSet.copy(ORSet().bind(4, clock))  # the base copy: a wire round trip
+    assert twin.replica == 4 and twin.clock is clock and twin.take_delta() is None
+    assert g.bind(6).replica == 6 and g.clock is clock  # no clock given: kept
+    assert repr(g) == "GCounter(2)" and repr(GSet()) == "GSet(frozenset())"
+    assert g != 2 and GSet() != TwoPSet() and GSet() == GSet()
+    with pytest.raises(TypeError):
+        hash(g)

@@ -165,3 +165,69 @@ def test_decode_refuses_junk_with_crdt_error_only(data):
     except CrdtError:
         return
     assert wire_trip(fields) == fields
+
+
+# -- exact errors and boundaries (pinned for mutation testing) ------------------------------
+EMPTY_GC = ["gc", [[], [], []]]
+
+
+def test_field_names_and_counts_at_their_bounds():
+    """Names of 1 and FIELD_NAME_MAX chars and exactly FIELDS_MAX fields are fine; one
+    more char or field is refused, with the exact message."""
+    edge = {"a": GCounter(), "n" * FIELD_NAME_MAX: GCounter()}
+    assert sorted(decode_fields(encode_fields(edge))) == sorted(edge)
+    full = {f"f{i}": GCounter() for i in range(FIELDS_MAX)}
+    assert len(decode_fields(encode_fields(full))) == FIELDS_MAX
+    long_name = "n" * (FIELD_NAME_MAX + 1)
+    for bad, shown in (({long_name: GCounter()}, repr(long_name)), ({"": GCounter()}, "''"),
+                       ({7: GCounter()}, "7")):
+        with pytest.raises(CrdtError, match=rf"^a field name must be a str of 1\.\.64 chars, got {shown}$"):
+            encode_fields(bad)
+    with pytest.raises(CrdtError, match=r"^a field name must be a str of 1\.\.64 chars, got 'x{79}$"):
+        decode_fields({"x" * 200: EMPTY_GC})  # the name shown is cut at 80 chars
+    with pytest.raises(CrdtError, match=r"^fields has 65 entries, more than 64$"):
+        encode_fields({**full, "one more": GCounter()})
+    with pytest.raises(CrdtError, match=r"^fields must be a map, got list$"):
+        decode_fields([])
+
+
+def test_field_value_errors_are_exact():
+    from protocols.crdt.base import Crdt
+
+    with pytest.raises(CrdtError, match=r"^field 'a' is not a CRDT: int$"):
+        encode_fields({"a": 1})
+    with pytest.raises(CrdtError, match=r"^field 'a' is not a CRDT: Crdt$"):
+        encode_fields({"a": Crdt()})  # the untagged base class is not a field type
+    for bad in (["gc"], "gc", ["gc", [], 1]):
+        with pytest.raises(CrdtError, match=r"^field 'a' must be \[tag, wire\]$"):
+            decode_fields({"a": bad})
+    for tag, shown in (("nope", "'nope'"), (None, "None"), (["gc"], r"\['gc'\]")):
+        with pytest.raises(CrdtError, match=rf"^field 'a' has an unknown type tag {shown}$"):
+            decode_fields({"a": [tag, []]})
+    assert decode_fields({"a": ("gc", [[1], [2], []])})["a"].value() == 2  # a tuple is fine
+
+
+def test_merge_fields_errors_are_exact_and_the_bound_is_exact():
+    mine = {"a": GCounter()}
+    with pytest.raises(CrdtError, match=r"^field 'a' is a GCounter here and a PNCounter in the merged state$"):
+        merge_fields(mine, {"a": PNCounter()})
+    with pytest.raises(CrdtError, match=r"^field 'b' is not a CRDT: str$"):
+        merge_fields(mine, {"b": "x"})
+    full = {f"m{i}": GCounter() for i in range(FIELDS_MAX - 1)}
+    merge_fields(full, {"m0": GCounter(), "last": GCounter()})  # exactly FIELDS_MAX
+    assert len(full) == FIELDS_MAX
+    with pytest.raises(CrdtError, match=r"^merged state would have more than 64 fields$"):
+        merge_fields(full, {"extra": GCounter()})
+
+
+def test_bind_fields_without_a_clock_keeps_each_fields_clock():
+    def clock():
+        return 3
+
+    fields = {"r": LWWRegister().bind(1, clock), "g": GCounter()}
+    bind_fields(fields, 8)
+    assert fields["r"].replica == fields["g"].replica == 8 and fields["r"].clock is clock
+    fields["r"].set("v")
+    assert fields["r"].stamp() == (3, 8)
+    assert take_deltas(fields) == {"r": LWWRegister.from_wire([3, 8, "v"])}
+    assert take_deltas(fields) == {}

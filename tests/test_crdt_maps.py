@@ -458,3 +458,267 @@ def test_ormap_from_wire_checks_dots_and_context():
                 [[], [[2, 1], [1, 1]], []], [[], [], [[1, 2], [1, 1]]], [[], [[1, 0]], []]):
         with pytest.raises(CrdtError):
             ORMap.from_wire(bad)
+
+
+# -- exact errors and boundaries (pinned for mutation testing) ------------------------------
+# The messages are part of the API (clients and logs read them): each test provokes one
+# error and checks its exact text; bounds are tested at the exact value.
+I64_MIN = -(2**63)
+
+
+def test_plain_values_at_their_bounds_and_exact_errors():
+    ok: list = []
+    for _ in range(maps.VALUE_DEPTH_MAX - 1):
+        ok = [ok]
+    assert maps.plain_value(ok) == ok  # 32 levels of lists
+    assert maps.plain_value({"a": ok[0]}) == {"a": ok[0]}  # a dict and 31 lists
+    dict_at_31: dict | list = {}
+    for _ in range(maps.VALUE_DEPTH_MAX - 1):
+        dict_at_31 = [dict_at_31]
+    assert maps.plain_value(dict_at_31) == dict_at_31  # 31 lists and a dict
+    assert maps.plain_value([I64_MIN, U64_MAX, (1,), {b"k": 2.5, 3: None, True: "é"}]) == [
+        I64_MIN, U64_MAX, [1], {b"k": 2.5, 3: None, True: "é"}]
+    for bad, message in (
+            ([ok], r"^value nested deeper than 32$"),
+            ({"a": ok}, r"^value nested deeper than 32$"),
+            ([dict_at_31], r"^value nested deeper than 32$"),  # a dict at depth 32
+            ([[{"a": ok}]], r"^value nested deeper than 32$"),
+            (I64_MIN - 1, r"^value: int out of msgpack range$"),
+            (U64_MAX + 1, r"^value: int out of msgpack range$"),
+            ({2**64: 1}, r"^value key: int out of msgpack range$"),
+            (1j, r"^value: not msgpack data \(complex\)$"),
+            ({(1,): 1}, r"^value key: not msgpack data \(tuple\)$"),
+            ("\ud800", r"^value: not encodable as UTF-8$"),
+            ({"\ud800": 1}, r"^value key: not encodable as UTF-8$")):
+        with pytest.raises(CrdtError, match=message):
+            maps.plain_value(bad)
+
+
+def test_wire_helpers_exact_errors():
+    assert maps.wire_u64(0, "x") == 0 and maps.wire_u64(U64_MAX, "x") == U64_MAX
+    for bad, shown in ((-1, "-1"), (U64_MAX + 1, str(U64_MAX + 1)), (True, "True"), ("1", "'1'")):
+        with pytest.raises(CrdtError, match=rf"^ts: expected an int in 0\.\.2\*\*64-1, got {shown}$"):
+            maps.wire_u64(bad, "ts")
+    assert maps.wire_list((1, 2), "w", 2) == (1, 2) and maps.wire_list([], "w") == []
+    with pytest.raises(CrdtError, match=r"^w: expected a list, got dict$"):
+        maps.wire_list({}, "w")
+    with pytest.raises(CrdtError, match=r"^w: expected 2 items, got 3$"):
+        maps.wire_list([1, 2, 3], "w", 2)
+    assert len(maps.wire_list([0] * maps.ELEMENTS_MAX, "w")) == maps.ELEMENTS_MAX
+    with pytest.raises(CrdtError, match=r"^w: more than 1048576 entries$"):
+        maps.wire_list([0] * (maps.ELEMENTS_MAX + 1), "w")
+
+
+def test_lww_key_and_clock_errors_are_exact():
+    m = clocked(LWWMap, 1, [0])
+    m.set("k", 1)  # a clock at 0 is valid
+    assert m.to_wire() == [["k", 1, 1, 1]]
+    for key, shown in (("x" * 1025, r"'x+\.\.\.x+'"), (5, "5")):
+        with pytest.raises(CrdtError, match=rf"^map keys are str of at most 1024 chars, got {shown}$"):
+            m.set(key, 1)
+    with pytest.raises(CrdtError, match=r"^map key: not encodable as UTF-8$"):
+        m.delete("\udfff")
+    for bad in (-1, True, 1.0):
+        with pytest.raises(CrdtError, match=rf"^clock\(\) must give an int >= 0, got {bad!r}$"):
+            clocked(LWWMap, 1, [bad]).set("k", 1)
+    with pytest.raises(CrdtError, match=r"^this object has no clock: the node binds one \(crdt\.clock = fn\)$"):
+        TTLMap().set("k", 1, 5)
+
+
+def test_lww_write_stamp_stops_at_u64():
+    near = LWWMap.from_wire([["k", U64_MAX - 1, 1, 0]]).bind(2, lambda: 0)
+    near.set("j", 1)
+    assert near.to_wire()[0] == ["j", U64_MAX, 2, 1]
+    with pytest.raises(CrdtError, match=r"^write timestamp past 2\*\*64-1$"):
+        near.delete("j")
+    assert near.get("j") == 1
+
+
+def test_a_tombstone_shows_as_deleted():
+    """A deleted row's payload (seen when debugging a state's rows) reads <deleted>."""
+    m = clocked(LWWMap, 1, [1])
+    m.delete("k")
+    assert repr(m._s.vals) == "[<deleted>]"
+
+
+def test_lww_read_of_a_state_follows_its_highest_stamp():
+    m = LWWMap.from_wire([["a", 9, 3, "x"], ["b", 4, 3]]).bind(1, lambda: 0)
+    assert m.set("c", 1).to_wire() == [["c", 10, 1, 1]]
+    assert LWWMap.from_wire([]).bind(1, lambda: 0).set("c", 1).to_wire() == [["c", 1, 1, 1]]
+
+
+def test_lww_reads_past_the_last_key_and_between_keys():
+    m = clocked(LWWMap, 1, [1])
+    m.set("b", 1)
+    m.set("d", 2)
+    assert m.get("z") is None and m.get("a") is None and m.get("c", "none") == "none"
+    assert "z" not in m and "c" not in m and "d" in m
+    m.set("c", 3)  # inserted between rows
+    m.set("b", 4)  # overwritten in place
+    assert m.to_wire() == [["b", 4, 1, 4], ["c", 3, 1, 3], ["d", 2, 1, 2]]
+
+
+def test_purge_keeps_live_rows_and_young_tombstones_with_their_full_stamps():
+    m = LWWMap.from_wire([["a", U64_MAX - 5, U64_MAX, 1], ["b", 7, 2], ["c", U64_MAX - 2, U64_MAX],
+                          ["d", 3, 4, "x"]])
+    assert m.purge(U64_MAX - 2) == 1
+    assert m.to_wire() == [["a", U64_MAX - 5, U64_MAX, 1], ["c", U64_MAX - 2, U64_MAX],
+                           ["d", 3, 4, "x"]]
+    assert m.value() == {"a": 1, "d": "x"} and len(m) == 2
+    assert m.purge(U64_MAX) == 1 and m.keys() == ["a", "d"]
+
+
+@pytest.mark.parametrize("cls, data, message", [
+    (LWWMap, {"a": 1}, r"^LWWMap rows: expected a list, got dict$"),
+    (LWWMap, ["a"], r"^LWWMap row: expected a list, got str$"),
+    (LWWMap, [["a", 1, 1, 0, 0]], r"^LWWMap row: expected 3 or 4 fields$"),
+    (LWWMap, [["a", 1]], r"^LWWMap row: expected 3 or 4 fields$"),
+    (TTLMap, [["a", 1, 1, 5]], r"^TTLMap row: expected 3 or 5 fields$"),
+    (LWWMap, [["b", 1, 1], ["a", 1, 1]], r"^LWWMap rows must be strictly ascending by key bytes$"),
+    (TTLMap, [["a", 1, 1], ["a", 2, 1]], r"^TTLMap rows must be strictly ascending by key bytes$"),
+    (LWWMap, [["a", -1, 1]], r"^ts: expected an int in 0\.\.2\*\*64-1, got -1$"),
+    (LWWMap, [["a", 1, 2**64]], r"^replica: expected an int in 0\.\.2\*\*64-1, got 18446744073709551616$"),
+    (TTLMap, [["a", 1, 1, -1, 0]], r"^expiry: expected an int in 0\.\.2\*\*64-1, got -1$"),
+    (LWWMap, [[b"a", 1, 1]], r"^map keys are str of at most 1024 chars, got b'a'$"),
+    (LWWMap, [["a", 1, 1, 1j]], r"^value: not msgpack data \(complex\)$"),
+])
+def test_lww_wire_errors_are_exact(cls, data, message):
+    with pytest.raises(CrdtError, match=message):
+        cls.from_wire(data)
+
+
+def test_ttl_bounds_are_exact():
+    now = [10]
+    m = clocked(TTLMap, 1, now)
+    m.set("max", "v", U64_MAX)  # the longest ttl; its expiry is capped at U64_MAX
+    m.set("one", "v", 1)  # stamped 11 (after "max"), expiring at clock + ttl = 11
+    assert m.to_wire() == [["max", 10, 1, U64_MAX, "v"], ["one", 11, 1, 11, "v"]]
+    for bad in (0, U64_MAX + 1, True, 1.0):
+        with pytest.raises(CrdtError, match=rf"^ttl_ns must be an int in 1\.\.2\*\*64-1, got {bad!r}$"):
+            m.set("k", "v", bad)
+    assert m.get("one", 10) == "v" and m.get("one", 11) is None and m.get("gone", 0, "d") == "d"
+    assert m.value(10) == {"max": "v", "one": "v"} and m.value(11) == {"max": "v"}
+
+
+def test_ttl_expire_at_the_exact_expiry_and_past_tombstones():
+    m = clocked(TTLMap, 1, [10])
+    m.set("a", "v", 5)  # expires at 15
+    m.set("b", "w", 10)  # expires at 20 (the clock still says 10)
+    m.delete("c")  # a tombstone: expire leaves it alone
+    assert m.expire(14) == 0 and m.get("a", 14) == "v"
+    assert m.expire(15) == 1 and m.to_wire() == [["a", 10, 1], ["b", 11, 1, 20, "w"], ["c", 12, 1]]
+    assert m.expire(15) == 0 and m.expire(20) == 1 and m.value(0) == {}
+
+
+def test_ormap_error_messages_are_exact():
+    a, b = ORMap().bind(1, fixed_clock), ORMap().bind(2, fixed_clock)
+    a.update("k", LWWMap)
+    with pytest.raises(CrdtError, match=r"^key 'k' holds a LWWMap, not a RGA$"):
+        a.update("k", "rga")
+    with pytest.raises(CrdtError, match=r"^not a registered CRDT type: 'no-such-tag'$"):
+        a.update("j", "no-such-tag")
+    with pytest.raises(CrdtError, match=r"^not a registered CRDT type: <class 'dict'>$"):
+        a.update("j", dict)
+    with pytest.raises(CrdtError, match=r"^not a registered CRDT type: 'x{59}$"):
+        a.update("j", "x" * 100)  # the name shown is cut at 60 chars
+
+    class NotACrdt:
+        TAG = "lwwm"  # a known tag on a class that is not the registered one
+
+    class OddTag:
+        TAG = ["lwwm"]  # not even hashable
+
+    for cls in (NotACrdt, OddTag):
+        with pytest.raises(CrdtError, match=r"^not a registered CRDT type: <class "):
+            a.update("j", cls)
+    with pytest.raises(CrdtError, match=r"^map keys are str of at most 1024 chars, got 7$"):
+        b.remove(7)
+    assert b.remove("absent").to_wire() == [[], [], []] and b.take_delta() is not None
+
+
+def test_ormap_nesting_bound_counts_empty_inner_maps():
+    """Four ORMap levels with the innermost one empty is within the bound; a fifth
+    (empty) level is refused with the exact message, when updated or decoded."""
+    m = ORMap().bind(1, fixed_clock)
+    m.update("n", ORMap, lambda v: v.update("n", ORMap, lambda w: w.update("n", ORMap)))
+    assert m.value() == {"n": {"n": {"n": {}}}}
+    with pytest.raises(CrdtError, match=r"^ORMaps nest at most 4 deep$"):
+        m.update("n", ORMap, lambda v: v.update("n", ORMap, lambda w: w.update(
+            "n", ORMap, lambda x: x.update("n", ORMap))))
+    deep = [[[1, 1, "n", "orm", [[], [], []]]], [[1, 1]], []]
+    for _ in range(3):
+        deep = [[[1, 1, "n", "orm", deep]], [[1, 1]], []]
+    with pytest.raises(CrdtError, match=r"^ORMaps nest at most 4 deep$"):
+        ORMap.from_wire(deep)
+    assert ORMap.from_wire(deep[0][0][4]).value() == {"n": {"n": {"n": {}}}}
+
+
+def test_ormap_reads_of_single_and_conflicting_dots():
+    a, b = ORMap().bind(1, fixed_clock), ORMap().bind(2, fixed_clock)
+    a.update("one", GCounter, lambda c: c.increment(2))
+    assert a.get("one").value() == 2 and "one" in a and "two" not in a and len(a) == 1
+    a.update("k", LWWMap, _set_in("x", 1))
+    b.update("k", RGA, lambda v: v.append("y"))
+    a.merge(b)
+    assert type(a.get("k")) is RGA and a.get("k").value() == ["y"]  # b's greater dot
+    assert a.keys() == ["k", "one"] and len(a) == 2
+
+
+def test_ormap_next_dot_follows_own_cloud_entries_only():
+    m = ORMap.from_wire([[], [[2, 3]], [[1, 5], [2, 9], [3, 1]]]).bind(1)
+    assert m.update("k", LWWMap).to_wire()[0] == [[1, 6, "k", "lwwm", []]]
+    n = ORMap.from_wire([[], [[1, 4]], [[1, 9]]]).bind(1)
+    assert n.update("k", LWWMap).to_wire()[0] == [[1, 10, "k", "lwwm", []]]
+    spent = ORMap.from_wire([[], [], [[1, U64_MAX]]]).bind(1)
+    with pytest.raises(CrdtError, match=r"^dot counter past 2\*\*64-1$"):
+        spent.update("k", LWWMap)
+    last = ORMap.from_wire([[], [[1, U64_MAX - 1]], []]).bind(1)
+    assert last.update("k", LWWMap).to_wire()[0][0][:2] == [1, U64_MAX]
+
+
+def test_ormap_state_equality_sees_the_values():
+    """Two maps with the same dots and context but different contributions differ."""
+    dot = [1, 1, "k", "lwwm", [["x", 1, 1, 1]]]
+    same_dots = ORMap.from_wire([[dot], [[1, 1]], []])
+    assert same_dots != ORMap.from_wire([[[1, 1, "k", "lwwm", []]], [[1, 1]], []])
+    assert same_dots != ORMap.from_wire([[[1, 1, "j", "lwwm", [["x", 1, 1, 1]]]], [[1, 1]], []])
+    assert same_dots == ORMap.from_wire([[dot], [], [[1, 1]]])  # an unfolded cloud
+
+
+@pytest.mark.parametrize("data, message", [
+    ([[], []], r"^ORMap: expected 3 items, got 2$"),
+    ([[], {}, []], r"^ORMap vv: expected a list, got dict$"),
+    ([[], [[1]], []], r"^ORMap vv: expected 2 items, got 1$"),
+    ([[], [[1, 1], [1, 2]], []], r"^ORMap vv: rows must be strictly ascending$"),
+    ([[], [[2, 1], [1, 1]], []], r"^ORMap vv: rows must be strictly ascending$"),
+    ([[], [[1, 0]], []], r"^ORMap vv: counters start at 1$"),
+    ([[], [], {}], r"^ORMap cloud: expected a list, got dict$"),
+    ([[], [], [[1, 1, 1]]], r"^ORMap cloud: expected 2 items, got 3$"),
+    ([[], [], [[1, 2], [1, 2]]], r"^ORMap cloud: rows must be strictly ascending$"),
+    ([[], [], [[1, 2], [1, 1]]], r"^ORMap cloud: rows must be strictly ascending$"),
+    ([[], [], [[1, 0]]], r"^ORMap cloud: counters start at 1$"),
+    ([[], [[-1, 1]], []], r"^replica: expected an int in 0\.\.2\*\*64-1, got -1$"),
+    ([[], [], [[1, "1"]]], r"^counter: expected an int in 0\.\.2\*\*64-1, got '1'$"),
+    ([{}, [], []], r"^ORMap dots: expected a list, got dict$"),
+    ([[[1, 1, "k", "lwwm"]], [[1, 1]], []], r"^ORMap dot: expected 5 items, got 4$"),
+    ([[[-1, 1, "k", "lwwm", []]], [[1, 1]], []], r"^replica: expected an int in 0\.\.2\*\*64-1, got -1$"),
+    ([[[1, "1", "k", "lwwm", []]], [[1, 1]], []], r"^counter: expected an int in 0\.\.2\*\*64-1, got '1'$"),
+    ([[[1, 0, "k", "lwwm", []]], [[1, 1]], []], r"^ORMap dots must be ascending with counters >= 1$"),
+    ([[[1, 1, "k", "lwwm", []], [1, 1, "j", "lwwm", []]], [[1, 1]], []],
+     r"^ORMap dots must be ascending with counters >= 1$"),
+    ([[[1, 2, "k", "lwwm", []]], [[1, 1]], []], r"^ORMap dot outside its causal context$"),
+    ([[[1, 1, "k", "nope", []]], [[1, 1]], []], r"^unknown CRDT tag 'nope'$"),
+    ([[[1, 1, "k", 5, []]], [[1, 1]], []], r"^unknown CRDT tag 5$"),
+    ([[[1, 1, 5, "lwwm", []]], [[1, 1]], []], r"^map keys are str of at most 1024 chars, got 5$"),
+])
+def test_ormap_wire_errors_are_exact(data, message):
+    with pytest.raises(CrdtError, match=message):
+        ORMap.from_wire(data)
+
+
+def test_ormap_wire_accepts_dots_at_the_edge_of_their_context():
+    """A cloud may hold several dots of one replica (ascending by dot); a dot equal to
+    its replica's vv entry, or in the cloud, is inside the context."""
+    m = ORMap.from_wire([[[1, 2, "a", "gc", [[], [], []]], [2, 7, "b", "gc", [[], [], []]]],
+                         [[1, 2]], [[2, 5], [2, 7]]])
+    assert m.keys() == ["a", "b"] and m.to_wire()[2] == [[2, 5], [2, 7]]

@@ -169,3 +169,97 @@ def test_from_wire_checks_ids_and_origins():
                 [[[1, 1, 0, 0]], []], [ok], [[[1, 1, 0, 0, object()]], []]):
         with pytest.raises(CrdtError):
             RGA.from_wire(bad)
+
+
+# -- exact errors and boundaries (pinned for mutation testing) ------------------------------
+def test_index_bounds_are_exact_with_their_messages():
+    s = RGA().bind(1)
+    with pytest.raises(IndexError, match=r"^delete index 0 outside 0\.\.-1$"):
+        s.delete(0)
+    s.insert(0, "a")  # index == len is allowed
+    s.insert(1, "c")
+    s.insert(1, "b")
+    assert s.value() == ["a", "b", "c"]
+    for bad in (-1, 4):
+        with pytest.raises(IndexError, match=rf"^insert index {bad} outside 0\.\.3$"):
+            s.insert(bad, "x")
+    for bad in (-1, 3):
+        with pytest.raises(IndexError, match=rf"^delete index {bad} outside 0\.\.2$"):
+            s.delete(bad)
+    assert s.delete(2).to_wire() == [[], [[2, 1]]] and s.delete(0).to_wire() == [[], [[1, 1]]]
+    assert s.value() == ["b"] and len(s) == 1
+
+
+def test_deltas_carry_their_id_and_origin():
+    s = RGA().bind(4)
+    assert s.append("a").to_wire() == [[[1, 4, 0, 0, "a"]], []]
+    assert s.insert(0, "z").to_wire() == [[[2, 4, 0, 0, "z"]], []]
+    assert s.insert(2, "b").to_wire() == [[[3, 4, 1, 4, "b"]], []]
+    gone = s.delete(1)
+    assert gone.to_wire() == [[], [[1, 4]]]
+    fresh = RGA().bind(5)
+    fresh.merge(gone)  # a delete's delta carries its ts: the next id follows it
+    assert fresh.append("c").to_wire()[0][0][:2] == [2, 5]
+    assert s.take_delta().to_wire() == [[[1, 4, 0, 0, None], [2, 4, 0, 0, "z"], [3, 4, 1, 4, "b"]],
+                                        [[1, 4]]]
+
+
+def test_ids_stop_exactly_at_the_u64_bound():
+    near = RGA.from_wire([[[2**64 - 2, 1, 0, 0, "a"]], []]).bind(2)
+    near.append("b")
+    assert near.to_wire()[0][1][:2] == [2**64 - 1, 2]
+    with pytest.raises(CrdtError, match=r"^RGA counter past 2\*\*64-1$"):
+        near.insert(0, "c")
+    assert near.value() == ["a", "b"]
+
+
+def test_merge_keeps_deleted_values_dropped_and_the_highest_ts():
+    a = RGA().bind(1)
+    a.append("x")
+    kill = a.delete(0)
+    b = RGA().bind(2)
+    b.merge(kill)  # the delete arrives before the element
+    b.merge(RGA.from_wire([[[1, 1, 0, 0, "x"], [9, 3, 0, 0, "y"]], []]))
+    assert b.value() == ["y"] and b.to_wire()[0][0] == [1, 1, 0, 0, None]
+    b.merge(RGA.from_wire([[], [[9, 3]]]))  # a known element deleted by a merge
+    assert b.value() == [] and b.to_wire() == [[[1, 1, 0, 0, None], [9, 3, 0, 0, None]], [[1, 1], [9, 3]]]
+    b.merge(RGA())
+    assert b.append("z").to_wire()[0][0][:2] == [10, 2]
+
+
+def test_wire_ts_follows_deleted_ids_too():
+    s = RGA.from_wire([[[1, 1, 0, 0, "a"]], [[7, 2]]]).bind(3)
+    assert s.value() == ["a"] and s.append("b").to_wire()[0][0][:2] == [8, 3]
+    assert RGA.from_wire([[[1, 1, 0, 0, "a"]], [[1, 1]]]).to_wire() == [[[1, 1, 0, 0, None]], [[1, 1]]]
+
+
+@pytest.mark.parametrize("data, message", [
+    ([[]], r"^RGA: expected 2 items, got 1$"),
+    ({}, r"^RGA: expected a list, got dict$"),
+    ([{}, []], r"^RGA elements: expected a list, got dict$"),
+    ([[], {}], r"^RGA deleted: expected a list, got dict$"),
+    ([[0] * (2**20), [0]], r"^RGA: more than 1048576 entries$"),
+    ([[0] * (2**20 - 1), [0]], r"^RGA deleted id: expected a list, got int$"),
+    ([[], [[1]]], r"^RGA deleted id: expected 2 items, got 1$"),
+    ([[], [[0, 1]]], r"^RGA deleted id: ts starts at 1$"),
+    ([[], [[-1, 1]]], r"^RGA deleted id ts: expected an int in 0\.\.2\*\*64-1, got -1$"),
+    ([[], [[1, -1]]], r"^RGA deleted id replica: expected an int in 0\.\.2\*\*64-1, got -1$"),
+    ([[], [[1, 1], [1, 1]]], r"^RGA deleted ids must be strictly ascending$"),
+    ([[[1, 1, 0, 0]], []], r"^RGA element: expected 5 items, got 4$"),
+    ([[[0, 1, 0, 0, "a"]], []], r"^RGA element id: ts starts at 1$"),
+    ([[[1, "r", 0, 0, "a"]], []], r"^RGA element id replica: expected an int in 0\.\.2\*\*64-1, got 'r'$"),
+    ([[[1, 1, -1, 0, "a"]], []], r"^origin ts: expected an int in 0\.\.2\*\*64-1, got -1$"),
+    ([[[1, 1, 0, -1, "a"]], []], r"^origin replica: expected an int in 0\.\.2\*\*64-1, got -1$"),
+    ([[[1, 1, 0, 0, "a"], [1, 1, 0, 0, "a"]], []], r"^RGA elements must be strictly ascending by id$"),
+    ([[[2, 1, 2, 0, "a"]], []], r"^RGA element origin must be ROOT or have a smaller ts$"),
+    ([[[2, 1, 0, 5, "a"]], []], r"^RGA element origin must be ROOT or have a smaller ts$"),
+    ([[[1, 1, 0, 0, 1j]], []], r"^value: not msgpack data \(complex\)$"),
+])
+def test_wire_errors_are_exact(data, message):
+    with pytest.raises(CrdtError, match=message):
+        RGA.from_wire(data)
+
+
+def test_wire_accepts_an_origin_one_ts_below_and_replica_zero_ids():
+    s = RGA.from_wire([[[1, 0, 0, 0, "a"], [2, 0, 1, 0, "b"], [2, 1, 1, 9, "c"]], []])
+    assert s.value() == ["a", "b"]  # "c" hangs off (1, 9), which has not arrived
