@@ -400,12 +400,12 @@ class Simulator:
         steps = 0
         queue = self._queue
         while queue and queue[0][0] <= t:
+            if max_steps is not None and steps >= max_steps:
+                raise ValueError(f"more than {max_steps} steps before t={t} (seed {self.seed})")
             self.step()
             steps += 1
             if stop is not None and stop(self):
                 return True
-            if max_steps is not None and steps >= max_steps:
-                raise ValueError(f"more than {max_steps} steps before t={t} (seed {self.seed})")
         self.now = max(self.now, t)
         return False
 
