@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from array import array
 
 import msgpack
 import pytest
@@ -983,6 +984,8 @@ def test_orset_reads_and_empty_removes():
     ([[1], [2], ["a"], [1], [1], [], []], r"^ORSet dot \(1, 2\) is not in its own causal context$"),
     ([[1], [2], ["a"], [2], [5], [], []], r"^ORSet dot \(1, 2\) is not in its own causal context$"),
     ([[1], [], [], [], [], [], []], r"^ORSet dots: columns differ in length$"),
+    (["1", [], [], [], [], [], []], r"^ORSet dots must be a list, got str$"),
+    ([[], [], [], [], [], [1], {}], r"^ORSet cloud must be a list, got dict$"),
     ([[1], [0], ["a"], [1], [1], [], []], r"^ORSet dots: a dot counter is >= 1$"),
     ([[], [], [], [], [], [1], [0]], r"^ORSet cloud: a dot counter is >= 1$"),
     ([[1, 1], [1, 1], ["a", "b"], [1], [1], [], []],
@@ -1057,3 +1060,84 @@ def test_copy_bind_eq_and_repr():
     assert g != 2 and GSet() != TwoPSet() and GSet() == GSet()
     with pytest.raises(TypeError):
         hash(g)
+
+
+def test_fold_markers_list_at_its_size_bound_reads_each_row():
+    """Exactly ELEMENTS_MAX marker rows pass the size check (each row is then read)."""
+    with pytest.raises(CrdtError, match=r"^GCounter fold marker must be a list of 3 ints$"):
+        GCounter.from_wire([[], [], [None] * counters.ELEMENTS_MAX])
+
+
+def test_rows_all_covered_by_markers_leave_empty_columns():
+    """A copy whose every row is covered by its fold marker keeps no row at all."""
+    g = GCounter.from_wire([[2], [5], [[2, 5, 9]]])
+    assert g.to_wire() == [[], [], [[2, 5, 9]]] and g.value() == 0 and g.replicas() == []
+    p = PNCounter.from_wire([[2, 3], [5, 1], [1, 0], [[2, 5, 1, 9], [3, 1, 0, 9]]])
+    assert p.to_wire() == [[], [], [], [[2, 5, 1, 9], [3, 1, 0, 9]]] and p.value() == 0
+    p.bind(4).increment(2)
+    assert p.to_wire()[:3] == [[4], [2], [0]]
+
+
+def test_pn_markers_expire_by_their_last_part_and_keep_a_first_row_zombie():
+    """A PN marker is (p, n, expiry): expiry is its last part, not its second; a
+    marker whose replica still has a row (here the first row) stays."""
+    p = PNCounter.from_wire([[2, 5], [9, 1], [0, 0], [[2, 1, 100, 10], [3, 0, 100, 10]]])
+    assert p.expire_folds(10) == 1 and p.folds() == {2: (1, 100, 10)}
+    assert p.expire_folds(99) == 0 and p.value() == 9
+
+
+def test_pn_refold_keeps_the_later_expiry_not_a_count():
+    p = PNCounter.from_wire([[1, 2], [0, 0], [0, 1001], [[2, 0, 1000, 5]]])
+    p.fold([2], into=1, now_ns=0, ttl_ns=10)
+    assert p.folds() == {2: (0, 1001, 10)} and p.value() == -1
+
+
+@pytest.mark.parametrize("left, right", [
+    ([[1], [1], ["a"], [1, 2], [1, 1], [], []], [[2], [1], ["a"], [1, 2], [1, 1], [], []]),  # dot replica
+    ([[1], [1], ["a"], [1], [2], [], []], [[1], [2], ["a"], [1], [2], [], []]),  # dot counter
+    ([[1], [1], ["a"], [1], [1], [], []], [[1], [1], ["b"], [1], [1], [], []]),  # element
+    ([[], [], [], [], [], [2], [5]], [[], [], [], [], [], [3], [5]]),  # cloud replica
+    ([[], [], [], [], [], [2], [5]], [[], [], [], [], [], [2], [6]]),  # cloud counter
+])
+def test_orset_equality_sees_every_part_of_the_state(left, right):
+    """Two ORSets that differ in one part of one dot or cloud entry are not equal."""
+    assert ORSet.from_wire(left) != ORSet.from_wire(right)
+    assert ORSet.from_wire(left) == wire_trip(ORSet.from_wire(left))  # and equal to itself
+
+
+def test_vclock_equality_sees_ids_and_counts():
+    one = VClock.from_wire([[1], [1]])
+    assert one == VClock.from_wire([[1, 2], [1, 0]])  # a zero entry is a missing one
+    assert one != VClock.from_wire([[1], [2]]) and one != VClock.from_wire([[2], [1]])
+    assert one != VClock()
+
+
+def test_find_row_gives_the_index_or_minus_one():
+    ids = array("Q", [2, 4, 6])
+    assert [vclock.find_row(ids, r) for r in (2, 4, 6)] == [0, 1, 2]
+    assert [vclock.find_row(ids, r) for r in (0, 3, 7)] == [-1, -1, -1]
+    assert vclock.find_row(vclock.EMPTY_Q, 1) == -1
+
+
+def test_empty_columns_are_the_shared_empty_column():
+    """Empty columns read from the wire, or left by a prune, are the one shared
+    EMPTY_Q (no array allocated per empty clock or counter); writes replace it."""
+    assert vclock.u64_column([], "x") is vclock.EMPTY_Q
+    c = VClock.from_wire([[], []])
+    assert c._ids is vclock.EMPTY_Q and c._counts is vclock.EMPTY_Q
+    c = VClock.from_wire([[3], [1]])
+    c.prune([])
+    assert c._ids is vclock.EMPTY_Q and c._counts is vclock.EMPTY_Q
+    c.bind(5).tick()
+    assert c.to_wire() == [[5], [1]] and len(vclock.EMPTY_Q) == 0
+
+
+def test_lww_register_unset_reads_none_stamped_zero_and_equality_sees_the_value():
+    """An unset register reads None with stamp (0, 0), so any write beats it; two
+    registers with one stamp but different values are not equal."""
+    fresh = LWWRegister()
+    assert fresh.value() is None and fresh.stamp() == (0, 0) and fresh.to_wire() == [0, 0, None]
+    fresh.merge(LWWRegister.from_wire([0, 0, 2.5]))  # a value at stamp (0, 0) packing larger
+    assert fresh.value() == 2.5 and fresh.stamp() == (0, 0)
+    assert LWWRegister.from_wire([5, 1, "a"]) != LWWRegister.from_wire([5, 1, "b"])
+    assert LWWRegister.from_wire([5, 1, "a"]) == LWWRegister.from_wire([5, 1, "a"])
