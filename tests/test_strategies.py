@@ -457,3 +457,90 @@ def test_answered_requests_leave_no_timers_behind():
         slot = m.pipeline_entry(pipeline_req(timeout_ms=600_000), CLIENT, 0.0)
         m.answered(slot[0], reply("done"), 0.0)
     assert m.in_flight == 0 and len(m._timers) <= 1024 + 1
+
+
+def test_every_counter_counts_each_event_once():
+    m = machine(in_flight_max=2)
+    first = {"a/1": ME, "a/2": "n1", "a/3": "n1"}
+    second = {"b/1": "n1", "b/2": "n2"}
+    parts = m.scatter(scatter_req(first), CLIENT, first, 0, 0.0)
+    m.scatter(scatter_req(second), CLIENT, second, 0, 0.0)
+    for _ in range(2):
+        (fail,) = m.scatter(scatter_req(first), CLIENT, first, 0, 0.0)
+        assert fail.code == "overloaded"
+    for effect in parts:
+        m.answered(effect.reply_to[0], reply({"a/2": {"data": 2}, "a/3": {"data": 3}}), 0.1)
+    for effect in parts[:2]:  # the gather is done: both are late
+        assert m.answered(effect.reply_to[0], reply(1), 0.2) == []
+    # scatter_parts: the parts forwarded to other owners (n1; n1 and n2)
+    assert m.stats == {**ZERO_STATS, "scatters": 2, "scatter_targets": 5, "scatter_parts": 3,
+                       "refused": 2, "late": 2}
+
+
+def test_requests_due_at_one_tick_all_time_out():
+    m = machine()
+    for _ in range(3):
+        m.pipeline_entry(pipeline_req(timeout_ms=500), CLIENT, 0.0)
+    fails = m.tick(1.0)
+    assert [f.code for f in fails] == ["timeout"] * 3 and m.stats["timed_out"] == 3
+
+
+def test_the_next_deadline_skips_requests_answered_already():
+    m = machine()
+    early = m.pipeline_entry(pipeline_req(timeout_ms=100), CLIENT, 0.0)
+    m.pipeline_entry(pipeline_req(timeout_ms=900), CLIENT, 0.0)
+    m.answered(early[0], reply("done"), 0.05)
+    assert m.next_deadline() == 0.9
+
+
+def test_the_timer_heap_is_compacted_just_past_twice_the_live_count_plus_1024():
+    """The bound is exact: with 11 requests live (10 waiting, 1 just started), the
+    heap grows to 2 * 11 + 1024 + 1 timers and is compacted on the next start."""
+    m = machine()
+    for _ in range(10):
+        m.pipeline_entry(pipeline_req(timeout_ms=600_000), CLIENT, 0.0)
+    sizes = []
+    for _ in range(3000):
+        slot = m.pipeline_entry(pipeline_req(timeout_ms=600_000), CLIENT, 0.0)
+        sizes.append(len(m._timers))
+        m.answered(slot[0], reply("done"), 0.0)
+    assert max(sizes) == 2 * 11 + 1024 + 1
+    assert min(sizes[1100:]) == 11
+    assert m.in_flight == 10
+
+
+def test_the_next_stage_gets_the_time_left_in_whole_milliseconds():
+    m = machine()
+    slot = m.stage(pipeline_req(timeout_ms=5000), ARRIVED, 10.0)
+    (route,) = m.answered(slot[0], reply(1), 11.0)
+    assert route.request.timeout_ms == 4000
+    slot = m.stage(pipeline_req(timeout_ms=500), ARRIVED, 1.0)
+    (route,) = m.answered(slot[0], reply(1), 1.4985)  # 1.5 ms left: 1 ms, still on time
+    assert type(route) is Route and route.request.timeout_ms == 1
+
+
+def test_a_next_stage_request_that_cannot_be_encoded_ends_the_pipeline_internal(monkeypatch):
+    """Defence in depth: the reply's data came from msgpack, so it re-encodes; if the
+    encoder ever refuses it, the pipeline ends with an error, not an exception."""
+    real = wire.encode
+
+    def encode(envelope):
+        if "stages" in envelope:
+            raise ValueError("refused by the encoder")
+        return real(envelope)
+    monkeypatch.setattr(wire, "encode", encode)
+    m = machine()
+    slot = m.stage(pipeline_req(traceparent=TP), ARRIVED, 0.0)
+    (relay,) = m.answered(slot[0], reply(1), 0.1)
+    assert type(relay) is Relay and relay.reply_to is ARRIVED
+    assert stage_error_env(relay) == {
+        "v": 1, "id": "r1", "re": "r1", "type": "syn.error", "source": ME, "traceparent": TP,
+        "data": {"code": "internal", "message": "stage 0 (s/0 t0): refused by the encoder",
+                 "stage": 0, "agent": "s/0"}}
+
+
+def test_strategies_take_no_peer_messages_and_the_sentinel_names_itself():
+    with pytest.raises(TypeError, match=r"^strategies take no peer messages \(answers come "
+                                        r"through answered\)$"):
+        machine().receive("n1", {}, 0.0)
+    assert repr(STRATEGY) == "STRATEGY"
