@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from protocols import peer
 from protocols.effects import GOSSIP, GroupDeliver, Send
 from protocols.epidemic import (COPIES_SLACK, DIGEST, DIGEST_RANGES_MAX, ENVELOPE_BYTES_MAX,
-                                KINDS, PUSH, PUSH_ITEMS_MAX, WANT,
+                                ITEM_OVERHEAD, KINDS, PUSH, PUSH_BYTES_MAX, PUSH_ITEMS_MAX, WANT,
                                 WANT_IDS_MAX, Epidemic, EpidemicError, EpidemicFull)
 
 SEQ0 = 1_700_000_000 * 10**9
@@ -479,3 +479,321 @@ def test_same_seed_same_effects():
         out += m.tick(m.next_deadline())
         return out
     assert effects() == effects()
+
+
+# --------------------------------------------------------------------------- repair in detail
+
+# Four of these fill one push body exactly: 4 * (envelope + "c" + "g" + 48) = PUSH_BYTES_MAX.
+EXACT_FIT_ENVELOPE = PUSH_BYTES_MAX // 4 - 2 - ITEM_OVERHEAD
+
+
+def test_a_repair_fills_its_byte_budget_exactly_and_the_want_still_goes():
+    """A repair answer may use every byte left in the interval (a body holds
+    exactly four of these); the want that follows costs no bytes, only an answer."""
+    m = machine("a", peers=("b",), repair_bytes_per_interval=PUSH_BYTES_MAX)
+    for seq in range(4):
+        m.receive("c", push("c", seq, bytes(EXACT_FIT_ENVELOPE)), 1.0)
+    now = next_interval(m)
+    answer = m.receive("b", {"v": 2, "kind": DIGEST, "d": [["z", 1, 1]]}, now + 0.1)
+    [repair] = sends(answer, PUSH)
+    assert [i["s"] for i in repair.message["m"]] == [0, 1, 2, 3]
+    assert sends(answer, WANT)[0].message["w"] == [["z", 1]]
+    assert m.stats["repair_skipped"] == 0 and m.stats["wants"] == 1
+    m.receive("b", {"v": 2, "kind": DIGEST, "d": [["z", 2, 2]]}, now + 0.2)
+    assert m.stats["wants"] == 2
+
+
+def test_repair_answers_are_bounded_in_number_per_interval():
+    m = machine("a", peers=("b",), repair_messages_per_interval=2)
+    m.receive("c", push("c", 1), 1.0)
+    now = next_interval(m)
+    empty = {"v": 2, "kind": DIGEST, "d": []}
+    answered = [bool(sends(m.receive("b", empty, now + 0.1))) for _ in range(3)]
+    assert answered == [True, True, False]
+    assert m.stats["repair_pushes"] == 2 and m.stats["repair_skipped"] == 1
+    now = next_interval(m)
+    assert sends(m.receive("b", empty, now + 0.1))
+
+
+def wants_for(seen: list[int], ranges: list, origin: str = "c") -> list:
+    """The want a machine that holds ``origin``'s ``seen`` seqs answers ``ranges`` with."""
+    m = machine("a", window_ids_max=10_000)
+    for seq in seen:
+        m.receive(origin, push(origin, seq), 1.0)
+    answer = m.receive("b", {"v": 2, "kind": DIGEST, "d": ranges}, 1.1)
+    out = sends(answer, WANT)
+    return out[0].message["w"] if out else []
+
+
+@pytest.mark.parametrize("seen, lo, hi", [
+    ([3, 4, 7], 1, 10),     # gaps between, before and after
+    ([], 5, 5),             # nothing seen
+    ([5], 5, 5),            # all seen: no want at all
+    (list(range(1, 11)), 3, 6),
+    ([4, 9], 1, 5),         # a seen seq beyond the range
+    ([1, 4], 3, 5),         # a seen seq before the range
+    ([4], 3, 5),
+])
+def test_a_want_asks_for_exactly_the_unseen_seqs_of_a_range(seen, lo, hi):
+    expected = [["c", s] for s in range(lo, hi + 1) if s not in seen]
+    assert wants_for(seen, [["c", lo, hi]]) == expected
+
+
+@pytest.mark.parametrize("left", [1, 2, 6])
+def test_a_want_stops_at_want_ids_max_across_ranges(left):
+    """The first range fills all but ``left`` slots; the second gets exactly those,
+    whether they fall in a gap between seen seqs or after the last one."""
+    first = [["x", 1, WANT_IDS_MAX - left]]
+    for seen in ([2, 4, 6, 8, 10, 12], [1]):
+        wants = wants_for(seen, first + [["c", 1, 20]])
+        assert len(wants) == WANT_IDS_MAX
+        assert wants[-left:] == [["c", s] for s in range(1, 21) if s not in seen][:left]
+
+
+def test_forgetting_one_id_keeps_the_others_of_its_origin():
+    """Origin c's first id leaves the window, its second stays in it: a digest
+    offering that second id is not answered with a want."""
+    m = machine("a", window_s=90.0)
+    m.receive("c", push("c", 1), 1.0)
+    m.receive("c", push("c", 2), 50.0)
+    m.tick(91.5)
+    assert m.held == 1
+    answer = m.receive("b", {"v": 2, "kind": DIGEST, "d": [["c", 1, 2]]}, 91.6)
+    assert sends(answer, WANT)[0].message["w"] == [["c", 1]]
+
+
+# --------------------------------------------------------------------------- round batches
+
+def test_round_pushes_fill_bodies_exactly_and_hold_at_most_push_items_max():
+    """Round pushes to a peer are cut when the next item would overflow a body (a
+    body holds exactly four of the exact-fit envelopes) or past PUSH_ITEMS_MAX items."""
+    m = machine(peers=("b", "d", "e"), fanout=1, rounds=2)
+    for i in range(20):
+        m.receive("d", push("c", i, bytes(EXACT_FIT_ENVELOPE)), 1.0)
+    out = sends(m.tick(1.2), PUSH)
+    assert all("r" not in s.message for s in out)  # rounds push on, unlike repairs
+    for to in ("b", "e"):
+        counts = [len(s.message["m"]) for s in out if s.to == to]
+        assert counts[:-1] == [4] * (len(counts) - 1) and 0 < counts[-1] <= 4
+    m = machine(peers=("b", "d", "e"), fanout=1, rounds=2, window_ids_max=10_000)
+    for i in range(2 * PUSH_ITEMS_MAX + 200):
+        m.receive("d", push("c", i), 1.0)
+    out = sends(m.tick(1.2), PUSH)
+    sizes = {to: [len(s.message["m"]) for s in out if s.to == to] for to in ("b", "e")}
+    assert max(sum(v) for v in sizes.values()) > PUSH_ITEMS_MAX
+    for counts in sizes.values():
+        assert all(c <= PUSH_ITEMS_MAX for c in counts)
+        assert counts[:-1] == [PUSH_ITEMS_MAX] * (len(counts) - 1)
+
+
+def test_a_repair_push_carries_at_most_push_items_max_messages():
+    m = machine("a", peers=("b",), window_ids_max=10_000)
+    for seq in range(PUSH_ITEMS_MAX + 100):
+        m.receive("c", push("c", seq), 1.0)
+    now = next_interval(m)
+    [repair] = sends(m.receive("b", {"v": 2, "kind": DIGEST, "d": []}, now + 0.1))
+    assert len(repair.message["m"]) == PUSH_ITEMS_MAX
+    assert m.stats["repair_skipped"] == 100
+
+
+def test_a_digest_range_ending_at_seq_0_covers_seq_0_only():
+    m = machine("a", peers=("b",))
+    m.receive("c", push("c", 0), 1.0)
+    m.receive("c", push("c", 1), 1.0)
+    now = next_interval(m)
+    [repair] = sends(m.receive("b", {"v": 2, "kind": DIGEST, "d": [["c", 0, 0]]}, now + 0.1))
+    assert [i["s"] for i in repair.message["m"]] == [1]
+
+
+def test_rounds_come_every_round_interval_until_every_copy_is_sent():
+    """Nine peers: ceil(ln 10 + 2) = 5 copies, two a round (fanout 2): 2 at once,
+    2 on the round 0.2 s later, the last one 0.2 s after that; then no more rounds."""
+    m = machine(peers=[f"p{i}" for i in range(9)], fanout=2, anti_entropy_interval_s=5.0)
+    assert m.copies() == 5
+    t = next_interval(m)
+    first = sends(m.publish("g", b"x", t))
+    assert len(first) == 2 and m.next_deadline() == pytest.approx(t + 0.2)
+    second = sends(m.tick(t + 0.2), PUSH)
+    assert len(second) == 2 and m.next_deadline() == pytest.approx(t + 0.4)
+    third = sends(m.tick(t + 0.4), PUSH)
+    assert len(third) == 1
+    assert len({s.to for s in first + second + third}) == 5
+    assert m.next_deadline() == t + 5.0 and m.stats["rounds"] == 2
+
+
+def test_a_bad_publish_is_a_plain_value_error_naming_what_is_wrong():
+    """The caller's mistake, not a peer's: ValueError, never EpidemicError."""
+    with pytest.raises(ValueError, match=r"^group must be 1\.\.255 bytes of UTF-8, got ''$") as bad:
+        machine().publish("", b"x", 0.1)
+    assert type(bad.value) is ValueError
+    with pytest.raises(ValueError, match=r"^an envelope is bytes of at most 262144$") as bad:
+        machine().publish("g", bytes(ENVELOPE_BYTES_MAX + 1), 0.1)
+    assert type(bad.value) is ValueError
+
+
+def test_an_envelope_of_exactly_the_limit_is_published_and_counted():
+    m = machine()
+    m.publish("g", bytes(ENVELOPE_BYTES_MAX), 0.1)
+    m.publish("g", b"", 0.2)
+    assert m.stats["published"] == 2 and m.held == 2
+
+
+def test_a_full_window_refuses_every_publish_saying_how_full():
+    m = machine(window_ids_max=2, window_s=90.0)
+    m.publish("g", b"1", 0.0)
+    m.publish("g", b"2", 0.0)
+    for _ in range(2):
+        with pytest.raises(EpidemicFull, match=r"^2 broadcasts in the last 90\.0 s$"):
+            m.publish("g", b"3", 0.1)
+    assert m.stats["dropped_by_bounds"] == 2
+
+
+# --------------------------------------------------------------------------- errors, exactly
+
+def item(**fields) -> dict:
+    """One pushed message from origin c, with ``fields`` replaced."""
+    return {"o": "c", "s": 1, "g": "g", "a": 0, "e": b"x", **fields}
+
+
+def pushed(*items: dict) -> dict:
+    return {"v": 2, "kind": PUSH, "m": list(items)}
+
+
+SEQ_MAX = 2**63 - 1
+REFUSED = {
+    "not a map": ([], r"a broadcast message must be a map"),
+    "old v": ({"v": 1, "kind": PUSH}, r"broadcast messages need an integer 'v' >= 2, got 1"),
+    "v a string": ({"v": "2", "kind": PUSH}, r"broadcast messages need an integer 'v' >= 2, got '2'"),
+    "unknown kind": ({"v": 2, "kind": "ping"}, r"unknown broadcast message kind 'ping'"),
+    "no items": (pushed(), r"'m' must be a list of 1\.\.1024 messages"),
+    "too many bytes": (pushed(*(item(s=i, e=bytes(ENVELOPE_BYTES_MAX)) for i in range(4)),
+                              item(s=9, e=b"x")),
+                       r"a push carries at most 1048576 envelope bytes"),
+    "unminted": (pushed(item(o="a", s=SEQ0)), rf"message id \(a, {SEQ0}\) not minted here yet"),
+    "item not a map": (pushed("x"), r"a pushed message must be a map"),
+    "age negative": (pushed(item(a=-1)), r"'a' must be an age in ms, 0\.\.2147483647"),
+    "age too big": (pushed(item(a=2**31)), r"'a' must be an age in ms, 0\.\.2147483647"),
+    "envelope text": (pushed(item(e="x")), r"'e' must be bytes \(bin\) of at most 262144"),
+    "envelope too big": (pushed(item(e=bytes(ENVELOPE_BYTES_MAX + 1))),
+                         r"'e' must be bytes \(bin\) of at most 262144"),
+    "origin empty": (pushed(item(o="")), r"'o' must be 1\.\.255 bytes of UTF-8, got ''"),
+    "origin 256 bytes": (pushed(item(o="é" * 128)), r"'o' must be 1\.\.255 bytes of UTF-8, got '.*'"),
+    "group a number": (pushed(item(g=5)), r"'g' must be 1\.\.255 bytes of UTF-8, got 5"),
+    "group a surrogate": (pushed(item(g="\ud800")), r"'g' must be 1\.\.255 bytes of UTF-8, got '\\ud800'"),
+    "seq negative": (pushed(item(s=-1)), rf"'s' must be an int in 0\.\.{SEQ_MAX}, got -1"),
+    "seq too big": (pushed(item(s=SEQ_MAX + 1)), rf"'s' must be an int in 0\.\.{SEQ_MAX}, got {SEQ_MAX + 1}"),
+    "seq a bool": (pushed(item(s=True)), rf"'s' must be an int in 0\.\.{SEQ_MAX}, got True"),
+    "r not a bool": ({**pushed(item()), "r": 1}, r"'r' must be a boolean"),
+    "d not a list": ({"v": 2, "kind": DIGEST, "d": "x"}, r"'d' must be a list of at most 4096 ranges"),
+    "d too long": ({"v": 2, "kind": DIGEST, "d": [["c", 0, 1]] * (DIGEST_RANGES_MAX + 1)},
+                   r"'d' must be a list of at most 4096 ranges"),
+    "range of two": ({"v": 2, "kind": DIGEST, "d": [["c", 1]]}, r"a digest range is \[origin, lo, hi\]"),
+    "range a string": ({"v": 2, "kind": DIGEST, "d": ["c12"]}, r"a digest range is \[origin, lo, hi\]"),
+    "range origin": ({"v": 2, "kind": DIGEST, "d": [[1, 1, 2]]},
+                     r"a range's origin must be 1\.\.255 bytes of UTF-8, got 1"),
+    "range lo": ({"v": 2, "kind": DIGEST, "d": [["c", -1, 2]]},
+                 rf"a range's lo must be an int in 0\.\.{SEQ_MAX}, got -1"),
+    "range hi": ({"v": 2, "kind": DIGEST, "d": [["c", 1, "2"]]},
+                 rf"a range's hi must be an int in 0\.\.{SEQ_MAX}, got '2'"),
+    "range reversed": ({"v": 2, "kind": DIGEST, "d": [["c", 5, 1]]},
+                       r"a digest range needs lo <= hi, got \[5, 1\]"),
+    "w empty": ({"v": 2, "kind": WANT, "w": []}, r"'w' must be a list of 1\.\.256 ids"),
+    "w too long": ({"v": 2, "kind": WANT, "w": [["c", 1]] * (WANT_IDS_MAX + 1)},
+                   r"'w' must be a list of 1\.\.256 ids"),
+    "w a map": ({"v": 2, "kind": WANT, "w": {"c": 1}}, r"'w' must be a list of 1\.\.256 ids"),
+    "wanted id of one": ({"v": 2, "kind": WANT, "w": [["c"]]}, r"a wanted id is \[origin, seq\]"),
+    "wanted id a string": ({"v": 2, "kind": WANT, "w": ["c1"]}, r"a wanted id is \[origin, seq\]"),
+    "wanted origin": ({"v": 2, "kind": WANT, "w": [["", 1]]},
+                      r"a wanted origin must be 1\.\.255 bytes of UTF-8, got ''"),
+    "wanted seq": ({"v": 2, "kind": WANT, "w": [["c", "1"]]},
+                   rf"a wanted seq must be an int in 0\.\.{SEQ_MAX}, got '1'"),
+}
+
+
+@pytest.mark.parametrize("message, error", REFUSED.values(), ids=REFUSED.keys())
+def test_a_refused_message_names_what_is_wrong(message, error):
+    with pytest.raises(EpidemicError, match=f"^{error}$"):
+        machine().receive("c", message, 1.0)
+
+
+@pytest.mark.parametrize("sender", ["", 5, None])
+def test_the_sender_must_be_a_node_id(sender):
+    with pytest.raises(EpidemicError, match=r"^the sender must be a node id$"):
+        machine().receive(sender, push("c", 1), 1.0)
+
+
+TAKEN = {
+    "age 0": [item(s=1, a=0)],
+    "envelope of the limit, empty one": [item(s=1, e=bytes(ENVELOPE_BYTES_MAX)), item(s=2, e=b"")],
+    "exactly 1 MiB of envelopes": [item(s=i, e=bytes(ENVELOPE_BYTES_MAX)) for i in range(4)],
+    "1024 items": [item(s=i) for i in range(PUSH_ITEMS_MAX)],
+    "names of 1 and 255 bytes": [item(o="o" * 255, g="g"), item(o="c", g="é" * 127)],
+    "seqs 0 and the largest": [item(s=0), item(s=SEQ_MAX)],
+    "our own id, minted": [item(o="a", s=SEQ0 - 1)],
+}
+
+
+@pytest.mark.parametrize("items", TAKEN.values(), ids=TAKEN.keys())
+def test_a_push_at_the_limits_is_taken(items):
+    m = machine("a", window_ids_max=10_000)
+    assert len(delivered(m.receive("c", pushed(*items), 1.0))) == len(items)
+
+
+@pytest.mark.parametrize("message", [
+    {"v": 2, "kind": DIGEST, "d": [["c", 0, 0], ("c", 3, SEQ_MAX)]},
+    {"v": 2, "kind": DIGEST, "d": [["c", 0, 1]] * DIGEST_RANGES_MAX},
+    {"v": 2, "kind": WANT, "w": [["c", 0], ("c", SEQ_MAX)]},
+    {"v": 2, "kind": WANT, "w": [["c", 1]] * WANT_IDS_MAX},
+], ids=["digest ranges", "digest of the limit", "want ids", "want of the limit"])
+def test_digests_and_wants_at_the_limits_are_taken(message):
+    machine().receive("c", message, 1.0)
+
+
+CONFIG_REFUSED = [
+    ({"node_id": ""}, r"node_id must be 1\.\.255 bytes of UTF-8, got ''"),
+    ({"seq_start": -1}, rf"seq_start must be an int in 0\.\.{SEQ_MAX}"),
+    ({"seq_start": SEQ_MAX + 1}, rf"seq_start must be an int in 0\.\.{SEQ_MAX}"),
+    ({"seq_start": 1.0}, rf"seq_start must be an int in 0\.\.{SEQ_MAX}"),
+    ({"fanout": 0}, r"fanout must be a positive int"),
+    ({"fanout": 2.0}, r"fanout must be a positive int"),
+    ({"rounds": 0}, r"rounds must be None \(from the cluster size\) or 1\.\.12"),
+    ({"rounds": 13}, r"rounds must be None \(from the cluster size\) or 1\.\.12"),
+    ({"rounds": 2.0}, r"rounds must be None \(from the cluster size\) or 1\.\.12"),
+    ({"round_interval_s": 0}, r"intervals and keep_s must be positive"),
+    ({"anti_entropy_interval_s": 0}, r"intervals and keep_s must be positive"),
+    ({"keep_s": 0}, r"intervals and keep_s must be positive"),
+    ({"keep_s": 30.0, "window_s": 30.0},
+     r"window_s must exceed keep_s, or an id could be forgotten while a peer still offers "
+     r"it \(and be delivered twice\)"),
+    ({"window_ids_max": 0}, r"window_ids_max >= 1 and keep_bytes_max >= 262144"),
+    ({"keep_bytes_max": ENVELOPE_BYTES_MAX - 1}, r"window_ids_max >= 1 and keep_bytes_max >= 262144"),
+    ({"repair_bytes_per_interval": PUSH_BYTES_MAX - 1},
+     r"repair_bytes_per_interval >= 1040384 and repair_messages_per_interval >= 2 "
+     r"\(an answer and a want\)"),
+    ({"repair_messages_per_interval": 1},
+     r"repair_bytes_per_interval >= 1040384 and repair_messages_per_interval >= 2 "
+     r"\(an answer and a want\)"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error", CONFIG_REFUSED, ids=range(len(CONFIG_REFUSED)))
+def test_a_bad_configuration_names_its_rule(kwargs, error):
+    node_id = kwargs.pop("node_id", "a")
+    with pytest.raises(ValueError, match=f"^{error}$") as bad:
+        Epidemic(node_id, rng=random.Random(1), **{"seq_start": 0, **kwargs})
+    assert type(bad.value) is ValueError
+
+
+def test_the_smallest_configuration_allowed():
+    m = Epidemic("a", rng=random.Random(1), seq_start=SEQ_MAX, fanout=1, rounds=12,
+                 keep_s=0.001, window_s=0.002, window_ids_max=1,
+                 keep_bytes_max=ENVELOPE_BYTES_MAX, repair_bytes_per_interval=PUSH_BYTES_MAX,
+                 repair_messages_per_interval=2)
+    assert m.copies() == 12
+    assert Epidemic("a", rng=random.Random(1), seq_start=0, rounds=1).copies() == 3
+
+
+def test_the_largest_age_is_valid_but_stale():
+    m = machine()
+    assert m.receive("c", pushed(item(a=2**31 - 1)), 1.0) == []
+    assert m.stats["dropped_by_bounds"] == 1

@@ -14,7 +14,8 @@ import zlib
 
 import pytest
 
-from protocols.effects import GOSSIP, MembersChanged, QuorumChanged, Refuted, Send, seed_id
+from protocols.effects import (GOSSIP, MembersChanged, QuorumChanged, Refuted, Send, seed_address,
+                               seed_id)
 from protocols.membership import (ALIVE, BUCKETS, DEAD, ENTRIES_MAX, GENERATION_AHEAD_MAX_NS,
                                   LEFT, MEMBERS_MAX, RELAYS_MAX, STATIC_QUORUM,
                                   SUSPECT, SYNC_PAGE_MAX, Member, Membership,
@@ -1657,3 +1658,14 @@ def test_after_refuting_we_are_still_alive_on_our_ring_and_counted():
     m.receive(nid(1), sync(entry(0, st="s", by=1)), 0.1)
     assert m.me.generation == GEN + 1
     assert nid(0) in m.ring and m.quorate and m.counts()[ALIVE] == 3
+
+
+# --------------------------------------------------------------------------- seed names
+
+def test_a_seed_is_named_by_its_address_until_its_node_id_is_known():
+    """``seed:ADDRESS`` names a peer known only by address; ``seed_address`` reads
+    the address back, and finds none in a real node id."""
+    assert seed_id("tcp://10.0.0.1:7400") == "seed:tcp://10.0.0.1:7400"
+    assert seed_address("seed:tcp://10.0.0.1:7400") == "tcp://10.0.0.1:7400"
+    assert seed_address("n0001") is None
+    assert seed_address("xseed:tcp://h:1") is None
