@@ -34,6 +34,7 @@ from protocols.crdt import (
     PNCounter,
     TwoPSet,
     VClock,
+    decode_fields,
     vc_compare,
     vc_merge,
 )
@@ -1018,6 +1019,15 @@ def test_a_taken_tag_cannot_be_registered_twice():
     assert CRDT_TYPES["gc"] is GCounter
     untagged = type("Untagged", (Crdt,), {})
     assert untagged.TAG == "" and "" not in CRDT_TYPES
+
+
+def test_a_new_tag_registers_its_class():
+    try:
+        fresh = type("Fresh", (GSet,), {"TAG": "test-fresh", "__slots__": ()})
+        assert CRDT_TYPES["test-fresh"] is fresh
+        assert decode_fields({"f": ["test-fresh", ["x"]]})["f"].value() == {"x"}
+    finally:
+        CRDT_TYPES.pop("test-fresh", None)  # the registry is process-wide
 
 
 def test_merge_of_another_type_names_both():

@@ -263,3 +263,14 @@ def test_wire_errors_are_exact(data, message):
 def test_wire_accepts_an_origin_one_ts_below_and_replica_zero_ids():
     s = RGA.from_wire([[[1, 0, 0, 0, "a"], [2, 0, 1, 0, "b"], [2, 1, 1, 9, "c"]], []])
     assert s.value() == ["a", "b"]  # "c" hangs off (1, 9), which has not arrived
+
+
+def test_next_id_follows_the_highest_ts_seen_not_a_replica_id():
+    """An insert's delta carries its ts: a replica merging it numbers its next insert
+    one above that ts (not above the inserter's replica id); an empty state read from
+    the wire starts at ts 1."""
+    first = RGA().bind(100).append("a")
+    other = RGA().bind(2)
+    other.merge(first)
+    assert other.append("b").to_wire()[0][0][:2] == [2, 2]
+    assert RGA.from_wire([[], []]).bind(1).append("a").to_wire()[0][0][:2] == [1, 1]
