@@ -231,3 +231,17 @@ def test_bind_fields_without_a_clock_keeps_each_fields_clock():
     assert fields["r"].stamp() == (3, 8)
     assert take_deltas(fields) == {"r": LWWRegister.from_wire([3, 8, "v"])}
     assert take_deltas(fields) == {}
+
+
+def test_field_names_msgpack_cannot_send_are_refused():
+    """A field name with a lone surrogate is refused: the state's wire form could not
+    be packed.  (Found by these tests: such a name used to be accepted.)"""
+    message = r"^field name '\\ud800' is not encodable as UTF-8$"
+    with pytest.raises(CrdtError, match=message):
+        encode_fields({"\ud800": GCounter()})
+    with pytest.raises(CrdtError, match=message):
+        decode_fields({"\ud800": ["gc", [[], [], []]]})
+    mine = {"a": GCounter()}
+    with pytest.raises(CrdtError, match=message):
+        merge_fields(mine, {"\ud800": GCounter()})
+    assert list(mine) == ["a"]

@@ -722,3 +722,17 @@ def test_ormap_wire_accepts_dots_at_the_edge_of_their_context():
     m = ORMap.from_wire([[[1, 2, "a", "gc", [[], [], []]], [2, 7, "b", "gc", [[], [], []]]],
                          [[1, 2]], [[2, 5], [2, 7]]])
     assert m.keys() == ["a", "b"] and m.to_wire()[2] == [[2, 5], [2, 7]]
+
+
+def test_ormap_refuses_keys_msgpack_cannot_send():
+    """A key with a lone surrogate (JSON's "\\ud800" decodes to one) is refused at update
+    and remove, as LWWMap refuses it: once stored, the map's wire form could never be
+    packed, so its state and deltas could not be shipped.  (Found by these tests: the
+    ORMap used to accept it.)"""
+    m = ORMap().bind(1, fixed_clock)
+    for change in (lambda: m.update("\ud800", LWWMap), lambda: m.remove("\udfff")):
+        with pytest.raises(CrdtError, match=r"^map key: not encodable as UTF-8$"):
+            change()
+    assert m.to_wire() == [[], [], []] and m.take_delta() is None
+    with pytest.raises(CrdtError, match=r"^map key: not encodable as UTF-8$"):
+        ORMap.from_wire([[[1, 1, "\ud800", "lwwm", []]], [[1, 1]], []])

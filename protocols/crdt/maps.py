@@ -431,7 +431,7 @@ class ORMap(Crdt):
         """Apply ``fn`` to ``key``'s value (an empty one of ``tag_or_cls`` if absent)
         and return the map delta.  ``fn`` gets a copy bound to this replica and clock;
         if it raises, the map is unchanged."""
-        _check_key(key)
+        _key_bytes(key)  # a key msgpack cannot send would make the state unshippable
         cls = _crdt_class(tag_or_cls)
         held = self._key_type(key)
         if held is not None and held is not cls:
@@ -456,7 +456,7 @@ class ORMap(Crdt):
     def remove(self, key: str) -> Crdt:
         """Remove the key's observed presence (and with it every observed
         contribution); concurrent updates elsewhere win."""
-        _check_key(key)
+        _key_bytes(key)
         delta = self._delta_of([], [d for d, _ in self._dots(key)])
         self._s = orset_merge(self._s, delta._s)
         return self._record(delta)
@@ -550,7 +550,8 @@ class ORMap(Crdt):
             if not _covered(dot, vv_map, cloud_set):
                 raise CrdtError("ORMap dot outside its causal context")
             dots.append(dot)
-            elems.append((_check_key(key), _decode_value(tag, wire, depth)))
+            _key_bytes(key)
+            elems.append((key, _decode_value(tag, wire, depth)))
         obj = cls()
         obj._s = ORSetState(
             array("Q", [d[0] for d in dots]), array("Q", [d[1] for d in dots]), elems,

@@ -23,12 +23,22 @@ I64_MIN = -(1 << 63)
 
 def check_element(e: Any) -> Hashable:
     """``e`` if it may be a set element or map key, else CrdtError."""
+    if isinstance(e, str) and not _utf8_encodable(e):  # lone surrogates: msgpack cannot send them
+        raise CrdtError(f"an element str must be encodable as UTF-8, got {reprlib.repr(e)}")
     if e is None or isinstance(e, (str, bytes, bool)):
         return e
     if type(e) is int and I64_MIN <= e <= U64_MAX:
         return e
     raise CrdtError(f"an element must be str, bytes, int (i64/u64), bool or None, "
                     f"got {reprlib.repr(e)}")
+
+
+def _utf8_encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def element_key(e: Any) -> tuple:
