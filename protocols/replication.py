@@ -351,11 +351,13 @@ class Replication:
         effects: list = []
         if gather is None:
             asked = self._gather_set(agent_id)
+            if not asked:  # nobody to ask: restored now, the request with it (no gather
+                # is left to time out and restore the agent a second time)
+                return [Restore(agent_id, self._behavior_of(agent_id),
+                                () if item is None else (item,))]
             gather = self._gathers[agent_id] = _Gather(asked, now + self._gather_timeout_s)
             self.stats["gathers"] += 1
             effects = [Send(to, REPLICATE, {"k": "w", "a": agent_id}) for to in sorted(asked)]
-            if not asked:
-                return [Restore(agent_id, self._behavior_of(agent_id), ())]
         if item is not None:
             if self._held >= self._held_max or self._held_bytes + nbytes > self._held_bytes_max:
                 return Refusal(ErrorCode.OVERLOADED,

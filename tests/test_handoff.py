@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 
 from protocols import peer
 from protocols.effects import HANDOFF, Install, Send, Surrender
-from protocols.handoff import REASONS, WANT_SENDS_MAX, Handoff, HandoffError
+from core_cy import HashRing
+from protocols.handoff import (REASONS, WANT_SENDS_MAX, Handoff, HandoffError,
+                               previous_ring)
 from protocols.routing import Refusal
 from protocols.wire import ErrorCode
 
@@ -287,6 +289,259 @@ def test_handoff_bodies_may_carry_a_kv_agent_s_full_state():
     state = bytes(16 << 20)
     (send,) = machine("old").send_state(AGENT, "new", "kv", state, [], 0.0)
     assert wire("old", send)["state"] == state
+
+
+# ------------------------------------------------------------------ texts, bounds, counters
+
+@pytest.mark.parametrize("message, text", [
+    ([1], "bad_message: a handoff message is a map, got list"),
+    ({"v": 0, "kind": "want", "agent": AGENT}, "bad_version: 'v' must be an integer >= 1"),
+    ({"v": 1, "kind": "take", "agent": AGENT},
+     "bad_kind: 'kind' must be one of ['ack', 'none', 'state', 'want']"),
+    ({"v": 1, "kind": "want", "agent": ""},
+     "bad_agent: 'agent' must be a string of 1..1024 characters"),
+    ({"v": 1, "kind": "ack", "agent": AGENT, "seq": 1 << 64},
+     "bad_seq: 'seq' must be an integer 0..18446744073709551615"),
+    ({**GOOD_STATE, "behavior": ""}, "bad_behavior: 'behavior' must be a non-empty string or nil"),
+    ({**GOOD_STATE, "state": "text"}, "bad_state: 'state' must be bytes (msgpack bin) or nil"),
+    ({**GOOD_STATE, "groups": ["g" * 513]},
+     "bad_groups: 'groups' must be a list of at most 64 strings of 1..512 characters"),
+])
+def test_a_bad_message_is_refused_with_a_stable_text(message, text):
+    """The text of each HandoffError is "reason: detail" (logs read it)."""
+    with pytest.raises(HandoffError) as info:
+        machine("new").receive("old", message, 0.0)
+    assert str(info.value) == text and info.value.detail == text.split(": ", 1)[1]
+
+
+def test_the_largest_fields_a_message_may_carry_are_taken():
+    """Bounds are inclusive: a 1024-character agent id and behavior, seq 0 and
+    2**64 - 1, 64 groups of 512 characters, and a later version."""
+    new = machine("new")
+    top = {**GOOD_STATE, "v": 2, "agent": "a" * 1024, "behavior": "b" * 1024,
+           "seq": (1 << 64) - 1, "groups": ["g" * 512] * 64}
+    install, ack = new.receive("old", top, 0.0)
+    assert install.agent_id == "a" * 1024 and len(install.groups) == 64
+    assert ack.message == {"v": 1, "kind": "ack", "agent": "a" * 1024, "seq": (1 << 64) - 1}
+    assert new.receive("old", {**GOOD_STATE, "agent": "x", "seq": 0}, 0.0)[0].agent_id == "x"
+
+
+@pytest.mark.parametrize("options", [{"timeout_s": 0.0}, {"window_s": -0.1},
+                                     {"attempts_max": 0}])
+def test_bad_options_are_refused(options):
+    with pytest.raises(ValueError,
+                       match=r"^timeout_s > 0, window_s >= 0 and attempts_max >= 1$"):
+        machine("x", **options)
+
+
+def test_the_smallest_good_options_are_taken():
+    """A zero window (no waiting for handoffs) and a single send are allowed."""
+    old = machine("old", window_s=0.0, attempts_max=1, timeout_s=0.5)
+    old.send_state(AGENT, "new", "kv", STATE, [], 0.0)
+    assert old.tick(0.5) == [Install(AGENT, "kv", STATE, (), ())]
+
+
+def test_hold_without_an_expected_handoff_names_the_agent():
+    with pytest.raises(ValueError, match=r"^no handoff expected for 'kv/a': activate it fresh$"):
+        machine("new").hold(AGENT, "r", 1, 0.0)
+
+
+def test_a_refused_hold_names_what_is_held():
+    new = new_owner(held_max=2)
+    new.hold(AGENT, "r1", 10, 0.0)
+    new.hold(AGENT, "r2", 20, 0.0)
+    refusal = new.hold(AGENT, "r3", 1, 0.0)
+    assert refusal == Refusal(ErrorCode.OVERLOADED, "node holds its limit of requests waiting "
+                                                    "for agents to move (2 requests, 30 bytes)")
+    assert new.hold(AGENT, "r4", 1, 0.0).code == ErrorCode.OVERLOADED and new.refused == 2
+
+
+def test_holds_fill_the_byte_bound_exactly():
+    """held_bytes_max is inclusive, and a released wait gives its bytes back."""
+    new = new_owner(held_bytes_max=100)
+    assert new.hold(AGENT, "r1", 60, 0.0) != [] and new.hold(AGENT, "r2", 40, 0.0) == []
+    assert isinstance(new.hold(AGENT, "r3", 1, 0.0), Refusal)
+    new.receive("old", {"v": 1, "kind": "none", "agent": AGENT}, 0.1)
+    assert new.held_now == 0
+    assert new.hold("kv/b", "r4", 100, 0.1) != [] and new.held_now == 1
+
+
+def test_kept_states_fill_their_byte_bound_exactly_and_give_bytes_back():
+    """kept_bytes_max is inclusive; superseded, acked and given back states free
+    their bytes."""
+    old = machine("old", kept_bytes_max=10, attempts_max=1)
+    old.members_changed(["old", "new"])
+    old.send_state("kv/a", "new", "kv", b"x" * 6, [], 0.0)
+    old.send_state("kv/a", "new", "kv", b"x" * 10, [], 0.0)  # supersedes: 6 freed
+    assert old.kept_now == 1
+    (state,) = old.send_state("kv/a", "new", "kv", b"y" * 10, [], 0.0)
+    old.receive("new", {"v": 1, "kind": "ack", "agent": "kv/a", "seq": state.message["seq"]},
+                0.0)
+    assert old.kept_now == 0 and old.acked == 1
+    assert kinds(old.send_state("kv/b", "new", "kv", b"z" * 10, [], 0.0)) == ["state"]
+    old.tick(T)  # its one send unacked: given back
+    assert kinds(old.send_state("kv/c", "new", "kv", b"w" * 10, [], T)) == ["state"]
+    old.members_changed(["old"])  # the target left: given back
+    assert kinds(old.send_state("kv/d", "new", "kv", b"v" * 10, [], T)) == ["state"]
+    assert old.send_state("kv/e", "new", "kv", b"u", [], T) == [Install("kv/e", "kv", b"u", (), ())]
+    assert (old.sent, old.returned) == (6, 3)
+
+
+def test_seqs_count_up_from_seq_start_and_an_ack_must_match_sender_and_seq():
+    """Each state sent takes the next seq; an ack of another seq or from another
+    node forgets nothing."""
+    old = machine("old", seq_start=100)
+    (a,) = old.send_state("kv/a", "new", "kv", None, [], 0.0)
+    (b,) = old.send_state("kv/b", "new", "kv", None, [], 0.0)
+    assert (a.message["seq"], b.message["seq"]) == (101, 102)
+    old.receive("other", {"v": 1, "kind": "ack", "agent": "kv/a", "seq": 101}, 0.0)
+    old.receive("new", {"v": 1, "kind": "ack", "agent": "kv/a", "seq": 102}, 0.0)
+    old.receive("new", {"v": 1, "kind": "ack", "agent": "kv/z", "seq": 101}, 0.0)
+    assert old.kept_now == 2 and old.acked == 0
+    old.receive("new", {"v": 1, "kind": "ack", "agent": "kv/a", "seq": 101}, 0.0)
+    assert old.kept_now == 1 and old.acked == 1
+
+
+def test_resends_go_in_due_order_and_count():
+    """Each resend moves its state to the back of the queue, due timeout_s later."""
+    old = machine("old", attempts_max=3)
+    old.send_state("kv/a", "new", "kv", None, [], 0.0)
+    old.send_state("kv/b", "new", "kv", None, [], 0.5)
+    assert [e.message["agent"] for e in old.tick(T)] == ["kv/a"]
+    assert old.next_deadline() == T + 0.5
+    assert [e.message["agent"] for e in old.tick(T + 0.5)] == ["kv/b"]
+    assert old.next_deadline() == 2 * T
+    assert [e.message["agent"] for e in old.tick(10 * T)] == ["kv/a", "kv/b"]
+    assert old.resent == 4 and old.sent == 2
+
+
+def test_a_want_from_another_node_than_the_target_surrenders():
+    """A state in flight to one node is not resent to another that asks."""
+    old = machine("old")
+    old.send_state(AGENT, "new", "kv", STATE, [], 0.0)
+    assert old.receive("other", {"v": 1, "kind": "want", "agent": AGENT}, 0.0) == [
+        Surrender(AGENT, "other")]
+    assert old.resent == 0
+
+
+def test_a_none_from_a_node_not_asked_is_ignored():
+    new = new_owner(members=("old", "new", "other"))
+    new.hold(AGENT, "r1", 1, 0.0)
+    assert new.receive("other", {"v": 1, "kind": "none", "agent": AGENT}, 0.1) == []
+    assert new.held_now == 1
+
+
+def test_a_duplicate_state_releases_requests_held_since_to_a_fresh_activation():
+    """After an install (and a passivation), requests held for the agent are released
+    fresh by a duplicate of the installed state; the duplicate is acked, not
+    installed again."""
+    new = new_owner()
+    state = {**GOOD_STATE, "seq": 7}
+    new.receive("old", state, 0.0)
+    new.ring_changed(lambda agent_id: "old", 0.5)  # a later change: expected again
+    new.hold(AGENT, "r1", 1, 0.5)
+    install, ack = new.receive("old", state, 0.6)
+    assert install == Install(AGENT, None, None, (), ("r1",))
+    assert ack.message == {"v": 1, "kind": "ack", "agent": AGENT, "seq": 7}
+    assert (new.installed, new.duplicates, new.held_now) == (1, 1, 0)
+    assert kinds(new.receive("old", state, 0.7)) == ["ack"] and new.duplicates == 2
+
+
+def test_installs_are_remembered_until_the_old_owner_stops_resending():
+    """A state installed is recognised as a duplicate for max(window_s, timeout_s *
+    (attempts_max + 1)), then forgotten (installed again)."""
+    new = machine("new", window_s=1.0, attempts_max=2)
+    new.receive("old", GOOD_STATE, 0.0)
+    assert new.next_deadline() == 3 * T
+    new.tick(3 * T - 0.01)
+    assert kinds(new.receive("old", GOOD_STATE, 3 * T - 0.01)) == ["ack"]
+    new.tick(3 * T)
+    assert new.next_deadline() is None
+    assert isinstance(new.receive("old", GOOD_STATE, 3 * T)[0], Install)
+    wide = machine("new", window_s=100.0)
+    wide.receive("old", GOOD_STATE, 0.0)
+    wide.ring_changed(lambda agent_id: "old", 0.0)
+    wide.tick(99.0)
+    assert kinds(wide.receive("old", GOOD_STATE, 99.0)) == ["ack"]
+
+
+def test_installs_remembered_are_bounded_by_held_max_oldest_first():
+    new = machine("new", held_max=2)
+    for agent in ("kv/1", "kv/2", "kv/3"):
+        new.receive("old", {**GOOD_STATE, "agent": agent}, 0.0)
+    assert isinstance(new.receive("old", {**GOOD_STATE, "agent": "kv/1"}, 0.0)[0], Install)
+    assert kinds(new.receive("old", {**GOOD_STATE, "agent": "kv/3"}, 0.0)) == ["ack"]
+
+
+def test_an_agent_released_fresh_is_not_expected_again_after_this_change():
+    """A wait that timed out (or was answered none) is remembered for this ring
+    change: the next miss activates fresh; a later ring change expects it again."""
+    new = new_owner()
+    new.hold(AGENT, "r1", 1, 0.0)
+    new.tick(T)
+    assert new.expecting(AGENT, T) is None and new.timed_out == 1
+    new.ring_changed(lambda agent_id: "old", T)
+    assert new.expecting(AGENT, T) == "old"
+
+
+def test_a_ring_change_reroutes_waits_for_agents_owned_elsewhere_now():
+    """With the owner function, waits for agents this node no longer owns end: their
+    requests come back to be routed again and no more wants go out."""
+    new = new_owner()
+    new.hold("kv/a", "r1", 1, 0.0)
+    new.hold("kv/b", "r2", 1, 0.0)
+    effects = new.ring_changed(lambda agent_id: "old", 0.1,
+                               owner=lambda agent_id: "new" if agent_id == "kv/b" else "x")
+    assert effects == [Install("kv/a", None, None, (), ("r1",))]
+    assert (new.rerouted, new.held_now) == (1, 1)
+    assert [e.message["agent"] for e in new.tick(T / WANT_SENDS_MAX)] == ["kv/b"]
+    assert new.ring_changed(lambda agent_id: "old", 0.2) == []
+
+
+def test_stop_hands_back_every_held_request():
+    new = new_owner()
+    new.hold("kv/a", "r1", 1, 0.0)
+    new.hold("kv/b", "r2", 1, 0.0)
+    new.hold("kv/a", "r3", 1, 0.0)
+    assert new.stop() == ["r1", "r3", "r2"] and new.held_now == 0
+    assert new.next_deadline() == WINDOW
+
+
+def test_members_changed_counts_each_wait_whose_owner_left():
+    new = new_owner(members=("old", "new", "other"))
+    new.hold("kv/a", "r1", 1, 0.0)
+    new.hold("kv/b", "r2", 1, 0.0)
+    new.members_changed(["new", "other"])
+    assert new.owner_lost == 2
+    assert new.expecting("kv/a", 0.1) is None
+
+
+def test_next_deadline_is_the_earliest_of_every_timer():
+    """Kept states, held waits, wants, remembered installs and the window."""
+    new = new_owner()
+    assert new.next_deadline() == WINDOW
+    new.hold(AGENT, "r1", 1, 1.0)
+    assert new.next_deadline() == 1.0 + T / WANT_SENDS_MAX
+    new.receive("old", GOOD_STATE, 1.2)  # installed: the want is moot
+    keep = max(WINDOW, T * 6)
+    assert new.next_deadline() == WINDOW
+    new.tick(WINDOW)
+    assert new.next_deadline() == 1.2 + keep
+    old = machine("old")
+    old.send_state(AGENT, "new", "kv", None, [], 3.0)
+    assert old.next_deadline() == 3.0 + T
+
+
+def test_previous_ring_of_a_node_that_was_serving_or_not():
+    """A serving node's previous owners are the old ring's; a node that served
+    nothing (joining) takes the new ring without itself; a lone node keeps the old."""
+    old = HashRing(("a", "b"), vnodes=8)
+    assert previous_ring(old, frozenset("abc"), "c", True).nodes == old.nodes
+    ring = previous_ring(old, frozenset("abc"), "c", False)
+    assert sorted(ring.nodes) == ["a", "b"] and ring.vnodes == 8
+    assert sorted(previous_ring(HashRing(("x",)), frozenset("abd"), "d", False).nodes) == [
+        "a", "b"]
+    assert previous_ring(old, frozenset("c"), "c", False).nodes == old.nodes
 
 
 # ------------------------------------------------------------------ the property

@@ -572,6 +572,116 @@ def test_cached_ids_are_still_checked():
     assert b"\xff" not in peer._id_text
 
 
+# ------------------------------------------------------------------ error texts
+
+def text_of(frames: list) -> str:
+    with pytest.raises(PeerProtocolError) as info:
+        peer.decode(frames)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("make, text", [
+    (lambda: [], "bad_magic: first frame is not b'SYNP3'"),
+    (lambda: [b"SYNP2", b"RPL"], "bad_version: peer protocol b'SYNP2', this node speaks b'SYNP3'"),
+    (lambda: [MAGIC, b"RPL"], "bad_shape: 2 frames: no op or no sender"),
+    (lambda: [MAGIC, b"NOP", b"x"], "unknown_op: op b'NOP'"),
+    (lambda: valid_frames()["RPL"][:-1], "bad_shape: RPL takes 6 frames, got 5"),
+    (lambda: [*valid_frames()["RPL"][:-1], b"\x00\x00\x00\x00"],
+     "bad_checksum: the frames do not match their checksum (corrupted on the way)"),
+    (lambda: replaced("RPL", 2, b""), "bad_sender: node id of 0 bytes, not 1..255"),
+    (lambda: replaced("RPL", 2, b"\xff"), "bad_sender: node id is not UTF-8"),
+    (lambda: replaced("FWD", 3, b"\xff"), "bad_origin: node id is not UTF-8"),
+    (lambda: replaced("FWD", 4, b"\x00"), "bad_hops: hops must be one byte in 1..16"),
+    (lambda: replaced("FWD", 5, b"12345"),
+     "bad_token: a forward token is 16 bytes or empty, got 5"),
+    (lambda: replaced("RPL", 3, b"12345"), "bad_token: a reply token is 16 bytes, got 5"),
+    (lambda: replaced("STATQ", 3, b""), "bad_token: a status token is 1..32 ASCII bytes"),
+    (lambda: replaced("STATR", 3, msgpack.packb({"token": 7, "status": {}})),
+     "bad_token: a status answer's 'token' is 1..32 ASCII characters"),
+    (lambda: replaced("STATR", 3, msgpack.packb({"token": "7", "status": 1})),
+     "bad_body: a status answer's 'status' is a map"),
+    (lambda: replaced("GOSSIP", 3, b"\xc1" * (MIB + 1)),
+     "too_large: body of 1048577 bytes exceeds 1048576"),
+    (lambda: replaced("HANDOFF", 3, b"\xc1" * ((32 << 20) + 1)),
+     "too_large: body of 33554433 bytes exceeds 33554432"),
+    (lambda: replaced("GOSSIP", 3, msgpack.packb([1])), "bad_body: body must be a map, got list"),
+    (lambda: replaced("GOSSIP", 3, b"\xc1"), "bad_body: not a msgpack document: FormatError"),
+    (lambda: replaced("GOSSIP", 3, msgpack.packb({b"k": 1})),
+     "bad_body: not a msgpack document: map key of type bytes"),
+    (lambda: replaced("GOSSIP", 3, msgpack.packb({"a": "x" * 300})[:-1]),
+     "bad_body: not a msgpack document: Unpack failed: incomplete input"),
+])
+def test_each_refusal_reads_reason_colon_detail(make, text):
+    """The text of a PeerProtocolError is "reason: detail"; the detail names what
+    was wrong (logs read it)."""
+    assert text_of(make()) == text
+
+
+@pytest.mark.parametrize("call, text", [
+    (lambda: peer.forward("a", "b", 0, TOKEN, b""), "hops must be an int in 1..16, got 0"),
+    (lambda: peer.forward("a", "b", True, TOKEN, b""), "hops must be an int in 1..16, got True"),
+    (lambda: peer.forward("a", "b", 1, bytes(15), b""),
+     "a forward token is 16 bytes (call) or empty (send)"),
+    (lambda: peer.forward(b"a", "b", 1, TOKEN, b""), "sender must be a str, got bytes"),
+    (lambda: peer.forward("a", "", 1, TOKEN, b""), "origin must be 1..255 bytes of UTF-8, got 0"),
+    (lambda: peer.reply("a", b"", b""), "a reply token is 16 bytes"),
+    (lambda: peer.gossip("a", [1]), "a gossip message is a map"),
+    (lambda: peer.handoff("a", [1]), "a handoff message is a map"),
+    (lambda: peer.replicate("a", [1]), "a replication message is a map"),
+    (lambda: peer.gossip("a", {"pad": bytes(MIB)}),
+     f"gossip body of {len(msgpack.packb({'pad': bytes(MIB)}))} bytes exceeds 1048576"),
+    (lambda: peer.replicate("a", {"x": object()}),
+     "replicate body cannot be packed: can not serialize 'object' object"),
+    (lambda: peer.status_query("a", ""), "a status token is 1..32 ASCII characters"),
+    (lambda: peer.status_answer("a", "1", [1]), "a status is a map"),
+    (lambda: peer.encode(STATUS_ANSWER, "a", "1"),
+     "a status_answer message is {'token': str, 'status': map}"),
+    (lambda: peer.encode("nochannel", "a", {}), "no peer frame for channel 'nochannel'"),
+    (lambda: peer.checksum([]), "a message has at least one frame"),
+])
+def test_local_errors_name_what_the_protocol_cannot_carry(call, text):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value) == text
+
+
+def test_the_largest_bodies_and_frames_are_taken():
+    """Bounds are inclusive: a handoff body of exactly HANDOFF_BODY_BYTES_MAX, a
+    gossip body of exactly BODY_BYTES_MAX, a 255-byte node id, hops 16, 32-byte
+    status tokens, containers of CONTAINER_LEN_MAX elements."""
+    pad = peer.HANDOFF_BODY_BYTES_MAX - len(msgpack.packb({"s": bytes(1 << 17)})) + (1 << 17)
+    big = {"s": bytes(pad)}
+    assert len(msgpack.packb(big)) == peer.HANDOFF_BODY_BYTES_MAX
+    assert peer.decode(peer.handoff("a", big)).message == big
+    assert peer.decode(peer.replicate("a", big)).message == big
+    gossip = {"s": bytes(MIB - len(msgpack.packb({"s": bytes(1 << 17)})) + (1 << 17))}
+    assert peer.decode(peer.gossip("a", gossip)).message == gossip
+    event = peer.decode(peer.forward("n" * 255, "o" * 255, 16, b"", b""))
+    assert (event.sender, event.origin, event.hops) == ("n" * 255, "o" * 255, 16)
+    assert peer.decode(peer.status_query("a", "t" * 32)).token == "t" * 32
+    full = {"l": [None] * peer.CONTAINER_LEN_MAX}
+    assert peer.decode(peer.gossip("a", full)).message == full
+    over = msgpack.packb({"l": [None] * (peer.CONTAINER_LEN_MAX + 1)})
+    assert reason(replaced("GOSSIP", 3, over)) == "bad_body"
+
+
+def test_the_checksum_is_crc32_of_the_lengths_then_the_frames():
+    """For any frame count (the ops' and others): CRC-32 of every length as 8 bytes
+    big-endian, then of the frames, as 4 bytes big-endian."""
+    import struct
+    import zlib
+
+    for count in range(1, 10):
+        frames = [bytes([n]) * n for n in range(count)]
+        data = b"".join(struct.pack(">Q", len(f)) for f in frames) + b"".join(frames)
+        assert peer.checksum(frames) == struct.pack(">I", zlib.crc32(data))
+
+
+def test_fast_constructors_are_named_for_their_class():
+    assert peer._forwarded.__name__ == "fast_Forwarded"
+    assert peer._replied.__name__ == "fast_Replied"
+
+
 # ------------------------------------------------------------------ the spec
 
 def test_protocol_md_states_the_codec_s_frames_and_numbers():
