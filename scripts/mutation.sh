@@ -54,7 +54,7 @@ tests_for() {
         protocols/epidemic.py) echo tests/test_epidemic.py tests/test_epidemic_sim.py ;;
         protocols/peer.py) echo tests/test_peer.py ;;
         protocols/handoff.py) echo tests/test_handoff.py ;;
-        protocols/replication.py) echo tests/test_replication.py ;;
+        protocols/replication.py) echo tests/test_replication.py tests/test_replication_rules.py ;;
         protocols/delivery.py) echo tests/test_delivery.py ;;
         protocols/effects.py) echo tests/test_machines.py tests/test_membership.py \
             tests/test_epidemic.py tests/test_replication.py tests/test_handoff.py ;;
