@@ -544,7 +544,7 @@ def test_a_want_stops_at_want_ids_max_across_ranges(left):
     """The first range fills all but ``left`` slots; the second gets exactly those,
     whether they fall in a gap between seen seqs or after the last one."""
     first = [["x", 1, WANT_IDS_MAX - left]]
-    for seen in ([2, 4, 6, 8, 10, 12], [1]):
+    for seen in ([2, 4, 6, 8, 10, 12], [1], [10]):
         wants = wants_for(seen, first + [["c", 1, 20]])
         assert len(wants) == WANT_IDS_MAX
         assert wants[-left:] == [["c", s] for s in range(1, 21) if s not in seen][:left]
@@ -778,9 +778,9 @@ CONFIG_REFUSED = [
 
 @pytest.mark.parametrize("kwargs, error", CONFIG_REFUSED, ids=range(len(CONFIG_REFUSED)))
 def test_a_bad_configuration_names_its_rule(kwargs, error):
-    node_id = kwargs.pop("node_id", "a")
+    kwargs = {"node_id": "a", "seq_start": 0, **kwargs}
     with pytest.raises(ValueError, match=f"^{error}$") as bad:
-        Epidemic(node_id, rng=random.Random(1), **{"seq_start": 0, **kwargs})
+        Epidemic(rng=random.Random(1), **kwargs)
     assert type(bad.value) is ValueError
 
 
@@ -797,3 +797,162 @@ def test_the_largest_age_is_valid_but_stale():
     m = machine()
     assert m.receive("c", pushed(item(a=2**31 - 1)), 1.0) == []
     assert m.stats["dropped_by_bounds"] == 1
+
+
+
+# --------------------------------------------------------------------------- sizes and bounds
+
+def test_a_repair_counts_every_byte_of_names_and_item_overhead():
+    """Envelope, origin and group bytes and ITEM_OVERHEAD all count against a body:
+    three exact-fit messages and one sized to the byte with 255-byte names fill it,
+    so a fifth, tiny, one waits."""
+    m = machine("a", peers=("b",), repair_bytes_per_interval=PUSH_BYTES_MAX)
+    for seq in range(3):
+        m.receive("c", push("c", seq, bytes(EXACT_FIT_ENVELOPE)), 1.0)
+    long_names = PUSH_BYTES_MAX // 4 - 255 - 255 - ITEM_OVERHEAD
+    m.receive("c", pushed(item(o="o" * 255, g="p" * 255, e=bytes(long_names))), 1.0)
+    m.receive("c", push("c", 9, b""), 1.0)
+    now = next_interval(m)
+    [repair] = sends(m.receive("b", {"v": 2, "kind": DIGEST, "d": []}, now + 0.1))
+    assert len(repair.message["m"]) == 4 and m.stats["repair_skipped"] == 1
+
+
+def test_copies_step_up_exactly_where_ln_n_plus_2_crosses_an_integer():
+    """Two nodes: ceil(ln 2 + 2) = 3; seven: ceil(ln 7 + 2) = 4 (ln 8 + 2 would be 5);
+    and never more than fanout * ROUNDS_MAX."""
+    assert machine(peers=["b"]).copies() == 3
+    assert machine(peers=[f"p{i}" for i in range(6)]).copies() == 4
+    assert machine(peers=[f"p{i}" for i in range(30_000)], fanout=1).copies() == 12
+
+
+def test_every_anti_entropy_interval_sends_one_digest():
+    m = machine()
+    for k in (1, 2, 3):
+        next_interval(m)
+        assert m.stats["digests"] == k
+
+
+def test_the_bytes_bound_is_inclusive_and_drops_the_oldest_first():
+    m = machine(keep_bytes_max=300_000)
+    m.receive("c", push("c", 1, bytes(100_000)), 1.0)
+    m.receive("c", push("c", 2, bytes(100_000)), 1.0)
+    m.receive("c", push("c", 3, bytes(100_000)), 1.0)  # exactly the bound: all kept
+    assert m.kept_bytes == 300_000 and m.stats["dropped_by_bounds"] == 0
+    m.receive("c", push("c", 4, bytes(150_000)), 1.0)  # the two oldest go
+    assert m.kept_bytes == 250_000 and m.stats["dropped_by_bounds"] == 2
+    assert digest_of(m, 1.1)["d"] == [["c", 3, 4]]
+    m.tick(40.0)  # every envelope's age is up, the dropped ones' too
+    assert m.kept_bytes == 0 and m.held == 4
+
+
+def test_duplicates_are_counted_and_their_sender_is_not_pushed_to():
+    """A copy from the one peer the round would have picked: it has it, so the
+    round sends nothing."""
+    m = machine(peers=("b", "d", "e"), fanout=1, rounds=2)
+    first = sends(m.receive("d", push("c", 1), 1.0))
+    [other] = {"b", "e"} - {s.to for s in first}
+    m.receive(other, push("c", 1), 1.1)
+    m.receive(other, push("c", 1), 1.1)
+    assert m.stats["duplicates"] == 2
+    assert sends(m.tick(1.2), PUSH) == []
+
+
+def test_a_duplicate_of_a_message_no_longer_pushed_is_only_counted():
+    m = machine(peers=())
+    m.publish("g", b"x", 1.0)
+    assert m.receive("b", push("a", SEQ0), 1.1) == [] and m.stats["duplicates"] == 1
+
+
+def test_pushed_counts_every_copy_sent_at_once():
+    m = machine(fanout=3)
+    m.publish("g", b"1", 0.5)
+    m.publish("g", b"2", 0.6)
+    assert m.stats["pushed"] == 6
+
+
+def test_no_round_is_scheduled_when_the_first_push_sends_every_copy():
+    m = machine(peers=("b", "c", "d", "e"), fanout=3, rounds=1, anti_entropy_interval_s=5.0)
+    t = next_interval(m)
+    assert len(sends(m.publish("g", b"x", t))) == 3
+    assert m.next_deadline() == t + 5.0
+
+
+def test_a_round_push_reports_the_age_in_ms_the_message_has_now():
+    m = machine(peers=("b", "d", "e"), fanout=1, rounds=2)
+    m.receive("d", push("c", 1, age_ms=1500), 1.0)
+    [round_push] = sends(m.tick(1.2), PUSH)
+    assert round_push.message["m"][0]["a"] == 1700
+
+
+class CountingRandom(random.Random):
+    """A seeded Random that counts single draws and samples (``stuck``: every
+    draw returns index 0, as if luck kept picking one peer)."""
+
+    def __init__(self, seed: int, stuck: bool = False):
+        super().__init__(seed)
+        self.stuck, self.draws, self.samples = stuck, 0, 0
+
+    def randrange(self, *args):
+        self.draws += 1
+        return 0 if self.stuck else super().randrange(*args)
+
+    def sample(self, *args, **kwargs):
+        self.samples += 1
+        return super().sample(*args, **kwargs)
+
+
+def picking(peers: int, stuck: bool = False):
+    """The first push (fanout 3) of a message from origin c by one of ``peers``:
+    three nodes known to hold it (c, the sender, us).  (the rng, the targets)"""
+    rng = CountingRandom(1, stuck)
+    names = [f"p{i:02d}" for i in range(peers)]
+    m = Epidemic("zz", rng=rng, seq_start=0, fanout=3)
+    m.set_peers(names)
+    m.start(0.0)
+    rng.draws = rng.samples = 0
+    out = sends(m.receive(names[-1], push("c", 1), 0.1))
+    return rng, [s.to for s in out]
+
+
+def test_with_most_peers_unknown_targets_are_drawn_one_by_one():
+    """Drawing and retrying costs O(fanout) while fewer than half the peers are
+    known to hold it (no scan of every peer); from half on, the unknown rest is
+    sampled at once."""
+    for peers in (10, 7):  # 3 known: 6 < 10, 6 < 7
+        rng, targets = picking(peers)
+        assert rng.samples == 0 and 3 <= rng.draws <= 12 and len(set(targets)) == 3
+    rng, targets = picking(6)  # 3 known of 6: half
+    assert (rng.draws, rng.samples) == (0, 1) and len(set(targets)) == 3
+
+
+def test_draws_give_up_after_four_per_target_and_the_rest_is_sampled():
+    rng, targets = picking(10, stuck=True)
+    assert rng.draws == 4 * 3 and rng.samples == 1
+    assert len(targets) == len(set(targets)) == 3
+
+
+def test_the_documented_defaults():
+    m = Epidemic("a", rng=random.Random(1), seq_start=0)
+    assert (m.fanout, m.round_interval_s, m.anti_entropy_interval_s) == (3, 0.2, 1.0)
+    assert (m.keep_s, m.window_s, m.window_ids_max, m.keep_bytes_max) == (
+        30.0, 90.0, 32_768, 64 << 20)
+    assert (m.repair_bytes_per_interval, m.repair_messages_per_interval) == (2 << 20, 8)
+    assert m.copies() == math.ceil(math.log(1) + COPIES_SLACK)
+
+
+def test_a_machine_without_peers_publishes_to_nobody():
+    m = Epidemic("a", rng=random.Random(1), seq_start=0)
+    assert m.publish("g", b"x", 0.0) == [GroupDeliver("g", b"x")]
+    assert sends(m.tick(m.next_deadline())) == []
+
+
+def test_our_own_id_is_never_a_peer():
+    m = machine("a", peers=("a", "b", "b"))
+    assert m.copies() == 3  # ceil(ln 2 + 2): two nodes, not three
+    assert [s.to for s in sends(m.publish("g", b"x", 0.1))] == ["b"]
+
+
+def test_the_first_exchange_comes_at_a_random_phase_of_the_whole_interval():
+    m = Epidemic("a", rng=random.Random(1), seq_start=0, anti_entropy_interval_s=20.0)
+    m.start(100.0)
+    assert m.next_deadline() == 100.0 + random.Random(1).random() * 20.0
