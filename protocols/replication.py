@@ -745,6 +745,7 @@ class Replication:
 
     def _expire_waits(self, now: float, effects: list) -> None:
         waits = self._waits
+        touched: dict[str, Record] = {}
         while waits and (waits[0].done or waits[0].deadline <= now):
             wait = waits.popleft()
             if wait.done:
@@ -754,7 +755,11 @@ class Replication:
             effects.append(WriteDone(wait.handle, False, len(wait.acks), wait.needed))
             rec = self.records.get(wait.agent)
             if rec is not None and rec.waits:
-                rec.waits = [w for w in rec.waits if not w.done] or None
+                touched[wait.agent] = rec
+        # Each record's waits are filtered once per tick, not once per wait that
+        # expired: a burst of timeouts on one busy agent stays linear.
+        for rec in touched.values():
+            rec.waits = [w for w in rec.waits if not w.done] or None
 
     def _expire_gathers(self, now: float, effects: list) -> None:
         for agent_id in [a for a, g in self._gathers.items() if g.deadline <= now]:

@@ -346,3 +346,209 @@ def test_backoff_full_jitter_capped_and_bounded_by_the_deadline():
         assert backoff.next_delay(0.0) <= 1.0
     with pytest.raises(ValueError):
         Backoff(deadline_s=1.0, rng=random.Random(), base_s=2.0, max_s=1.0)
+
+
+# ---------------------------------------------------------------------------- texts, bounds
+
+@pytest.mark.parametrize("call, text", [
+    (lambda: AppliedIds().add("", None, 1), "message id must be a string of 1..128 characters"),
+    (lambda: AppliedIds().add("x" * 129, None, 1),
+     "message id must be a string of 1..128 characters"),
+    (lambda: AppliedIds().add("m", None, -1), "ts must be an integer 0..2**64-1"),
+    (lambda: AppliedIds().add("m", None, 1 << 64), "ts must be an integer 0..2**64-1"),
+    (lambda: AppliedIds().add("m", "text", 1), "reply must be bytes or None"),
+    (lambda: AppliedIds().expire(-1), "before_ts must be an integer 0..2**64-1"),
+    (lambda: AppliedIds().expire(1 << 64), "before_ts must be an integer 0..2**64-1"),
+    (lambda: AppliedIds.from_wire(None), "ids: expected [floor, entries]"),
+    (lambda: AppliedIds.from_wire([0, "x"]), "ids: entries must be a list of at most 1024"),
+    (lambda: AppliedIds.from_wire([-1, []]), "ids: floor must be an integer 0..2**64-1"),
+    (lambda: AppliedIds.from_wire([0, [[1, "a"]]]), "ids: an entry must be [ts, id, reply]"),
+    (lambda: AppliedIds.from_wire([0, [[-1, "a", None]]]), "ids: ts must be an integer 0..2**64-1"),
+    (lambda: AppliedIds.from_wire([0, [[1, "", None]]]),
+     "ids: id must be a string of 1..128 characters"),
+    (lambda: AppliedIds.from_wire([0, [[1, "a", "r"]]]),
+     "ids: reply must be nil or bytes of at most 65536"),
+    (lambda: Backoff(deadline_s=1.0, rng=random.Random(), base_s=0.0), "need 0 < base_s <= max_s"),
+])
+def test_each_refusal_names_what_was_wrong(call, text):
+    """The exact text of each error (logs and clients read it)."""
+    with pytest.raises((CrdtError, ValueError)) as info:
+        call()
+    assert str(info.value) == text
+
+
+def test_the_largest_ids_times_and_windows_are_taken():
+    """Bounds are inclusive: a 128-character id, ts and floor 2**64 - 1, IDS_MAX
+    entries on the wire."""
+    top = (1 << 64) - 1
+    ids = AppliedIds()
+    ids.add("x" * 128, None, top)
+    assert ids.get("x" * 128) == AppliedId(top, "x" * 128, None)
+    ids.expire(top)
+    assert ids.floor == top and len(ids) == 1
+    wire = [0, [[i, f"m{i:04}", None] for i in range(delivery.IDS_MAX)]]
+    assert len(AppliedIds.from_wire(wire)) == delivery.IDS_MAX
+    assert AppliedIds.from_wire([top, [[top, "a", b"r" * delivery.REPLY_KEEP_MAX]]]).floor == top
+
+
+def test_a_replaced_entry_keeps_the_eviction_order_right():
+    """An id added again with a later ts moves up the eviction order: the entries
+    evicted are always the oldest by (ts, id), however often ids were replaced."""
+    with ids_max(3):
+        ids = AppliedIds()
+        for ts, msg_id in [(1, "a"), (2, "b"), (3, "c"), (10, "a"), (11, "b"), (4, "d")]:
+            ids.add(msg_id, None, ts)
+        assert sorted(ids.value()) == ["a", "b", "d"]
+        ids.add("c", None, 3)  # older than everything kept: not taken
+        assert sorted(ids.value()) == ["a", "b", "d"]
+        ids.add("e", None, 5)
+        assert sorted(ids.value()) == ["a", "b", "e"]
+
+
+def test_the_eviction_heap_is_rebuilt_when_stale_items_pile_up():
+    """Replacing entries leaves stale heap items; past 2 * IDS_MAX the heap is rebuilt
+    to the live entries (and the window still evicts the right ones)."""
+    with ids_max(4):
+        ids = AppliedIds()
+        for ts in range(1, 10):
+            ids.add("same", None, ts)
+        assert ids._heap == [(9, "same")]  # the ninth item passed 2 * 4: rebuilt
+        assert ids.get("same").ts == 9
+        for n, msg_id in enumerate("abcd"):
+            ids.add(msg_id, None, 20 + n)
+        assert sorted(ids.value()) == ["a", "b", "c", "d"]
+
+
+def test_the_hold_buffer_defaults():
+    """30 s to wait, 1,000 messages per agent, 10,000 and 64 MiB in all."""
+    order = CausalOrder()
+    assert (order.timeout_s, order.per_agent_max, order.items_max, order.bytes_max) == (
+        30.0, 1_000, 10_000, 64 << 20)
+    order.offer("a", {}, "p", {"p": 2}, "x", 1, now=1.0)
+    assert order.next_deadline() == 31.0
+
+
+def test_overloaded_refusals_name_the_bound_reached():
+    order = CausalOrder(per_agent_max=2, items_max=3, bytes_max=100)
+    order.offer("a", {}, "p", {"p": 2}, "x", 10, now=0.0)
+    order.offer("a", {}, "p", {"p": 3}, "y", 10, now=0.0)
+    assert order.offer("a", {}, "p", {"p": 4}, "z", 10, now=0.0) == Refusal(
+        ErrorCode.OVERLOADED, "agent holds 2 causal messages waiting for earlier ones (its limit)")
+    order.offer("b", {}, "p", {"p": 2}, "w", 10, now=0.0)
+    assert order.offer("c", {}, "p", {"p": 2}, "v", 10, now=0.0) == Refusal(
+        ErrorCode.OVERLOADED, "node holds its limit of causal messages (3 messages, 30 bytes)")
+    assert order.refused == 2
+
+
+def test_the_byte_bound_is_inclusive_and_freed_by_delivery():
+    """A message that fills bytes_max exactly is held; delivered ones free theirs."""
+    order = CausalOrder(bytes_max=100)
+    assert order.offer("a", {}, "p", {"p": 2}, "x", 100, now=0.0) == HELD
+    assert isinstance(order.offer("a", {}, "p", {"p": 3}, "y", 1, now=0.0), Refusal)
+    assert [h.item for _, h in order.ready("a", {"p": 1})] == ["x"]
+    assert (order.items, order.nbytes) == (0, 0)
+    assert order.offer("b", {}, "p", {"p": 2}, "z", 100, now=0.0) == HELD
+
+
+def test_ready_delivers_chains_across_senders_in_causal_order():
+    """A message unblocked by another's delivery goes in the same ready call, after
+    it; several messages of one sender go in their order."""
+    order = CausalOrder()
+    order.offer("a", {}, "q", {"p": 2, "q": 1}, "q1", 1, now=0.0)
+    order.offer("a", {}, "p", {"p": 3}, "p3", 1, now=0.0)
+    order.offer("a", {}, "p", {"p": 2}, "p2", 1, now=0.0)
+    got = [(v, h.item) for v, h in order.ready("a", {"p": 1})]
+    assert got == [(DELIVER, "p2"), (DELIVER, "p3"), (DELIVER, "q1")]
+    assert order.held("a") == 0 and order.ready("a", {"p": 3, "q": 1}) == []
+
+
+def test_expired_messages_are_counted_and_their_agents_forgotten():
+    order = CausalOrder(timeout_s=1.0)
+    order.offer("a", {}, "p", {"p": 2}, "x", 3, now=0.0)
+    order.offer("a", {}, "q", {"q": 2}, "y", 4, now=0.5)
+    assert [h.item for h in order.tick(1.0)] == ["x"]
+    assert (order.held("a"), order.nbytes, order.expired) == (1, 4, 1)
+    assert [h.item for h in order.tick(1.5)] == ["y"]
+    assert order.held("a") == 0 and order.expired == 2 and order._agents == {}
+
+
+def test_backoff_ceiling_doubles_from_base_to_max_and_defaults():
+    """Attempt k draws from [0, min(max_s, base_s * 2**k)]; base 50 ms, max 1 s."""
+    class Top(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            return b
+
+    backoff = Backoff(deadline_s=100.0, rng=Top())
+    assert [backoff.next_delay(0.0) for _ in range(6)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0]
+    assert Backoff(deadline_s=100.0, rng=Top(), base_s=0.5, max_s=0.5).next_delay(0.0) == 0.5
+    tiny = Backoff(deadline_s=100.0, rng=Top(), base_s=1e-12, max_s=1.0)
+    tiny.attempt = 31
+    assert tiny.next_delay(0.0) == 1e-12 * (1 << 31)
+    assert tiny.next_delay(0.0) == 1.0 and tiny.attempt == 33  # from attempt 32: max_s
+    assert Backoff(deadline_s=100.0, rng=Top(), base_s=1.0, max_s=8.0).next_delay(99.5) == 0.5
+
+
+def test_value_maps_each_id_to_its_entry():
+    ids = AppliedIds()
+    ids.add("m1", b"r", 5)
+    ids.add("m2", None, 6)
+    assert ids.value() == {"m1": AppliedId(5, "m1", b"r"), "m2": AppliedId(6, "m2", None)}
+
+
+def test_messages_held_at_one_time_expire_in_the_order_they_came():
+    order = CausalOrder(timeout_s=1.0)
+    for item in ("first", "second", "third"):
+        order.offer(item, {}, "p", {"p": 2}, item, 1, now=0.0)
+    assert [h.item for h in order.tick(1.0)] == ["first", "second", "third"]
+
+
+def test_the_deadline_heap_is_compacted_exactly_past_twice_the_held_plus_1024():
+    """With one message held for good, offers dropped again each leave a stale
+    deadline: the heap is compacted when an offer takes it past 2 * items + 1024."""
+    order = CausalOrder()
+    order.offer("kept", {}, "p", {"p": 2}, "kept", 1, now=0.0)
+    for n in range(1027):
+        order.offer("a", {}, "p", {"p": 2}, n, 1, now=0.0)
+        order.drop_agent("a")
+    assert len(order._deadlines) == 1028  # 2 * 2 + 1024: not past it yet
+    order.offer("a", {}, "p", {"p": 2}, "last", 1, now=0.0)
+    assert len(order._deadlines) == 2  # compacted to the two held
+    assert order.next_deadline() == order.timeout_s
+
+
+def test_ready_takes_a_held_copy_the_clock_reached_exactly_as_a_duplicate():
+    order = CausalOrder()
+    order.offer("a", {}, "p", {"p": 2}, "two", 1, now=0.0)
+    assert [(v, h.item) for v, h in order.ready("a", {"p": 2})] == [(DUPLICATE, "two")]
+    assert order.held("a") == 0 and order.held("nobody") == 0
+
+
+def test_per_agent_counts_follow_each_removal():
+    """An agent's own count and bytes drop with each message delivered, so its bound
+    and a later drop_agent stay exact."""
+    order = CausalOrder(per_agent_max=3)
+    for n, size in ((2, 3), (3, 4), (4, 5)):
+        order.offer("a", {}, "p", {"p": n}, n, size, now=0.0)
+    assert [h.item for _, h in order.ready("a", {"p": 1})] == [2, 3, 4]
+    assert order.held("a") == 0
+    for n, size in ((3, 3), (4, 4), (5, 5)):
+        order.offer("b", {}, "p", {"p": n}, n, size, now=0.0)
+    assert [h.item for v, h in order.ready("b", {"p": 2}) if v == DELIVER] == [3, 4, 5]
+    order.offer("c", {}, "p", {"p": 3}, "c3", 3, now=0.0)
+    order.offer("c", {}, "p", {"p": 4}, "c4", 4, now=0.0)
+    order.offer("c", {}, "q", {"q": 9}, "q9", 5, now=0.0)
+    assert [h.item for _, h in order.ready("c", {"p": 2, "q": 0})] == ["c3", "c4"]
+    assert order.held("c") == 1
+    assert order.offer("c", {}, "p", {"p": 6}, "c6", 1, now=0.0) == HELD  # room again
+    assert sorted(h.item for h in order.drop_agent("c")) == ["c6", "q9"]
+    assert (order.items, order.nbytes) == (0, 0)
+
+
+def test_a_stale_deadline_of_a_sender_with_nothing_held_is_skipped():
+    """Once every message of one sender was delivered, its old deadlines are skipped
+    while another sender's messages for the same agent still expire."""
+    order = CausalOrder(timeout_s=1.0)
+    order.offer("a", {}, "p", {"p": 2}, "p2", 1, now=0.0)
+    order.offer("a", {}, "q", {"q": 2}, "q2", 1, now=0.0)
+    assert [h.item for _, h in order.ready("a", {"p": 1})] == ["p2"]
+    assert [h.item for h in order.tick(1.0)] == ["q2"]

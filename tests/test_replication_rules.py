@@ -218,6 +218,20 @@ def test_a_timed_out_write_leaves_no_wait_on_its_record():
     assert m.stats["write_timeouts"] == 1
 
 
+def test_a_burst_of_write_timeouts_on_one_agent_is_answered_in_one_tick():
+    """200,000 writes of one agent time out together: each is answered once and the
+    record is left with none.  (The record's waits were filtered again for every
+    wait that expired: quadratic, minutes for this many; the test's timeout is the
+    bound, about a second is enough.)"""
+    m, agent, rec = owned(waits_max=200_000)
+    write(m, agent, 1)  # its replicas have not acked this one
+    for n in range(200_000):
+        m.wrote(agent, {}, ALL, n, 0.0)
+    expired = [e for e in m.tick(2.0) if isinstance(e, WriteDone)]
+    assert expired == [WriteDone(n, False, 0, 2) for n in range(200_000)]
+    assert rec.waits is None and m.waits_now == 0
+
+
 def test_waits_answered_early_are_skipped_when_later_ones_expire():
     """A wait released by its acks stays in the deadline queue; expiring it is skipped
     and the waits behind it still time out (the queue is walked on, not stopped)."""
@@ -1079,6 +1093,7 @@ def test_primary_starts_a_new_epoch_once_and_sends_state_only_when_there_is_some
     agent = agent_where(lambda reps: reps[0] == "a")
     rec = m.primary(agent, BEHAVIOR, 0.0)
     assert (rec.epoch, rec.seq, rec.src, rec.primary, rec.fresh) == (41, 0, "a", True, True)
+    assert rec.push_to is None  # nothing of ours to hand on
     assert rec.acked == {r: -1 for r in m.replicas(agent)[1:]} and m.lagging == 0
     assert m.primary(agent, "other", 0.0) is rec and rec.epoch == 41 and rec.behavior == BEHAVIOR
     held = agent_where(lambda reps: reps[0] == "a", besides=agent)
