@@ -363,6 +363,7 @@ def test_holds_fill_the_byte_bound_exactly():
     assert isinstance(new.hold(AGENT, "r3", 1, 0.0), Refusal)
     new.receive("old", {"v": 1, "kind": "none", "agent": AGENT}, 0.1)
     assert new.held_now == 0
+    assert isinstance(new.hold("kv/b", "r4", 101, 0.1), Refusal)
     assert new.hold("kv/b", "r4", 100, 0.1) != [] and new.held_now == 1
 
 
@@ -542,6 +543,80 @@ def test_previous_ring_of_a_node_that_was_serving_or_not():
     assert sorted(previous_ring(HashRing(("x",)), frozenset("abd"), "d", False).nodes) == [
         "a", "b"]
     assert previous_ring(old, frozenset("c"), "c", False).nodes == old.nodes
+    assert previous_ring(HashRing(("x",)), frozenset("ab"), "b", False).nodes == ("a",)
+
+
+def test_wants_stop_at_want_sends_max_even_when_the_last_is_due_before_the_deadline():
+    """With a timeout whose quarter does not add up exactly, a fifth want would fall
+    just before the wait's deadline: it is not sent."""
+    new = new_owner(timeout_s=0.09)
+    effects = new.hold(AGENT, "r1", 1, 0.1)
+    while (now := new.next_deadline()) is not None and now < 0.19:
+        effects += new.tick(now)
+    assert kinds(effects) == ["want"] * WANT_SENDS_MAX
+
+
+def test_expecting_asks_the_previous_owner_of_that_very_agent():
+    new = machine("new")
+    new.members_changed(["old", "other", "new"])
+    new.ring_changed(lambda agent_id: "other" if agent_id == "kv/b" else "old", 0.0)
+    assert (new.expecting("kv/a", 0.0), new.expecting("kv/b", 0.0)) == ("old", "other")
+    assert [e.to for e in new.hold("kv/b", "r", 1, 0.0)] == ["other"]
+
+
+def test_reroutes_count_across_ring_changes():
+    new = new_owner()
+    for n, agent in enumerate(("kv/a", "kv/b")):
+        new.hold(agent, "r", 1, float(n))
+        new.ring_changed(lambda agent_id: "old", float(n), owner=lambda agent_id: "x")
+    assert new.rerouted == 2
+
+
+def test_an_install_remembered_again_moves_behind_the_later_ones():
+    """Installs are forgotten in expiry order; one installed again expires from its
+    new install, so earlier ones behind it are still forgotten on time."""
+    new = machine("new", window_s=0.0, attempts_max=1)  # remembered 2 * T
+    new.receive("old", {**GOOD_STATE, "agent": "kv/a", "seq": 1}, 0.0)
+    new.receive("old", {**GOOD_STATE, "agent": "kv/b", "seq": 2}, 1.0)
+    new.receive("old", {**GOOD_STATE, "agent": "kv/a", "seq": 3}, 2.0)
+    new.tick(1.0 + 2 * T)
+    assert isinstance(new.receive("old", {**GOOD_STATE, "agent": "kv/b", "seq": 2},
+                                  1.0 + 2 * T)[0], Install)
+    assert kinds(new.receive("old", {**GOOD_STATE, "agent": "kv/a", "seq": 3},
+                             1.0 + 2 * T)) == ["ack"]
+    assert new.installed == 4
+
+
+def test_none_answers_in_version_1():
+    assert machine("old").none(AGENT, "new") == [
+        Send("new", HANDOFF, {"v": 1, "kind": "none", "agent": AGENT})]
+
+
+def test_every_resend_ack_and_timeout_counts_once():
+    """resent counts each repeated want answered, acked each ack, timed_out each wait
+    that ended without a state."""
+    old = machine("old")
+    (state,) = old.send_state(AGENT, "new", "kv", None, [], 0.0)
+    old.send_state("kv/b", "new", "kv", None, [], 0.0)
+    for _ in range(2):
+        old.receive("new", {"v": 1, "kind": "want", "agent": AGENT}, 0.1)
+    assert old.resent == 2
+    for agent, seq in ((AGENT, 1), ("kv/b", 2)):
+        old.receive("new", {"v": 1, "kind": "ack", "agent": agent, "seq": seq}, 0.2)
+    assert old.acked == 2
+    new = new_owner()
+    new.hold("kv/a", "r1", 1, 0.0)
+    new.hold("kv/b", "r2", 1, 0.0)
+    new.tick(T)
+    assert new.timed_out == 2
+
+
+def test_states_given_back_in_one_tick_do_not_stop_the_others():
+    """Several states past their last send are all given back in the same tick."""
+    old = machine("old", attempts_max=1)
+    old.send_state("kv/a", "new", "kv", b"a", [], 0.0)
+    old.send_state("kv/b", "new", "kv", b"b", [], 0.0)
+    assert old.tick(T) == [Install("kv/a", "kv", b"a", (), ()), Install("kv/b", "kv", b"b", (), ())]
 
 
 # ------------------------------------------------------------------ the property

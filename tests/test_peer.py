@@ -507,6 +507,7 @@ def test_is_peer():
         assert peer.is_peer(frames)
     assert peer.is_peer([b"SYNP1", b"GOSSIP", b"{}"])  # another version: decode counts it
     assert not peer.is_peer([MAGIC])
+    assert peer.is_peer([MAGIC, b"RPL"])  # two frames: peer traffic (decode refuses it)
     assert not peer.is_peer([])
     envelope = msgpack.packb({"v": 1, "id": "1", "type": "get", "subject": "a", "mode": "call"})
     assert not peer.is_peer([envelope])             # a DEALER client
@@ -645,6 +646,19 @@ def test_local_errors_name_what_the_protocol_cannot_carry(call, text):
     assert str(info.value) == text
 
 
+@pytest.mark.parametrize("encode", [
+    lambda sender: peer.reply(sender, TOKEN, b""),
+    lambda sender: peer.gossip(sender, {}),
+    lambda sender: peer.handoff(sender, {}),
+    lambda sender: peer.replicate(sender, {}),
+    lambda sender: peer.status_query(sender, "1"),
+    lambda sender: peer.status_answer(sender, "1", {}),
+])
+def test_every_encoder_names_a_bad_sender(encode):
+    with pytest.raises(ValueError, match=r"^sender must be a str, got bytes$"):
+        encode(b"node-a")
+
+
 def test_the_largest_bodies_and_frames_are_taken():
     """Bounds are inclusive: a handoff body of exactly HANDOFF_BODY_BYTES_MAX, a
     gossip body of exactly BODY_BYTES_MAX, a 255-byte node id, hops 16, 32-byte
@@ -677,9 +691,32 @@ def test_the_checksum_is_crc32_of_the_lengths_then_the_frames():
         assert peer.checksum(frames) == struct.pack(">I", zlib.crc32(data))
 
 
-def test_fast_constructors_are_named_for_their_class():
-    assert peer._forwarded.__name__ == "fast_Forwarded"
-    assert peer._replied.__name__ == "fast_Replied"
+def test_a_fast_constructor_builds_ordinary_frozen_slotted_events():
+    """_fast_constructor(cls) builds instances of ``cls`` itself (equal, frozen, no
+    __dict__), through an unfrozen twin with the same slots; named for profiles."""
+    build = peer._fast_constructor(Replied)
+    event = build("a", TOKEN, b"r")
+    assert type(event) is Replied and event == Replied("a", TOKEN, b"r")
+    assert not hasattr(event, "__dict__") and build.__name__ == "fast_Replied"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.sender = "b"
+
+
+def test_replication_frames_round_trip_and_are_checked():
+    """REPL: a replication message from an uncached sender decodes to Replicated; a
+    bad sender or body is refused with its reason."""
+    frames = peer.replicate("repl-sender-1", {"k": "w", "a": "x"})
+    assert frames[1] == b"REPL" and len(frames) == 5
+    assert peer.decode(frames) == peer.Replicated("repl-sender-1", {"k": "w", "a": "x"})
+    peer._id_text.clear()
+    assert peer.decode(frames).sender == "repl-sender-1"
+    bad_sender = peer.seal([MAGIC, b"REPL", b"\xff", frames[3]])
+    assert text_of(bad_sender) == "bad_sender: node id is not UTF-8"
+    assert reason(peer.seal([MAGIC, b"REPL", b"x", b"\xc1"])) == "bad_body"
+    peer._id_bytes.clear()
+    with pytest.raises(ValueError, match=r"^sender must be a str, got bytes$"):
+        peer.replicate(b"x", {})
+    assert peer.decode(peer.replicate("repl-sender-2", {})).sender == "repl-sender-2"
 
 
 # ------------------------------------------------------------------ the spec
