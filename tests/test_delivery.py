@@ -410,8 +410,10 @@ def test_the_eviction_heap_is_rebuilt_when_stale_items_pile_up():
     to the live entries (and the window still evicts the right ones)."""
     with ids_max(4):
         ids = AppliedIds()
-        for ts in range(1, 10):
+        for ts in range(1, 9):
             ids.add("same", None, ts)
+        assert len(ids._heap) == 8  # 2 * 4 items: not past the bound yet
+        ids.add("same", None, 9)
         assert ids._heap == [(9, "same")]  # the ninth item passed 2 * 4: rebuilt
         assert ids.get("same").ts == 9
         for n, msg_id in enumerate("abcd"):
@@ -486,6 +488,20 @@ def test_backoff_ceiling_doubles_from_base_to_max_and_defaults():
     assert tiny.next_delay(0.0) == 1e-12 * (1 << 31)
     assert tiny.next_delay(0.0) == 1.0 and tiny.attempt == 33  # from attempt 32: max_s
     assert Backoff(deadline_s=100.0, rng=Top(), base_s=1.0, max_s=8.0).next_delay(99.5) == 0.5
+
+
+def test_a_reply_added_for_the_same_time_replaces_the_entry_in_place():
+    """The same id at the same ts with a reply beats the one without; its place in
+    the eviction order does not change (no second heap item)."""
+    ids = AppliedIds()
+    ids.add("a", None, 5)
+    ids.add("a", b"r", 5)
+    assert ids.get("a") == AppliedId(5, "a", b"r") and ids._heap == [(5, "a")]
+
+
+def test_expire_refuses_a_time_that_is_not_an_int():
+    with pytest.raises(CrdtError, match=r"^before_ts must be an integer 0\.\.2\*\*64-1$"):
+        AppliedIds().expire("1")
 
 
 def test_value_maps_each_id_to_its_entry():

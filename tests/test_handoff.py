@@ -587,6 +587,39 @@ def test_an_install_remembered_again_moves_behind_the_later_ones():
     assert new.installed == 4
 
 
+def test_the_defaults_the_node_relies_on():
+    """Seqs count from 1 (seq_start 0) and up to 10,000 requests are held."""
+    old = machine("old")
+    (state,) = old.send_state(AGENT, "new", "kv", None, ["g"], 0.0)
+    assert state.message == {"v": 1, "kind": "state", "agent": AGENT, "seq": 1,
+                             "behavior": "kv", "state": None, "groups": ["g"]}
+    new = new_owner()
+    for n in range(10_000):
+        new.hold(f"kv/{n}", n, 0, 0.0)
+    assert isinstance(new.hold("kv/x", "over", 0, 0.0), Refusal)
+
+
+def test_a_ring_change_before_any_membership_expects_nobody():
+    """No members known yet: no previous owner is a member to ask."""
+    new = machine("new")
+    new.ring_changed(lambda agent_id: "old", 0.0)
+    assert new.expecting(AGENT, 0.0) is None
+
+
+def test_states_kept_are_bounded_in_count_and_in_their_sum_of_bytes():
+    """kept_max states at once; kept_bytes_max bytes of every kept state together."""
+    old = machine("old", kept_max=2)
+    old.send_state("kv/a", "new", "kv", None, [], 0.0)
+    old.send_state("kv/b", "new", "kv", None, [], 0.0)
+    assert old.send_state("kv/c", "new", "kv", None, [], 0.0) == [
+        Install("kv/c", "kv", None, (), ())]
+    sized = machine("old", kept_bytes_max=10)
+    sized.send_state("kv/a", "new", "kv", b"x" * 6, [], 0.0)
+    sized.send_state("kv/b", "new", "kv", b"y" * 4, [], 0.0)
+    assert sized.send_state("kv/c", "new", "kv", b"z", [], 0.0) == [
+        Install("kv/c", "kv", b"z", (), ())]
+
+
 def test_none_answers_in_version_1():
     assert machine("old").none(AGENT, "new") == [
         Send("new", HANDOFF, {"v": 1, "kind": "none", "agent": AGENT})]

@@ -635,6 +635,7 @@ def test_each_refusal_reads_reason_colon_detail(make, text):
      "replicate body cannot be packed: can not serialize 'object' object"),
     (lambda: peer.status_query("a", ""), "a status token is 1..32 ASCII characters"),
     (lambda: peer.status_answer("a", "1", [1]), "a status is a map"),
+    (lambda: peer.status_answer("a", "", {}), "a status token is 1..32 ASCII characters"),
     (lambda: peer.encode(STATUS_ANSWER, "a", "1"),
      "a status_answer message is {'token': str, 'status': map}"),
     (lambda: peer.encode("nochannel", "a", {}), "no peer frame for channel 'nochannel'"),
