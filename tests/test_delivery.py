@@ -389,6 +389,7 @@ def test_the_largest_ids_times_and_windows_are_taken():
     wire = [0, [[i, f"m{i:04}", None] for i in range(delivery.IDS_MAX)]]
     assert len(AppliedIds.from_wire(wire)) == delivery.IDS_MAX
     assert AppliedIds.from_wire([top, [[top, "a", b"r" * delivery.REPLY_KEEP_MAX]]]).floor == top
+    assert AppliedIds.from_wire([0, [[1, "x" * 128, None]]]).get("x" * 128).ts == 1
 
 
 def test_a_replaced_entry_keeps_the_eviction_order_right():

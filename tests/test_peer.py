@@ -586,6 +586,11 @@ def text_of(frames: list) -> str:
     (lambda: [b"SYNP2", b"RPL"], "bad_version: peer protocol b'SYNP2', this node speaks b'SYNP3'"),
     (lambda: [MAGIC, b"RPL"], "bad_shape: 2 frames: no op or no sender"),
     (lambda: [MAGIC, b"NOP", b"x"], "unknown_op: op b'NOP'"),
+    (lambda: [MAGIC, b"O" * 20, b"x"], "unknown_op: op b'OOOOOOOOOOOOOOOO'"),
+    (lambda: [b"SYNP" + b"9" * 20, b"RPL"],
+     "bad_version: peer protocol b'SYNP999999999999', this node speaks b'SYNP3'"),
+    (lambda: replaced("GOSSIP", 3, msgpack.packb({1: 2})),
+     "bad_body: not a msgpack document: int is not allowed for map key when strict_map_key=True"),
     (lambda: valid_frames()["RPL"][:-1], "bad_shape: RPL takes 6 frames, got 5"),
     (lambda: [*valid_frames()["RPL"][:-1], b"\x00\x00\x00\x00"],
      "bad_checksum: the frames do not match their checksum (corrupted on the way)"),
@@ -616,6 +621,9 @@ def test_each_refusal_reads_reason_colon_detail(make, text):
     """The text of a PeerProtocolError is "reason: detail"; the detail names what
     was wrong (logs read it)."""
     assert text_of(make()) == text
+    with pytest.raises(PeerProtocolError) as info:
+        peer.decode(make())
+    assert info.value.detail == text.split(": ", 1)[1]
 
 
 @pytest.mark.parametrize("call, text", [
@@ -636,6 +644,8 @@ def test_each_refusal_reads_reason_colon_detail(make, text):
     (lambda: peer.status_query("a", ""), "a status token is 1..32 ASCII characters"),
     (lambda: peer.status_answer("a", "1", [1]), "a status is a map"),
     (lambda: peer.status_answer("a", "", {}), "a status token is 1..32 ASCII characters"),
+    (lambda: peer.status_answer("a", "1", {"x": object()}),
+     "status answer body cannot be packed: can not serialize 'object' object"),
     (lambda: peer.encode(STATUS_ANSWER, "a", "1"),
      "a status_answer message is {'token': str, 'status': map}"),
     (lambda: peer.encode("nochannel", "a", {}), "no peer frame for channel 'nochannel'"),
@@ -678,6 +688,14 @@ def test_the_largest_bodies_and_frames_are_taken():
     assert peer.decode(peer.gossip("a", full)).message == full
     over = msgpack.packb({"l": [None] * (peer.CONTAINER_LEN_MAX + 1)})
     assert reason(replaced("GOSSIP", 3, over)) == "bad_body"
+
+
+def test_a_lengths_packer_takes_one_frame_and_up():
+    """Packers are built for any frame count of one or more (8 bytes per length)."""
+    import struct
+
+    assert peer._lengths_packer(1)(5) == struct.pack(">Q", 5)
+    assert peer._lengths_packer(9)(*range(9)) == struct.pack(">9Q", *range(9))
 
 
 def test_the_checksum_is_crc32_of_the_lengths_then_the_frames():
