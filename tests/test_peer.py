@@ -564,6 +564,28 @@ def test_id_caches_are_bounded():
     assert len(peer._id_text) <= peer.ID_CACHE_MAX
 
 
+def test_id_caches_hold_up_to_id_cache_max_then_start_again():
+    """Each cache keeps ID_CACHE_MAX ids (id -> frame, frame -> id); the next one
+    starts it again."""
+    peer._id_bytes.clear()
+    peer._id_text.clear()
+    for k in range(peer.ID_CACHE_MAX):
+        peer.decode(peer.reply(f"cache-{k}", TOKEN, b""))
+    assert len(peer._id_bytes) == len(peer._id_text) == peer.ID_CACHE_MAX
+    assert peer._id_bytes["cache-7"] == b"cache-7" and peer._id_text[b"cache-7"] == "cache-7"
+    peer.decode(peer.reply("one-more", TOKEN, b""))
+    assert peer._id_bytes == {"one-more": b"one-more"}
+    assert peer._id_text == {b"one-more": "one-more"}
+
+
+def test_maps_in_a_body_are_bounded_like_arrays():
+    """A map of CONTAINER_LEN_MAX entries is taken, one more is refused."""
+    full = {f"k{i}": None for i in range(peer.CONTAINER_LEN_MAX)}
+    assert len(peer.decode(peer.gossip("a", full)).message) == peer.CONTAINER_LEN_MAX
+    over = msgpack.packb({f"k{i}": None for i in range(peer.CONTAINER_LEN_MAX + 1)})
+    assert reason(replaced("GOSSIP", 3, over)) == "bad_body"
+
+
 def test_cached_ids_are_still_checked():
     """A cached id frame decodes from the cache; an invalid one never enters it."""
     peer.decode(peer.reply("node-a", TOKEN, b""))
@@ -644,6 +666,8 @@ def test_each_refusal_reads_reason_colon_detail(make, text):
     (lambda: peer.status_query("a", ""), "a status token is 1..32 ASCII characters"),
     (lambda: peer.status_answer("a", "1", [1]), "a status is a map"),
     (lambda: peer.status_answer("a", "", {}), "a status token is 1..32 ASCII characters"),
+    (lambda: peer.handoff("a", {"x": object()}),
+     "handoff body cannot be packed: can not serialize 'object' object"),
     (lambda: peer.status_answer("a", "1", {"x": object()}),
      "status answer body cannot be packed: can not serialize 'object' object"),
     (lambda: peer.encode(STATUS_ANSWER, "a", "1"),
