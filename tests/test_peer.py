@@ -586,6 +586,14 @@ def test_maps_in_a_body_are_bounded_like_arrays():
     assert reason(replaced("GOSSIP", 3, over)) == "bad_body"
 
 
+@pytest.mark.parametrize("op", [b"GOSSIP", b"HANDOFF", b"REPL", b"STATR"])
+def test_the_sender_is_checked_first_even_when_the_body_is_a_known_id(op):
+    """Only the sender frame is looked up among cached ids: a bad sender is refused
+    as bad_sender whatever the body frame holds."""
+    peer.decode(peer.reply("node-a", TOKEN, b""))  # b"node-a" is a cached id frame
+    assert reason(peer.seal([MAGIC, op, b"\xff", b"node-a"])) == "bad_sender"
+
+
 def test_cached_ids_are_still_checked():
     """A cached id frame decodes from the cache; an invalid one never enters it."""
     peer.decode(peer.reply("node-a", TOKEN, b""))
