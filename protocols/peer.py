@@ -467,7 +467,9 @@ def _decode_statr(frames: list[bytes]) -> StatusAnswered:
                                              f"{STATUS_TOKEN_BYTES_MAX} ASCII characters")
     if type(body.get("status")) is not dict:
         raise PeerProtocolError("bad_body", "a status answer's 'status' is a map")
-    return StatusAnswered(sender, body)
+    # Only the two keys the protocol names: other keys (a later version's) are dropped,
+    # so what a node passes on is what it would send itself.
+    return StatusAnswered(sender, {"token": body["token"], "status": body["status"]})
 
 
 # op -> (number of frames, checksum included; decoder).  A frame list matching no row
