@@ -409,10 +409,11 @@ class Replication:
         """A handoff brought the agent's state from its previous owner: merge it into
         our record (a join with whatever copy we held) and own it."""
         rec = self.records.get(agent_id)
-        if rec is None:
+        created = rec is None
+        if created:
             rec = self.records[agent_id] = Record(behavior)
         if fields:
-            self._merge(rec, decode_fields(fields))
+            self._merge_copy(agent_id, rec, lambda: decode_fields(fields), created)
         return self.primary(agent_id, behavior, now)
 
     def wrote(self, agent_id: str, deltas: dict, consistency: str, handle: Any,
@@ -503,12 +504,13 @@ class Replication:
     def _on_delta(self, sender: str, agent_id: str, m: dict, now: float) -> list:
         epoch, seq, behavior = _u64(m, "e"), _u64(m, "s"), _behavior(m)
         rec = self.records.get(agent_id)
+        created = False
         if seq == 1 and m.get("z") is True and (rec is None or not rec.primary) and (
                 rec is None or rec.src != sender or rec.epoch != epoch):
             # The first delta of a stream that began empty needs no full state first
             # (a new agent's first write reaches its replicas in one message).
             if rec is None:
-                rec = self._new_copy(agent_id, behavior)
+                rec, created = self._new_copy(agent_id, behavior), True
             rec.src, rec.epoch, rec.seq = sender, epoch, 0
         if rec is None or rec.primary or rec.src != sender or rec.epoch != epoch:
             return [self._need(sender, agent_id, epoch)]
@@ -516,16 +518,14 @@ class Replication:
             return [self._ack(sender, agent_id, epoch, rec.seq)]  # a duplicate
         if seq != rec.seq + 1:
             return [self._need(sender, agent_id, epoch)]
-        self._merge(rec, _fields(m))
+        self._merge_copy(agent_id, rec, lambda: _fields(m), created)
         rec.seq, rec.behavior = seq, behavior
         self.stats["deltas_applied"] += 1
         return [self._ack(sender, agent_id, epoch, seq), *self._kept(agent_id, rec, m["f"])]
 
     def _on_full(self, sender: str, agent_id: str, m: dict, now: float) -> list:
         epoch, seq, behavior = _u64(m, "e"), _u64(m, "s"), _behavior(m)
-        fields = _fields(m)
-        rec = self.records.get(agent_id) or self._new_copy(agent_id, behavior)
-        self._merge(rec, fields)
+        rec = self._copy_in(agent_id, behavior, _fields(m))
         self.stats["fulls_applied"] += 1
         if not rec.primary:
             same = rec.src == sender and rec.epoch == epoch
@@ -584,9 +584,7 @@ class Replication:
         return [self._full(sender, agent_id, rec)]
 
     def _on_push(self, sender: str, agent_id: str, m: dict, now: float) -> list:
-        behavior, fields = _behavior(m), _fields(m)
-        rec = self.records.get(agent_id) or self._new_copy(agent_id, behavior)
-        self._merge(rec, fields)
+        rec = self._copy_in(agent_id, _behavior(m), _fields(m))
         if rec.primary:
             # A copy of an agent we run: what it adds must reach our replicas too.
             rec.acked = {r: -1 for r in rec.acked or ()}
@@ -623,9 +621,7 @@ class Replication:
         if gather is None or sender not in gather.asked:
             return []
         if m.get("b") is not None:
-            behavior, fields = _behavior(m), _fields(m)
-            rec = self.records.get(agent_id) or self._new_copy(agent_id, behavior)
-            self._merge(rec, fields)
+            rec = self._copy_in(agent_id, _behavior(m), _fields(m))
             kept = self._kept(agent_id, rec, m["f"])
         else:
             kept = []
@@ -644,6 +640,26 @@ class Replication:
                                    "agent records")
         rec = self.records[agent_id] = Record(behavior)
         return rec
+
+    def _copy_in(self, agent_id: str, behavior: str, fields: dict) -> Record:
+        """Join a copy a peer sent into our record of the agent (made if new)."""
+        rec = self.records.get(agent_id)
+        created = rec is None
+        if created:
+            rec = self._new_copy(agent_id, behavior)
+        self._merge_copy(agent_id, rec, lambda: fields, created)
+        return rec
+
+    def _merge_copy(self, agent_id: str, rec: Record, fields: Callable[[], dict],
+                    created: bool) -> None:
+        """``_merge`` the copy ``fields()`` reads; a refused copy leaves no record it
+        created behind (an empty record would stay until ``records_max``)."""
+        try:
+            self._merge(rec, fields())
+        except (ReplicationError, CrdtError):
+            if created:
+                del self.records[agent_id]
+            raise
 
     def _merge(self, rec: Record, fields: dict) -> None:
         """Join a copy into a record; fields new to an owned record are stamped with

@@ -16,7 +16,8 @@ import msgpack
 import pytest
 
 from core_cy import HashRing, replica_id
-from protocols.crdt import GCounter, PNCounter, decode_fields, encode_fields, take_deltas
+from protocols.crdt import (CrdtError, PNCounter, decode_fields, encode_fields,
+                            take_deltas)
 from protocols.effects import (REPLICATE, Activate, Forget, Persist, Restore, Send,
                                WriteDone)
 from protocols.replication import (ALL, BATCH_BYTES_MAX, BATCH_MAX, GEN_FIELD,
@@ -1254,3 +1255,22 @@ def test_fields_of_an_owned_record_are_stamped_with_our_replica_and_clock():
     extra = encode_fields({"m": PNCounter().bind(9)})
     m.receive("b", push(agent, extra), 0.0)
     assert (rec.fields["m"].replica, rec.fields["m"].clock) == (m.replica, m.clock)
+
+
+def test_a_refused_copy_leaves_no_record_behind():
+    """A copy whose merge is refused (here a "_gen" field of the wrong type) must not
+    leave an empty record: nothing would ever pass it on or drop it."""
+    bad = encode_fields({GEN_FIELD: PNCounter().bind(1)})
+    m = machine("abc")
+    for message in (full("f", 1, 1, bad), push("p", bad), delta("d", 1, 1, bad, z=True)):
+        with pytest.raises(ReplicationError, match=r"^bad_state: '_gen' is a GCounter"):
+            m.receive("b", message, 0.0)
+    with pytest.raises(ReplicationError, match=r"^bad_state: '_gen' is a GCounter"):
+        m.adopt("a1", BEHAVIOR, bad, 0.0)
+    with pytest.raises(CrdtError):  # not a state at all: refused before any merge
+        m.adopt("a2", BEHAVIOR, {"n": ["nosuchtype", []]}, 0.0)
+    assert m.records == {}
+    m.receive("b", full("f", 1, 1, {}), 0.0)  # a good copy of the same agent is taken
+    with pytest.raises(ReplicationError):
+        m.receive("b", full("f", 1, 2, bad), 0.0)
+    assert "f" in m.records  # a refused copy never drops a record that was there
