@@ -82,6 +82,7 @@ CONSISTENCIES = frozenset((LOCAL, QUORUM, ALL))
 KINDS = frozenset(("d", "f", "a", "n", "p", "pa", "w", "h", "b"))
 BATCH_MAX = 1024          # messages in one batch
 BATCH_BYTES_MAX = 1 << 20  # packed bytes of a batch's messages (one larger goes alone)
+RECORDS_MAX = 3_000_000   # agent records by default (the node passes agents_max x replicas)
 
 
 class ReplicationError(ValueError):
@@ -155,7 +156,7 @@ class Replication:
                  held_max: int = 10_000, held_bytes_max: int = 64 << 20,
                  waits_max: int = 100_000, epoch_start: int = 0,
                  observe_lag: Callable[[float], None] | None = None, persist: bool = False,
-                 records_max: int = 3_000_000):
+                 records_max: int = RECORDS_MAX):
         if n < 1 or not write_timeout_s > 0 or not gather_timeout_s > 0 or not resend_s > 0:
             raise ValueError("n >= 1 and positive timeouts")
         if not failover_rate > 0:

@@ -20,7 +20,7 @@ from protocols.crdt import (CrdtError, PNCounter, decode_fields, encode_fields,
                             take_deltas)
 from protocols.effects import (REPLICATE, Activate, Forget, Persist, Restore, Send,
                                WriteDone)
-from protocols.replication import (ALL, BATCH_BYTES_MAX, BATCH_MAX, GEN_FIELD,
+from protocols.replication import (ALL, BATCH_BYTES_MAX, BATCH_MAX, GEN_FIELD, RECORDS_MAX,
                                    GENERATIONS_MAX, LOCAL, QUORUM, RESEND_MAX_S,
                                    RESTART_JUMP, Replication, ReplicationError, batch)
 from protocols.routing import Refusal
@@ -203,6 +203,7 @@ def test_the_defaults_the_node_relies_on():
     queued_at = Replication("a", 1, lambda: 0)
     queued_at._activate.append("x")
     assert queued_at.next_deadline() == 1 / 1000
+    assert queued_at._records_max == RECORDS_MAX == 3_000_000
 
 
 # ---------------------------------------------------------------------- writes
