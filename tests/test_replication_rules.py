@@ -1275,3 +1275,13 @@ def test_a_refused_copy_leaves_no_record_behind():
     with pytest.raises(ReplicationError):
         m.receive("b", full("f", 1, 2, bad), 0.0)
     assert "f" in m.records  # a refused copy never drops a record that was there
+
+
+def test_a_refused_delta_keeps_the_copy_it_was_meant_for():
+    """The record was there before the bad delta: it stays, at the seq it had."""
+    bad = encode_fields({GEN_FIELD: PNCounter().bind(1)})
+    m = machine("abc")
+    m.receive("b", full("d", 1, 1, {}), 0.0)
+    with pytest.raises(ReplicationError, match=r"^bad_state: '_gen' is a GCounter"):
+        m.receive("b", delta("d", 1, 2, bad), 0.0)
+    assert m.records["d"].seq == 1
