@@ -709,6 +709,7 @@ def test_ormap_state_equality_sees_the_values():
     ([[[1, 2, "k", "lwwm", []]], [[1, 1]], []], r"^ORMap dot outside its causal context$"),
     ([[[1, 1, "k", "nope", []]], [[1, 1]], []], r"^unknown CRDT tag 'nope'$"),
     ([[[1, 1, "k", 5, []]], [[1, 1]], []], r"^unknown CRDT tag 5$"),
+    ([[[1, 1, "k", ["pn"], []]], [[1, 1]], []], r"^unknown CRDT tag \['pn'\]$"),  # unhashable
     ([[[1, 1, 5, "lwwm", []]], [[1, 1]], []], r"^map keys are str of at most 1024 chars, got 5$"),
 ])
 def test_ormap_wire_errors_are_exact(data, message):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar
 
-__all__ = ["Crdt", "CrdtError", "TYPES", "U64_MAX", "ELEMENTS_MAX"]
+__all__ = ["Crdt", "CrdtError", "TYPES", "U64_MAX", "ELEMENTS_MAX", "utf8"]
 
 U64_MAX = (1 << 64) - 1
 #: Entries one decoded CRDT may hold (elements, keys, dots, replicas): a peer's message
@@ -37,6 +37,16 @@ TYPES: dict[str, type["Crdt"]] = {}
 class CrdtError(ValueError):
     """A state or delta that breaks its type's shape or bounds (from a peer, or a
     merge of two different types)."""
+
+
+def utf8(s: str, what: str) -> bytes:
+    """``s`` as UTF-8, or CrdtError naming ``what``.  A str with lone surrogates (JSON's
+    ``"\\ud800"`` decodes to one) cannot be packed by msgpack: a state holding one
+    could never be sent, so such strings are refused where they enter a state."""
+    try:
+        return s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CrdtError(f"{what}: not encodable as UTF-8") from None
 
 
 def _no_clock() -> int:

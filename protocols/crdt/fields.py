@@ -11,7 +11,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any, Callable
 
-from .base import TYPES, Crdt, CrdtError
+from .base import TYPES, Crdt, CrdtError, utf8
 from .vclock import bounded_map
 
 __all__ = [
@@ -33,10 +33,7 @@ FIELD_NAME_MAX = 64
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not 1 <= len(name) <= FIELD_NAME_MAX:
         raise CrdtError(f"a field name must be a str of 1..{FIELD_NAME_MAX} chars, got {name!r:.80}")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates: msgpack could not send the state
-        raise CrdtError(f"field name {name!r:.80} is not encodable as UTF-8") from None
+    utf8(name, "a field name")
     return name
 
 

@@ -18,7 +18,7 @@ from bisect import bisect_left
 from typing import Any, Callable
 
 from core_cy import LWWMapState, ORSetState, empty_lwwmap, empty_orset, lwwmap_merge, orset_merge
-from protocols.crdt.base import ELEMENTS_MAX, TYPES, U64_MAX, Crdt, CrdtError
+from protocols.crdt.base import ELEMENTS_MAX, TYPES, U64_MAX, Crdt, CrdtError, utf8
 
 __all__ = [
     "KEY_CHARS_MAX",
@@ -59,18 +59,11 @@ def wire_list(x: Any, what: str, size: int | None = None) -> list | tuple:
     return x
 
 
-def _utf8(s: str, what: str) -> bytes:
-    try:
-        return s.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates: msgpack could not send them
-        raise CrdtError(f"{what}: not encodable as UTF-8") from None
-
-
 def _plain_scalar(x: Any, what: str) -> Any:
     if x is None or isinstance(x, (bool, float, bytes)):
         return x
     if isinstance(x, str):
-        _utf8(x, what)
+        utf8(x, what)
         return x
     if isinstance(x, int):
         if I64_MIN <= x <= U64_MAX:
@@ -102,7 +95,7 @@ def _check_key(key: Any) -> str:
 
 
 def _key_bytes(key: Any) -> bytes:
-    return _utf8(_check_key(key), "map key")
+    return utf8(_check_key(key), "map key")
 
 
 class _Tombstone:

@@ -13,7 +13,7 @@ from typing import Any, Hashable, Iterable
 
 from core_cy import ORSetState, orset_merge
 
-from .base import ELEMENTS_MAX, U64_MAX, Crdt, CrdtError
+from .base import ELEMENTS_MAX, U64_MAX, Crdt, CrdtError, utf8
 from .vclock import EMPTY_Q, Q, read_columns, u64_column
 
 __all__ = ["GSet", "ORSet", "TwoPSet", "check_element", "element_key"]
@@ -23,22 +23,15 @@ I64_MIN = -(1 << 63)
 
 def check_element(e: Any) -> Hashable:
     """``e`` if it may be a set element or map key, else CrdtError."""
-    if isinstance(e, str) and not _utf8_encodable(e):  # lone surrogates: msgpack cannot send them
-        raise CrdtError(f"an element str must be encodable as UTF-8, got {reprlib.repr(e)}")
-    if e is None or isinstance(e, (str, bytes, bool)):
+    if isinstance(e, str):
+        utf8(e, "a set element")
+        return e
+    if e is None or isinstance(e, (bytes, bool)):
         return e
     if type(e) is int and I64_MIN <= e <= U64_MAX:
         return e
     raise CrdtError(f"an element must be str, bytes, int (i64/u64), bool or None, "
                     f"got {reprlib.repr(e)}")
-
-
-def _utf8_encodable(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def element_key(e: Any) -> tuple:
