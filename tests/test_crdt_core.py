@@ -1,5 +1,6 @@
 """Counters, sets, registers and vector clocks of protocols.crdt: lattice laws, deltas,
-wire round trips, hostile wire input, value semantics, counter folding, clock pruning.
+wire round trips, hostile wire input, value semantics, clock pruning.  (Counter
+folding: test_crdt_folding.py.)
 
 The merge loops run in whichever core_cy kernel is active; the law tests repeat each
 check with every kernel bundle patched in (``kernels``), so the twin and the compiled
@@ -371,109 +372,6 @@ def test_counters_refuse_to_pass_u64():
     assert g.value() == U64 and p.value() == -U64
 
 
-# -- counter folding -----------------------------------------------------------------
-OWNER, ZOMBIE, GONE = 0, 1, 2  # replica indexes: the owner folds ZOMBIE's and GONE's rows
-fold_step_st = st.one_of(
-    st.tuples(st.just("inc"), st.integers(0, 2), st.integers(-3, 6)),
-    st.tuples(st.just("sync"), st.integers(0, 2), st.integers(0, 2)),
-    st.tuples(st.just("snap"), st.integers(0, 2), st.just(0)),
-    st.tuples(st.just("fold"), st.just(OWNER), st.just(0)),
-)
-
-
-@settings(max_examples=120, deadline=None)
-@given(st.sampled_from([GCounter, PNCounter]), st.lists(fold_step_st, max_size=25),
-       st.randoms(use_true_random=False))
-def test_fold_then_stale_copies_in_any_order_count_once(cls, steps, rnd):
-    objs = [cls().bind(r) for r in REPLICAS]
-    total, snaps, deltas = 0, [], []
-    for kind, i, n in steps:
-        if kind == "inc":
-            n = abs(n) if cls is GCounter else n
-            deltas.append(objs[i].increment(n))
-            total += n
-        elif kind == "sync":
-            objs[i].merge(objs[n])
-        elif kind == "snap":
-            snaps.append(objs[i].copy())
-        else:
-            deltas.append(objs[OWNER].fold([REPLICAS[ZOMBIE], REPLICAS[GONE]], REPLICAS[OWNER],
-                                           now_ns=1000, ttl_ns=10))
-    copies = snaps + [o.copy() for o in objs] + deltas
-    for order in range(2):
-        rnd.shuffle(copies)
-        assert joined(cls, copies).value() == total
-        owner = objs[OWNER].copy()
-        for c in copies:
-            owner.merge(c)
-        assert owner.value() == total
-    assert owner.expire_folds(1009) == 0
-    owner.expire_folds(1010)  # a zombie's unfolded excess keeps its marker
-    assert owner.value() == total
-    owner.fold([REPLICAS[ZOMBIE], REPLICAS[GONE]], REPLICAS[OWNER], now_ns=2000, ttl_ns=10)
-    owner.expire_folds(2010)  # all folded: every marker goes, the value stands
-    assert owner.value() == total and owner.folds() == {}
-
-
-def test_fold_moves_rows_and_a_zombie_counts_only_its_excess():
-    owner, zombie = GCounter().bind(1), GCounter().bind(2)
-    zombie.increment(5)
-    owner.merge(zombie)
-    stale = zombie.copy()
-    delta = owner.fold([2], into=1, now_ns=100, ttl_ns=50)
-    assert owner.to_wire() == [[1], [5], [[2, 5, 150]]] and owner.value() == 5
-    owner.merge(stale)
-    assert owner.value() == 5 and owner.to_wire()[0] == [1]
-    zombie.increment(3)  # kept writing: its row 8 is 3 above the marker
-    owner.merge(zombie)
-    assert owner.value() == 8
-    zombie.merge(delta)
-    zombie.increment(1)
-    owner.merge(zombie)
-    assert owner.value() == zombie.value() == 9
-    assert owner.expire_folds(10**6) == 0  # the zombie's excess row is not folded yet
-    owner.fold([2], into=1, now_ns=120, ttl_ns=50)
-    assert owner.to_wire() == [[1], [9], [[2, 9, 170]]]
-    zombie.merge(owner)  # its own row is now covered by the marker and dropped ...
-    assert zombie.value() == 9 and zombie.to_wire()[0] == [1]
-    zombie.increment(2)  # ... so it counts on from the folded total, not from 0
-    owner.merge(zombie.take_delta())
-    assert owner.value() == zombie.value() == 11
-
-
-def test_pn_fold_of_both_sides():
-    owner, gone = PNCounter().bind(1), PNCounter().bind(2)
-    gone.increment(4)
-    gone.decrement(9)
-    owner.merge(gone)
-    owner.fold([2], into=1, now_ns=0, ttl_ns=10)
-    owner.merge(gone)
-    assert owner.value() == -5 and owner.to_wire() == [[1], [4], [9], [[2, 4, 9, 10]]]
-
-
-def test_expired_markers_let_a_stale_copy_count_twice():
-    """The documented limit: a copy older than the markers' TTL, merged after they
-    expired, counts the folded rows again."""
-    owner, gone = GCounter().bind(1), GCounter().bind(2)
-    gone.increment(5)
-    owner.merge(gone)
-    owner.fold([2], into=1, now_ns=0, ttl_ns=10)
-    assert owner.expire_folds(9) == 0 and owner.expire_folds(10) == 1
-    owner.merge(gone)  # a copy from before the fold, merged too late
-    assert owner.value() == 10 and owner.folds() == {}
-
-
-def test_fold_refuses_a_retired_or_folded_target():
-    g = GCounter().bind(1)
-    g.increment()
-    with pytest.raises(CrdtError):
-        g.fold([1], into=1, now_ns=0, ttl_ns=1)
-    g.fold([1], into=2, now_ns=0, ttl_ns=1)
-    with pytest.raises(CrdtError):
-        g.fold([3], into=1, now_ns=0, ttl_ns=1)
-    assert g.fold([9], into=2, now_ns=0, ttl_ns=1).value() == 0 and g.take_delta() is not None
-
-
 # -- vector clocks -----------------------------------------------------------------------
 def test_vclock_compare_and_dominates():
     a, b = VClock().bind(1), VClock().bind(2)
@@ -750,123 +648,6 @@ def test_counter_returned_deltas_stay_as_returned():
         assert pending.value() == 3 and c.take_delta().value() == 7
 
 
-def test_counter_copy_is_independent():
-    owner = PNCounter().bind(1, lambda: 5)
-    owner.increment(2)
-    owner.merge(PNCounter.from_wire([[2], [3], [0], []]))
-    owner.fold([2], into=1, now_ns=0, ttl_ns=10)
-    twin = owner.copy()
-    assert twin == owner and twin.replica == 1 and twin.clock is owner.clock
-    assert twin.take_delta() is None
-    owner.increment(10)
-    owner.fold([9], into=1, now_ns=0, ttl_ns=10)
-    owner.expire_folds(100)
-    assert twin.value() == 5 and twin.folds() == {2: (3, 0, 10)}
-    assert GCounter().copy().to_wire() == [[], [], []]
-
-
-@pytest.mark.parametrize("args, message", [
-    (dict(retired=[2], into=-1, now_ns=0, ttl_ns=1), r"^into must be an int in 0\.\.2\*\*64-1, got -1$"),
-    (dict(retired=[2], into=1, now_ns=1.5, ttl_ns=1), r"^now_ns must be an int in 0\.\.2\*\*64-1, got 1\.5$"),
-    (dict(retired=[2], into=1, now_ns=0, ttl_ns=None), r"^ttl_ns must be an int in 0\.\.2\*\*64-1, got None$"),
-    (dict(retired=["2"], into=1, now_ns=0, ttl_ns=1),
-     r"^retired replica must be an int in 0\.\.2\*\*64-1, got '2'$"),
-    (dict(retired=[1], into=1, now_ns=0, ttl_ns=1), r"^cannot fold into replica 1: it is retired or folded$"),
-])
-def test_fold_argument_errors_are_exact(args, message):
-    g = GCounter().bind(1)
-    g.increment()
-    with pytest.raises(CrdtError, match=message):
-        g.fold(**args)
-    assert g.to_wire() == [[1], [1], []]
-
-
-def test_fold_into_a_folded_replica_is_refused_by_name():
-    g = GCounter.from_wire([[1, 2], [1, 1], []])
-    g.fold([2], into=1, now_ns=0, ttl_ns=1)
-    with pytest.raises(CrdtError, match=r"^cannot fold into replica 2: it is retired or folded$"):
-        g.fold([1], into=2, now_ns=0, ttl_ns=1)
-    with pytest.raises(CrdtError, match=r"^now_ns must be an int in 0\.\.2\*\*64-1, got -1$"):
-        g.expire_folds(-1)
-
-
-def test_fold_expiry_caps_at_u64_and_a_refold_keeps_the_later_expiry():
-    g = GCounter.from_wire([[1, 2, 3], [1, 4, 6], []])
-    delta = g.fold([2], into=1, now_ns=U64, ttl_ns=5)
-    assert g.folds() == {2: (4, U64)} and delta.to_wire() == [[1], [5], [[2, 4, U64]]]
-    g = GCounter.from_wire([[1, 2], [1, 4], [[2, 3, 500]]])  # 1 of the 4 is a zombie's excess
-    delta = g.fold([2], into=1, now_ns=0, ttl_ns=100)  # an earlier expiry than the marker's
-    assert g.folds() == {2: (4, 500)} and g.to_wire() == [[1], [2], [[2, 4, 500]]]
-    assert delta.to_wire() == [[1], [2], [[2, 4, 500]]] and g.value() == 2
-    assert g.take_delta().to_wire() == delta.to_wire()
-
-
-def test_fold_of_rows_below_their_marker_gains_nothing():
-    """A stale row under its marker adds 0 (not a negative amount) to the target."""
-    g = GCounter.from_wire([[1, 2, 3], [10, 2, 7], [[2, 5, 99]]])
-    g.fold([2, 3], into=1, now_ns=0, ttl_ns=1)
-    assert g.to_wire() == [[1], [17], [[2, 5, 99], [3, 7, 1]]] and g.value() == 17
-
-
-def test_fold_keeps_a_zombie_row_above_its_marker_and_drops_one_equal_to_it():
-    g = GCounter.from_wire([[1, 2], [1, 5], [[2, 5, 9]]])
-    assert g.to_wire() == [[1], [1], [[2, 5, 9]]] and g.replicas() == [1]
-    h = GCounter.from_wire([[1, 2], [1, 6], [[2, 5, 9]]])
-    assert h.replicas() == [1, 2] and h.value() == 2
-    p = PNCounter.from_wire([[1, 2], [0, 5], [0, 3], [[2, 5, 2, 9]]])  # one side above
-    assert p.replicas() == [1, 2] and p.value() == -1  # its decrements' excess
-
-
-def test_merged_markers_take_the_max_of_each_part():
-    a = PNCounter.from_wire([[], [], [], [[2, 5, 1, 30], [4, 1, 1, 1]]])
-    b = PNCounter.from_wire([[], [], [], [[2, 3, 4, 20], [3, 1, 1, 1]]])
-    a.merge(b)
-    assert a.folds() == {2: (5, 4, 30), 3: (1, 1, 1), 4: (1, 1, 1)}
-    empty = PNCounter()
-    empty.merge(b)
-    assert empty.folds() == b.folds()
-    b.merge(PNCounter())
-    assert b.folds() == {2: (3, 4, 20), 3: (1, 1, 1)}
-
-
-def test_expire_folds_keeps_markers_of_unfolded_rows_and_counts_what_went():
-    g = GCounter.from_wire([[1, 2], [1, 9], [[2, 5, 10], [3, 1, 10], [4, 1, 11]]])
-    assert g.expire_folds(9) == 0 and len(g.folds()) == 3
-    assert g.expire_folds(10) == 1 and sorted(g.folds()) == [2, 4]  # 2 still has a row
-    assert g.expire_folds(11) == 1 and sorted(g.folds()) == [2]
-    assert g.value() == 5  # 1 + the zombie's excess 4
-    assert GCounter().expire_folds(U64) == 0
-    g = GCounter.from_wire([[], [], [[3, 1, 10]]])
-    assert g.expire_folds(10) == 1 and g.folds() == {} and g.to_wire() == [[], [], []]
-
-
-@pytest.mark.parametrize("cls, data, message", [
-    (GCounter, [[1], [1]], r"^GCounter wire form must be a list of 3 items$"),
-    (PNCounter, [[1], [1], []], r"^PNCounter wire form must be a list of 4 items$"),
-    (GCounter, ([], [], []), r"^GCounter wire form must be a list of 3 items$"),
-    (GCounter, [[], [], {}], r"^GCounter fold markers must be a list of at most 1048576 rows$"),
-    (GCounter, [[], [], [[2, 1]]], r"^GCounter fold marker must be a list of 3 ints$"),
-    (GCounter, [[], [], [(2, 1, 1)]], r"^GCounter fold marker must be a list of 3 ints$"),
-    (PNCounter, [[], [], [], [[2, 1, 1]]], r"^PNCounter fold marker must be a list of 4 ints$"),
-    (GCounter, [[], [], [[2, -1, 1]]], r"^GCounter fold marker must be an int in 0\.\.2\*\*64-1, got -1$"),
-    (GCounter, [[], [], [[2, 1, 1], [2, 1, 1]]],
-     r"^GCounter fold markers must be strictly ascending by replica$"),
-    (GCounter, [[1, 1], [1, 1], []], r"^GCounter replica ids must be strictly ascending$"),
-    (GCounter, [[1], [], []], r"^GCounter: columns differ in length$"),
-])
-def test_counter_wire_errors_are_exact(cls, data, message):
-    with pytest.raises(CrdtError, match=message):
-        cls.from_wire(data)
-
-
-def test_counter_fold_markers_of_replica_zero_and_u64_read_back():
-    g = GCounter.from_wire([[0], [3], [[0, 1, 5], [U64, 2, U64]]])
-    assert g.folds() == {0: (1, 5), U64: (2, U64)} and g.value() == 2
-    assert GCounter.from_wire(g.to_wire()) == g
-    with pytest.raises(CrdtError, match=r"fold markers must be a list of at most"):
-        GCounter.from_wire([[], [], [None] * (counters.ELEMENTS_MAX + 1)])
-
-
 # -- sets: exact errors and boundaries ------------------------------------------------------
 I64_MIN = -(2**63)
 
@@ -1070,36 +851,6 @@ def test_copy_bind_eq_and_repr():
     assert g != 2 and GSet() != TwoPSet() and GSet() == GSet()
     with pytest.raises(TypeError):
         hash(g)
-
-
-def test_fold_markers_list_at_its_size_bound_reads_each_row():
-    """Exactly ELEMENTS_MAX marker rows pass the size check (each row is then read)."""
-    with pytest.raises(CrdtError, match=r"^GCounter fold marker must be a list of 3 ints$"):
-        GCounter.from_wire([[], [], [None] * counters.ELEMENTS_MAX])
-
-
-def test_rows_all_covered_by_markers_leave_empty_columns():
-    """A copy whose every row is covered by its fold marker keeps no row at all."""
-    g = GCounter.from_wire([[2], [5], [[2, 5, 9]]])
-    assert g.to_wire() == [[], [], [[2, 5, 9]]] and g.value() == 0 and g.replicas() == []
-    p = PNCounter.from_wire([[2, 3], [5, 1], [1, 0], [[2, 5, 1, 9], [3, 1, 0, 9]]])
-    assert p.to_wire() == [[], [], [], [[2, 5, 1, 9], [3, 1, 0, 9]]] and p.value() == 0
-    p.bind(4).increment(2)
-    assert p.to_wire()[:3] == [[4], [2], [0]]
-
-
-def test_pn_markers_expire_by_their_last_part_and_keep_a_first_row_zombie():
-    """A PN marker is (p, n, expiry): expiry is its last part, not its second; a
-    marker whose replica still has a row (here the first row) stays."""
-    p = PNCounter.from_wire([[2, 5], [9, 1], [0, 0], [[2, 1, 100, 10], [3, 0, 100, 10]]])
-    assert p.expire_folds(10) == 1 and p.folds() == {2: (1, 100, 10)}
-    assert p.expire_folds(99) == 0 and p.value() == 9
-
-
-def test_pn_refold_keeps_the_later_expiry_not_a_count():
-    p = PNCounter.from_wire([[1, 2], [0, 0], [0, 1001], [[2, 0, 1000, 5]]])
-    p.fold([2], into=1, now_ns=0, ttl_ns=10)
-    assert p.folds() == {2: (0, 1001, 10)} and p.value() == -1
 
 
 @pytest.mark.parametrize("left, right", [

@@ -7,20 +7,25 @@ decrements ``n``), so :meth:`merge` is one call of :func:`core_cy.gcounter_merge
 would pass 2**64-1 raises :class:`CrdtError`.
 
 Folding (pruning).  Replica ids are per node generation, so every restart or move of
-an agent's owner adds a row that never changes again.  Only the agent's owner writes
-its state, so the owner may ``fold`` the rows of retired replicas (generations that are
-no longer members) into its own row.  Each fold leaves a *marker*
-``replica -> (counts folded, expiry_ns)``: when a stale copy that still holds the
-retired row is merged later, that row contributes only its excess over the marker (a
-zombie that kept counting after the fold), never the folded part again.  Markers
-max-merge and travel in the wire form and in deltas; :meth:`expire_folds` drops them
-after their expiry (but not while a zombie's excess row is still unfolded).  Two
-limits, both by design of the rule:
+an agent's owner adds a row that never changes again.  The owner may ``fold`` the rows
+of retired replicas (generations that are no longer members) into its own row.  Each
+fold leaves a *marker* ``retired -> (expiry_ns, {into: counts credited})``: the counts
+the folder ``into`` added to its own row for that retired replica.  Markers merge per
+target by max and travel in the wire form and in deltas.  The value counts a retired
+replica once, as the larger of its row (if a copy still holds it) and the largest
+credit any target took for it: every row is summed, every credit is taken back out,
+and that largest figure is put back in.  So
 
-* a copy older than the markers' TTL that was never merged before they expired would
-  count the folded rows twice (pick a TTL longer than any copy can stay offline);
-* two replicas folding the same retired row concurrently (two owners, e.g. a split
-  brain) each credit it to their own row, so it counts twice: fold only at the owner.
+* a stale copy that still holds the retired row adds only the row's excess over the
+  credit (a zombie of that generation that kept counting after the fold);
+* two folders that folded the same row (two owners at once, a split brain) each
+  credited it to their own row, and it still counts once.
+
+:meth:`expire_folds` drops a marker after its expiry, when dropping it cannot change
+the value: one target, and no row of that replica left here.  A marker with two
+targets is kept (its double credit must stay taken back).  The one limit: a copy
+older than the markers' TTL, merged after they expired here, counts the folded rows
+twice; pick a TTL longer than any copy can stay offline.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from .vclock import EMPTY_Q, Q, find_row, nonzero_rows, put_row, read_columns, u
 
 __all__ = ["GCounter", "PNCounter"]
 
+#: A fold marker: ``(expiry_ns, {target replica: counts credited, one per side})``.
+Marker = tuple[int, dict[int, tuple[int, ...]]]
+
 
 def _amount(n: Any) -> int:
     if type(n) is not int:
@@ -42,9 +50,21 @@ def _amount(n: Any) -> int:
     return n
 
 
+def _sidewise_max(counts: Iterable[tuple[int, ...]], sides: int) -> tuple[int, ...]:
+    return tuple(map(max, zip(*counts, (0,) * sides)))
+
+
+def _join_markers(a: Marker, b: Marker) -> Marker:
+    targets = dict(a[1])
+    for target, counts in b[1].items():
+        mine = targets.get(target)
+        targets[target] = counts if mine is None else tuple(map(max, mine, counts))
+    return max(a[0], b[0]), targets
+
+
 class _FoldingCounter(Crdt):
     """Rows ``replica -> counts`` (one count per side) plus fold markers
-    ``replica -> (folded count per side..., expiry_ns)`` (None while there are none)."""
+    ``retired -> (expiry_ns, {target: counts credited})`` (None while there are none)."""
 
     SIDES: ClassVar[int] = 1
     __slots__ = ("_ids", "_folds")
@@ -52,7 +72,7 @@ class _FoldingCounter(Crdt):
     def __init__(self) -> None:
         super().__init__()
         self._ids: array = EMPTY_Q
-        self._folds: dict[int, tuple[int, ...]] | None = None
+        self._folds: dict[int, Marker] | None = None
 
     # -- per-type column access -----------------------------------------------------
     def _sides(self) -> list[array]:
@@ -69,6 +89,15 @@ class _FoldingCounter(Crdt):
         i = find_row(self._ids, replica)
         return None if i < 0 else tuple(side[i] for side in self._sides())
 
+    def _known(self, replica: int) -> tuple[int, ...]:
+        """What ``replica`` counted as far as we know: its row, or the largest credit
+        a fold took for it, whichever is larger (per side)."""
+        row = self._row(replica) or (0,) * self.SIDES
+        mark = (self._folds or {}).get(replica)
+        if mark is None:
+            return row
+        return _sidewise_max([row, *mark[1].values()], self.SIDES)
+
     def _put(self, replica: int, values: tuple[int, ...]) -> None:
         if any(v > U64_MAX for v in values):
             raise CrdtError(f"count of replica {replica} would pass 2**64-1")
@@ -81,10 +110,10 @@ class _FoldingCounter(Crdt):
         if not any(amounts):
             return type(self)()
         replica = self.replica
-        row = self._row(replica) or (0,) * self.SIDES
-        mark = (self._folds or {}).get(replica)
-        if mark is not None:  # a zombie counts on from its folded total, not from 0
-            row = tuple(map(max, row, mark))
+        if self._folds:  # a zombie counts on from its folded total, not from its row
+            row = self._known(replica)
+        else:
+            row = self._row(replica) or (0,) * self.SIDES
         new = tuple(c + a for c, a in zip(row, amounts))
         self._put(replica, new)
         delta = self._one_row(replica, new)
@@ -112,42 +141,48 @@ class _FoldingCounter(Crdt):
         self._set_sides(cols[1:])
 
     def _drop_folded(self) -> None:
-        """Drop rows wholly covered by their fold marker (they add nothing)."""
+        """Drop rows no larger than a credit taken for them (they add nothing)."""
         folds = self._folds
         if not folds:
             return
         covered = set()
-        for r, mark in folds.items():
+        for r, (_, targets) in folds.items():
             row = self._row(r)
-            if row is not None and all(c <= m for c, m in zip(row, mark)):
+            if row is not None and all(
+                    c <= m for c, m in zip(row, _sidewise_max(targets.values(), self.SIDES))):
                 covered.add(r)
         if covered:
             self._keep_rows(lambda r: r not in covered)
 
     # -- folding --------------------------------------------------------------------
     def fold(self, retired: Iterable[int], into: int, now_ns: int, ttl_ns: int) -> Crdt:
-        """Move the counts of the ``retired`` replicas into ``into``'s row and mark them
-        folded until ``now_ns + ttl_ns``.  Call only at the agent's owner (see the module
-        doc).  Returns the delta (empty when nothing was folded)."""
+        """Move the rows of the ``retired`` replicas into ``into``'s row and mark them
+        folded until ``now_ns + ttl_ns``.  Meant for the agent's owner, folding into its
+        own replica; a second folder of the same row costs a marker kept longer, never
+        a count.  Returns the delta (empty when nothing was folded)."""
         into, now_ns, ttl_ns = u64(into, "into"), u64(now_ns, "now_ns"), u64(ttl_ns, "ttl_ns")
         retired = {u64(r, "retired replica") for r in retired}
-        if into in retired or (self._folds and into in self._folds):
-            raise CrdtError(f"cannot fold into replica {into}: it is retired or folded")
+        if into in retired:
+            raise CrdtError(f"cannot fold replica {into} into itself")
         expiry = min(U64_MAX, now_ns + ttl_ns)
-        gained = [0] * self.SIDES
-        markers: dict[int, tuple[int, ...]] = {}
+        zero = (0,) * self.SIDES
+        gained = list(zero)
+        markers: dict[int, Marker] = {}
         for r in sorted(retired):
             row = self._row(r)
             if row is None:
                 continue  # nothing of r counted here: a later copy of it is new to us
-            old = (self._folds or {}).get(r, (0,) * (self.SIDES + 1))
-            for side, (c, m) in enumerate(zip(row, old)):
+            old_expiry, targets = (self._folds or {}).get(r, (0, {}))
+            credited = targets.get(into, zero)
+            if all(c <= m for c, m in zip(row, credited)):
+                continue  # its row is within what we credited already
+            for side, (c, m) in enumerate(zip(row, credited)):
                 gained[side] += max(0, c - m)
-            markers[r] = tuple(max(c, m) for c, m in zip(row, old)) + (max(expiry, old[-1]),)
+            markers[r] = (max(expiry, old_expiry),
+                          {**targets, into: tuple(map(max, row, credited))})
         if not markers:
             return type(self)()
-        row = self._row(into) or (0,) * self.SIDES
-        new = tuple(c + g for c, g in zip(row, gained))
+        new = tuple(c + g for c, g in zip(self._known(into), gained))
         self._put(into, new)
         self._folds = {**(self._folds or {}), **markers}
         self._drop_folded()
@@ -156,14 +191,15 @@ class _FoldingCounter(Crdt):
     def expire_folds(self, now_ns: int) -> int:
         """Forget the fold markers whose expiry is <= ``now_ns``; returns how many.
         A local compaction (not a delta): markers carry their absolute expiry, so every
-        replica expires them at about the same time.  A marker whose replica still has a
-        row here (a zombie's excess, not folded yet) is kept: without it the whole row
-        would count again.  The owner's next ``fold`` covers that row; then it expires."""
+        replica expires them at about the same time.  Kept past expiry: a marker whose
+        replica still has a row here (a zombie's excess, not folded yet: without the
+        marker the whole row would count again), and a marker with two or more targets
+        (without it their double credit would count)."""
         u64(now_ns, "now_ns")
         if not self._folds:
             return 0
         live = {r: m for r, m in self._folds.items()
-                if m[-1] > now_ns or find_row(self._ids, r) >= 0}
+                if m[0] > now_ns or len(m[1]) > 1 or find_row(self._ids, r) >= 0}
         dropped = len(self._folds) - len(live)
         self._folds = live or None
         return dropped
@@ -172,9 +208,9 @@ class _FoldingCounter(Crdt):
         """The replicas with a row here (who counted), ascending."""
         return list(self._ids)
 
-    def folds(self) -> dict[int, tuple[int, ...]]:
-        """The fold markers: ``{replica: (folded count per side..., expiry_ns)}``."""
-        return dict(self._folds or {})
+    def folds(self) -> dict[int, Marker]:
+        """The fold markers: ``{retired: (expiry_ns, {target: counts credited})}``."""
+        return {r: (e, dict(t)) for r, (e, t) in (self._folds or {}).items()}
 
     # -- lattice --------------------------------------------------------------------
     def merge(self, other: Crdt) -> None:
@@ -186,23 +222,26 @@ class _FoldingCounter(Crdt):
             folds = dict(self._folds or {})
             for r, mark in other._folds.items():
                 mine = folds.get(r)
-                folds[r] = mark if mine is None else tuple(map(max, mine, mark))
+                folds[r] = mark if mine is None else _join_markers(mine, mark)
             self._folds = folds
         self._drop_folded()
 
     def _side_totals(self) -> list[int]:
-        """Sum of each side, counting a folded replica's row only above its marker."""
+        """Each side's total: every row, less every credit, plus each retired
+        replica's known count once (a state with credits no row holds, which no
+        fold makes, stops at 0)."""
         totals = [sum(side) for side in self._sides()]
-        for r, mark in (self._folds or {}).items():
-            row = self._row(r)
-            if row is not None:
-                for side, (c, m) in enumerate(zip(row, mark)):
-                    totals[side] -= min(c, m)
-        return totals
+        for r, (_, targets) in (self._folds or {}).items():
+            row = self._row(r) or (0,) * self.SIDES
+            known = _sidewise_max([row, *targets.values()], self.SIDES)
+            for side in range(self.SIDES):
+                totals[side] += known[side] - row[side] - sum(t[side] for t in targets.values())
+        return [max(0, t) for t in totals]
 
     # -- wire -----------------------------------------------------------------------
     def to_wire(self) -> list:
-        folds = [[r, *self._folds[r]] for r in sorted(self._folds or ())]
+        folds = [[r, e, [[t, *targets[t]] for t in sorted(targets)]]
+                 for r, (e, targets) in sorted((self._folds or {}).items())]
         return [self._ids.tolist(), *(side.tolist() for side in self._sides()), folds]
 
     @classmethod
@@ -214,12 +253,14 @@ class _FoldingCounter(Crdt):
         counter = cls()
         counter._ids = ids
         counter._set_sides(sides)
-        counter._folds = _read_folds(data[width], width + 1, cls.__name__) or None
+        counter._folds = _read_folds(data[width], width, cls.__name__) or None
         counter._drop_folded()
         return counter
 
     def _state_key(self) -> Any:
-        return nonzero_rows(self._ids, *self._sides()), tuple(sorted((self._folds or {}).items()))
+        folds = tuple((r, e, tuple(sorted(t.items())))
+                      for r, (e, t) in sorted((self._folds or {}).items()))
+        return nonzero_rows(self._ids, *self._sides()), folds
 
     def copy(self) -> "_FoldingCounter":
         """The columns copied as they are (no wire round trip: deltas are copied
@@ -227,7 +268,7 @@ class _FoldingCounter(Crdt):
         twin = type(self)()
         twin._ids = array(Q, self._ids)
         twin._set_sides([array(Q, side) for side in self._sides()])
-        twin._folds = dict(self._folds) if self._folds else None
+        twin._folds = self.folds() or None
         twin.replica, twin.clock = self.replica, self.clock
         return twin
 
@@ -242,22 +283,41 @@ class _FoldingCounter(Crdt):
         return counter
 
 
-def _read_folds(data: Any, width: int, what: str) -> dict[int, tuple[int, ...]]:
-    """Fold markers from the wire: rows ``[replica, count per side..., expiry]``,
-    replicas strictly ascending."""
+def _read_folds(data: Any, width: int, what: str) -> dict[int, Marker]:
+    """Fold markers from the wire: ``[retired, expiry, [[target, count per side...],
+    ...]]``, retired replicas strictly ascending, each marker's targets (one or more)
+    strictly ascending; at most ELEMENTS_MAX targets in all."""
     if not isinstance(data, list) or len(data) > ELEMENTS_MAX:
         raise CrdtError(f"{what} fold markers must be a list of at most {ELEMENTS_MAX} rows")
-    folds: dict[int, tuple[int, ...]] = {}
-    last = -1
+    folds: dict[int, Marker] = {}
+    last, entries = -1, 0
     for row in data:
-        if not isinstance(row, list) or len(row) != width:
-            raise CrdtError(f"{what} fold marker must be a list of {width} ints")
-        r, *mark = (u64(x, f"{what} fold marker") for x in row)
+        if not (isinstance(row, list) and len(row) == 3 and isinstance(row[2], list)
+                and row[2]):
+            raise CrdtError(f"{what} fold marker must be [replica, expiry, [targets...]]")
+        r, expiry = u64(row[0], f"{what} fold marker"), u64(row[1], f"{what} fold marker")
         if r <= last:
             raise CrdtError(f"{what} fold markers must be strictly ascending by replica")
         last = r
-        folds[r] = tuple(mark)
+        entries += len(row[2])
+        if entries > ELEMENTS_MAX:
+            raise CrdtError(f"{what} fold markers name more than {ELEMENTS_MAX} targets")
+        folds[r] = (expiry, _read_targets(row[2], width, what))
     return folds
+
+
+def _read_targets(data: list, width: int, what: str) -> dict[int, tuple[int, ...]]:
+    targets: dict[int, tuple[int, ...]] = {}
+    last = -1
+    for entry in data:
+        if not isinstance(entry, list) or len(entry) != width:
+            raise CrdtError(f"{what} fold target must be a list of {width} ints")
+        t, *counts = (u64(x, f"{what} fold target") for x in entry)
+        if t <= last:
+            raise CrdtError(f"{what} fold targets must be strictly ascending by replica")
+        last = t
+        targets[t] = tuple(counts)
+    return targets
 
 
 class GCounter(_FoldingCounter):
