@@ -172,6 +172,11 @@ class NodeConfig:
     failover_rate: float = _opt(
         1000.0, "Agents per second a node wakes after it became their owner through a "
         "node loss (the rest wake on their first message).", lo=0, lo_open=True)
+    fold_ttl_s: float = _opt(
+        604800.0, "How long a counter remembers the rows it folded in from retired "
+        "replicas (docs/STATE.md, 'Pruning'); keep it above the longest any node may be "
+        "away and come back with copies (a partition, a restart from storage_path).",
+        lo=0, lo_open=True)
     storage_path: str = _opt(
         "", "SQLite file that keeps this node's agent state across restarts (empty: "
         "memory only; see docs/DURABILITY.md).", kind="path")

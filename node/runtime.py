@@ -509,7 +509,8 @@ class Node:
     def _start_membership(self) -> None:
         cfg = self.config
         endpoints = self.transport.endpoints()
-        me = Member(self.node_id, self._generation, tuple(sorted(endpoints.items())))
+        me = Member(self.node_id, self._generation, tuple(sorted(endpoints.items())),
+                    replica=self.state.replica)
         wall_offset_ns = time.time_ns() - int(_now() * 1e9)
         self.handoff = Handoff(self.node_id, timeout_s=cfg.handoff_timeout_s,
                                window_s=cfg.handoff_window_s, seq_start=me.generation)
@@ -545,6 +546,7 @@ class Node:
         self._run(self.handoff.members_changed(reachable))
         live = {n: m.generation for n, m in members.items() if m.state in (ALIVE, SUSPECT)}
         self._run(self.state.machine.members_changed(live, _now(), live))
+        self.state.members_changed(members)
         gone = {n for n, _ in self._moved_to.values()} - set(reachable)
         if gone:
             self._moved_to = OrderedDict((a, v) for a, v in self._moved_to.items()

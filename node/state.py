@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from core_cy import replica_id
-from protocols.crdt import GCounter, ORMap, decode_fields, encode_fields, take_deltas
+from protocols.crdt import (GCounter, ORMap, decode_fields, encode_fields, merge_fields,
+                            prune_fields, take_deltas)
 from protocols.delivery import DELIVER, DUPLICATE, HELD, AppliedIds, CausalOrder, mark_delivered
 from protocols.effects import Activate, Forget, Persist, Restore, WriteDone
 from protocols.replication import LOCAL, Replication, ReplicationError, merge_generation
@@ -66,6 +67,10 @@ class ReplicatedState:
         host._turn_start = self.turn_start
         host._turn_done = self.turn_done
         self.duplicates = 0
+        # Pruning: the replica ids the members advertise (None: one advertises none).
+        self.live: frozenset[int] | None = None
+        self._fold_ttl_ns = int(cfg.fold_ttl_s * 1e9)
+        self.pruned = 0
         self.causal = CausalOrder(timeout_s=CAUSAL_HOLD_S)
         # Causal: each agent's delivered clock as its messages enter the mailbox,
         # ahead of the replicated _vc (ticked when a message's turn runs).
@@ -131,6 +136,8 @@ class ReplicatedState:
         if not deltas:
             self._answer(reply_to, req, outcome)
             return
+        if self.live is not None:
+            self._prune(rec.fields, deltas)
         consistency = req.consistency or self.node.config.consistency
         if consistency == LOCAL and self.storage is None:  # the common case: no wait
             self.node._run([effect for effect in
@@ -149,6 +156,23 @@ class ReplicatedState:
                 effects.append(effect)
         self.node._run(effects)
         self.node._arm("replication", self.machine)
+
+    def members_changed(self, members: dict) -> None:
+        """The replica ids the view's entries advertise, whatever their state (a dead
+        entry's too, until it is reaped): a counter row of any other replica is a
+        retired generation's.  None, and nothing pruned, while an entry has none."""
+        ids = [member.replica for member in members.values()]
+        self.live = None if 0 in ids else frozenset(ids)
+
+    def _prune(self, fields: dict, deltas: dict) -> None:
+        """On a write, fold retired replicas' counter rows into ours; the folds ship
+        with the write's deltas (docs/STATE.md, 'Pruning')."""
+        removed = prune_fields(fields, self.live, self.replica, time.time_ns(),
+                               self._fold_ttl_ns)
+        if not removed:
+            return
+        self.pruned += removed
+        merge_fields(deltas, take_deltas(fields))
 
     def _remember(self, fields: dict, msg_id: str, outcome: tuple) -> None:
         ids = fields.get(IDS_FIELD)
@@ -416,7 +440,7 @@ class ReplicatedState:
         node.log.warning("bad_replicate", error=str(exc)[:500])
 
     def events(self) -> dict[str, int]:
-        return {**self.machine.stats, "duplicates": self.duplicates}
+        return {**self.machine.stats, "duplicates": self.duplicates, "pruned": self.pruned}
 
 
 class _HeldReply:

@@ -149,14 +149,15 @@ class Member:
     endpoints: tuple[tuple[str, str], ...]  # (transport, endpoint), sorted by transport
     state: str = ALIVE
     by: str = ""                            # who suspected or declared it (suspect, dead)
+    replica: int = 0                        # the CRDT replica id of this process (0: none)
 
     @classmethod
     def of(cls, node_id: str, address: str, pub_address: str, generation: int,
-           **more: str) -> "Member":
+           replica: int = 0, **more: str) -> "Member":
         """A member serving ZeroMQ at ``address`` (ROUTER) and ``pub_address`` (PUB),
         plus any other transports named in ``more``."""
         endpoints = {ZMQ: address, ZMQ_PUB: pub_address, **more}
-        return cls(node_id, generation, tuple(sorted(endpoints.items())))
+        return cls(node_id, generation, tuple(sorted(endpoints.items())), replica=replica)
 
     @property
     def incarnation(self) -> int:
@@ -186,6 +187,8 @@ class Member:
 
     def to_wire(self) -> dict:
         entry = {"id": self.node_id, "gen": self.generation, "ep": dict(self.endpoints)}
+        if self.replica:
+            entry["rid"] = self.replica
         if self.state != ALIVE:
             entry["st"] = _CODE[self.state]
             if self.by:
@@ -214,8 +217,11 @@ class Member:
         by = item.get("by", "")
         if not (isinstance(by, str) and len(by) <= FIELD_LEN_MAX):
             raise MembershipError(f"member 'by' must be a node id ({node_id!r:.40})")
+        replica = item.get("rid", 0)
+        if type(replica) is not int or not 0 <= replica < 2**64:
+            raise MembershipError(f"member 'rid' must be an integer in 0..2**64-1 ({node_id!r:.40})")
         return cls(node_id, generation, tuple(sorted(endpoints.items())), state,
-                   by if state in (SUSPECT, DEAD) else "")
+                   by if state in (SUSPECT, DEAD) else "", replica)
 
 
 def _check_endpoint(name: object, endpoint: object) -> None:
@@ -406,7 +412,7 @@ class Membership:
             agents = self.local_agents if node_id == self.me.node_id else self._agents.get(node_id)
             rows.append({"node_id": node_id, "address": member.address, "state": member.state,
                          "incarnation": member.generation, "agents": agents,
-                         "endpoints": dict(member.endpoints)})
+                         "endpoints": dict(member.endpoints), "replica": member.replica})
         return rows
 
     def counts(self) -> dict[str, int]:
@@ -751,7 +757,7 @@ class Membership:
         else:
             self._health = min(self.config.health_max, self._health + 1)
         self.stats["refuted"] += 1
-        self.me = Member(me.node_id, max(me.generation, member.generation) + 1, me.endpoints)
+        self.me = replace(me, generation=max(me.generation, member.generation) + 1)
         self._members[me.node_id] = self.me
         self._index(me.node_id, ALIVE, me, self.me)
         self._broadcasts.push(me.node_id)

@@ -15,12 +15,15 @@ from protocols.crdt import (
     CrdtError,
     GCounter,
     LWWRegister,
+    ORMap,
     ORSet,
     PNCounter,
+    VClock,
     bind_fields,
     decode_fields,
     encode_fields,
     merge_fields,
+    prune_fields,
     take_deltas,
 )
 from test_crdt_core import OPS, junk_st, run
@@ -245,3 +248,57 @@ def test_field_names_msgpack_cannot_send_are_refused():
     with pytest.raises(CrdtError, match=message):
         merge_fields(mine, {"\ud800": GCounter()})
     assert list(mine) == ["a"]
+
+
+# -- prune_fields: the node's pruning rule -------------------------------------------
+LIVE, GONE, OWNER = 11, 22, 33
+
+
+def pruned_state():
+    """Fields as an owner holds them: rows of a live member, a retired one, its own."""
+    counter, pn, clock = GCounter().bind(GONE), PNCounter().bind(GONE), VClock().bind(GONE)
+    counter.increment(5), pn.decrement(2), clock.tick()
+    for r in (LIVE, OWNER):
+        counter.merge(GCounter.from_wire([[r], [1], []]))
+        clock.merge(VClock.from_wire([[r], [1]]))
+    nested = ORMap().bind(GONE)
+    nested.update("k", GCounter, lambda c: c.increment(4))
+    fields = {"c": counter, "p": pn, "v": clock, "m": nested, "s": ORSet().bind(GONE)}
+    bind_fields(fields, OWNER)
+    take_deltas(fields)
+    return fields
+
+
+def test_prune_fields_folds_retired_counter_rows_and_ships_the_folds():
+    fields = pruned_state()
+    values = {name: field.value() for name, field in fields.items() if name != "v"}
+    removed = prune_fields(fields, frozenset((LIVE, OWNER)), OWNER, now_ns=100, ttl_ns=10)
+    assert removed == 3  # c's and p's GONE rows, v's GONE entry
+    assert fields["c"].replicas() == [LIVE, OWNER] and fields["p"].replicas() == [OWNER]
+    assert fields["v"].value() == {LIVE: 1, OWNER: 1}
+    assert {name: field.value() for name, field in fields.items() if name != "v"} == values
+    deltas = take_deltas(fields)
+    assert sorted(deltas) == ["c", "p"]  # the folds are deltas; a clock's prune is not
+    assert deltas["c"].folds() == {GONE: (110, {OWNER: (5,)})}
+    assert fields["m"].get("k").replicas() == [GONE]  # fields inside maps: left alone
+
+
+def test_prune_fields_with_nothing_retired_removes_nothing_and_expires_markers():
+    fields = pruned_state()
+    live = frozenset((LIVE, OWNER, GONE))
+    assert prune_fields(fields, live, OWNER, now_ns=0, ttl_ns=10) == 0
+    assert take_deltas(fields) == {}
+    prune_fields(fields, frozenset((LIVE, OWNER)), OWNER, now_ns=0, ttl_ns=10)
+    assert fields["c"].folds() and fields["p"].folds()
+    assert prune_fields(fields, live, OWNER, now_ns=9, ttl_ns=10) == 0 and fields["c"].folds()
+    assert prune_fields(fields, live, OWNER, now_ns=10, ttl_ns=10) == 0
+    assert fields["c"].folds() == {} and fields["p"].folds() == {}
+    assert fields["c"].value() == 7 and fields["p"].value() == -2
+
+
+def test_prune_fields_never_folds_the_owner_into_itself():
+    """The owner's own replica is never retired, even if no member advertises it yet."""
+    fields = pruned_state()
+    assert prune_fields(fields, frozenset((LIVE,)), OWNER, now_ns=0, ttl_ns=1) == 3
+    assert fields["c"].replicas() == [LIVE, OWNER]
+    assert fields["v"].value() == {LIVE: 1, OWNER: 1}

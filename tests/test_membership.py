@@ -626,7 +626,8 @@ def test_rows_and_counts_for_the_cli():
     assert [r["node_id"] for r in rows] == [nid(k) for k in range(4)]
     assert rows[0] == {"node_id": nid(0), "address": addr(0), "state": ALIVE,
                        "incarnation": GEN, "agents": 4,
-                       "endpoints": {"zmq": addr(0), "zmq-pub": addr(0).replace(":7400", ":7401")}}
+                       "endpoints": {"zmq": addr(0), "zmq-pub": addr(0).replace(":7400", ":7401")},
+                       "replica": 0}
     assert rows[3]["state"] == DEAD and rows[1]["agents"] is None
     assert m.counts() == {ALIVE: 3, SUSPECT: 0, DEAD: 1, LEFT: 0}
 
@@ -1385,6 +1386,12 @@ REFUSED = {
                               r"endpoints are strings of 1\.\.255"),
     "port 65536": (sync(entry_with(ep={**EP, "zmq": "tcp://h:65536"})),
                    r"member endpoint must be tcp://HOST:PORT, got 'tcp://h:65536'"),
+    "rid -1": (sync({**entry(3), "rid": -1}),
+               r"member 'rid' must be an integer in 0\.\.2\*\*64-1 \('n0003'\)"),
+    "rid 2**64": (sync({**entry(3), "rid": 2**64}),
+                  r"member 'rid' must be an integer in 0\.\.2\*\*64-1 \('n0003'\)"),
+    "rid a bool": (sync({**entry(3), "rid": True}),
+                   r"member 'rid' must be an integer in 0\.\.2\*\*64-1 \('n0003'\)"),
 }
 
 
@@ -1407,6 +1414,24 @@ TAKEN = {
 @pytest.mark.parametrize("item", TAKEN.values(), ids=TAKEN.keys())
 def test_an_entry_at_the_limits_is_taken(item):
     assert Member.from_wire(item).node_id == nid(1)
+
+
+def test_the_replica_id_travels_with_the_entry_and_a_refutation_keeps_it():
+    """``rid`` is the process's CRDT replica id: absent means 0 (none), and the
+    incarnation a refutation raises leaves it as it was (docs/STATE.md, 'Pruning')."""
+    mine = Member.of(nid(2), addr(2), addr(2).replace(":7400", ":7401"), GEN, replica=2**64 - 1)
+    assert mine.to_wire() == {**entry(2), "rid": 2**64 - 1}
+    assert Member.from_wire(mine.to_wire()) == mine and Member.from_wire(entry(2)).replica == 0
+    assert "rid" not in member(2).to_wire()
+    accused = Membership(mine, (), SwimConfig(), rng=random.Random(2))
+    accused.start(0.0)
+    accused.receive(nid(1), sync(entry(1)), 0.0)
+    accused.receive(nid(1), sync(entry(2, st="s", by=1)), 0.1)
+    assert accused.me.generation == GEN + 1 and accused.me.replica == 2**64 - 1
+    assert [r["replica"] for r in accused.rows()] == [0, 2**64 - 1]
+    m = knowing(1)
+    m.receive(nid(2), sync({**entry(2), "rid": 5}), 0.2)
+    assert m.members[nid(2)].replica == 5 and m.rows()[2]["replica"] == 5
 
 
 def test_by_is_kept_for_suspect_and_dead_entries_only_and_defaults_to_empty():

@@ -16,6 +16,7 @@ from .fields import (
     decode_fields,
     encode_fields,
     merge_fields,
+    prune_fields,
     take_deltas,
 )
 from .maps import LWWMap, ORMap, TTLMap
@@ -52,6 +53,7 @@ __all__ = [
     "decode_fields",
     "encode_fields",
     "merge_fields",
+    "prune_fields",
     "take_deltas",
     "vc_compare",
     "vc_merge",

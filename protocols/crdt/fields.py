@@ -9,10 +9,11 @@ other side has.
 from __future__ import annotations
 
 import reprlib
-from typing import Any, Callable
+from typing import Any, Callable, Container
 
 from .base import TYPES, Crdt, CrdtError, utf8
-from .vclock import bounded_map
+from .counters import GCounter, PNCounter
+from .vclock import VClock, bounded_map
 
 __all__ = [
     "FIELDS_MAX",
@@ -21,6 +22,7 @@ __all__ = [
     "decode_fields",
     "encode_fields",
     "merge_fields",
+    "prune_fields",
     "take_deltas",
 ]
 
@@ -99,3 +101,26 @@ def bind_fields(fields: dict[str, Crdt], replica: int, clock: Callable[[], int] 
     """Stamp every field with the replica (and clock) its mutations are made by."""
     for field in fields.values():
         field.bind(replica, clock)
+
+
+def prune_fields(fields: dict[str, Crdt], live: Container[int], into: int, now_ns: int,
+                 ttl_ns: int) -> int:
+    """The node's pruning rule (docs/STATE.md, 'Pruning'), run by an agent's owner on
+    a write: ``live`` holds the replica ids of the current members, ``into`` is the
+    owner's own.  Each counter field folds the rows of replicas not in ``live`` into
+    ``into`` (a delta, shipped with the write) and forgets its expired fold markers;
+    each vector clock field drops the entries of replicas not in ``live`` (a local
+    compaction).  Fields inside maps are left as they are.  Returns the rows and
+    entries removed."""
+    removed = 0
+    for field in fields.values():
+        kind = type(field)
+        if kind is GCounter or kind is PNCounter:
+            retired = [r for r in field.replicas() if r not in live and r != into]
+            if retired:
+                field.fold(retired, into, now_ns, ttl_ns)
+                removed += len(retired)
+            field.expire_folds(now_ns)
+        elif kind is VClock and any(r not in live and r != into for r in field.value()):
+            removed += field.prune([r for r in field.value() if r in live or r == into])
+    return removed
