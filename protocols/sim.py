@@ -53,7 +53,8 @@ import msgpack
 from core_cy import replica_id
 
 from . import peer, wire
-from .crdt import PNCounter, bind_fields, decode_fields, encode_fields, merge_fields, take_deltas
+from .crdt import (PNCounter, bind_fields, decode_fields, encode_fields, merge_fields,
+                   prune_fields, take_deltas)
 from .effects import (GOSSIP, STATUS_ANSWER, Activate, Answer, Fail, ForwardTo, Install,
                       MembersChanged, QuorumChanged, Refuted, Relay, Restore, Route, Send,
                       Surrender, Unresponsive, WriteDone, seed_address)
@@ -644,7 +645,7 @@ class SimNode:
                  handoff_timeout_s: float = 1.0, handoff_window_s: float = 5.0,
                  wall_offset_ns: int = 0, handoff: bool = True, replicas: int = 3,
                  consistency: str = QUORUM, write_timeout_s: float = 2.0,
-                 failover_rate: float = 1000.0):
+                 failover_rate: float = 1000.0, fold_ttl_s: float = 600.0):
         if consistency not in CONSISTENCIES:
             raise ValueError(f"consistency is one of {sorted(CONSISTENCIES)}")
         self.node_id = me.node_id
@@ -661,8 +662,11 @@ class SimNode:
                                      reply_bytes_max=MESSAGE_BYTES_MAX)
         # Replicated state, as node/state.py: the replica id and the epochs come from
         # the node's generation; replicas 0 or 1 turn replication off.
-        self.replica = replica_id(f"{me.node_id}/{me.generation}")
+        self.replica = me.replica or replica_id(f"{me.node_id}/{me.generation}")
         self.consistency = consistency
+        self.live: frozenset[int] | None = None  # pruning: the members' replica ids
+        self.fold_ttl_ns = int(fold_ttl_s * 1e9)
+        self.pruned = 0
         self.replication: Replication | None = None
         if replicas > 1:
             self.replication = Replication(
@@ -949,10 +953,17 @@ class SimNode:
         until the request's consistency is met (``WriteDone``)."""
         machine = self.replication
         agent_id = req.subject
-        deltas = take_deltas(machine.primary(agent_id, CounterHost.BEHAVIOR, self._now).fields)
+        fields = machine.primary(agent_id, CounterHost.BEHAVIOR, self._now).fields
+        deltas = take_deltas(fields)
         if not deltas:
             self._reply(reply_to, req.id, True, value, "", req.type)
             return
+        if self.live is not None:  # as node/state.py: retired rows fold on a write
+            pruned = prune_fields(fields, self.live, self.replica, self.clock(),
+                                  self.fold_ttl_ns)
+            if pruned:
+                self.pruned += pruned
+                merge_fields(deltas, take_deltas(fields))
         held = _HeldReply(req, reply_to, value)
         self._effects.run(machine.wrote(agent_id, deltas, req.consistency or self.consistency,
                                         held, self._now))
@@ -1057,6 +1068,8 @@ class SimNode:
         if machine is not None:  # a member whose generation changed gets its copies again
             live = {n: m.generation for n, m in members.items() if m.state in (ALIVE, SUSPECT)}
             self._effects.run(machine.members_changed(live, self._now, live))
+            replicas = [m.replica for m in members.values()]
+            self.live = None if 0 in replicas else frozenset(replicas)
         gone = set(self._moved_to.values()) - set(reachable)
         if gone:
             self._moved_to = {a: n for a, n in self._moved_to.items() if n not in gone}
@@ -1385,7 +1398,7 @@ class NodeSim:
         generation = max(self._generation_ns, int(self.sim.now * 1e9)) + 1
         self._generation_ns = generation
         me = Member.of(node_id(k), node_address(k), node_address(k).replace(":7400", ":7401"),
-                       generation)
+                       generation, replica=replica_id(f"{node_id(k)}/{generation}"))
         seeds = [node_address(j) for j in (0, 1) if j < s.nodes]
         swim = SwimConfig(probe_interval_s=s.probe_interval_s,
                           probe_timeout_s=min(0.2, s.probe_interval_s),
@@ -1834,6 +1847,7 @@ class NodeSim:
         if self.replicated:
             self._settle_replicas()
             self._check_replicas()
+            self._check_pruned()
         if s.exact:
             self._final_gets()
         unanswered = [i for i, c in self.calls.items() if c.answer is None and not c.lost]
@@ -1899,6 +1913,31 @@ class NodeSim:
                 self._violate(f"(e) {subject} is {value} on its owner {replicas[0]} after "
                               f"heal; incrs acknowledged at quorum/all sum to {acked}, "
                               f"all sent to {issued}")
+        if self.violations:
+            self.fail()
+
+    def _check_pruned(self) -> None:
+        """(g) Pruning: settled, one more incr per counter (at ``all``) makes its owner
+        fold every retired replica's row; then (e) holds again, and no counter's owner
+        holds a row of a replica no member advertises."""
+        sim = self.sim
+        ids = sim.up_ids()
+        calls = {subject: self.issue(ids[sim.rng.randrange(len(ids))], "incr", subject, 1,
+                                     consistency=ALL)
+                 for subject in sorted(self._issued)}
+        sim.run_for(self.scenario.forward_timeout_s + 1.0)
+        self._settle_replicas()
+        self._check_replicas()
+        ring = sim.machine(sim.node_ids[0]).router.ring
+        for subject, call_id in calls.items():
+            if (self.calls[call_id].answer or ("",))[0] != "data":
+                continue  # not written (a timeout): nothing folded, nothing to check
+            node = sim.machine(ring.owner(subject))
+            counter = node.replication.records[subject].fields[CounterHost.FIELD]
+            stray = [r for r in counter.replicas() if r not in node.live]
+            if stray:
+                self._violate(f"(g) {subject}: its owner {node.node_id} still holds rows "
+                              f"of retired replicas {stray} after a write")
         if self.violations:
             self.fail()
 

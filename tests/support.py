@@ -188,6 +188,21 @@ class Cluster:
         node.wait_serving()
         return node
 
+    def restart(self, index: int) -> NodeProcess:
+        """Stop node ``index`` (SIGTERM: it leaves and hands its agents off) and start
+        it again under its name (a new generation), seeded by another node; returns
+        once it serves and the cluster has converged again."""
+        old = self.nodes[index]
+        old.stop()
+        seed = next(n for n in self.nodes if n is not old)
+        node = NodeProcess(old.name, self._log_dir, seeds=(seed.address,),
+                           args=(*self._args, *self._node_args(old.name)),
+                           metrics=self._metrics)
+        self.nodes[index] = node
+        node.wait_serving()
+        self.wait_converged()
+        return node
+
     def wait_converged(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Until every node's status lists every node as a reachable member."""
         names = {n.name for n in self.nodes}

@@ -6,6 +6,8 @@ import asyncio
 from typing import Any
 
 from node import Agent, AgentError, behavior, handler
+from node.agents import replicated
+from protocols.crdt import PNCounter
 
 
 @behavior("flaky")
@@ -76,3 +78,21 @@ class Member(Agent):
     @handler("seen")
     def get_seen(self, data: Any) -> dict:
         return {"seen": self.seen}
+
+
+@behavior("tally")
+class Tally(Agent):
+    """A replicated counter that shows its rows: who counted, and what was folded."""
+
+    __slots__ = ()
+    count = replicated(PNCounter)
+
+    @handler("incr")
+    def incr(self, data: Any) -> dict:
+        self.count.increment(1)
+        return {"value": self.count.value()}
+
+    @handler("rows")
+    def rows(self, data: Any) -> dict:
+        return {"value": self.count.value(), "rows": self.count.replicas(),
+                "folded": sorted(self.count.folds()), "me": self.count.replica}
