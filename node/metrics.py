@@ -119,7 +119,8 @@ EVENT_HELP = {
     "replication": "Replication events: deltas_sent, deltas_applied, fulls_sent, "
                    "fulls_applied, acks, needs, pushes, gathers, gather_timeouts, "
                    "write_timeouts, activations, dropped (copies handed on), duplicates "
-                   "(exactly-once ids answered from the window).",
+                   "(exactly-once ids answered from the window), pruned (counter rows and "
+                   "clock entries of retired replicas folded away).",
 }
 
 _ELAPSED_MAX_S = 86400.0          # a sane elapsed time is never longer than this

@@ -1348,7 +1348,11 @@ class NodeSim:
         with ``pipelines_per_s``, ``scatters_per_s``) is answered by its deadline
         (its timeout_ms, else the forward timeout) unless its entry was paused; its
         answer has the strategy's shape (an int; a map of every target in order to
-        its data or its error), and without faults holds no error.
+        its data or its error), and without faults holds no error;
+    (g) with replication on, after (e): one more incr per counter makes its
+        owner fold the rows of retired replicas (generations no member
+        advertises, docs/STATE.md 'Pruning'): its owner then holds none, and (e)
+        holds again, so no fold lost or double-counted a write.
 
     A machine raising is a violation too (with the seed and the replay command).
     """
@@ -1917,24 +1921,24 @@ class NodeSim:
             self.fail()
 
     def _check_pruned(self) -> None:
-        """(g) Pruning: settled, one more incr per counter (at ``all``) makes its owner
-        fold every retired replica's row; then (e) holds again, and no counter's owner
+        """(g) Pruning: settled, one more incr per counter makes its owner fold every
+        retired replica's row; then (e) holds again, and no counter's owner
         holds a row of a replica no member advertises."""
         sim = self.sim
         ids = sim.up_ids()
-        calls = {subject: self.issue(ids[sim.rng.randrange(len(ids))], "incr", subject, 1,
-                                     consistency=ALL)
+        calls = {subject: self.issue(ids[sim.rng.randrange(len(ids))], "incr", subject, 1)
                  for subject in sorted(self._issued)}
         sim.run_for(self.scenario.forward_timeout_s + 1.0)
         self._settle_replicas()
         self._check_replicas()
         ring = sim.machine(sim.node_ids[0]).router.ring
+        live = {sim.machine(n).replica for n in sim.up_ids()}  # every node is up now
         for subject, call_id in calls.items():
             if (self.calls[call_id].answer or ("",))[0] != "data":
                 continue  # not written (a timeout): nothing folded, nothing to check
             node = sim.machine(ring.owner(subject))
             counter = node.replication.records[subject].fields[CounterHost.FIELD]
-            stray = [r for r in counter.replicas() if r not in node.live]
+            stray = [r for r in counter.replicas() if r not in live]
             if stray:
                 self._violate(f"(g) {subject}: its owner {node.node_id} still holds rows "
                               f"of retired replicas {stray} after a write")

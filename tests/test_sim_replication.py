@@ -94,6 +94,21 @@ def test_checker_catches_writes_that_never_replicate():
         in message
 
 
+class NeverPrunes(SimNode):
+    """Planted bug: the node never learns which replicas are live, so it never folds."""
+
+    def _on_members(self, effect):
+        super()._on_members(effect)
+        self.live = None
+
+
+def test_checker_catches_a_node_that_never_prunes():
+    planted = type("WithNeverPrunes", (NodeSim,), {"node_class": NeverPrunes})
+    with pytest.raises(InvariantViolation) as info:
+        planted(Scenario(seed=232, nodes=5, duration_s=20.0, stops=2)).run()
+    assert "(g)" in str(info.value) and "retired replicas" in str(info.value)
+
+
 # ------------------------------------------------------------- bugs found
 
 # Scenarios that found bugs (fixed since in node/state.py, protocols/replication.py
