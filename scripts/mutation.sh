@@ -65,7 +65,7 @@ tests_for() {
         protocols/effects.py) echo tests/test_machines.py tests/test_membership.py \
             tests/test_epidemic.py tests/test_replication.py tests/test_handoff.py ;;
         protocols/sim.py) echo tests/test_simulator.py ;;
-        protocols/crdt/*.py) echo tests/test_crdt_core.py tests/test_crdt_fields.py \
+        protocols/crdt/*.py) echo tests/test_crdt_core.py tests/test_crdt_fields.py tests/test_crdt_folding.py \
             tests/test_crdt_maps.py tests/test_crdt_sequence.py ;;
         *) echo "mutation.sh: no test set is known for $1 (add it to tests_for)" >&2; return 1 ;;
     esac

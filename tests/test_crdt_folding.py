@@ -79,7 +79,7 @@ def test_any_folders_any_order_count_each_increment_once(cls, steps, rnd):
 @given(st.sampled_from([GCounter, PNCounter]), st.lists(step_st, max_size=30))
 def test_a_fold_and_its_expiry_leave_the_value_and_bound_the_rows(cls, steps):
     """After the owner folds every other replica and the markers expire, the owner's
-    copy holds its own row only, plus markers that still take back a double credit."""
+    copy holds its own row only, plus the markers that must stay."""
     objs = [cls().bind(r) for r in REPLICAS]
     for kind, i, n in steps:
         if kind == "inc":
@@ -94,7 +94,10 @@ def test_a_fold_and_its_expiry_leave_the_value_and_bound_the_rows(cls, steps):
     owner.expire_folds(5000 + TTL)
     assert owner.value() == value
     assert set(owner.replicas()) <= {REPLICAS[0]}
-    assert all(len(targets) > 1 for _, targets in owner.folds().values())
+    # Kept: a marker with two folders, or one of the owner itself (folded once by
+    # another while it was thought gone): its row is still here.
+    assert all(len(targets) > 1 or r == REPLICAS[0]
+               for r, (_, targets) in owner.folds().items())
 
 
 # -- what a fold does -----------------------------------------------------------------

@@ -31,7 +31,7 @@ twice; pick a TTL longer than any copy can stay offline.
 from __future__ import annotations
 
 from array import array
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Container, Iterable
 
 from core_cy import gcounter_merge, pncounter_merge
 
@@ -187,6 +187,17 @@ class _FoldingCounter(Crdt):
         self._folds = {**(self._folds or {}), **markers}
         self._drop_folded()
         return self._record(self._of({into: new}, markers))
+
+    def prune(self, live: Container[int], into: int, now_ns: int, ttl_ns: int) -> int:
+        """The node's pruning rule for one counter: fold the rows of replicas not in
+        ``live`` (nor ``into``) into ``into``, then expire markers; returns how many
+        rows were folded.  Cheap when there is nothing to do (every write runs it)."""
+        retired = [r for r in self._ids if r not in live and r != into]
+        if retired:
+            self.fold(retired, into, now_ns, ttl_ns)
+        if self._folds:
+            self.expire_folds(now_ns)
+        return len(retired)
 
     def expire_folds(self, now_ns: int) -> int:
         """Forget the fold markers whose expiry is <= ``now_ns``; returns how many.

@@ -116,11 +116,7 @@ def prune_fields(fields: dict[str, Crdt], live: Container[int], into: int, now_n
     for field in fields.values():
         kind = type(field)
         if kind is GCounter or kind is PNCounter:
-            retired = [r for r in field.replicas() if r not in live and r != into]
-            if retired:
-                field.fold(retired, into, now_ns, ttl_ns)
-                removed += len(retired)
-            field.expire_folds(now_ns)
+            removed += field.prune(live, into, now_ns, ttl_ns)
         elif kind is VClock and any(r not in live and r != into for r in field.value()):
             removed += field.prune([r for r in field.value() if r in live or r == into])
     return removed
