@@ -450,6 +450,9 @@ def _encoded_fields() -> dict:
               "q": bound(RGA(), 7), "g": bound(GSet(), 8), "t": bound(TwoPSet(), 9),
               "c": bound(VClock(), 10), "ttl": bound(TTLMap(), 11)}
     fields["n"].increment(5)
+    gone = replica_id("r0")  # a retired writer, folded: the counter carries a marker
+    fields["n"].merge(PNCounter.from_wire([[gone], [3], [1], []]))
+    fields["n"].fold([gone], replica_id("r1"), 0, 10**9)
     fields["_gen"].increment(2)
     fields["s"].add("x")
     fields["r"].set({"k": [1, 2]})

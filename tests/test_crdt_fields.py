@@ -302,3 +302,11 @@ def test_prune_fields_never_folds_the_owner_into_itself():
     assert prune_fields(fields, frozenset((LIVE,)), OWNER, now_ns=0, ttl_ns=1) == 3
     assert fields["c"].replicas() == [LIVE, OWNER]
     assert fields["v"].value() == {LIVE: 1, OWNER: 1}
+
+
+def test_prune_fields_drops_a_clocks_retired_entries_whoever_else_it_names():
+    clock = VClock.from_wire([[GONE, OWNER], [2, 1]]).bind(OWNER)
+    fields = {"v": clock}
+    assert prune_fields(fields, frozenset((LIVE,)), OWNER, now_ns=0, ttl_ns=1) == 1
+    assert clock.value() == {OWNER: 1}
+    assert prune_fields(fields, frozenset((LIVE,)), OWNER, now_ns=0, ttl_ns=1) == 0

@@ -203,7 +203,10 @@ def test_a_second_folder_credits_the_row_not_the_first_folders_credit():
     assert g.value() == 11 - 5 - 8 + 8  # 1's row (not here) holds its 5
 
 
-def test_fold_expiry_caps_at_u64():
+def test_fold_expiry_may_be_now_and_caps_at_u64():
+    g = GCounter.from_wire([[1, 2], [1, 4], []])
+    g.fold([2], into=1, now_ns=0, ttl_ns=0)
+    assert g.folds() == {2: (0, {1: (4,)})} and g.expire_folds(0) == 1
     g = GCounter.from_wire([[1, 2, 3], [1, 4, 6], []])
     delta = g.fold([2], into=1, now_ns=U64, ttl_ns=5)
     assert g.folds() == {2: (U64, {1: (4,)})} and delta.to_wire() == [[1], [5], [[2, U64, [[1, 4]]]]]

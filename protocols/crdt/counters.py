@@ -50,8 +50,9 @@ def _amount(n: Any) -> int:
     return n
 
 
-def _sidewise_max(counts: Iterable[tuple[int, ...]], sides: int) -> tuple[int, ...]:
-    return tuple(map(max, zip(*counts, (0,) * sides)))
+def _sidewise_max(counts: Iterable[tuple[int, ...]]) -> tuple[int, ...]:
+    """Per side, the largest of ``counts`` (one or more tuples of equal length)."""
+    return tuple(map(max, zip(*counts)))
 
 
 def _join_markers(a: Marker, b: Marker) -> Marker:
@@ -96,7 +97,7 @@ class _FoldingCounter(Crdt):
         mark = (self._folds or {}).get(replica)
         if mark is None:
             return row
-        return _sidewise_max([row, *mark[1].values()], self.SIDES)
+        return _sidewise_max([row, *mark[1].values()])
 
     def _put(self, replica: int, values: tuple[int, ...]) -> None:
         if any(v > U64_MAX for v in values):
@@ -149,7 +150,7 @@ class _FoldingCounter(Crdt):
         for r, (_, targets) in folds.items():
             row = self._row(r)
             if row is not None and all(
-                    c <= m for c, m in zip(row, _sidewise_max(targets.values(), self.SIDES))):
+                    c <= m for c, m in zip(row, _sidewise_max(targets.values()))):
                 covered.add(r)
         if covered:
             self._keep_rows(lambda r: r not in covered)
@@ -172,10 +173,9 @@ class _FoldingCounter(Crdt):
             row = self._row(r)
             if row is None:
                 continue  # nothing of r counted here: a later copy of it is new to us
+            # A row here is above every credit taken for it (covered rows are dropped).
             old_expiry, targets = (self._folds or {}).get(r, (0, {}))
             credited = targets.get(into, zero)
-            if all(c <= m for c, m in zip(row, credited)):
-                continue  # its row is within what we credited already
             for side, (c, m) in enumerate(zip(row, credited)):
                 gained[side] += max(0, c - m)
             markers[r] = (max(expiry, old_expiry),
@@ -244,7 +244,7 @@ class _FoldingCounter(Crdt):
         totals = [sum(side) for side in self._sides()]
         for r, (_, targets) in (self._folds or {}).items():
             row = self._row(r) or (0,) * self.SIDES
-            known = _sidewise_max([row, *targets.values()], self.SIDES)
+            known = _sidewise_max([row, *targets.values()])
             for side in range(self.SIDES):
                 totals[side] += known[side] - row[side] - sum(t[side] for t in targets.values())
         return [max(0, t) for t in totals]

@@ -117,6 +117,6 @@ def prune_fields(fields: dict[str, Crdt], live: Container[int], into: int, now_n
         kind = type(field)
         if kind is GCounter or kind is PNCounter:
             removed += field.prune(live, into, now_ns, ttl_ns)
-        elif kind is VClock and any(r not in live and r != into for r in field.value()):
+        elif kind is VClock:
             removed += field.prune([r for r in field.value() if r in live or r == into])
     return removed
