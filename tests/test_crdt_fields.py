@@ -310,3 +310,13 @@ def test_prune_fields_drops_a_clocks_retired_entries_whoever_else_it_names():
     assert prune_fields(fields, frozenset((LIVE,)), OWNER, now_ns=0, ttl_ns=1) == 1
     assert clock.value() == {OWNER: 1}
     assert prune_fields(fields, frozenset((LIVE,)), OWNER, now_ns=0, ttl_ns=1) == 0
+
+
+def test_prune_fields_leaves_a_counter_whose_fold_would_pass_u64():
+    """The write that runs the pruning goes on; the counter keeps its rows."""
+    big = PNCounter.from_wire([[GONE, OWNER], [2**64 - 1, 1], [0, 0], []]).bind(OWNER)
+    clock = VClock.from_wire([[GONE, OWNER], [1, 1]])
+    fields = {"a": big, "v": clock}
+    assert prune_fields(fields, frozenset((OWNER,)), OWNER, now_ns=0, ttl_ns=1) == 1
+    assert big.replicas() == [GONE, OWNER] and big.folds() == {} and big.value() == 2**64
+    assert clock.value() == {OWNER: 1} and take_deltas(fields) == {}

@@ -116,7 +116,10 @@ def prune_fields(fields: dict[str, Crdt], live: Container[int], into: int, now_n
     for field in fields.values():
         kind = type(field)
         if kind is GCounter or kind is PNCounter:
-            removed += field.prune(live, into, now_ns, ttl_ns)
+            try:
+                removed += field.prune(live, into, now_ns, ttl_ns)
+            except CrdtError:  # the folded row would pass 2**64-1: it stays unfolded
+                continue
         elif kind is VClock:
             removed += field.prune([r for r in field.value() if r in live or r == into])
     return removed
