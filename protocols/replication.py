@@ -61,7 +61,8 @@ import msgpack
 
 from core_cy import HashRing
 
-from .crdt import CrdtError, GCounter, bind_fields, decode_fields, encode_fields, merge_fields
+from .crdt import (CrdtError, GCounter, bind_fields, decode_fields, encode_fields,
+                   expire_fold_markers, merge_fields)
 from .effects import REPLICATE, Activate, Forget, Persist, Restore, Send, WriteDone
 from .routing import Refusal
 from .wire import ErrorCode
@@ -670,6 +671,7 @@ class Replication:
             merge_generation(rec.fields, fields)
         except CrdtError as exc:  # a field of another type under the same name
             raise ReplicationError("bad_state", str(exc)[:300]) from None
+        expire_fold_markers(rec.fields, self.clock)  # copies forget them as owners do
         if rec.primary:
             bind_fields(rec.fields, self.replica, self.clock)
 

@@ -22,6 +22,7 @@ from protocols.crdt import (
     bind_fields,
     decode_fields,
     encode_fields,
+    expire_fold_markers,
     merge_fields,
     prune_fields,
     take_deltas,
@@ -320,3 +321,19 @@ def test_prune_fields_leaves_a_counter_whose_fold_would_pass_u64():
     assert prune_fields(fields, frozenset((OWNER,)), OWNER, now_ns=0, ttl_ns=1) == 1
     assert big.replicas() == [GONE, OWNER] and big.folds() == {} and big.value() == 2**64
     assert clock.value() == {OWNER: 1} and take_deltas(fields) == {}
+
+
+
+def test_expire_fold_markers_reads_the_clock_only_for_markers():
+    reads = []
+
+    def clock():
+        reads.append(1)
+        return 10
+
+    fields = pruned_state()
+    assert expire_fold_markers(fields, clock) == 0 and reads == []
+    prune_fields(fields, frozenset((LIVE, OWNER)), OWNER, now_ns=0, ttl_ns=10)
+    assert expire_fold_markers(fields, clock) == 2 and len(reads) == 2
+    assert fields["c"].folds() == {} and fields["p"].folds() == {}
+    assert fields["c"].value() == 7 and fields["p"].value() == -2

@@ -303,6 +303,29 @@ def test_a_full_state_applied_twice_changes_nothing():
     assert c.value(r1, agent) == 111
 
 
+@pytest.mark.parametrize("ttl_ns, kept", [(0, False), (10**12, True)])
+def test_replicas_take_a_fold_and_forget_its_marker_past_expiry(ttl_ns, kept):
+    """The owner's fold reaches its replicas as a delta; a copy forgets the marker
+    once expired (the cluster's clock counts 1, 2, ...), as its owner would."""
+    c = Cluster("abc")
+    agent = "counter/f"
+    owner, r1, r2 = c.ring.preference_list(agent, 3)
+    c.write(agent, 2)
+    c.deliver()
+    machine = c.machines[owner]
+    counter = machine.records[agent].fields["n"]
+    counter.merge(PNCounter.from_wire([[99], [3], [0], []]))  # a retired writer's row
+    counter.fold([99], machine.replica, now_ns=0, ttl_ns=ttl_ns)
+    c.run(owner, machine.wrote(agent, take_deltas(machine.records[agent].fields), QUORUM,
+                               None, c.now))
+    c.deliver()
+    for node in (r1, r2):
+        copy = c.machines[node].records[agent].fields["n"]
+        assert copy.value() == 5 and copy.replicas() == [machine.replica]
+        assert bool(copy.folds()) == kept
+    assert counter.folds()  # the owner forgets its own on its next pruning write
+
+
 # ====================================================================== repair
 
 @pytest.mark.parametrize("lost", ["delta", "ack"])

@@ -21,6 +21,7 @@ __all__ = [
     "bind_fields",
     "decode_fields",
     "encode_fields",
+    "expire_fold_markers",
     "merge_fields",
     "prune_fields",
     "take_deltas",
@@ -123,3 +124,16 @@ def prune_fields(fields: dict[str, Crdt], live: Container[int], into: int, now_n
         elif kind is VClock:
             removed += field.prune([r for r in field.value() if r in live or r == into])
     return removed
+
+
+def expire_fold_markers(fields: dict[str, Crdt], clock: Callable[[], int]) -> int:
+    """Forget the counter fields' fold markers past their expiry, by the same rule
+    as ``prune_fields`` (a local compaction): what a replica's copy runs, since it
+    never folds.  ``clock`` (ns) is read only when a field holds markers.  Returns
+    how many went."""
+    dropped = 0
+    for field in fields.values():
+        kind = type(field)
+        if (kind is GCounter or kind is PNCounter) and field.folds():
+            dropped += field.expire_folds(clock())
+    return dropped
