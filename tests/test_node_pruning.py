@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from node.client import CallTimeout, RemoteError
-from support import member_view, wait_until
+from support import member_view, metric_samples, wait_until
 from test_node_membership import clusters  # noqa: F401  (a fixture: the nodes are killed after)
 
 AGENTS = [f"tally/p{i}" for i in range(12)]
@@ -41,7 +41,7 @@ def live_replicas(node) -> set[int]:
 
 @pytest.mark.timeout(240)
 def test_rolling_restart_folds_every_retired_row_and_counts_each_write_once(clusters):
-    cluster = clusters(3)
+    cluster = clusters(3, metrics=True)
     write_round(cluster.nodes[0])
     first = rows(cluster.nodes[0])
     assert all(r["value"] == 1 and r["rows"] == [r["me"]] for r in first.values())
@@ -60,6 +60,11 @@ def test_rolling_restart_folds_every_retired_row_and_counts_each_write_once(clus
         assert r["rows"] == [r["me"]] and r["me"] in live, (agent, r, live)
         assert r["folded"] and not set(r["folded"]) & live, (agent, r)
         assert first[agent]["me"] in r["folded"]
+    # Counted in /metrics (what the nodes folded since their own last start).
+    pruned = sum(metric_samples(node).get(
+        ("synthesis_replication_events_total", (("event", "pruned"),)), 0)
+        for node in cluster.nodes)
+    assert pruned > 0
 
     # The folds reached the replicas: with an owner killed, its replicas serve the
     # same value (a replica that kept a retired row without its marker would count
