@@ -67,8 +67,6 @@ class ReplicatedState:
         host._turn_start = self.turn_start
         host._turn_done = self.turn_done
         self.duplicates = 0
-        # Pruning: the replica ids the members advertise (None: one advertises none).
-        self.live: frozenset[int] | None = None
         self._fold_ttl_ns = int(cfg.fold_ttl_s * 1e9)
         self.pruned = 0
         self.causal = CausalOrder(timeout_s=CAUSAL_HOLD_S)
@@ -136,7 +134,7 @@ class ReplicatedState:
         if not deltas:
             self._answer(reply_to, req, outcome)
             return
-        if self.live is not None:
+        if self.machine.live_replicas is not None:
             self._prune(rec.fields, deltas)
         consistency = req.consistency or self.node.config.consistency
         if consistency == LOCAL and self.storage is None:  # the common case: no wait
@@ -162,13 +160,13 @@ class ReplicatedState:
         entry's too, until it is reaped): a counter row of any other replica is a
         retired generation's.  None, and nothing pruned, while an entry has none."""
         ids = [member.replica for member in members.values()]
-        self.live = None if 0 in ids else frozenset(ids)
+        self.machine.live_replicas = None if 0 in ids else frozenset(ids)
 
     def _prune(self, fields: dict, deltas: dict) -> None:
         """On a write, fold retired replicas' counter rows into ours; the folds ship
         with the write's deltas (docs/STATE.md, 'Pruning')."""
-        removed = prune_fields(fields, self.live, self.replica, time.time_ns(),
-                               self._fold_ttl_ns)
+        removed = prune_fields(fields, self.machine.live_replicas, self.replica,
+                               time.time_ns(), self._fold_ttl_ns)
         if not removed:
             return
         self.pruned += removed

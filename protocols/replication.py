@@ -165,6 +165,9 @@ class Replication:
         self.node_id = node_id
         self.replica = replica
         self.clock = clock
+        # The replica ids the members advertise, set by the node from its view (None:
+        # not known, or a member advertises none): what pruning may not retire.
+        self.live_replicas: frozenset[int] | None = None
         self.n = n
         self._write_timeout_s = write_timeout_s
         self._gather_timeout_s = gather_timeout_s
@@ -425,8 +428,8 @@ class Replication:
         rec = self.records[agent_id]
         needed = 0 if consistency == LOCAL else self.needed(agent_id, consistency)
         effects: list = []
-        if deltas and GEN_FIELD in rec.fields and GEN_FIELD not in deltas:
-            deltas = {**deltas, GEN_FIELD: rec.fields[GEN_FIELD]}  # which life it belongs to
+        if deltas and GEN_FIELD in rec.fields:  # which life it belongs to: all of it
+            deltas = {**deltas, GEN_FIELD: rec.fields[GEN_FIELD]}  # (a fold's delta is not)
         if deltas and not rec.acked and not self.persist:
             rec.seq += 1  # nobody to send it to (one node, or replicas = 1)
         elif deltas:
@@ -671,7 +674,8 @@ class Replication:
             merge_generation(rec.fields, fields)
         except CrdtError as exc:  # a field of another type under the same name
             raise ReplicationError("bad_state", str(exc)[:300]) from None
-        expire_fold_markers(rec.fields, self.clock)  # copies forget them as owners do
+        if self.live_replicas is not None:  # copies forget markers as owners do
+            expire_fold_markers(rec.fields, self.clock, self.live_replicas)
         if rec.primary:
             bind_fields(rec.fields, self.replica, self.clock)
 

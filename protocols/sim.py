@@ -664,7 +664,6 @@ class SimNode:
         # the node's generation; replicas 0 or 1 turn replication off.
         self.replica = me.replica or replica_id(f"{me.node_id}/{me.generation}")
         self.consistency = consistency
-        self.live: frozenset[int] | None = None  # pruning: the members' replica ids
         self.fold_ttl_ns = int(fold_ttl_s * 1e9)
         self.pruned = 0
         self.replication: Replication | None = None
@@ -958,8 +957,8 @@ class SimNode:
         if not deltas:
             self._reply(reply_to, req.id, True, value, "", req.type)
             return
-        if self.live is not None:  # as node/state.py: retired rows fold on a write
-            pruned = prune_fields(fields, self.live, self.replica, self.clock(),
+        if machine.live_replicas is not None:  # as node/state.py: retired rows fold
+            pruned = prune_fields(fields, machine.live_replicas, self.replica, self.clock(),
                                   self.fold_ttl_ns)
             if pruned:
                 self.pruned += pruned
@@ -1069,7 +1068,7 @@ class SimNode:
             live = {n: m.generation for n, m in members.items() if m.state in (ALIVE, SUSPECT)}
             self._effects.run(machine.members_changed(live, self._now, live))
             replicas = [m.replica for m in members.values()]
-            self.live = None if 0 in replicas else frozenset(replicas)
+            machine.live_replicas = None if 0 in replicas else frozenset(replicas)
         gone = set(self._moved_to.values()) - set(reachable)
         if gone:
             self._moved_to = {a: n for a, n in self._moved_to.items() if n not in gone}

@@ -289,10 +289,13 @@ def test_prune_fields_with_nothing_retired_removes_nothing_and_expires_markers()
     live = frozenset((LIVE, OWNER, GONE))
     assert prune_fields(fields, live, OWNER, now_ns=0, ttl_ns=10) == 0
     assert take_deltas(fields) == {}
-    prune_fields(fields, frozenset((LIVE, OWNER)), OWNER, now_ns=0, ttl_ns=10)
+    retired = frozenset((LIVE, OWNER))  # GONE is no member now
+    prune_fields(fields, retired, OWNER, now_ns=0, ttl_ns=10)
     assert fields["c"].folds() and fields["p"].folds()
-    assert prune_fields(fields, live, OWNER, now_ns=9, ttl_ns=10) == 0 and fields["c"].folds()
-    assert prune_fields(fields, live, OWNER, now_ns=10, ttl_ns=10) == 0
+    assert prune_fields(fields, retired, OWNER, now_ns=9, ttl_ns=10) == 0 and fields["c"].folds()
+    assert prune_fields(fields, live, OWNER, now_ns=10, ttl_ns=10) == 0  # GONE is back
+    assert fields["c"].folds() and fields["p"].folds()
+    assert prune_fields(fields, retired, OWNER, now_ns=10, ttl_ns=10) == 0
     assert fields["c"].folds() == {} and fields["p"].folds() == {}
     assert fields["c"].value() == 7 and fields["p"].value() == -2
 
@@ -332,8 +335,9 @@ def test_expire_fold_markers_reads_the_clock_only_for_markers():
         return 10
 
     fields = pruned_state()
-    assert expire_fold_markers(fields, clock) == 0 and reads == []
+    assert expire_fold_markers(fields, clock, ()) == 0 and reads == []
     prune_fields(fields, frozenset((LIVE, OWNER)), OWNER, now_ns=0, ttl_ns=10)
-    assert expire_fold_markers(fields, clock) == 2 and len(reads) == 2
+    assert expire_fold_markers(fields, clock, {GONE}) == 0 and len(reads) == 2  # GONE lives
+    assert expire_fold_markers(fields, clock, {LIVE}) == 2 and len(reads) == 4
     assert fields["c"].folds() == {} and fields["p"].folds() == {}
     assert fields["c"].value() == 7 and fields["p"].value() == -2

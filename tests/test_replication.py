@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 
 from core_cy import HashRing, replica_id
 from protocols import peer
-from protocols.crdt import CrdtError, GCounter, ORSet, PNCounter, encode_fields, take_deltas
+from protocols.crdt import (CrdtError, GCounter, ORSet, PNCounter, encode_fields, merge_fields,
+                            prune_fields, take_deltas)
 from protocols.effects import REPLICATE, Activate, Restore, Send, WriteDone
-from protocols.replication import (ALL, BATCH_BYTES_MAX, BATCH_MAX, LOCAL, QUORUM,
+from protocols.replication import (ALL, BATCH_BYTES_MAX, BATCH_MAX, GEN_FIELD, LOCAL, QUORUM,
                                    Replication, ReplicationError, batch, generation,
                                    merge_generation)
 from protocols.routing import Refusal
@@ -303,11 +304,20 @@ def test_a_full_state_applied_twice_changes_nothing():
     assert c.value(r1, agent) == 111
 
 
-@pytest.mark.parametrize("ttl_ns, kept", [(0, False), (10**12, True)])
-def test_replicas_take_a_fold_and_forget_its_marker_past_expiry(ttl_ns, kept):
+@pytest.mark.parametrize("ttl_ns, live, kept", [
+    (0, {"abc"}, False),         # expired: forgotten
+    (10**12, {"abc"}, True),     # not yet
+    (0, {"abc", 99}, True),      # its replica is a member again: kept
+    (0, None, True),             # the members' replicas are not known: kept
+])
+def test_replicas_take_a_fold_and_forget_its_marker_past_expiry(ttl_ns, live, kept):
     """The owner's fold reaches its replicas as a delta; a copy forgets the marker
-    once expired (the cluster's clock counts 1, 2, ...), as its owner would."""
+    once expired (the cluster's clock counts 1, 2, ...), as its owner would, unless
+    the folded replica is live."""
     c = Cluster("abc")
+    for machine in c.machines.values():
+        machine.live_replicas = None if live is None else frozenset(
+            {99} & live | {m.replica for m in c.machines.values()})
     agent = "counter/f"
     owner, r1, r2 = c.ring.preference_list(agent, 3)
     c.write(agent, 2)
@@ -324,6 +334,31 @@ def test_replicas_take_a_fold_and_forget_its_marker_past_expiry(ttl_ns, kept):
         assert copy.value() == 5 and copy.replicas() == [machine.replica]
         assert bool(copy.folds()) == kept
     assert counter.folds()  # the owner forgets its own on its next pruning write
+
+
+def test_a_write_whose_generation_field_was_folded_still_reaches_the_replicas():
+    """Was a bug: ``_gen`` is a counter, so pruning folds it too, and the write then
+    carried only the fold's delta of it, whose value was below the replicas'
+    generation: they dropped the whole write (yet acked it).  A write now carries
+    all of ``_gen``."""
+    c = Cluster("abc")
+    agent = "counter/g"
+    owner, r1, r2 = c.ring.preference_list(agent, 3)
+    machine = c.machines[owner]
+    # Reset twice, by a retired process (99) and a live one (r1): generation 2.
+    gen = GCounter.from_wire([sorted([99, c.machines[r1].replica]), [1, 1], []])
+    rec = machine.primary(agent, BEHAVIOR, c.now)
+    rec.fields.update({GEN_FIELD: gen.copy(), "n": PNCounter().bind(machine.replica)})
+    for node in (r1, r2):
+        c.machines[node]._copy_in(agent, BEHAVIOR, {GEN_FIELD: gen.copy()})
+    rec.fields["n"].increment(3)
+    deltas = take_deltas(rec.fields)
+    live = frozenset(m.replica for m in c.machines.values())
+    assert prune_fields(rec.fields, live, machine.replica, 0, 10**15) == 1
+    merge_fields(deltas, take_deltas(rec.fields))
+    assert generation(deltas) == 1 < generation(rec.fields) == 2  # the fold's delta alone
+    assert done(c.run(owner, machine.wrote(agent, deltas, QUORUM, "h", c.now)) + c.deliver())
+    assert [c.value(node, agent) for node in (owner, r1, r2)] == [3, 3, 3]
 
 
 # ====================================================================== repair

@@ -99,7 +99,7 @@ class NeverPrunes(SimNode):
 
     def _on_members(self, effect):
         super()._on_members(effect)
-        self.live = None
+        self.replication.live_replicas = None
 
 
 def test_checker_catches_a_node_that_never_prunes():

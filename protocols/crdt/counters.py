@@ -22,10 +22,12 @@ and that largest figure is put back in.  So
   credited it to their own row, and it still counts once.
 
 :meth:`expire_folds` drops a marker after its expiry, when dropping it cannot change
-the value: one target, and no row of that replica left here.  A marker with two
-targets is kept (its double credit must stay taken back).  The one limit: a copy
-older than the markers' TTL, merged after they expired here, counts the folded rows
-twice; pick a TTL longer than any copy can stay offline.
+the value: one target, no row of that replica left here, and (given the live
+replicas) not a replica that still lives.  A marker with two targets is kept (its
+double credit must stay taken back).  The one limit: a copy older than the markers'
+TTL, merged after they expired here (or a replica folded while live that writes
+again after being away that long), counts the folded rows twice; pick a TTL longer
+than any copy or node can stay away.
 """
 
 from __future__ import annotations
@@ -196,23 +198,25 @@ class _FoldingCounter(Crdt):
         if retired:
             self.fold(retired, into, now_ns, ttl_ns)
         if self._folds:
-            self.expire_folds(now_ns)
+            self.expire_folds(now_ns, live)
         return len(retired)
 
-    def expire_folds(self, now_ns: int) -> int:
+    def expire_folds(self, now_ns: int, live: Container[int] = ()) -> int:
         """Forget the fold markers whose expiry is <= ``now_ns``; returns how many.
         A local compaction (not a delta): markers carry their absolute expiry, so every
         replica expires them at about the same time.  Kept past expiry: a marker whose
-        replica still has a row here (a zombie's excess, not folded yet: without the
-        marker the whole row would count again), and a marker with two or more targets
-        (without it their double credit would count)."""
+        replica is in ``live`` (folded while it still lives, its view missed it: its
+        row goes on from the folded total, which only the marker tells from a new
+        count), a marker whose replica still has a row here (a zombie's excess, not
+        folded yet: without the marker the whole row would count again), and a marker
+        with two or more targets (without it their double credit would count)."""
         u64(now_ns, "now_ns")
         if not self._folds:
             return 0
-        live = {r: m for r, m in self._folds.items()
-                if m[0] > now_ns or len(m[1]) > 1 or find_row(self._ids, r) >= 0}
-        dropped = len(self._folds) - len(live)
-        self._folds = live or None
+        kept = {r: m for r, m in self._folds.items()
+                if m[0] > now_ns or len(m[1]) > 1 or r in live or find_row(self._ids, r) >= 0}
+        dropped = len(self._folds) - len(kept)
+        self._folds = kept or None
         return dropped
 
     def replicas(self) -> list[int]:

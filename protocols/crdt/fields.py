@@ -109,7 +109,8 @@ def prune_fields(fields: dict[str, Crdt], live: Container[int], into: int, now_n
     """The node's pruning rule (docs/STATE.md, 'Pruning'), run by an agent's owner on
     a write: ``live`` holds the replica ids of the current members, ``into`` is the
     owner's own.  Each counter field folds the rows of replicas not in ``live`` into
-    ``into`` (a delta, shipped with the write) and forgets its expired fold markers;
+    ``into`` (a delta, shipped with the write) and forgets its expired fold markers
+    (not those of replicas in ``live``);
     each vector clock field drops the entries of replicas not in ``live`` (a local
     compaction).  Fields inside maps are left as they are.  Returns the rows and
     entries removed."""
@@ -126,14 +127,15 @@ def prune_fields(fields: dict[str, Crdt], live: Container[int], into: int, now_n
     return removed
 
 
-def expire_fold_markers(fields: dict[str, Crdt], clock: Callable[[], int]) -> int:
+def expire_fold_markers(fields: dict[str, Crdt], clock: Callable[[], int],
+                        live: Container[int]) -> int:
     """Forget the counter fields' fold markers past their expiry, by the same rule
-    as ``prune_fields`` (a local compaction): what a replica's copy runs, since it
-    never folds.  ``clock`` (ns) is read only when a field holds markers.  Returns
-    how many went."""
+    as ``prune_fields`` (a local compaction; a marker of a replica in ``live`` is
+    kept): what a replica's copy runs, since it never folds.  ``clock`` (ns) is read
+    only when a field holds markers.  Returns how many went."""
     dropped = 0
     for field in fields.values():
         kind = type(field)
         if (kind is GCounter or kind is PNCounter) and field.folds():
-            dropped += field.expire_folds(clock())
+            dropped += field.expire_folds(clock(), live)
     return dropped
