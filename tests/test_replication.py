@@ -315,9 +315,10 @@ def test_replicas_take_a_fold_and_forget_its_marker_past_expiry(ttl_ns, live, ke
     once expired (the cluster's clock counts 1, 2, ...), as its owner would, unless
     the folded replica is live."""
     c = Cluster("abc")
-    for machine in c.machines.values():
-        machine.live_replicas = None if live is None else frozenset(
-            {99} & live | {m.replica for m in c.machines.values()})
+    if live is not None:  # else as a machine starts: the members' replicas unknown
+        for machine in c.machines.values():
+            members = {m.replica for m in c.machines.values()}
+            machine.live_replicas = frozenset({99} & live | members)
     agent = "counter/f"
     owner, r1, r2 = c.ring.preference_list(agent, 3)
     c.write(agent, 2)
