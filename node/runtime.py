@@ -40,7 +40,7 @@ from protocols.effects import (REPLICATE, Answer, Fail, ForwardTo, GroupDeliver,
 from protocols.handoff import Handoff, HandoffError, previous_ring
 from protocols.machine import Effects
 from protocols.membership import (ALIVE, LEFT, SUSPECT, ZMQ, ZMQ_PUB, Member, Membership,
-                                  MembershipError, SwimConfig)
+                                  MembershipError, SwimConfig, advertised_replicas)
 from protocols.replication import batch
 from protocols.routing import Refusal, Router
 from protocols.shutdown import Phase, Shutdown
@@ -546,7 +546,7 @@ class Node:
         self._run(self.handoff.members_changed(reachable))
         live = {n: m.generation for n, m in members.items() if m.state in (ALIVE, SUSPECT)}
         self._run(self.state.machine.members_changed(live, _now(), live))
-        self.state.members_changed(members)
+        self.state.machine.live_replicas = advertised_replicas(members)
         gone = {n for n, _ in self._moved_to.values()} - set(reachable)
         if gone:
             self._moved_to = OrderedDict((a, v) for a, v in self._moved_to.items()

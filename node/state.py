@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from core_cy import replica_id
-from protocols.crdt import (GCounter, ORMap, decode_fields, encode_fields, merge_fields,
-                            prune_fields, take_deltas)
+from protocols.crdt import GCounter, ORMap, decode_fields, encode_fields, take_deltas
 from protocols.delivery import DELIVER, DUPLICATE, HELD, AppliedIds, CausalOrder, mark_delivered
 from protocols.effects import Activate, Forget, Persist, Restore, WriteDone
 from protocols.replication import LOCAL, Replication, ReplicationError, merge_generation
@@ -57,7 +56,7 @@ class ReplicatedState:
             write_timeout_s=cfg.write_timeout_s, gather_timeout_s=cfg.handoff_timeout_s,
             failover_rate=cfg.failover_rate, epoch_start=generation,
             observe_lag=node.metrics.replication_lag, persist=bool(cfg.storage_path),
-            records_max=cfg.agents_max * cfg.replicas)
+            records_max=cfg.agents_max * cfg.replicas, fold_ttl_ns=int(cfg.fold_ttl_s * 1e9))
         self.storage: stored.Storage | None = None
         self._stored_seq: dict[str, int] = {}  # per agent: the last seq in storage
         host = node.host
@@ -67,8 +66,6 @@ class ReplicatedState:
         host._turn_start = self.turn_start
         host._turn_done = self.turn_done
         self.duplicates = 0
-        self._fold_ttl_ns = int(cfg.fold_ttl_s * 1e9)
-        self.pruned = 0
         self.causal = CausalOrder(timeout_s=CAUSAL_HOLD_S)
         # Causal: each agent's delivered clock as its messages enter the mailbox,
         # ahead of the replicated _vc (ticked when a message's turn runs).
@@ -134,8 +131,6 @@ class ReplicatedState:
         if not deltas:
             self._answer(reply_to, req, outcome)
             return
-        if self.machine.live_replicas is not None:
-            self._prune(rec.fields, deltas)
         consistency = req.consistency or self.node.config.consistency
         if consistency == LOCAL and self.storage is None:  # the common case: no wait
             self.node._run([effect for effect in
@@ -154,23 +149,6 @@ class ReplicatedState:
                 effects.append(effect)
         self.node._run(effects)
         self.node._arm("replication", self.machine)
-
-    def members_changed(self, members: dict) -> None:
-        """The replica ids the view's entries advertise, whatever their state (a dead
-        entry's too, until it is reaped): a counter row of any other replica is a
-        retired generation's.  None, and nothing pruned, while an entry has none."""
-        ids = [member.replica for member in members.values()]
-        self.machine.live_replicas = None if 0 in ids else frozenset(ids)
-
-    def _prune(self, fields: dict, deltas: dict) -> None:
-        """On a write, fold retired replicas' counter rows into ours; the folds ship
-        with the write's deltas (docs/STATE.md, 'Pruning')."""
-        removed = prune_fields(fields, self.machine.live_replicas, self.replica,
-                               time.time_ns(), self._fold_ttl_ns)
-        if not removed:
-            return
-        self.pruned += removed
-        merge_fields(deltas, take_deltas(fields))
 
     def _remember(self, fields: dict, msg_id: str, outcome: tuple) -> None:
         ids = fields.get(IDS_FIELD)
@@ -438,7 +416,7 @@ class ReplicatedState:
         node.log.warning("bad_replicate", error=str(exc)[:500])
 
     def events(self) -> dict[str, int]:
-        return {**self.machine.stats, "duplicates": self.duplicates, "pruned": self.pruned}
+        return {**self.machine.stats, "duplicates": self.duplicates}
 
 
 class _HeldReply:

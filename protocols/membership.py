@@ -108,6 +108,14 @@ _KINDS = frozenset(("ping", "ack", "ping-req", "nack", "sync"))
 _ENDPOINT = re.compile(r"tcp://[^\s/:]+:[0-9]{1,5}|tcp://\[[0-9A-Fa-f:.]+\]:[0-9]{1,5}")
 
 
+def advertised_replicas(members: Mapping[str, "Member"]) -> frozenset[int] | None:
+    """The CRDT replica ids the view's entries advertise, whatever their state (a
+    dead entry's too, until it is reaped): any other id is a retired process's
+    (docs/STATE.md, 'Pruning').  None while an entry advertises none."""
+    ids = [member.replica for member in members.values()]
+    return None if 0 in ids else frozenset(ids)
+
+
 def _entry_hash(member: "Member") -> int:
     return zlib.crc32(f"{member.node_id}\0{member.generation}\0{member.state}".encode())
 

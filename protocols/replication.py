@@ -62,7 +62,7 @@ import msgpack
 from core_cy import HashRing
 
 from .crdt import (CrdtError, GCounter, bind_fields, decode_fields, encode_fields,
-                   expire_fold_markers, merge_fields)
+                   expire_fold_markers, merge_fields, prune_fields, take_deltas)
 from .effects import REPLICATE, Activate, Forget, Persist, Restore, Send, WriteDone
 from .routing import Refusal
 from .wire import ErrorCode
@@ -84,6 +84,7 @@ KINDS = frozenset(("d", "f", "a", "n", "p", "pa", "w", "h", "b"))
 BATCH_MAX = 1024          # messages in one batch
 BATCH_BYTES_MAX = 1 << 20  # packed bytes of a batch's messages (one larger goes alone)
 RECORDS_MAX = 3_000_000   # agent records by default (the node passes agents_max x replicas)
+FOLD_TTL_NS = 7 * 86_400 * 10**9  # how long fold markers are kept by default (a week)
 
 
 class ReplicationError(ValueError):
@@ -157,7 +158,7 @@ class Replication:
                  held_max: int = 10_000, held_bytes_max: int = 64 << 20,
                  waits_max: int = 100_000, epoch_start: int = 0,
                  observe_lag: Callable[[float], None] | None = None, persist: bool = False,
-                 records_max: int = RECORDS_MAX):
+                 records_max: int = RECORDS_MAX, fold_ttl_ns: int = FOLD_TTL_NS):
         if n < 1 or not write_timeout_s > 0 or not gather_timeout_s > 0 or not resend_s > 0:
             raise ValueError("n >= 1 and positive timeouts")
         if not failover_rate > 0:
@@ -168,6 +169,7 @@ class Replication:
         # The replica ids the members advertise, set by the node from its view (None:
         # not known, or a member advertises none): what pruning may not retire.
         self.live_replicas: frozenset[int] | None = None
+        self._fold_ttl_ns = fold_ttl_ns
         self.n = n
         self._write_timeout_s = write_timeout_s
         self._gather_timeout_s = gather_timeout_s
@@ -199,7 +201,7 @@ class Replication:
                       "fulls_applied": 0, "acks": 0, "needs": 0, "pushes": 0,
                       "gathers": 0, "gather_timeouts": 0, "write_timeouts": 0,
                       "activations": 0, "dropped": 0, "bad_in_batch": 0,
-                      "refused_copies": 0}
+                      "refused_copies": 0, "pruned": 0}
         self.last_error: ReplicationError | None = None  # of a batch's skipped message
 
     # ------------------------------------------------------------------ placement
@@ -428,6 +430,8 @@ class Replication:
         rec = self.records[agent_id]
         needed = 0 if consistency == LOCAL else self.needed(agent_id, consistency)
         effects: list = []
+        if deltas and self.live_replicas is not None:
+            deltas = self._prune(rec, deltas)
         if deltas and GEN_FIELD in rec.fields:  # which life it belongs to: all of it
             deltas = {**deltas, GEN_FIELD: rec.fields[GEN_FIELD]}  # (a fold's delta is not)
         if deltas and not rec.acked and not self.persist:
@@ -645,6 +649,18 @@ class Replication:
                                    "agent records")
         rec = self.records[agent_id] = Record(behavior)
         return rec
+
+    def _prune(self, rec: Record, deltas: dict) -> dict:
+        """A write folds retired replicas' counter rows into ours (docs/STATE.md,
+        'Pruning'); the folds go out with the write's own deltas."""
+        removed = prune_fields(rec.fields, self.live_replicas, self.replica, self.clock(),
+                               self._fold_ttl_ns)
+        if not removed:
+            return deltas
+        self.stats["pruned"] += removed
+        deltas = dict(deltas)
+        merge_fields(deltas, take_deltas(rec.fields))
+        return deltas
 
     def _copy_in(self, agent_id: str, behavior: str, fields: dict) -> Record:
         """Join a copy a peer sent into our record of the agent (made if new)."""

@@ -53,15 +53,14 @@ import msgpack
 from core_cy import replica_id
 
 from . import peer, wire
-from .crdt import (PNCounter, bind_fields, decode_fields, encode_fields, merge_fields,
-                   prune_fields, take_deltas)
+from .crdt import PNCounter, bind_fields, decode_fields, encode_fields, merge_fields, take_deltas
 from .effects import (GOSSIP, STATUS_ANSWER, Activate, Answer, Fail, ForwardTo, Install,
                       MembersChanged, QuorumChanged, Refuted, Relay, Restore, Route, Send,
                       Surrender, Unresponsive, WriteDone, seed_address)
 from .handoff import Handoff, HandoffError, previous_ring
 from .machine import Effects
 from .membership import (ALIVE, LEFT, SUSPECT, Member, Membership, MembershipError,
-                         SwimConfig)
+                         SwimConfig, advertised_replicas)
 from .replication import ALL, CONSISTENCIES, QUORUM, Replication, ReplicationError
 from .routing import Refusal, Router
 from .status import StatusCollector, StatusError
@@ -664,14 +663,13 @@ class SimNode:
         # the node's generation; replicas 0 or 1 turn replication off.
         self.replica = me.replica or replica_id(f"{me.node_id}/{me.generation}")
         self.consistency = consistency
-        self.fold_ttl_ns = int(fold_ttl_s * 1e9)
-        self.pruned = 0
         self.replication: Replication | None = None
         if replicas > 1:
             self.replication = Replication(
                 me.node_id, self.replica, self.clock, n=replicas,
                 write_timeout_s=write_timeout_s, gather_timeout_s=handoff_timeout_s,
-                failover_rate=failover_rate, epoch_start=me.generation)
+                failover_rate=failover_rate, epoch_start=me.generation,
+                fold_ttl_ns=int(fold_ttl_s * 1e9))
             self.host = CounterHost(self.replica, self.clock, self._state_for, self._adopt)
         else:
             self.host = CounterHost(self.replica, self.clock)
@@ -952,17 +950,10 @@ class SimNode:
         until the request's consistency is met (``WriteDone``)."""
         machine = self.replication
         agent_id = req.subject
-        fields = machine.primary(agent_id, CounterHost.BEHAVIOR, self._now).fields
-        deltas = take_deltas(fields)
+        deltas = take_deltas(machine.primary(agent_id, CounterHost.BEHAVIOR, self._now).fields)
         if not deltas:
             self._reply(reply_to, req.id, True, value, "", req.type)
             return
-        if machine.live_replicas is not None:  # as node/state.py: retired rows fold
-            pruned = prune_fields(fields, machine.live_replicas, self.replica, self.clock(),
-                                  self.fold_ttl_ns)
-            if pruned:
-                self.pruned += pruned
-                merge_fields(deltas, take_deltas(fields))
         held = _HeldReply(req, reply_to, value)
         self._effects.run(machine.wrote(agent_id, deltas, req.consistency or self.consistency,
                                         held, self._now))
@@ -1067,8 +1058,7 @@ class SimNode:
         if machine is not None:  # a member whose generation changed gets its copies again
             live = {n: m.generation for n, m in members.items() if m.state in (ALIVE, SUSPECT)}
             self._effects.run(machine.members_changed(live, self._now, live))
-            replicas = [m.replica for m in members.values()]
-            machine.live_replicas = None if 0 in replicas else frozenset(replicas)
+            machine.live_replicas = advertised_replicas(members)
         gone = set(self._moved_to.values()) - set(reachable)
         if gone:
             self._moved_to = {a: n for a, n in self._moved_to.items() if n not in gone}

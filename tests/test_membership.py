@@ -8,6 +8,8 @@ defaults: probe every 0.5 s, direct timeout 0.2 s, sync every 1 s.  The simulati
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import random
 import zlib
@@ -19,7 +21,7 @@ from protocols.effects import (GOSSIP, MembersChanged, QuorumChanged, Refuted, S
 from protocols.membership import (ALIVE, BUCKETS, DEAD, ENTRIES_MAX, GENERATION_AHEAD_MAX_NS,
                                   LEFT, MEMBERS_MAX, RELAYS_MAX, STATIC_QUORUM,
                                   SUSPECT, SYNC_PAGE_MAX, Member, Membership,
-                                  MembershipError, SwimConfig)
+                                  MembershipError, SwimConfig, advertised_replicas)
 
 CFG = SwimConfig()
 GEN = 1000  # incarnation of every member built here (well below the clock limit)
@@ -1432,6 +1434,14 @@ def test_the_replica_id_travels_with_the_entry_and_a_refutation_keeps_it():
     m = knowing(1)
     m.receive(nid(2), sync({**entry(2), "rid": 5}), 0.2)
     assert m.members[nid(2)].replica == 5 and m.rows()[2]["replica"] == 5
+
+
+def test_advertised_replicas_are_every_entrys_or_none_while_one_has_none():
+    dead = dataclasses.replace(Member.of(nid(1), addr(1), addr(1), GEN, replica=7), state=DEAD)
+    members = {nid(0): Member.of(nid(0), addr(0), addr(0), GEN, replica=5), nid(1): dead}
+    assert advertised_replicas(members) == frozenset((5, 7))
+    assert advertised_replicas({**members, nid(2): member(2)}) is None
+    assert advertised_replicas({}) == frozenset()
 
 
 def test_by_is_kept_for_suspect_and_dead_entries_only_and_defaults_to_empty():

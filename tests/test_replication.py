@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 
 from core_cy import HashRing, replica_id
 from protocols import peer
-from protocols.crdt import (CrdtError, GCounter, ORSet, PNCounter, encode_fields, merge_fields,
-                            prune_fields, take_deltas)
+from protocols.crdt import CrdtError, GCounter, ORSet, PNCounter, encode_fields, take_deltas
 from protocols.effects import REPLICATE, Activate, Restore, Send, WriteDone
 from protocols.replication import (ALL, BATCH_BYTES_MAX, BATCH_MAX, GEN_FIELD, LOCAL, QUORUM,
                                    Replication, ReplicationError, batch, generation,
@@ -304,44 +303,42 @@ def test_a_full_state_applied_twice_changes_nothing():
     assert c.value(r1, agent) == 111
 
 
-@pytest.mark.parametrize("ttl_ns, live, kept", [
-    (0, {"abc"}, False),         # expired: forgotten
-    (10**12, {"abc"}, True),     # not yet
-    (0, {"abc", 99}, True),      # its replica is a member again: kept
-    (0, None, True),             # the members' replicas are not known: kept
+@pytest.mark.parametrize("ttl_ns, replicas_know, kept", [
+    (0, "members", False),          # expired: forgotten
+    (10**12, "members", True),      # not yet
+    (0, "members and 99", True),    # in their view 99 lives again: kept
+    (0, None, True),                # the members' replicas unknown to them: kept
 ])
-def test_replicas_take_a_fold_and_forget_its_marker_past_expiry(ttl_ns, live, kept):
-    """The owner's fold reaches its replicas as a delta; a copy forgets the marker
-    once expired (the cluster's clock counts 1, 2, ...), as its owner would, unless
-    the folded replica is live."""
-    c = Cluster("abc")
-    if live is not None:  # else as a machine starts: the members' replicas unknown
-        for machine in c.machines.values():
-            members = {m.replica for m in c.machines.values()}
-            machine.live_replicas = frozenset({99} & live | members)
+def test_replicas_take_a_fold_and_forget_its_marker_past_expiry(ttl_ns, replicas_know, kept):
+    """The owner's write folds a retired replica's row and the fold reaches its
+    replicas; a copy forgets the marker once expired (the cluster's clock counts 1,
+    2, ...), as its owner does, unless the folded replica is live in its view."""
+    c = Cluster("abc", fold_ttl_ns=ttl_ns)
     agent = "counter/f"
     owner, r1, r2 = c.ring.preference_list(agent, 3)
+    members = frozenset(m.replica for m in c.machines.values())
     c.write(agent, 2)
     c.deliver()
     machine = c.machines[owner]
-    counter = machine.records[agent].fields["n"]
-    counter.merge(PNCounter.from_wire([[99], [3], [0], []]))  # a retired writer's row
-    counter.fold([99], machine.replica, now_ns=0, ttl_ns=ttl_ns)
-    c.run(owner, machine.wrote(agent, take_deltas(machine.records[agent].fields), QUORUM,
-                               None, c.now))
+    machine.live_replicas = members
+    if replicas_know is not None:
+        for node in (r1, r2):
+            c.machines[node].live_replicas = members | ({99} if "99" in replicas_know else set())
+    machine.records[agent].fields["n"].merge(PNCounter.from_wire([[99], [3], [0], []]))
+    c.write(agent, 1)
     c.deliver()
-    for node in (r1, r2):
+    assert machine.stats["pruned"] == 1
+    for node in (owner, r1, r2):
         copy = c.machines[node].records[agent].fields["n"]
-        assert copy.value() == 5 and copy.replicas() == [machine.replica]
-        assert bool(copy.folds()) == kept
-    assert counter.folds()  # the owner forgets its own on its next pruning write
+        assert copy.value() == 6 and copy.replicas() == [machine.replica]
+        assert bool(copy.folds()) == (kept and node != owner or ttl_ns > 0)
 
 
-def test_a_write_whose_generation_field_was_folded_still_reaches_the_replicas():
-    """Was a bug: ``_gen`` is a counter, so pruning folds it too, and the write then
-    carried only the fold's delta of it, whose value was below the replicas'
-    generation: they dropped the whole write (yet acked it).  A write now carries
-    all of ``_gen``."""
+def test_a_write_folds_retired_rows_and_still_carries_all_of_its_generation():
+    """``wrote`` prunes (the members' replicas known): retired rows fold into the
+    owner's and the folds go out with the write.  Was a bug: ``_gen`` is a counter
+    too, and a write carrying only its fold's delta (generation 1, below the
+    replicas' 2) was dropped by them, yet acked.  A write carries all of ``_gen``."""
     c = Cluster("abc")
     agent = "counter/g"
     owner, r1, r2 = c.ring.preference_list(agent, 3)
@@ -352,14 +349,15 @@ def test_a_write_whose_generation_field_was_folded_still_reaches_the_replicas():
     rec.fields.update({GEN_FIELD: gen.copy(), "n": PNCounter().bind(machine.replica)})
     for node in (r1, r2):
         c.machines[node]._copy_in(agent, BEHAVIOR, {GEN_FIELD: gen.copy()})
+    machine.live_replicas = frozenset(m.replica for m in c.machines.values())
     rec.fields["n"].increment(3)
-    deltas = take_deltas(rec.fields)
-    live = frozenset(m.replica for m in c.machines.values())
-    assert prune_fields(rec.fields, live, machine.replica, 0, 10**15) == 1
-    merge_fields(deltas, take_deltas(rec.fields))
-    assert generation(deltas) == 1 < generation(rec.fields) == 2  # the fold's delta alone
-    assert done(c.run(owner, machine.wrote(agent, deltas, QUORUM, "h", c.now)) + c.deliver())
+    assert done(c.run(owner, machine.wrote(agent, take_deltas(rec.fields), QUORUM, "h",
+                                           c.now)) + c.deliver())
+    assert machine.stats["pruned"] == 1
+    assert set(rec.fields[GEN_FIELD].replicas()) == {machine.replica, c.machines[r1].replica}
     assert [c.value(node, agent) for node in (owner, r1, r2)] == [3, 3, 3]
+    assert [generation(c.machines[node].records[agent].fields) for node in (r1, r2)] == [2, 2]
+    assert c.machines[r1].records[agent].fields[GEN_FIELD].folds()  # the fold went out
 
 
 # ====================================================================== repair
