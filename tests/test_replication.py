@@ -358,6 +358,12 @@ def test_a_write_folds_retired_rows_and_still_carries_all_of_its_generation():
     assert [c.value(node, agent) for node in (owner, r1, r2)] == [3, 3, 3]
     assert [generation(c.machines[node].records[agent].fields) for node in (r1, r2)] == [2, 2]
     assert c.machines[r1].records[agent].fields[GEN_FIELD].folds()  # the fold went out
+    rec.fields["n"].merge(PNCounter.from_wire([[98], [4], [0], []]))  # another retired row
+    rec.fields["n"].increment(1)
+    c.run(owner, machine.wrote(agent, take_deltas(rec.fields), QUORUM, "h2", c.now))
+    c.deliver()
+    assert machine.stats["pruned"] == 2  # counted across writes
+    assert [c.value(node, agent) for node in (owner, r1, r2)] == [8, 8, 8]
 
 
 # ====================================================================== repair
